@@ -1,0 +1,53 @@
+"""The ``attnflow`` command: one sub-command per module ``attnflow/cli/<name>_cmd.py``.
+
+Each sub-command module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets
+``func=run`` on it, where ``run(args) -> int`` returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from ..errors import AttnflowError
+
+COMMANDS: tuple[str, ...] = ("stats", "models", "data", "plot", "maps", "run", "demo", "probe", "table")
+"""Sub-commands in the order ``attnflow --help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="attnflow",
+        description="Information flow through ViT self-attention and selective token aggregation "
+                    "(Beyond [cls]).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module_name = f"{__name__}.{name}_cmd"
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        importlib.import_module(module_name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script and of ``python -m attnflow``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except AttnflowError as err:
+        print(f"attnflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"attnflow {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,135 @@
+"""Result: the tidy table of per-(block, head) attention statistics plus its provenance.
+
+A result is a long-form :class:`pandas.DataFrame` with exactly the columns of :data:`COLUMNS`
+(``block`` and ``head`` are 0-based) and a ``meta`` dict of provenance. On disk a result is
+
+* ``NAME.parquet`` - the table (pyarrow),
+* ``NAME.csv``     - the same table, for spreadsheets and ``grep``,
+* ``NAME.json``    - the provenance sidecar (model preset, checkpoint sha256, dataset root, images used and
+  skipped, resolution, dtype, package versions, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+COLUMNS: tuple[str, ...] = ("model", "block", "head", "metric", "mean", "std", "count")
+"""Columns of every result table, in order."""
+
+_DTYPES = {"model": "string", "block": "int64", "head": "int64", "metric": "string",
+           "mean": "float64", "std": "float64", "count": "int64"}
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON provenance file that belongs to a ``.parquet`` / ``.csv`` result path."""
+    return Path(path).with_suffix(".json")
+
+
+@dataclass
+class Result:
+    """Per-(block, head, metric) statistics of one or more models.
+
+    Attributes:
+        frame: tidy table with columns :data:`COLUMNS`; ``mean``/``std`` are over images, ``count`` is the
+            number of images that contributed (0 and NaN for metrics a model does not have, e.g. [cls]
+            metrics of I-JEPA).
+        meta: provenance. For a single run a flat dict; for a concatenation ``{"runs": [meta, ...]}``.
+    """
+
+    frame: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [c for c in COLUMNS if c not in self.frame.columns]
+        if missing:
+            raise ValueError(f"result table lacks columns {missing}; expected {list(COLUMNS)}")
+        self.frame = self.frame.loc[:, list(COLUMNS)].astype(_DTYPES).reset_index(drop=True)
+
+    # ------------------------------------------------------------------ views
+    def to_frame(self) -> pd.DataFrame:
+        """A copy of the tidy table (columns :data:`COLUMNS`)."""
+        return self.frame.copy()
+
+    @property
+    def models(self) -> list[str]:
+        """Model names in order of first appearance."""
+        return list(dict.fromkeys(self.frame["model"].tolist()))
+
+    @property
+    def metrics(self) -> list[str]:
+        """Metric names in order of first appearance."""
+        return list(dict.fromkeys(self.frame["metric"].tolist()))
+
+    def per_block(self, metric: str) -> pd.DataFrame:
+        """Mean over heads of one metric: columns ``model, block, value`` (NaN rows dropped)."""
+        sub = self.frame[self.frame["metric"] == metric]
+        out = sub.groupby(["model", "block"], sort=False)["mean"].mean().reset_index()
+        return out.rename(columns={"mean": "value"}).dropna(subset=["value"])
+
+    def run_meta(self, model: str) -> dict[str, Any]:
+        """Provenance of the run that produced ``model`` ({} when unknown)."""
+        runs = self.meta.get("runs", [self.meta])
+        for run in runs:
+            if run.get("model") == model:
+                return run
+        return {}
+
+    # ------------------------------------------------------------------- I/O
+    def write(self, path: str | Path) -> Path:
+        """Write ``path`` (.parquet), the sibling .csv and the .json sidecar; returns the parquet path."""
+        path = Path(path)
+        if path.suffix not in (".parquet", ".csv"):
+            path = path.with_suffix(path.suffix + ".parquet") if path.suffix else path.with_suffix(".parquet")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parquet = path.with_suffix(".parquet")
+        self.frame.to_parquet(parquet, index=False)
+        self.frame.to_csv(path.with_suffix(".csv"), index=False)
+        sidecar_path(parquet).write_text(json.dumps(_jsonable(self.meta), indent=2, sort_keys=True))
+        return parquet
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Result":
+        """Read a result written by :meth:`write` (``.parquet`` or ``.csv``; the sidecar is optional)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no result at {path}")
+        if path.suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            raise ValueError(f"{path}: a result is a .parquet or .csv file")
+        side = sidecar_path(path)
+        meta = json.loads(side.read_text()) if side.exists() else {}
+        return cls(frame, meta)
+
+    @classmethod
+    def concat(cls, results: Iterable["Result"]) -> "Result":
+        """Stack several runs into one result for plotting; provenance goes to ``meta['runs']``."""
+        results = list(results)
+        if not results:
+            raise ValueError("nothing to concatenate")
+        runs: list[dict[str, Any]] = []
+        for r in results:
+            runs.extend(r.meta.get("runs", [r.meta]))
+        frame = pd.concat([r.frame for r in results], ignore_index=True)
+        return cls(frame, {"runs": runs})
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy scalars, paths and tuples so that ``json.dumps`` accepts them."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

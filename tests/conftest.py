@@ -1,0 +1,69 @@
+"""Shared fixtures: real photos shipped inside installed packages, tiny random-init timm models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+TINY = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0)
+"""Keyword arguments that shrink any timm ViT-family architecture to a tiny test model."""
+
+
+def tiny_model(arch: str = "vit_small_patch16_224", img_size: int = 64, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A tiny random-init timm model in eval mode (deterministic for a given seed)."""
+    torch.manual_seed(seed)
+    cfg = {**TINY, "img_size": img_size, **kwargs}
+    return timm.create_model(arch, pretrained=False, num_classes=0, **cfg).eval()
+
+
+def real_photos() -> dict[str, np.ndarray]:
+    """Real RGB photos (uint8 ``[H, W, 3]``) from skimage, scikit-learn and matplotlib."""
+    import matplotlib.cbook
+    import skimage.data
+
+    photos = {
+        "astronaut": skimage.data.astronaut(),
+        "chelsea": skimage.data.chelsea(),
+        "coffee": skimage.data.coffee(),
+        "rocket": skimage.data.rocket(),
+    }
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        photos["grace_hopper"] = np.asarray(Image.open(f).convert("RGB"))
+    try:
+        from sklearn.datasets import load_sample_images
+
+        for name, img in zip(("china", "flower"), load_sample_images().images):
+            photos[name] = img
+    except ImportError:  # scikit-learn is a dev extra
+        pass
+    return photos
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    return real_photos()
+
+
+@pytest.fixture()
+def photo_folder(tmp_path: Path, photos: dict[str, np.ndarray]) -> Path:
+    """A flat folder of real JPEG photos, named like ImageNet-val files."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i, (name, img) in enumerate(sorted(photos.items()), start=1):
+        Image.fromarray(img).save(root / f"ILSVRC2012_val_{i:08d}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
