@@ -1,0 +1,113 @@
+"""Per-image, per-head attention metrics of one block: pure functions of one attention map.
+
+Definitions (paper Sec. 4, Eq. 3 and Eq. 6, Appendix C.1). ``a`` is the post-softmax map of one head,
+token 0 is [cls] (when present), tokens ``P..N-1`` are the patches (``P`` prefix tokens), and for a query
+``i`` the patch mass is ``s_i = sum_{j in patches} a[i, j]``:
+
+========================  ============================================================================
+``cls_self``              ``a[cls, cls]`` - attention the [cls] token pays to itself (Fig. 3).
+``cls_patch_entropy``     Shannon entropy (nats) of the [cls] row renormalised over patch keys (Fig. 4).
+                          Bounded by ``ln(n_patches)`` (5.278 for 196 patches).
+``cls_patch_mass``        ``s_cls``: total attention of [cls] to patches.
+``patch_cls``             ``a[i, cls]`` averaged over patch queries ``i``.
+``patch_self``            ``a[i, i] / s_i`` averaged over patch queries (Fig. 5).
+``patch_patch_entropy``   entropy of each patch row renormalised over patch keys, averaged over patch
+                          queries (Fig. 6).
+``attention_distance``    ``sum_j a[i, j] d(i, j) / s_i`` averaged over patch queries, with ``d`` the
+                          Euclidean distance between patch centres in input pixels (the "mean attention
+                          distance" of Dosovitskiy et al. and Park et al. 2023), over patch keys only.
+========================  ============================================================================
+
+Entropies are exact, without an epsilon: ``H = log s - sum_j xlogy(a_j, a_j) / s``. Models without [cls]
+(I-JEPA, CAPI) report the [cls] metrics as NaN, which the reducer records as missing (count 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+METRICS: tuple[str, ...] = (
+    "cls_self",
+    "cls_patch_entropy",
+    "cls_patch_mass",
+    "patch_cls",
+    "patch_self",
+    "patch_patch_entropy",
+    "attention_distance",
+)
+"""Every metric, in the column order of :func:`attention_metrics`."""
+
+CLS_METRICS: frozenset[str] = frozenset({"cls_self", "cls_patch_entropy", "cls_patch_mass", "patch_cls"})
+"""Metrics that need a [cls] token."""
+
+PAPER_METRICS: tuple[str, ...] = ("cls_self", "cls_patch_entropy", "patch_self", "patch_patch_entropy")
+"""The four metrics of the paper's Figs. 3-6 (and 10-13)."""
+
+ENTROPY_METRICS: frozenset[str] = frozenset({"cls_patch_entropy", "patch_patch_entropy"})
+"""Metrics bounded by ``ln(n_patches)``."""
+
+
+def max_entropy(n_patches: int) -> float:
+    """Upper bound of the patch entropies: ``ln(n_patches)`` nats (5.278 for 196 patches)."""
+    return math.log(n_patches)
+
+
+def valid_metrics(has_cls: bool) -> torch.Tensor:
+    """``[M]`` bool mask of the metrics a model reports (all but the [cls] ones when it has no [cls])."""
+    return torch.tensor([has_cls or m not in CLS_METRICS for m in METRICS])
+
+
+def patch_distances(grid: tuple[int, int], patch_size: tuple[int, int],
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Euclidean distances between patch centres, in input pixels.
+
+    Returns:
+        ``[n_patches, n_patches]`` float32 tensor, patches in row-major order.
+    """
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64) * patch_size[0],
+                            torch.arange(gw, dtype=torch.float64) * patch_size[1], indexing="ij")
+    centres = torch.stack([ys.flatten(), xs.flatten()], dim=-1)  # [Np, 2]
+    return torch.cdist(centres, centres).to(device=device, dtype=torch.float32)
+
+
+def attention_metrics(attn: torch.Tensor, num_prefix: int, has_cls: bool,
+                      distances: torch.Tensor) -> torch.Tensor:
+    """Every metric of :data:`METRICS` for each image and head of one block.
+
+    Args:
+        attn: post-softmax attention ``[B, H, N, N]`` with ``N = num_prefix + n_patches``.
+        num_prefix: number of prefix tokens ([cls] and registers), which precede the patches.
+        has_cls: whether token 0 is [cls]; if not, the [cls] metrics are NaN.
+        distances: ``[n_patches, n_patches]`` from :func:`patch_distances`.
+
+    Returns:
+        ``[B, H, M]`` float32 tensor, column ``m`` holding ``METRICS[m]``.
+    """
+    attn = attn.float()
+    P = num_prefix
+    to_patches = attn[..., P:]                                   # [B, H, N, Np]
+    mass = to_patches.sum(-1)                                    # [B, H, N]
+    entropy = mass.log() - torch.special.xlogy(to_patches, to_patches).sum(-1) / mass  # [B, H, N]
+
+    pp = attn[..., P:, P:]                                       # [B, H, Np, Np]
+    pmass = mass[..., P:]                                        # [B, H, Np]
+    patch_self = (pp.diagonal(dim1=-2, dim2=-1) / pmass).mean(-1)
+    patch_entropy = entropy[..., P:].mean(-1)
+    distance = ((pp * distances).sum(-1) / pmass).mean(-1)
+
+    if has_cls:
+        cls_self = attn[..., 0, 0]
+        cls_entropy = entropy[..., 0]
+        cls_mass = mass[..., 0]
+        patch_cls = attn[..., P:, 0].mean(-1)
+    else:
+        cls_self = cls_entropy = cls_mass = patch_cls = torch.full_like(patch_self, float("nan"))
+    columns = {
+        "cls_self": cls_self, "cls_patch_entropy": cls_entropy, "cls_patch_mass": cls_mass,
+        "patch_cls": patch_cls, "patch_self": patch_self, "patch_patch_entropy": patch_entropy,
+        "attention_distance": distance,
+    }
+    return torch.stack([columns[m] for m in METRICS], dim=-1)

@@ -1,0 +1,121 @@
+"""Streaming reduction of per-image metrics into per-(block, head, metric) mean, std and count.
+
+Only sum-decomposable state is kept (float64 sums, sums of squares and integer counts, on the device), so
+memory does not grow with the number of images, two reducers merge exactly, and ``torch.distributed``
+processes combine with one ``all_reduce`` per state tensor. Nothing is copied to the host until
+:meth:`StatsReducer.compute`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .metrics import METRICS
+from .result import COLUMNS
+
+_STATE = ("sum", "sumsq", "count")
+
+
+class StatsReducer:
+    """Running statistics of ``[B, H, M]`` metric batches for each of ``n_blocks`` blocks.
+
+    Args:
+        n_blocks: number of blocks.
+        n_heads: attention heads per block.
+        metrics: metric names, the last axis of each update.
+        valid: ``[M]`` bool mask of the metrics the model has; invalid ones stay missing (count 0, NaN).
+        device: where the state lives (the device of the attention maps).
+    """
+
+    def __init__(self, n_blocks: int, n_heads: int, metrics: Sequence[str] = METRICS,
+                 valid: torch.Tensor | None = None, device: torch.device | str | None = None) -> None:
+        self.metrics = tuple(metrics)
+        shape = (n_blocks, n_heads, len(self.metrics))
+        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.count = torch.zeros(shape, dtype=torch.int64, device=device)
+        mask = torch.ones(len(self.metrics), dtype=torch.bool) if valid is None else valid.bool()
+        self.valid = mask.to(device)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(n_blocks, n_heads, n_metrics)``."""
+        return tuple(self.sum.shape)  # type: ignore[return-value]
+
+    def update(self, block: int, values: torch.Tensor) -> None:
+        """Add one batch of per-image metrics of one block.
+
+        Args:
+            block: block index.
+            values: ``[B, H, M]`` per-image values (NaN allowed only in invalid metric columns).
+        """
+        v = torch.where(self.valid, values.to(torch.float64), 0.0)  # [B, H, M]
+        self.sum[block] += v.sum(0)
+        self.sumsq[block] += (v * v).sum(0)
+        self.count[block] += values.shape[0] * self.valid
+
+    def merge(self, other: "StatsReducer") -> "StatsReducer":
+        """Add another reducer's state (e.g. the other half of the data); returns ``self``."""
+        if other.shape != self.shape or other.metrics != self.metrics:
+            raise ValueError(f"cannot merge reducers of shapes {self.shape} and {other.shape}")
+        for name in _STATE:
+            getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
+        return self
+
+    def all_reduce(self, group: object | None = None) -> "StatsReducer":
+        """Sum the state over all ``torch.distributed`` processes (no-op when not initialised)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for name in _STATE:
+                dist.all_reduce(getattr(self, name), op=dist.ReduceOp.SUM, group=group)
+        return self
+
+    def reset(self) -> None:
+        """Zero the state."""
+        for name in _STATE:
+            getattr(self, name).zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the state, for checkpoints."""
+        return {name: getattr(self, name).detach().cpu().clone() for name in _STATE} | {
+            "valid": self.valid.cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a state saved by :meth:`state_dict` (shapes must match)."""
+        for name in _STATE:
+            src = state[name]
+            if tuple(src.shape) != self.shape:
+                raise ValueError(f"checkpointed state has shape {tuple(src.shape)}, expected {self.shape}")
+            getattr(self, name).copy_(src)
+
+    def compute(self) -> dict[str, np.ndarray]:
+        """Mean, std over images (ddof=1) and count, each ``[n_blocks, n_heads, M]`` on the host.
+
+        Missing metrics (count 0) are NaN; std is NaN when only one image contributed.
+        """
+        s, sq, n = self.sum.cpu().numpy(), self.sumsq.cpu().numpy(), self.count.cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, s / n, np.nan)
+            var = np.where(n > 1, (sq - n * mean * mean) / (n - 1), np.nan)
+        return {"mean": mean, "std": np.sqrt(np.clip(var, 0.0, None)), "count": n}
+
+    def to_frame(self, model: str) -> pd.DataFrame:
+        """Tidy table with columns :data:`attnflow.result.COLUMNS` (block and head 0-based)."""
+        stats = self.compute()
+        L, H, M = self.shape
+        block, head, metric = np.meshgrid(np.arange(L), np.arange(H), np.arange(M), indexing="ij")
+        frame = pd.DataFrame({
+            "model": model,
+            "block": block.ravel(),
+            "head": head.ravel(),
+            "metric": np.asarray(self.metrics)[metric.ravel()],
+            "mean": stats["mean"].ravel(),
+            "std": stats["std"].ravel(),
+            "count": stats["count"].ravel(),
+        })
+        return frame.loc[:, list(COLUMNS)]

@@ -1,0 +1,239 @@
+"""AttentionTap: capture the exact post-softmax attention of every block of an unmodified timm model.
+
+The tap registers a forward *pre*-hook on ``blocks[i].attn.attn_drop`` of each hooked block. timm's
+attention modules (ViT/DeiT ``Attention``, BEiT/BEiT-v2 with relative position bias, EVA-02 with rope,
+DINOv2 with registers) call ``attn_drop`` on the softmax output ``[B, H, N, N]`` whenever fused attention is
+off, so the hook sees exactly the map the model multiplies with ``v``. Fused attention is switched off per
+module on entry and restored on exit; no process-wide flag is touched. Every hook must fire exactly once per
+forward: a silent empty capture raises :class:`HookNotFiredError`.
+
+Example::
+
+    with AttentionTap(model) as tap:
+        model(images)
+    last = tap.maps[-1]            # [B, H, N, N]
+    tap.layout.num_prefix          # [cls] + registers
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import AttnflowError
+
+AttentionCallback = Callable[[int, torch.Tensor], None]
+"""``callback(block_index, attn)`` with ``attn`` of shape ``[B, H, N, N]``."""
+
+
+class UnsupportedModelError(AttnflowError):
+    """The model's blocks do not expose a post-softmax attention map the tap can hook."""
+
+
+class HookNotFiredError(AttnflowError, RuntimeError):
+    """A hooked block did not report its attention map exactly once during a forward pass."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of a forward pass are.
+
+    Tokens are ordered ``[cls?, registers..., patches (row-major)]``.
+
+    Attributes:
+        num_prefix: number of non-patch tokens in front ([cls], registers, distillation token).
+        has_cls: whether token 0 is a [cls] token.
+        grid: patch grid ``(gh, gw)``; ``n_patches = gh * gw``.
+        patch_size: patch size in pixels ``(ph, pw)``.
+    """
+
+    num_prefix: int
+    has_cls: bool
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.num_prefix + self.n_patches
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    a, b = tuple(value)
+    return int(a), int(b)
+
+
+def model_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a timm ViT-family model, checked to expose a hookable attention.
+
+    Raises:
+        UnsupportedModelError: the model has no ``blocks`` or a block's attention has no ``attn_drop`` /
+            ``fused_attn`` (e.g. convolutional or hierarchical models).
+    """
+    name = type(model).__name__
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+        raise UnsupportedModelError(
+            f"{name} has no `blocks` list of transformer blocks; attnflow supports timm ViT-family models "
+            "(ViT, DeiT, BEiT, EVA, DINOv2, ...)")
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module) \
+                or not hasattr(attn, "fused_attn"):
+            kind = type(attn).__name__ if attn is not None else "no `attn`"
+            raise UnsupportedModelError(
+                f"{name}: block {i}'s attention ({kind}) exposes no post-softmax map "
+                "(needs `attn.attn_drop` and `attn.fused_attn`, as timm's Attention has)")
+    return list(blocks)
+
+
+def model_has_cls(model: nn.Module) -> bool:
+    """Whether the model prepends a [cls] token (timm's ``has_class_token`` or a ``cls_token``)."""
+    flag = getattr(model, "has_class_token", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(model, "cls_token", None) is not None
+
+
+def model_num_prefix(model: nn.Module) -> int:
+    """Number of prefix tokens ([cls], registers, distillation) of a timm model."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if n is not None:
+        return int(n)
+    return int(model_has_cls(model)) + int(getattr(model, "num_reg_tokens", 0) or 0)
+
+
+class AttentionTap:
+    """Context manager that hooks every (or selected) block's post-softmax attention.
+
+    Args:
+        model: an unmodified timm ViT-family model.
+        callback: if given, called as ``callback(block_index, attn)`` for every hooked block and forward;
+            nothing is stored (streaming mode). Otherwise the maps of the last forward are kept in
+            :attr:`maps`.
+        blocks: indices of the blocks to hook (negative indices count from the end); all when ``None``.
+
+    Attributes:
+        maps: in storing mode, ``[B, H, N, N]`` tensors of the last forward, one per hooked block.
+        block_indices: the hooked block indices (non-negative), in order.
+        layout: the :class:`TokenLayout` of the last forward (``None`` before the first).
+    """
+
+    def __init__(self, model: nn.Module, callback: AttentionCallback | None = None,
+                 blocks: Iterable[int] | None = None) -> None:
+        self.model = model
+        all_blocks = model_blocks(model)
+        n = len(all_blocks)
+        idx = list(range(n)) if blocks is None else [b + n if b < 0 else b for b in blocks]
+        bad = [b for b in idx if not 0 <= b < n]
+        if bad:
+            raise IndexError(f"block indices {bad} out of range for a model with {n} blocks")
+        self.block_indices: list[int] = sorted(set(idx))
+        self._blocks = all_blocks
+        self.callback = callback
+        self.num_prefix = model_num_prefix(model)
+        self.has_cls = model_has_cls(model)
+        patch_embed = getattr(model, "patch_embed", None)
+        self.patch_size = _pair(getattr(patch_embed, "patch_size", 1))
+        self.layout: TokenLayout | None = None
+        self._maps: dict[int, torch.Tensor] = {}
+        self._fired: dict[int, int] = {}
+        self._handles: list[RemovableHandle] = []
+        self._saved_fused: list[tuple[nn.Module, bool]] = []
+        self._active = False
+
+    # ------------------------------------------------------------------ hooks
+    def _on_patch_embed(self, module: nn.Module, args: tuple) -> None:
+        """Start of a forward: reset the per-forward bookkeeping and read the patch grid from the input."""
+        x = args[0]
+        ph, pw = self.patch_size
+        grid = (x.shape[-2] // ph, x.shape[-1] // pw)
+        self.layout = TokenLayout(self.num_prefix, self.has_cls, grid, self.patch_size)
+        self._fired = {b: 0 for b in self.block_indices}
+        self._maps = {}
+
+    def _make_attn_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            attn = args[0]  # [B, H, N, N], post-softmax
+            if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+                raise UnsupportedModelError(
+                    f"block {index}: attn_drop received shape {tuple(attn.shape)}, not [B, H, N, N]")
+            self._fired[index] = self._fired.get(index, 0) + 1
+            if self.callback is not None:
+                self.callback(index, attn)
+            else:
+                self._maps[index] = attn.detach()
+        return hook
+
+    def _on_model_start(self, module: nn.Module, args: tuple) -> None:
+        self._fired = {b: 0 for b in self.block_indices}
+        self._maps = {}
+
+    def _on_model_end(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.verify()
+
+    # ------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "AttentionTap":
+        if self._active:
+            raise RuntimeError("AttentionTap is already active")
+        try:
+            for i in self.block_indices:
+                attn = self._blocks[i].attn
+                self._saved_fused.append((attn, attn.fused_attn))
+                attn.fused_attn = False
+                self._handles.append(attn.attn_drop.register_forward_pre_hook(self._make_attn_hook(i)))
+            patch_embed = getattr(self.model, "patch_embed", None)
+            if isinstance(patch_embed, nn.Module):
+                self._handles.append(patch_embed.register_forward_pre_hook(self._on_patch_embed))
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
+            self._handles.append(self.model.register_forward_hook(self._on_model_end))
+        except BaseException:
+            self._restore()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for attn, fused in self._saved_fused:
+            attn.fused_attn = fused
+        self._saved_fused.clear()
+        self._active = False
+
+    # --------------------------------------------------------------- results
+    def verify(self) -> None:
+        """Check that every hooked block fired exactly once in the last forward.
+
+        Raises:
+            HookNotFiredError: naming the blocks that did not fire (or fired more than once).
+        """
+        silent = [b for b in self.block_indices if self._fired.get(b, 0) == 0]
+        repeated = [b for b in self.block_indices if self._fired.get(b, 0) > 1]
+        if silent:
+            raise HookNotFiredError(
+                f"attention hooks of blocks {silent} did not fire: the model bypassed `attn_drop` "
+                "(fused attention forced elsewhere, or a custom attention forward)")
+        if repeated:
+            raise HookNotFiredError(f"attention hooks of blocks {repeated} fired more than once in one forward")
+
+    @property
+    def maps(self) -> list[torch.Tensor]:
+        """Post-softmax maps ``[B, H, N, N]`` of the last forward, one per hooked block (storing mode)."""
+        if self.callback is not None:
+            raise RuntimeError("maps are not stored when the tap has a callback")
+        self.verify()
+        return [self._maps[b] for b in self.block_indices]
