@@ -42,6 +42,9 @@ class ModelSpec:
         converter: name of the converter for the official file format (see ``attnflow.models.converters``).
         label: human-readable label for figures, e.g. ``"MAE ViT-B/16"``.
         notes: anything a user should know (which file variant, caveats).
+        filename: name of the official file in the torch hub cache (``torch.hub.get_dir()/checkpoints/``);
+            ``None`` means the last component of ``url``. Needed where several presets share a basename
+            (iBOT's ``checkpoint_teacher.pth``) or the URL is a web page (SimMIM's Google Drive link).
     """
 
     name: str
@@ -57,12 +60,22 @@ class ModelSpec:
     converter: str = "timm"
     label: str = ""
     notes: str = ""
+    filename: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"{self.name}: family must be one of {FAMILIES}, got {self.family!r}")
         if not self.label:
             object.__setattr__(self, "label", f"{self.method} ViT-{self.size}/{self.patch_size}")
+
+    @property
+    def cache_filename(self) -> str | None:
+        """File name of the official checkpoint in the torch hub cache, or ``None`` without a URL."""
+        if self.filename:
+            return self.filename
+        if not self.url:
+            return None
+        return self.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

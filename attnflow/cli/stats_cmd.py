@@ -1,0 +1,132 @@
+"""``attnflow stats``: per-(block, head) attention statistics of one model over an image folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import AttnflowError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that builds a model."""
+    parser.add_argument("--checkpoint", metavar="PATH", help="local weights file in the model's official format")
+    parser.add_argument("--random-init", action="store_true",
+                        help="build the architecture without weights (smoke tests; numbers are meaningless)")
+    parser.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
+    parser.add_argument("--model-kw", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra timm.create_model argument, e.g. dynamic_img_size=True (repeatable)")
+
+
+def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
+    """``["depth=2", "qkv_bias=False"]`` -> ``{"depth": 2, "qkv_bias": False}`` (Python literals or strings)."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AttnflowError(f"--model-kw expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "stats", help="attention statistics of a model over an image folder",
+        description="Per-(block, head) attention statistics ([cls]-self attention, [cls]-patch entropy, "
+                    "patch-self ratio, patch-patch entropy, ...) over every image of a folder. Works under "
+                    "torchrun for several GPUs.")
+    parser.add_argument("--model", required=True, help="preset (see `attnflow models`) or timm architecture")
+    parser.add_argument("--data", required=True, help="image folder (recursive; class folders or flat files)")
+    parser.add_argument("--out", required=True, help="output table, e.g. runs/mae-b16.parquet (+ .csv, .json)")
+    add_model_arguments(parser)
+    parser.add_argument("--crop-pct", type=float, help="override the model's center-crop fraction")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default min(8, CPUs))")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="autocast dtype (default: bf16 on GPU, fp32 on CPU); the softmax stays fp32")
+    parser.add_argument("--limit", type=int, help="use N evenly spaced images (deterministic subset)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
+    parser.add_argument("--checkpoint-every", type=int, default=50, metavar="BATCHES",
+                        help="save resumable state every N batches (default 50)")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="torch.compile the statistics (default: on for GPU or long runs)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def state_path_for(out: Path) -> Path:
+    """Where the resumable state of a run writing ``out`` lives."""
+    return out.with_name(out.stem + ".state.pt")
+
+
+def _init_distributed() -> tuple[int, int, str | None]:
+    """Initialise torch.distributed when launched by torchrun; returns rank, world size, device."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size(), None) if dist.is_initialized() else (0, 1, None)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), world, f"cuda:{local}"
+    dist.init_process_group("gloo")
+    return dist.get_rank(), world, "cpu"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..collect import attention_stats
+    from ..models.load import load_model
+
+    out = Path(args.out)
+    if out.suffix not in (".parquet", ".csv"):
+        out = out.with_suffix(".parquet")
+    state = state_path_for(out)
+    rank, world, dist_device = _init_distributed()
+    state_glob = [state] if world == 1 else [state.with_name(f"{state.stem}.rank{r}{state.suffix}")
+                                             for r in range(world)]
+    if not args.resume and any(p.exists() for p in state_glob):
+        raise AttnflowError(f"an interrupted run left {state_glob[0]}; pass --resume to continue it, "
+                            "or delete the file to start over")
+    model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
+                       img_size=args.img_size, **parse_model_kwargs(args.model_kw))
+    if args.random_init and rank == 0:
+        print("attnflow: --random-init: weights are random, the statistics are meaningless", flush=True)
+    try:
+        result = attention_stats(
+            model, Path(args.data), batch_size=args.batch_size, device=args.device or dist_device,
+            amp=args.amp, num_workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,
+            limit=args.limit, model_name=args.model, state_path=state, checkpoint_every=args.checkpoint_every,
+            resume=args.resume, progress=not args.no_progress, compile=args.compile)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    path = result.write(out)
+    meta = result.meta
+    L, H = result.frame["block"].nunique(), result.frame["head"].nunique()
+    print(f"wrote {path} (+ .csv, .json): {L} blocks x {H} heads x {len(result.metrics)} metrics "
+          f"over {meta['images_used']} images")
+    if meta["images_skipped"]:
+        print(f"skipped {meta['images_skipped']} unreadable file(s):")
+        for item in meta["skipped"][:20]:
+            print(f"  {item['path']}: {item['reason']}")
+        if meta["images_skipped"] > 20:
+            print(f"  ... and {meta['images_skipped'] - 20} more (listed in {path.with_suffix('.json')})")
+    return 0
+

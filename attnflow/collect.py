@@ -1,0 +1,363 @@
+"""attention_stats: the one loop that turns a model and a dataset into a :class:`~attnflow.result.Result`.
+
+Device autodetection, bf16/fp16 autocast on GPU (the softmax stays fp32), ``inference_mode``, DataLoader
+workers, a tqdm progress bar, periodic state files so that an interrupted run resumes to the same numbers,
+and ``torch.distributed`` sharding (each process takes every ``world_size``-th image; the reducer state is
+summed with ``all_reduce`` at the end).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .data.images import BadImage, DataError, ImageBatch, ImageFolderDataset
+from .data.transforms import eval_transform
+from .errors import AttnflowError
+from .metrics import METRICS, attention_metrics, patch_distances, valid_metrics
+from .provenance import run_provenance
+from .reducers import StatsReducer
+from .result import Result
+from .tap import AttentionTap, TokenLayout, model_blocks
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                             "fp32": None, "none": None}
+
+
+class InputShapeError(AttnflowError):
+    """The images do not fit the model (resolution or channels)."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` or, when ``None``, CUDA if available else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``amp`` in ``auto|bf16|fp16|fp32|none`` (``auto``: bf16 on a GPU that has it)."""
+    if amp == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if amp not in AMP_DTYPES:
+        raise AttnflowError(f"amp must be one of auto, {', '.join(AMP_DTYPES)}; got {amp!r}")
+    return AMP_DTYPES[amp]
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def collate_any(samples: list[Any]) -> ImageBatch:
+    """Collate samples of any dataset: ``(img, label, index)``, ``(img, label)``, ``img`` or ``BadImage``."""
+    good, bad = [], []
+    for s in samples:
+        if isinstance(s, BadImage):
+            bad.append((s.path, s.reason))
+        elif isinstance(s, torch.Tensor):
+            good.append((s, -1, -1))
+        else:
+            good.append((s[0], int(s[1]) if len(s) > 1 else -1, int(s[2]) if len(s) > 2 else -1))
+    if not good:
+        return ImageBatch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), bad)
+    return ImageBatch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]),
+                      torch.tensor([g[2] for g in good]), bad)
+
+
+def _as_batch(item: Any) -> ImageBatch:
+    """An element of a user's DataLoader/iterable as an :class:`ImageBatch`."""
+    if isinstance(item, ImageBatch):
+        return item
+    if isinstance(item, torch.Tensor):
+        images = item
+    elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        images = item[0]
+    elif isinstance(item, dict) and isinstance(item.get("image", item.get("images")), torch.Tensor):
+        images = item.get("image", item.get("images"))
+    else:
+        raise DataError(f"cannot read a batch of type {type(item).__name__}: expected an image tensor "
+                        "[B, 3, H, W], an (images, labels) tuple, or a dict with 'image'")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    n = images.shape[0]
+    return ImageBatch(images, torch.full((n,), -1), torch.full((n,), -1), [])
+
+
+class _StateFile:
+    """Periodic, atomic save of the loop's state so that an interrupted run can resume."""
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            raise AttnflowError(
+                f"{self.path} belongs to a different run ({state.get('fingerprint')}); "
+                f"this run is {self.fingerprint}. Delete it or drop --resume")
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+
+def _model_name(model: nn.Module, model_name: str | None) -> str:
+    if model_name:
+        return model_name
+    info = getattr(model, "attnflow_info", {}) or {}
+    return info.get("preset") or getattr(getattr(model, "pretrained_cfg", None) or {}, "get",
+                                         lambda *_: None)("architecture") or type(model).__name__
+
+
+def attention_stats(
+    model: nn.Module,
+    data: Dataset | DataLoader | Iterable | str | Path,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    amp: str = "auto",
+    num_workers: int | None = None,
+    img_size: int = 224,
+    crop_pct: float | None = None,
+    limit: int | None = None,
+    model_name: str | None = None,
+    state_path: str | Path | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    progress: bool = True,
+    compile: bool | None = None,
+    meta: dict[str, Any] | None = None,
+    _after_batch: Callable[[int], None] | None = None,
+) -> Result:
+    """Per-(block, head) attention statistics of ``model`` over ``data``.
+
+    Args:
+        model: a timm ViT-family model (see :class:`~attnflow.tap.AttentionTap`); used unmodified.
+        data: a folder of images (path), a ``Dataset`` (items ``(image, label[, index])`` or ``BadImage``),
+            a ``DataLoader``, or any iterable of normalised image tensors ``[B, 3, H, W]`` or
+            ``(images, labels)`` tuples.
+        batch_size: images per forward (folder/Dataset input).
+        device: ``"cuda"``, ``"cpu"``, ...; autodetected when ``None``.
+        amp: ``auto`` (bf16 on a GPU that has it, else fp32), ``bf16``, ``fp16``, ``fp32``. Autocast only:
+            the softmax and the statistics stay fp32, accumulation is float64.
+        num_workers: DataLoader workers (folder/Dataset input); default ``min(8, cpu_count)``.
+        img_size: crop size for folder input (the model must be built at this resolution).
+        crop_pct: center-crop fraction for folder input (default: the model's own).
+        limit: use ``limit`` evenly spaced images of a folder (deterministic subset).
+        model_name: value of the ``model`` column; default the preset or timm architecture name.
+        state_path: file for periodic state; with ``resume=True`` an interrupted run continues from it.
+        checkpoint_every: batches between state saves.
+        resume: continue from ``state_path`` if it exists.
+        progress: show a tqdm progress bar (rank 0 only).
+        compile: ``torch.compile`` the statistics function; default: on for CUDA or runs of 50+ batches.
+        meta: extra provenance merged into ``Result.meta``.
+
+    Returns:
+        :class:`~attnflow.result.Result` with ``mean``/``std`` over images per (block, head, metric).
+
+    Raises:
+        DataError: empty folder, non-image path, no readable image at all.
+        InputShapeError: images that do not fit the model's resolution.
+    """
+    device = resolve_device(device)
+    amp_dtype = resolve_amp(amp, device)
+    rank, world = _dist_info()
+    name = _model_name(model, model_name)
+    model = model.to(device).eval()
+    blocks = model_blocks(model)
+    n_blocks = len(blocks)
+
+    dataset_root: str | None = None
+    if isinstance(data, (str, Path)):
+        dataset_root = str(data)
+        data = ImageFolderDataset(data, transform=eval_transform(model, img_size, crop_pct), limit=limit)
+    is_dataset = isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
+        and hasattr(data, "__len__")
+    n_items = len(data) if is_dataset else None  # type: ignore[arg-type]
+
+    fingerprint = {"model": name, "n_items": n_items, "world": world, "rank": rank,
+                   "batch_size": batch_size if is_dataset else None}
+    if state_path is not None and world > 1:
+        state_path = Path(state_path).with_name(f"{Path(state_path).stem}.rank{rank}{Path(state_path).suffix}")
+    state_file = _StateFile(Path(state_path) if state_path else None, fingerprint)
+    saved = state_file.load() if resume else None
+    done_items = saved["done_items"] if saved else 0      # dataset positions (or batches) consumed
+    n_images = saved["n_images"] if saved else 0
+    bad: list[tuple[str, str]] = list(saved["bad"]) if saved else []
+    if saved:
+        log.info("resuming %s from %s: %d images done", name, state_file.path, n_images)
+
+    batches, total = _batches(data, is_dataset, rank, world, done_items, batch_size, num_workers, device)
+    valid = valid_metrics(_has_cls(model))
+    reducer = StatsReducer(n_blocks, _num_heads(blocks), METRICS, valid=valid, device=device)
+    if saved:
+        reducer.load_state_dict(saved["reducer"])
+
+    metric_fn = attention_metrics
+    if compile if compile is not None else (device.type == "cuda" or (total or 0) >= 50):
+        metric_fn = torch.compile(attention_metrics)
+    distances: dict[tuple, torch.Tensor] = {}
+    pending: list[tuple[int, torch.Tensor]] = []  # this batch's [B, H, M] values, applied once it completes
+    layout_seen: list[TokenLayout] = []
+
+    def on_attention(block: int, attn: torch.Tensor) -> None:
+        layout = tap.layout
+        if layout is None or layout.n_tokens != attn.shape[-1]:
+            raise InputShapeError(f"block {block}: {attn.shape[-1]} tokens do not match the token layout "
+                                  f"{layout} of this model")
+        key = (layout.grid, layout.patch_size, attn.device)
+        if key not in distances:
+            distances[key] = patch_distances(layout.grid, layout.patch_size, attn.device)
+            layout_seen.append(layout)
+        pending.append((block, metric_fn(attn, layout.num_prefix, layout.has_cls, distances[key])))
+
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    bar = tqdm(total=total, initial=done_items if is_dataset else 0, unit="img" if is_dataset else "batch",
+               desc=f"attention stats {name}", disable=not progress or rank != 0, dynamic_ncols=True)
+    start = time.perf_counter()
+    n_batches = 0
+
+    def snapshot() -> dict[str, Any]:
+        return {"done_items": done_items, "n_images": n_images, "bad": bad, "reducer": reducer.state_dict()}
+
+    try:
+        with AttentionTap(model, callback=on_attention) as tap, torch.inference_mode(), autocast:
+            for batch in batches:
+                pending.clear()
+                if batch.images.numel():
+                    _forward(model, batch.images.to(device, non_blocking=True))
+                # the batch is complete: only now does the state move on, so it is always consistent
+                for block, values in pending:
+                    reducer.update(block, values)
+                bad.extend(batch.bad)
+                for path, reason in batch.bad:
+                    log.warning("skipped %s (%s)", path, reason)
+                n_images += batch.images.shape[0]
+                done_items += (batch.images.shape[0] + len(batch.bad)) if is_dataset else 1
+                n_batches += 1
+                bar.update((batch.images.shape[0] + len(batch.bad)) if is_dataset else 1)
+                if n_batches % checkpoint_every == 0:
+                    state_file.save(snapshot())
+                if _after_batch is not None:
+                    _after_batch(n_batches)
+    except KeyboardInterrupt:
+        if state_file.path is not None:
+            state_file.save(snapshot())  # the last completed batch; the interrupted one is redone
+            log.warning("interrupted after %d images; state saved to %s (resume with --resume)",
+                        n_images, state_file.path)
+        raise
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+
+    n_images, bad = _gather(reducer, n_images, bad, world)
+    if n_images == 0:
+        raise DataError(f"no readable image in the data ({len(bad)} skipped"
+                        + (f", e.g. {bad[0][0]}: {bad[0][1]}" if bad else "") + ")")
+    layout = layout_seen[0] if layout_seen else None
+    run_meta = run_provenance(model, name) | {
+        "dataset_root": dataset_root,
+        "images_used": n_images,
+        "images_skipped": len(bad),
+        "skipped": [{"path": p, "reason": r} for p, r in bad],
+        "resolution": list(layout.grid[i] * layout.patch_size[i] for i in range(2)) if layout else None,
+        "grid": list(layout.grid) if layout else None,
+        "n_patches": layout.n_patches if layout else None,
+        "num_prefix_tokens": layout.num_prefix if layout else None,
+        "has_cls": bool(valid.all()),
+        "dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+        "device": str(device),
+        "world_size": world,
+        "batch_size": batch_size if is_dataset else None,
+        "limit": limit,
+        "crop_pct": crop_pct,
+        "seconds": round(elapsed, 3),
+        "resumed": saved is not None,
+    } | (meta or {})
+    state_file.remove()
+    return Result(reducer.to_frame(name), run_meta)
+
+
+def _forward(model: nn.Module, images: torch.Tensor) -> None:
+    try:
+        model(images)
+    except AssertionError as err:  # timm's PatchEmbed asserts the input size
+        raise InputShapeError(f"images of shape {tuple(images.shape[1:])} do not fit the model: {err} "
+                              "Build the model at the data's resolution (--img-size).") from err
+
+
+def _has_cls(model: nn.Module) -> bool:
+    from .tap import model_has_cls
+
+    return model_has_cls(model)
+
+
+def _num_heads(blocks: list[nn.Module]) -> int:
+    heads = getattr(blocks[0].attn, "num_heads", None)
+    if heads is None:
+        raise AttnflowError(f"{type(blocks[0].attn).__name__} has no `num_heads`")
+    return int(heads)
+
+
+def _batches(data: Any, is_dataset: bool, rank: int, world: int, done: int, batch_size: int,
+             num_workers: int | None, device: torch.device) -> tuple[Iterator[ImageBatch], int | None]:
+    """The batches still to process, and the total count for the progress bar."""
+    if is_dataset:
+        indices = list(range(rank, len(data), world))
+        total = len(indices)
+        workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        loader = DataLoader(Subset(data, indices[done:]), batch_size=batch_size, shuffle=False,
+                            num_workers=workers, collate_fn=collate_any, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        return iter(loader), total
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+
+    def gen() -> Iterator[ImageBatch]:
+        for i, item in enumerate(data):
+            if i >= done:
+                yield _as_batch(item)
+    return gen(), total
+
+
+def _gather(reducer: StatsReducer, n_images: int, bad: list[tuple[str, str]],
+            world: int) -> tuple[int, list[tuple[str, str]]]:
+    """Sum the reducer and image counts over processes; collect every process's skipped files."""
+    if world == 1:
+        return n_images, bad
+    import torch.distributed as dist
+
+    reducer.all_reduce()
+    count = torch.tensor([n_images], dtype=torch.int64, device=reducer.sum.device)
+    dist.all_reduce(count)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, bad)
+    return int(count.item()), [b for part in gathered for b in part]

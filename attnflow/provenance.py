@@ -1,0 +1,40 @@
+"""Provenance recorded in every result's JSON sidecar: what model, which weights, which software."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from importlib import metadata
+from typing import Any
+
+import torch.nn as nn
+
+_PACKAGES = ("attnflow", "torch", "torchvision", "timm", "numpy", "pandas")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages a result depends on (``None`` when missing) and Python's."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_provenance(model: nn.Module, name: str) -> dict[str, Any]:
+    """Model preset, architecture, checkpoint path and sha256, software versions and a UTC timestamp."""
+    info = dict(getattr(model, "attnflow_info", None) or {})
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        "model": name,
+        "preset": info.get("preset"),
+        "arch": info.get("arch") or cfg.get("architecture") or type(model).__name__,
+        "checkpoint": info.get("checkpoint"),
+        "checkpoint_sha256": info.get("sha256"),
+        "weights_source": info.get("source"),
+        "random_init": info.get("random_init"),
+        "versions": package_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
