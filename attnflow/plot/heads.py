@@ -1,0 +1,116 @@
+"""Per-head view: a block x head heatmap of one metric, for seeing which heads differ."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .blocks import _select_models
+from .info import DataLike, as_result, entropy_bound, model_info
+from .style import DOUBLE_COLUMN, ENTROPY_METRICS, PlotError, check_metrics, metric_label, paper_style
+
+
+def head_matrix(data: DataLike, model: str, metric: str) -> pd.DataFrame:
+    """The metric of one model as a ``[blocks, heads]`` table (index and columns 0-based, NaN if missing)."""
+    result = as_result(data)
+    check_metrics([metric], result.metrics)
+    _select_models(result, [model])
+    sub = result.frame[(result.frame["model"] == model) & (result.frame["metric"] == metric)]
+    return sub.pivot(index="block", columns="head", values="mean").sort_index().sort_index(axis=1)
+
+
+def plot_head_heatmap(data: DataLike, model: str, metric: str, *, ax: Axes | None = None,
+                      cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
+                      annot: bool = False, cbar: bool = True, title: str | None = None) -> Axes:
+    """Block x head heatmap of one model's metric (rows: blocks 1..L top to bottom; columns: heads 1..H).
+
+    Args:
+        data: see :func:`attnflow.plot.plot_blocks`.
+        model: model name (the ``model`` column).
+        metric: metric name.
+        ax: axes to draw into (a new single-column figure when ``None``).
+        cmap: matplotlib colormap.
+        vmin, vmax: colour range (default: the data's range; for entropy metrics ``vmax`` defaults to
+            ln(N_patches) when the provenance knows N).
+        annot: write each value into its cell.
+        cbar: draw a colour bar labelled with the metric.
+        title: axes title (default: the model's label).
+
+    Returns:
+        The axes (a ``QuadMesh`` whose array is the ``[blocks, heads]`` matrix, row 0 = block 1).
+    """
+    import seaborn as sns
+
+    result = as_result(data)
+    matrix = head_matrix(result, model, metric)
+    if matrix.isna().all().all():
+        raise PlotError(f"{model} has no values of {metric!r}")
+    info = model_info(result, model)
+    if vmax is None and metric in ENTROPY_METRICS and info.n_patches:
+        vmax = max(entropy_bound(info.n_patches), float(np.nanmax(matrix.to_numpy())))
+    if ax is None:
+        with paper_style():
+            _, ax = plt.subplots(figsize=(3.3, 2.8), layout="constrained")
+    shown = matrix.rename(index=lambda b: b + 1, columns=lambda h: h + 1)
+    sns.heatmap(shown, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, annot=annot, fmt=".2f", square=False,
+                cbar=cbar, cbar_kws={"label": metric_label(metric)} if cbar else None,
+                annot_kws={"fontsize": 5}, linewidths=0)
+    ax.set_xlabel("head")
+    ax.set_ylabel("block")
+    ax.tick_params(axis="both", length=0)
+    ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
+    ax.set_xticklabels(ax.get_xticklabels(), rotation=0)
+    ax.set_title(info.label if title is None else title)
+    return ax
+
+
+def plot_heads(data: DataLike, metric: str, *, models: Sequence[str] | None = None, ncols: int | None = None,
+               width: float = DOUBLE_COLUMN, cmap: str = "viridis", title: str | None = None) -> Figure:
+    """One block x head heatmap per model for one metric, all on a shared colour scale.
+
+    Args:
+        data: see :func:`attnflow.plot.plot_blocks`.
+        metric: metric name.
+        models: models to draw (default: every model that has the metric).
+        ncols: panels per row (default: up to 5).
+        width: figure width in inches.
+        cmap: colormap.
+        title: figure title (default: the metric's name).
+
+    Returns:
+        The figure; the heatmap axes come first in ``fig.axes`` (one per model), then the colour bar.
+    """
+    result = as_result(data)
+    check_metrics([metric], result.metrics)
+    chosen = _select_models(result, models)
+    sub = result.frame[(result.frame["metric"] == metric) & result.frame["mean"].notna()]
+    chosen = [m for m in chosen if m in set(sub["model"])]
+    if not chosen:
+        raise PlotError(f"no selected model has values of {metric!r}")
+    values = sub[sub["model"].isin(chosen)]["mean"].to_numpy()
+    vmin, vmax = float(values.min()), float(values.max())
+    if metric in ENTROPY_METRICS:
+        bounds = [model_info(result, m).n_patches for m in chosen]
+        if all(bounds):
+            vmax = max(vmax, max(entropy_bound(n) for n in bounds))
+    ncols = ncols or min(len(chosen), 5)
+    nrows = -(-len(chosen) // ncols)
+    panel = width / ncols
+    with paper_style():
+        fig, axes = plt.subplots(nrows, ncols, figsize=(width, panel * 1.05 * nrows + 0.3), layout="constrained",
+                                 squeeze=False)
+        flat = axes.ravel()
+        for ax, model in zip(flat, chosen):
+            plot_head_heatmap(result, model, metric, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, cbar=False)
+        for ax in flat[len(chosen):]:
+            ax.remove()
+        mappable = flat[0].collections[0]
+        fig.colorbar(mappable, ax=list(flat[:len(chosen)]), label=metric_label(metric), shrink=0.9,
+                     aspect=30)
+        fig.suptitle(metric_label(metric) if title is None else title)
+    return fig
