@@ -10,7 +10,7 @@ from .heads import head_matrix, plot_head_heatmap, plot_heads
 from .info import FAMILY_MARKERS, FAMILY_PALETTES, ModelInfo, as_result, color_for, entropy_bound, model_info
 from .mapfig import draw_map, plot_attention_maps, plot_head_maps
 from .maps import (KIND_LABELS, MAP_KINDS, PatchMaps, capture_maps, denormalize, entropy, last_block_index,
-                   patch_maps, upsample)
+                   model_maps, patch_maps, upsample)
 from .style import (DOUBLE_COLUMN, ENTROPY_METRICS, METRIC_LABELS, PAPER_METRICS, SINGLE_COLUMN, PlotError,
                     metric_label, paper_style, save_figure)
 
@@ -19,6 +19,6 @@ __all__ = [
     "MAP_KINDS", "METRIC_LABELS", "ModelInfo", "PAPER_METRICS", "PatchMaps", "PlotError", "SINGLE_COLUMN",
     "as_result", "block_frame", "block_ticks", "capture_maps", "color_for", "denormalize", "draw_map",
     "entropy", "entropy_bound", "head_matrix", "last_block_index", "metric_label", "model_info",
-    "model_sizes", "paper_style", "patch_maps", "plot_attention_maps", "plot_blocks", "plot_head_heatmap",
+    "model_maps", "model_sizes", "paper_style", "patch_maps", "plot_attention_maps", "plot_blocks", "plot_head_heatmap",
     "plot_head_maps", "plot_heads", "plot_metrics", "plot_size_grid", "save_figure", "upsample",
 ]

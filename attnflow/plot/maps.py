@@ -175,6 +175,42 @@ def capture_maps(model: torch.nn.Module, images: torch.Tensor, *, block: int | N
     return [patch_maps(attn[i], layout) for i in range(attn.shape[0])]
 
 
+def model_maps(model: torch.nn.Module, images: Sequence[Any], *, img_size: int = 224, crop_pct: float | None = 0.875,
+               block: int | None = None, batch_size: int = 16,
+               device: torch.device | str | None = None) -> tuple[list[np.ndarray], list[PatchMaps]]:
+    """Per-image maps of a model on PIL images, with the crops the model saw (for overlays).
+
+    Every model gets its own normalisation but, with a fixed ``crop_pct``, the same geometric crop, so maps of
+    several models overlay the same displayed image.
+
+    Args:
+        model: a timm ViT in eval mode.
+        images: PIL images (e.g. :func:`attnflow.data.load_rgb`).
+        img_size: side of the square model input.
+        crop_pct: resize-then-center-crop fraction (``None``: the model's own).
+        block: 0-based block (default: the last).
+        batch_size: images per forward pass.
+        device: where to run (default: the model's device).
+
+    Returns:
+        ``(crops, maps)``: uint8 ``[img_size, img_size, 3]`` crops and one :class:`PatchMaps` per image.
+    """
+    import timm.data
+
+    from ..data.transforms import eval_transform
+
+    transform = eval_transform(model, img_size=img_size, crop_pct=crop_pct)
+    config = timm.data.resolve_data_config({}, model=model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    crops: list[np.ndarray] = []
+    maps: list[PatchMaps] = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(img) for img in images[start:start + batch_size]])   # [B, 3, S, S]
+        maps.extend(capture_maps(model, batch.to(device), block=block))
+        crops.extend(denormalize(batch, config["mean"], config["std"]))
+    return crops, maps
+
+
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:
     """Undo input normalisation: ``[B, 3, H, W]`` tensors -> ``B`` uint8 ``[H, W, 3]`` arrays for display."""
     m = torch.as_tensor(mean, dtype=images.dtype).view(1, 3, 1, 1)

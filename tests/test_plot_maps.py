@@ -1,0 +1,182 @@
+"""Per-image maps: planted peaks land where planted, entropies and head choice match brute-force loops."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import AxesImage
+from PIL import Image
+
+from attnflow.plot import (PlotError, capture_maps, draw_map, entropy, model_maps, patch_maps, plot_attention_maps,
+                           plot_head_maps, upsample)
+from conftest import tiny_model
+
+GRID = (4, 6)  # not square: catches row/column mix-ups
+
+
+def layout(num_prefix: int = 3, has_cls: bool = True, grid=GRID):
+    return SimpleNamespace(num_prefix=num_prefix, has_cls=has_cls, grid=grid, patch_size=(16, 16))
+
+
+def planted_attention(n_heads: int = 5, num_prefix: int = 3, seed: int = 0, cls_peak=None, central_peak=None):
+    """Softmax of random logits ``[H, N, N]``; ``cls_peak = (head, row, col)`` makes that head's [cls] row
+    peak at that patch, ``central_peak = (row, col)`` makes every head's central-patch row peak there."""
+    gh, gw = GRID
+    n = num_prefix + gh * gw
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n_heads, n, n, generator=g, dtype=torch.float64)
+    logits[:, :, :num_prefix] += 2.0  # heavy prefix attention (registers), which the maps must ignore
+    if cls_peak is not None:
+        h, r, c = cls_peak
+        logits[h, 0, num_prefix + r * gw + c] += 9.0
+    if central_peak is not None:
+        r, c = central_peak
+        logits[:, num_prefix + (gh // 2) * gw + gw // 2, num_prefix + r * gw + c] += 9.0
+    return logits.softmax(-1)
+
+
+def brute_entropy(weights) -> float:
+    total = sum(weights)
+    return -sum((w / total) * math.log(w / total) for w in weights if w > 0)
+
+
+def test_planted_cls_peak_and_lowest_entropy_head():
+    attn = planted_attention(cls_peak=(3, 1, 4))
+    maps = patch_maps(attn, layout())
+    assert maps.grid == GRID and maps.cls_heads.shape == (5, 4, 6)
+    assert np.unravel_index(maps.cls_heads[3].argmax(), GRID) == (1, 4)
+    assert np.unravel_index(maps.cls_min_entropy.argmax(), GRID) == (1, 4)
+    # brute force: entropy of each head's [cls] row over the patch keys 3..26, renormalised
+    ent = [brute_entropy(attn[h, 0, 3:].tolist()) for h in range(5)]
+    np.testing.assert_allclose(maps.cls_entropy, ent, rtol=0, atol=1e-12)
+    assert maps.min_entropy_head == min(range(5), key=lambda h: ent[h]) == 3
+    # mean over heads of the raw [cls] row, renormalised over patches, laid out row-major
+    for r in range(4):
+        for c in range(6):
+            raw = [attn[h, 0, 3 + r * 6 + c].item() for h in range(5)]
+            total = sum(attn[h, 0, 3 + k].item() for h in range(5) for k in range(24))
+            assert maps.cls_mean[r, c] == pytest.approx(sum(raw) / total, abs=1e-12)
+            assert maps.cls_heads[2, r, c] == pytest.approx(attn[2, 0, 3 + r * 6 + c].item()
+                                                             / attn[2, 0, 3:].sum().item(), abs=1e-12)
+
+
+def test_central_patch_map():
+    attn = planted_attention(central_peak=(3, 0))
+    maps = patch_maps(attn, layout())
+    assert maps.central_patch == (2, 3)
+    assert np.unravel_index(maps.central.argmax(), GRID) == (3, 0)
+    query = 3 + 2 * 6 + 3
+    row = [sum(attn[h, query, 3 + k].item() for h in range(5)) for k in range(24)]
+    np.testing.assert_allclose(maps.central.ravel(), np.array(row) / sum(row), atol=1e-12)
+
+
+def test_model_without_cls_has_only_the_central_map():
+    attn = planted_attention(num_prefix=0, central_peak=(0, 5))
+    maps = patch_maps(attn, layout(num_prefix=0, has_cls=False))
+    assert not maps.has_cls and maps.cls_mean is None and maps.cls_min_entropy is None
+    assert maps.get("cls_mean") is None and maps.get("cls_head:0") is None
+    assert np.unravel_index(maps.central.argmax(), GRID) == (0, 5)
+
+
+def test_shape_mismatch_and_unknown_kind_are_clear_errors():
+    with pytest.raises(PlotError, match="does not match the token layout"):
+        patch_maps(planted_attention(num_prefix=1), layout(num_prefix=3))
+    maps = patch_maps(planted_attention(), layout())
+    with pytest.raises(PlotError, match="unknown map kind"):
+        maps.get("cls_max")
+    with pytest.raises(PlotError, match="out of range"):
+        maps.get("cls_head:5")
+
+
+def test_entropy_matches_loop_and_handles_zeros():
+    p = np.array([[0.0, 2.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(entropy(p, axis=1), [brute_entropy(p[0]), math.log(4)], atol=1e-15)
+
+
+def test_upsampled_peak_lies_in_the_planted_patch():
+    grid = np.full(GRID, 0.01)
+    grid[1, 4] = 1.0
+    up = upsample(grid, (64, 96))  # 16 x 16 pixels per patch
+    r, c = np.unravel_index(up.argmax(), up.shape)
+    assert 16 <= r < 32 and 64 <= c < 80
+    assert up[16:32, 64:80].mean() > up.mean() * 3
+
+
+def test_overlay_draws_upsampled_map_over_the_image(photos):
+    image = np.asarray(Image.fromarray(photos["chelsea"]).resize((96, 64)))
+    maps = patch_maps(planted_attention(cls_peak=(0, 2, 1)), layout())
+    ax = draw_map(image, maps.cls_heads[0], mark=maps.central_patch)
+    drawn = [im for im in ax.get_children() if isinstance(im, AxesImage)][-1].get_array()
+    assert drawn.shape == (64, 96)
+    r, c = np.unravel_index(np.argmax(drawn), drawn.shape)
+    assert 32 <= r < 48 and 16 <= c < 32
+    assert [t.get_text() for t in ax.texts] == [f"H={maps.cls_entropy[0]:.2f}"]
+
+
+def test_figure_of_several_models_and_images(photos):
+    images = [np.asarray(Image.fromarray(photos[k]).resize((96, 64))) for k in ("chelsea", "coffee")]
+    with_cls = [patch_maps(planted_attention(seed=s), layout()) for s in (0, 1)]
+    without = [patch_maps(planted_attention(num_prefix=0, seed=s), layout(0, False)) for s in (0, 1)]
+    fig = plot_attention_maps(images, {"A": with_cls, "B": without}, labels={"A": "Model A"})
+    assert len(fig.axes) == 2 * (1 + 2 * 3)
+    first_row = fig.axes[:7]
+    assert first_row[0].get_title() == "input"
+    no_cls = [ax for ax in fig.axes if any(t.get_text() == "no [cls]" for t in ax.texts)]
+    assert len(no_cls) == 2 * 2  # B's two [cls] kinds on both images
+    headers = {t.get_text() for t in fig.texts}
+    assert {"Model A", "B"} <= headers
+    heads = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_text().startswith("head ")]
+    assert heads == [f"head {with_cls[i].min_entropy_head + 1}" for i in (0, 1)]
+    fig_t = plot_attention_maps(images, {"A": with_cls}, rows="models", overlay=False)
+    assert len(fig_t.axes) == (1 + 3) * 2
+    with pytest.raises(PlotError, match="1 maps for 2 images"):
+        plot_attention_maps(images, {"A": with_cls[:1]})
+
+
+def test_head_maps_frame_the_lowest_entropy_head(photos):
+    maps = patch_maps(planted_attention(cls_peak=(4, 0, 0)), layout())
+    fig = plot_head_maps(photos["coffee"], maps, ncols=3)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["head 1", "head 2", "head 3", "head 4", "head 5 (lowest H)"]
+    with pytest.raises(PlotError, match="\\[cls\\]"):
+        plot_head_maps(photos["coffee"], patch_maps(planted_attention(num_prefix=0), layout(0, False)))
+
+
+def _manual_last_block_attention(model, x):
+    """The last block's attention recomputed by hand from its input (plain timm ViT: no rel-pos, no rope)."""
+    seen = {}
+    blk = model.blocks[-1]
+    handle = blk.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    attn = blk.attn
+    with torch.inference_mode():
+        y = blk.norm1(seen["x"])
+        B, N, C = y.shape
+        qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, H, N, N]
+
+
+def test_capture_maps_on_a_tiny_timm_model(photos):
+    model = tiny_model("vit_small_patch16_224", img_size=64, reg_tokens=2)  # [cls] + 2 registers
+    images = [Image.fromarray(photos[k]) for k in ("chelsea", "astronaut", "coffee")]
+    crops, maps = model_maps(model, images, img_size=64, batch_size=2)
+    assert len(crops) == len(maps) == 3 and crops[0].shape == (64, 64, 3) and crops[0].dtype == np.uint8
+    from attnflow.data.transforms import eval_transform
+
+    x = torch.stack([eval_transform(model, 64, crop_pct=0.875)(img) for img in images])
+    ref = _manual_last_block_attention(model, x)
+    for i in range(3):
+        expect = patch_maps(ref[i], layout(num_prefix=3, grid=(4, 4)))
+        assert maps[i].grid == (4, 4)
+        np.testing.assert_allclose(maps[i].cls_mean, expect.cls_mean, atol=1e-5)
+        np.testing.assert_allclose(maps[i].central, expect.central, atol=1e-5)
+        assert maps[i].min_entropy_head == expect.min_entropy_head
+    first = capture_maps(model, x, block=0)
+    assert len(first) == 3 and not np.allclose(first[0].cls_mean, maps[0].cls_mean)
