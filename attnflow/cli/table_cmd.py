@@ -1,0 +1,47 @@
+"""``attnflow table``: Table 1/2/6-style summaries of probe runs (Markdown, LaTeX or CSV)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "table", help="summarise probe runs: rows = models, columns = heads, mean ± std over seeds",
+        description="Reads the results tables of probe runs (run directories, searched recursively, or "
+                    "results.parquet/.csv files) and renders top-1 accuracy per model and head.")
+    parser.add_argument("runs", nargs="+", help="probe run directories or result tables (globs are fine)")
+    parser.add_argument("--out", help="output file: .md (Markdown), .tex (LaTeX) or .csv (tidy); default: print "
+                                      "Markdown")
+    parser.add_argument("--value", choices=["final", "best"], default="final",
+                        help="top-1 at the last evaluated epoch (default) or the best epoch")
+    parser.add_argument("--lr", choices=["best", "all"], default="best",
+                        help="with lr grids: keep each head's best lr (default) or list all")
+    parser.add_argument("--heads", help="only these head specs, comma-separated, in this order")
+    parser.add_argument("--task", help="only this task")
+    parser.add_argument("--digits", type=int, default=1, help="decimals (default 1, as the paper)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import AttnflowError
+    from ..probes.outputs import read_run_tables
+    from ..probes.summary import summarize, to_markdown, write_summary
+
+    frame = read_run_tables(args.runs)
+    if args.task:
+        frame = frame[frame["task"] == args.task]
+    wanted = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads else None
+    if wanted:
+        frame = frame[frame["head"].isin(wanted)]
+    if frame.empty:
+        raise AttnflowError("no rows left after --task/--heads filtering")
+    summary = summarize(frame, value=args.value, lr=args.lr)
+    if args.out:
+        path = write_summary(summary, args.out, digits=args.digits, heads=wanted)
+        print(f"wrote {path}")
+    else:
+        sys.stdout.write(to_markdown(summary, digits=args.digits, heads=wanted))
+    return 0

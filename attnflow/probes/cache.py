@@ -1,0 +1,205 @@
+"""Feature cache: frozen tokens extracted once (optionally K augmented views) to disk, then many epochs.
+
+A cache directory holds::
+
+    tokens.npy      [views, n, P + N, D]  bf16 (stored as uint16 bits) or fp16, memory-mapped
+    labels.npy      [n] int64 (-1 for images that could not be read; they are skipped in training)
+    manifest.json   model, checkpoint sha256, dataset, transform, dtype, views, seed, block, layernorm, ...
+    progress.json   batches completed per view (extraction resumes from here)
+
+Extraction is resumable: an interrupted run continues at the first unfinished batch when the manifest
+matches; a different manifest is an error (use another directory). Each view's augmentation is seeded per
+``(seed, view, image)``, so a resumed cache is identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..errors import AttnflowError
+from .encode import TokenEncoder
+from .imagedata import SeededDataset, dataset_labels, image_loader
+from .loop import Batch
+from .sampler import BatchPlan
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": (torch.bfloat16, np.uint16), "fp16": (torch.float16, np.float16)}
+IDENTITY_KEYS = ("model", "checkpoint_sha256", "dataset", "split", "n", "transform", "dtype", "views", "seed",
+                 "block", "layernorm", "img_size")
+"""Manifest fields that must match for a cache to be reused or resumed."""
+
+
+@dataclass
+class TokenCache:
+    """An opened (complete) cache.
+
+    Attributes:
+        root: the cache directory.
+        manifest: its manifest.
+        tokens: ``[views, n, P + N, D]`` tensor backed by the memory-mapped file (bf16 or fp16).
+        labels: ``[n]`` int64 (-1: unreadable image).
+    """
+
+    root: Path
+    manifest: dict[str, Any]
+    tokens: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def open(cls, root: str | Path) -> "TokenCache":
+        """Open a complete cache (memory-mapped, nothing is read up front)."""
+        root = Path(root)
+        manifest = _read_json(root / "manifest.json")
+        if manifest is None or not manifest.get("complete"):
+            raise AttnflowError(f"{root} is not a complete token cache; run the extraction (again) to finish it")
+        torch_dtype, _ = DTYPES[manifest["dtype"]]
+        array = np.load(root / "tokens.npy", mmap_mode="r")
+        tokens = torch.from_numpy(array)  # read-only memmap: torch warns but never writes to it
+        tokens = tokens.view(torch_dtype) if manifest["dtype"] == "bf16" else tokens
+        labels = torch.from_numpy(np.load(root / "labels.npy"))
+        return cls(root, manifest, tokens, labels)
+
+    @property
+    def has_cls(self) -> bool:
+        return bool(self.manifest["has_cls"])
+
+    @property
+    def views(self) -> int:
+        return int(self.manifest["views"])
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Row indices of readable images."""
+        return torch.nonzero(self.labels >= 0).flatten()
+
+    def train_batches(self, plan: BatchPlan, seed: int) -> Callable[[int], Iterator[Batch]]:
+        """Micro-batches for :func:`attnflow.probes.loop.train_bank`; ``plan`` indexes :attr:`valid` rows.
+
+        With several views each sample of an epoch reads one view drawn by ``(seed, epoch)``.
+        """
+        rows = self.valid
+
+        def epoch_batches(epoch: int) -> Iterator[Batch]:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7_919 + 99)
+            view_of = torch.randint(self.views, (len(rows),), generator=generator)
+            for step in plan.epoch(epoch):
+                for idx in step:
+                    sel, views = rows[idx], view_of[idx]
+                    yield self.tokens[views, sel].float(), self.labels[sel]
+
+        return epoch_batches
+
+    def eval_batches(self, batch_size: int = 512) -> Callable[[], Iterator[Batch]]:
+        """View 0 of every readable image, in order (this process's shard)."""
+        from .fit import eval_batches
+
+        rows = self.valid
+        index = eval_batches(rows, rows, batch_size)
+
+        def batches() -> Iterator[Batch]:
+            for sel, _ in index():
+                yield self.tokens[0, sel].float(), self.labels[sel]
+
+        return batches
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path, *, info: dict[str, Any],
+                   views: int = 1, seed: int = 0, dtype: str = "bf16", batch_size: int = 256, num_workers: int = 0,
+                   progress: bool = True) -> TokenCache:
+    """Extract tokens of every image (``views`` times, seeded augmentation) into a resumable disk cache.
+
+    Args:
+        encoder: the frozen encoder.
+        dataset: items ``(image, label, index)`` or :class:`attnflow.data.BadImage`; its transform is applied
+            per view (a random transform gives a new crop per view).
+        out_dir: the cache directory.
+        info: provenance and identity: ``model, checkpoint_sha256, dataset, split, transform, img_size``.
+        views: augmented views per image.
+        seed: augmentation seed.
+        dtype: ``"bf16"`` or ``"fp16"``.
+        batch_size: images per encoder pass.
+        num_workers: DataLoader workers.
+        progress: show a progress bar.
+
+    Returns:
+        The opened cache (reused as is when an identical complete cache exists).
+    """
+    if dtype not in DTYPES:
+        raise AttnflowError(f"cache dtype must be bf16 or fp16, got {dtype!r}")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)  # type: ignore[arg-type]
+    manifest = {**info, "n": n, "dtype": dtype, "views": views, "seed": seed, "block": encoder.block,
+                "layernorm": encoder.layernorm, "has_cls": encoder.has_cls, "format": "attnflow-token-cache/1"}
+    old = _read_json(root / "manifest.json")
+    if old is not None:
+        diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest.get(k)]
+        if diff:
+            raise AttnflowError(f"{root} holds a different token cache (differs in {', '.join(diff)}); "
+                                "use another cache directory or delete it")
+        if old.get("complete"):
+            log.info("reusing complete token cache %s", root)
+            return TokenCache.open(root)
+        manifest = {**old, **manifest}
+    torch_dtype, np_dtype = DTYPES[dtype]
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    done = (_read_json(root / "progress.json") or {}).get("done", [0] * views)
+    labels = np.full(n, -1, dtype=np.int64)
+    if (root / "labels.npy").is_file() and any(done):
+        labels = np.load(root / "labels.npy")
+    array = np.load(root / "tokens.npy", mmap_mode="r+") if any(done) else None
+    total = views * len(batches) - sum(done)
+    bar = tqdm(total=total, desc="extract", unit="batch", disable=not progress)
+    for view in range(views):
+        todo = batches[done[view]:]
+        if not todo:
+            continue
+        loader = image_loader(SeededDataset(dataset, seed, view), todo, num_workers)
+        for batch in loader:
+            for path, reason in batch.bad:
+                log.warning("skipping %s: %s", path, reason)
+            if len(batch.indices):
+                tokens = encoder(batch.images).to(torch_dtype).cpu()
+                if array is None:
+                    array = np.lib.format.open_memmap(root / "tokens.npy", mode="w+", dtype=np_dtype,
+                                                      shape=(views, n, *tokens.shape[1:]))
+                    _write_json(root / "manifest.json", {**manifest, "complete": False,
+                                                         "shape": list(array.shape)})
+                bits = tokens.view(torch.uint16) if dtype == "bf16" else tokens
+                array[view, batch.indices.numpy()] = bits.numpy()
+                labels[batch.indices.numpy()] = batch.labels.numpy()
+            array.flush() if array is not None else None
+            np.save(root / "labels.npy", labels)
+            done[view] += 1
+            _write_json(root / "progress.json", {"done": done})
+            bar.update(1)
+    bar.close()
+    if array is None:
+        raise AttnflowError(f"no readable image in {info.get('dataset', 'the dataset')}")
+    expected = dataset_labels(dataset).numpy()
+    bad = labels < 0
+    if not np.array_equal(labels[~bad], expected[~bad]):
+        raise AttnflowError(f"labels read during extraction disagree with the dataset's labels in {root}")
+    _write_json(root / "manifest.json", {**manifest, "complete": True, "shape": list(array.shape),
+                                         "unreadable": int(bad.sum())})
+    return TokenCache.open(root)

@@ -1,0 +1,104 @@
+"""Small ``torch.distributed`` helpers for the probe: world info, torchrun start-up, gradient all-reduce.
+
+The probe does not wrap heads in ``DistributedDataParallel``: every process computes the gradient of its
+shard's *summed* loss, :func:`all_reduce_grads` sums gradients and sample counts over processes once per
+optimizer step (after all accumulation micro-batches, so accumulation costs no extra communication), and
+divides by the global count. That is exactly the gradient of the mean loss over the global batch, the
+same as one process would get, and it tolerates shards of unequal size (e.g. after skipped bad images).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: ``rank`` of ``size`` processes (``size == 1``: not distributed)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def current_world() -> World:
+    """The world of the initialised default process group, or a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def init_from_env(device: torch.device | None = None) -> tuple[World, torch.device]:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1), once.
+
+    Picks NCCL and ``cuda:LOCAL_RANK`` when CUDA is available, gloo on the CPU otherwise.
+
+    Returns:
+        The world and the device this process should use.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        log.info("joined process group: rank %d of %d on %s", dist.get_rank(), world_size, device)
+    elif dist.is_initialized() and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return current_world(), device
+
+
+def all_reduce_grads(params: list[torch.Tensor], local_count: int, device: torch.device) -> None:
+    """Turn per-process gradients of *summed* losses into the gradient of the global mean loss.
+
+    Sums the gradients (one flat buffer, one collective) and the sample counts over processes, then divides
+    by the global count. Without a process group it only divides by ``local_count``.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    world = current_world()
+    if world.distributed:
+        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([float(local_count)], device=device,
+                                                                         dtype=grads[0].dtype)])
+        dist.all_reduce(flat)
+        count = flat[-1]
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    else:
+        count = torch.tensor(float(local_count), device=device)
+    for g in grads:
+        g.div_(count.clamp_min(1))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over processes (no-op without a process group); returns ``t``."""
+    if current_world().distributed:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every process (no-op without a process group)."""
+    if current_world().distributed:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)

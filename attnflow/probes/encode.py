@@ -1,0 +1,94 @@
+"""Frozen-encoder token extraction: images -> last-block tokens ``[B, P + N, D]`` for the probe heads.
+
+The tokens are the output of one transformer block (the last by default; SimMIM's authors recommend block 8,
+paper footnote 6), read by a forward hook, so any timm ViT-family model works unmodified. Register and
+distillation tokens are dropped: the result is ``[cls] + patches`` (``P = 1``) or only patches (``P = 0``).
+
+Final LayerNorm: the paper's numbers use the tokens *without* the encoder's final norm: the beyond_cls
+``forward_features`` runs the blocks and returns the raw last-block output (``self.norm`` is never applied),
+for [cls], average pooling and AbMILP alike. ``layernorm=True`` applies the model's own ``model.norm``
+instead (what MAE's original linear probe does for [cls]); note that timm models built for average pooling
+(``fc_norm``) have an identity ``norm``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from ..errors import AttnflowError
+
+
+class _Stop(Exception):
+    """Raised by the hook to skip the blocks after the one we read."""
+
+
+class TokenEncoder:
+    """Callable ``images [B, 3, H, W] -> tokens [B, P + N, D]`` of a frozen timm ViT.
+
+    Args:
+        model: a timm ViT-family model (``blocks``, ``num_prefix_tokens``, ``cls_token``).
+        block: index of the block to read (negative counts from the end; default the last).
+        layernorm: apply the model's final ``norm`` to the tokens.
+        amp: ``"bf16"``, ``"fp16"``, ``"none"`` or ``"auto"`` (bf16 on CUDA, none on the CPU).
+        device: where the encoder runs.
+
+    Attributes:
+        has_cls: whether the tokens start with a [cls] token.
+        dim: token width D.
+    """
+
+    def __init__(self, model: nn.Module, *, block: int = -1, layernorm: bool = False, amp: str = "auto",
+                 device: torch.device | str = "cpu") -> None:
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not hasattr(model, "forward_features"):
+            raise AttnflowError(f"{type(model).__name__} is not a timm ViT-family model (no .blocks)")
+        if not -len(blocks) <= block < len(blocks):
+            raise AttnflowError(f"block {block} out of range for a model with {len(blocks)} blocks")
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+        self.block = block % len(blocks)
+        self.last = self.block == len(blocks) - 1
+        self.layernorm = layernorm
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
+        self.has_cls = getattr(model, "cls_token", None) is not None
+        self.dim = int(getattr(model, "embed_dim", getattr(model, "num_features", 0)))
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" else "none"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens of one batch (in the autocast dtype; the heads cast them to fp32)."""
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            if not self.last:
+                raise _Stop
+
+        handle = self.model.blocks[self.block].register_forward_hook(hook)
+        try:
+            with self._autocast():
+                try:
+                    self.model.forward_features(images.to(self.device, non_blocking=True))
+                except _Stop:
+                    pass
+                if not captured:
+                    raise AttnflowError(f"block {self.block} did not run in the model's forward_features")
+                x = captured[0]
+                if self.layernorm:
+                    x = self.model.norm(x)
+        finally:
+            handle.remove()
+        x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim == 4 else x  # NHWC models -> tokens
+        if self.has_cls:
+            return torch.cat([x[:, :1], x[:, self.num_prefix:]], dim=1)
+        return x[:, self.num_prefix:]

@@ -1,0 +1,115 @@
+"""Probe run outputs: the tidy result table (parquet + CSV + JSON provenance) and saved heads.
+
+A run directory holds::
+
+    results.parquet / results.csv   columns model, task, head, lr, seed, epoch, top1, top5, train_loss
+    results.json                    provenance (model, checkpoint sha256, dataset, protocol, versions, ...)
+    seed{S}/checkpoint.pt           per-epoch training state (heads + optimizers + history) for --resume
+    seed{S}/heads/{name}.pt         the final heads; ``load_head(path).scores(tokens)`` gives aggregation maps
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+
+from ..errors import AttnflowError
+from .heads import ProbeHead
+from .specs import parse_head_spec
+
+HEAD_FORMAT = "attnflow-probe-head/1"
+TABLE_NAME = "results"
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of an entry name (``abmilp+cls@lr=0.4`` -> ``abmilp+cls_lr=0.4``)."""
+    return name.replace("@", "_").replace("/", "_")
+
+
+def save_head(path: str | Path, head: ProbeHead, meta: dict[str, Any] | None = None) -> Path:
+    """Save a trained head with everything :func:`load_head` needs to rebuild it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": HEAD_FORMAT, "spec": head.spec.name, "dim": head.dim, "num_classes": head.num_classes,
+                "has_cls": head.has_cls, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+                "meta": meta or {}}, path)
+    return path
+
+
+def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> ProbeHead:
+    """Rebuild a saved head in eval mode; ``head.scores(tokens)`` then gives per-image aggregation weights.
+
+    Raises:
+        AttnflowError: when the file is missing or not a saved probe head.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AttnflowError(f"no saved head at {path}")
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
+        raise AttnflowError(f"{path} is not a saved attnflow probe head")
+    head = ProbeHead(parse_head_spec(state["spec"]), state["dim"], state["num_classes"], state["has_cls"])
+    head.load_state_dict(state["state_dict"])
+    head.meta = state.get("meta", {})
+    return head.eval()
+
+
+def environment() -> dict[str, str]:
+    """Package versions for provenance."""
+    import timm
+
+    import attnflow
+
+    return {"attnflow": attnflow.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def write_run_table(frame: pd.DataFrame, meta: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``results.parquet``, ``results.csv`` and ``results.json`` into ``out_dir``; returns the parquet."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = frame.reset_index(drop=True)
+    frame.to_parquet(out / f"{TABLE_NAME}.parquet", index=False)
+    frame.to_csv(out / f"{TABLE_NAME}.csv", index=False)
+    (out / f"{TABLE_NAME}.json").write_text(json.dumps({**meta, "environment": environment()}, indent=2,
+                                                       default=str))
+    return out / f"{TABLE_NAME}.parquet"
+
+
+def find_run_tables(paths: Iterable[str | Path]) -> list[Path]:
+    """Result tables named by ``paths``: run directories (searched recursively) or table files."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(p.rglob(f"{TABLE_NAME}.parquet")) or sorted(p.rglob(f"{TABLE_NAME}.csv"))
+        elif p.is_file() and p.suffix in (".parquet", ".csv"):
+            found.append(p)
+        else:
+            raise AttnflowError(f"no probe run at {p} (expected a run directory or a results table)")
+    if not found:
+        raise AttnflowError("no probe result tables found in " + ", ".join(map(str, paths)))
+    return list(dict.fromkeys(found))
+
+
+def read_run_tables(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Concatenate the probe tables of many runs, with a ``run`` column (the run directory); a table without
+    ``model`` gets its directory name."""
+    frames = []
+    for table in find_run_tables(paths):
+        frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table)
+        missing = {"head", "seed", "epoch", "top1"} - set(frame.columns)
+        if missing:
+            raise AttnflowError(f"{table} is not a probe result table (lacks {', '.join(sorted(missing))})")
+        if "model" not in frame.columns:
+            frame = frame.assign(model=table.parent.name)
+        if "task" not in frame.columns:
+            frame = frame.assign(task="")
+        if "lr" not in frame.columns:
+            frame = frame.assign(lr=float("nan"))
+        frames.append(frame.assign(run=str(table.parent)))
+    return pd.concat(frames, ignore_index=True)
