@@ -1,0 +1,236 @@
+"""Checkpoint files: reading any official format, hashing, local caches and short-timeout downloads.
+
+Caches (resolved from the environment at call time, so tests and users can redirect them):
+
+- the torch hub cache ``torch.hub.get_dir()/checkpoints/`` (``$TORCH_HOME/hub``), where the authors' files
+  live under their own names, as ``torch.hub.load_state_dict_from_url`` stores them;
+- the Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``) for weights timm hosts.
+
+Nothing here touches the network when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE`` / ``ATTNFLOW_OFFLINE``)
+is set, and every network call has a short timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .converters import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to wait for a server to answer before treating it as unreachable."""
+
+_TRUE = {"1", "on", "yes", "true"}
+_HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def offline() -> bool:
+    """Whether network access is switched off (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``, ``ATTNFLOW_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ATTNFLOW_OFFLINE"))
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+class _Stub(dict):
+    """Stands in for a class whose module is not installed (yacs ``CfgNode`` configs, ...)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        self["__state__"] = state
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            logger.debug("checkpoint references %s.%s, which is not installed: replaced by a stub", module, name)
+            return type(name, (_Stub,), {"__module__": module})
+
+
+class _LenientPickle:
+    """A ``pickle_module`` for ``torch.load`` that tolerates missing third-party classes."""
+
+    Unpickler = _LenientUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "attnflow_lenient_pickle"
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The object stored in a checkpoint file (``.safetensors``, or any ``torch.save`` file).
+
+    ``torch.load(weights_only=True)`` is tried first. Official files that also pickle configuration objects
+    (DINO's ``argparse.Namespace``, SlowFast/SimMIM yacs configs) are then read with full unpickling, where
+    classes that are not installed become plain dicts; a warning says so. Only load files you trust.
+
+    Raises:
+        CheckpointError: the file does not exist or cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # noqa: BLE001  (any decode error is a bad file)
+            raise CheckpointError(f"cannot read safetensors file {path}: {err}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        first_error = f"e.g. {found.group(1)}" if found else type(err).__name__
+    except Exception as err:  # noqa: BLE001  (zip/EOF/magic-number errors: not a checkpoint)
+        raise CheckpointError(f"cannot read checkpoint {path} (not a torch.save or safetensors file?): "
+                              f"{type(err).__name__}: {err}") from None
+    logger.warning("%s holds Python objects besides tensors (%s); reading it with full unpickling. "
+                   "Only load checkpoints you trust.", path.name, first_error)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LenientPickle)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------ caches
+
+def torch_hub_checkpoint_dir() -> Path:
+    """``torch.hub.get_dir()/checkpoints``, where ``load_state_dict_from_url`` keeps downloaded files."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub`` (default ``~/.cache/huggingface``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+def hf_filenames(filename: str | None) -> tuple[str, ...]:
+    """Candidate weight files of a hub repo: the configured one, else safetensors then pytorch_model.bin."""
+    return (filename,) if filename else _HF_FILENAMES
+
+
+def find_hf_cached(repo_id: str, filename: str | None = None) -> Path | None:
+    """The cached file of ``repo_id`` in the Hugging Face cache, or ``None`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in hf_filenames(filename):
+        found = try_to_load_from_cache(repo_id, name, cache_dir=str(hf_cache_dir()))
+        if isinstance(found, str) and os.path.isfile(found):
+            return Path(found)
+    return None
+
+
+def find_hub_cached(filename: str | None) -> Path | None:
+    """``torch_hub_checkpoint_dir()/filename`` if that file exists, else ``None``."""
+    if not filename:
+        return None
+    path = torch_hub_checkpoint_dir() / filename
+    return path if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------- downloading
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds (cached per process).
+
+    Checked before any download so that a machine without network fails in seconds, not after the
+    retries and back-off of the HTTP clients.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        return False
+    key = f"{host}:{port}"
+    if key not in _REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[key] = True
+        except OSError as err:
+            logger.info("%s is not reachable: %s", key, err)
+            _REACHABLE[key] = False
+    return _REACHABLE[key]
+
+def hf_download(repo_id: str, filename: str | None = None) -> Path | None:
+    """Download a hub file with short timeouts; ``None`` when offline or unreachable (the reason is logged)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if offline() or not reachable(endpoint):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(CONNECT_TIMEOUT_S)))
+    for name in hf_filenames(filename):
+        try:
+            return Path(hf_hub_download(repo_id, name, cache_dir=str(hf_cache_dir()),
+                                        etag_timeout=CONNECT_TIMEOUT_S))
+        except Exception as err:  # noqa: BLE001  (missing file, no network, HTTP error: try the next source)
+            logger.info("could not download %s/%s: %s", repo_id, name, str(err).splitlines()[0][:200])
+    return None
+
+
+def is_direct_url(url: str | None) -> bool:
+    """Whether ``url`` points at a file (Google Drive pages need a browser and are not direct)."""
+    return bool(url) and url.startswith(("http://", "https://")) and "drive.google.com" not in url
+
+
+def url_download(url: str, filename: str) -> Path | None:
+    """Download ``url`` into the torch hub cache as ``filename`` (atomic rename, tqdm progress).
+
+    Returns ``None`` when offline, when the URL is not a direct file link, or when the server cannot be
+    reached within :data:`CONNECT_TIMEOUT_S` (the reason is logged).
+    """
+    if offline() or not is_direct_url(url) or not reachable(url):
+        return None
+    from tqdm.auto import tqdm
+
+    target = torch_hub_checkpoint_dir() / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as response:  # noqa: S310 (https URL)
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{filename}.", delete=False) as tmp, \
+                    tqdm(total=total, unit="B", unit_scale=True, desc=filename, file=sys.stderr) as bar:
+                for block in iter(lambda: response.read(io.DEFAULT_BUFFER_SIZE * 64), b""):
+                    tmp.write(block)
+                    bar.update(len(block))
+        shutil.move(tmp.name, target)
+    except Exception as err:  # noqa: BLE001  (DNS, timeout, HTTP error)
+        logger.info("could not download %s: %s", url, err)
+        if "tmp" in locals() and os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+        return None
+    return target

@@ -1,0 +1,267 @@
+"""``load_model``: a preset or any timm architecture, with weights from a local file, a cache or the web.
+
+Where the weights come from, in order (unless ``random_init``):
+
+1. ``checkpoint=PATH``: the file, read through the preset's converter (a bare timm name: generic unwrapping
+   of ``model``/``state_dict``/``module.``);
+2. the Hugging Face cache, when timm hosts the preset's weights (``hub_tag`` with an ``hf_hub_id``);
+3. the torch hub cache, ``torch.hub.get_dir()/checkpoints/<file>``, holding the authors' official file;
+4. when online: a download from the hub, else from the authors' URL (short timeouts);
+5. otherwise :class:`WeightsUnavailableError`, naming the URL / hub tag and the ``--checkpoint`` option.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..errors import AttnflowError
+from . import files
+from .converters import CheckpointError, get_converter, load_converted
+from .registry import ModelSpec, UnknownModelError, find_spec, list_specs
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WeightsUnavailableError", "load_model", "weights_cached", "sha256_file", "known_arch"]
+
+sha256_file = files.sha256_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CUSTOM_ARCHS: dict[str, str] = {
+    "capi_vit_large_patch14": "attnflow.models.capi:capi_vit_large_patch14",
+}
+"""Architectures timm does not have, as ``module:function`` builders taking ``img_size`` and overrides."""
+
+
+class WeightsUnavailableError(AttnflowError):
+    """No local copy of a model's weights, and no way to download them (offline or unreachable)."""
+
+
+@dataclass(frozen=True)
+class _Weights:
+    path: Path
+    converter: str
+    source: str
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+def known_arch(name: str) -> bool:
+    """Whether ``name`` is a timm architecture (``arch`` or ``arch.tag``) or one of :data:`CUSTOM_ARCHS`."""
+    import timm
+
+    return name in CUSTOM_ARCHS or timm.is_model(name)
+
+
+def _unknown(name: str) -> UnknownModelError:
+    import timm
+
+    presets = [s.name for s in list_specs()]
+    close = difflib.get_close_matches(name, presets, n=5, cutoff=0.5)
+    close += [m for m in difflib.get_close_matches(name, timm.list_models() + list(CUSTOM_ARCHS), n=5, cutoff=0.6)
+              if m not in close]
+    hint = f"; did you mean {', '.join(close[:6])}?" if close else ""
+    return UnknownModelError(f"unknown model {name!r}: neither a preset nor a timm architecture{hint} "
+                             f"(`attnflow models` lists the presets)")
+
+
+def _resolve(name: str) -> tuple[ModelSpec | None, str]:
+    """``(preset or None, architecture name with an optional timm tag)``."""
+    spec = find_spec(name)
+    if spec is not None:
+        return spec, spec.arch
+    if known_arch(name):
+        return None, name
+    raise _unknown(name)
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+def _build(spec: ModelSpec | None, arch: str, img_size: int, timm_kwargs: dict[str, Any]) -> nn.Module:
+    kwargs = {**(spec.arch_kwargs if spec else {}), **timm_kwargs}
+    base = arch.split(".", 1)[0]
+    if base in CUSTOM_ARCHS:
+        module_name, fn_name = CUSTOM_ARCHS[base].split(":")
+        builder: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), fn_name)
+        kwargs.pop("num_classes", None)
+        return builder(img_size=img_size, **kwargs)
+    import timm
+
+    kwargs.setdefault("num_classes", 0)
+    if spec is not None:
+        # the same eval preprocessing for every preset: ImageNet mean/std, resize 256 -> crop 224, bicubic
+        overlay = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 0.875, "interpolation": "bicubic",
+                   "input_size": (3, img_size, img_size), "num_classes": 0}
+        if not spec.hub_tag:
+            overlay.update(url=spec.url or "", hf_hub_id=None, tag=None)
+        kwargs.setdefault("pretrained_cfg_overlay", overlay)
+        arch = spec.hub_tag or arch
+    try:
+        return timm.create_model(arch, pretrained=False, img_size=img_size, **kwargs)
+    except TypeError as err:
+        raise AttnflowError(f"cannot build {arch} with {kwargs}: {err}") from None
+
+
+def _has_cls(model: nn.Module) -> bool:
+    return getattr(model, "cls_token", None) is not None
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+def _hub_ids(spec: ModelSpec | None, arch: str) -> tuple[str | None, str | None, str | None]:
+    """``(hf_hub_id, hf_hub_filename, url)`` of the timm pretrained config of ``spec.hub_tag`` or ``arch``."""
+    from timm.models import get_pretrained_cfg
+
+    tag = spec.hub_tag if spec is not None else arch
+    if not tag or arch.split(".", 1)[0] in CUSTOM_ARCHS:
+        return None, None, None
+    cfg = get_pretrained_cfg(tag)
+    if cfg is None:
+        return None, None, None
+    return cfg.hf_hub_id or None, cfg.hf_hub_filename or None, cfg.url or None
+
+
+def _url_and_file(spec: ModelSpec | None, arch: str) -> tuple[str | None, str | None, str]:
+    """``(url, cache file name, converter)`` of the authors' file (or timm's URL for a bare timm name)."""
+    if spec is not None:
+        return spec.url, spec.cache_filename, spec.converter
+    _, _, url = _hub_ids(None, arch)
+    return url, (url.split("?", 1)[0].rsplit("/", 1)[-1] if url else None), "timm-arch"
+
+
+def _find_weights(spec: ModelSpec | None, arch: str, *, download: bool) -> _Weights | None:
+    hub_id, hub_file, _ = _hub_ids(spec, arch)
+    url, filename, url_converter = _url_and_file(spec, arch)
+    if hub_id and (path := files.find_hf_cached(hub_id, hub_file)):
+        return _Weights(path, "timm" if spec else "timm-arch", f"hf-hub:{hub_id}")
+    if (path := files.find_hub_cached(filename)) is not None:
+        return _Weights(path, url_converter, url or str(path))
+    if not download:
+        return None
+    if hub_id and (path := files.hf_download(hub_id, hub_file)):
+        return _Weights(path, "timm" if spec else "timm-arch", f"hf-hub:{hub_id}")
+    if url and filename and (path := files.url_download(url, filename)):
+        return _Weights(path, url_converter, url)
+    return None
+
+
+def weights_cached(name: str) -> bool:
+    """Whether the pretrained weights of ``name`` are on this machine (HF cache or torch hub cache).
+
+    Raises:
+        UnknownModelError: ``name`` is neither a preset nor a timm architecture.
+    """
+    spec, arch = _resolve(name)
+    return _find_weights(spec, arch, download=False) is not None
+
+
+def _unavailable(name: str, spec: ModelSpec | None, arch: str) -> WeightsUnavailableError:
+    hub_id, _, _ = _hub_ids(spec, arch)
+    url, filename, _ = _url_and_file(spec, arch)
+    where = []
+    if spec is not None and spec.hub_tag and hub_id:
+        where.append(f"timm hub tag {spec.hub_tag} (hf-hub:{hub_id})")
+    elif spec is None and hub_id:
+        where.append(f"hf-hub:{hub_id}")
+    if url:
+        where.append(url)
+    if not where:
+        return WeightsUnavailableError(f"{name}: no pretrained weights are known; pass --checkpoint PATH "
+                                       f"(checkpoint=...) or use --random-init")
+    why = "offline (HF_HUB_OFFLINE is set)" if files.offline() else "could not be downloaded"
+    cache = f" or save it as {files.torch_hub_checkpoint_dir() / filename}" if filename else ""
+    return WeightsUnavailableError(
+        f"weights of {name} are not cached and {why}: get {' or '.join(where)} and pass --checkpoint PATH "
+        f"(checkpoint=... in Python){cache}; --random-init builds the model without weights")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: bool = False,
+               img_size: int = 224, checkpoint_key: str | None = None, **timm_kwargs: Any) -> nn.Module:
+    """Build a preset (or any timm architecture) at ``img_size`` and load its weights; eval mode.
+
+    Args:
+        name: a preset (``attnflow models``), e.g. ``"mocov3-vit-b16"``, or a timm name (``arch[.tag]``).
+        checkpoint: a local file in the preset's official format (or a timm state dict).
+        random_init: build without weights (smoke tests); ``checkpoint`` must then be ``None``.
+        img_size: input resolution; position embeddings of the weights are resampled to it.
+        checkpoint_key: top-level key holding the weights when it is not the format's default, e.g.
+            ``"target_encoder"`` for I-JEPA or ``"student"`` for a DINO/iBOT full checkpoint.
+        **timm_kwargs: architecture overrides passed to ``timm.create_model`` (e.g. ``depth=2`` in tests).
+
+    Returns:
+        The model, features only (``num_classes=0``), with ``model.attnflow_info``: ``preset, arch,
+        checkpoint, sha256, source, random_init, img_size, has_cls`` (plus ``converter, family, label``).
+
+    Raises:
+        UnknownModelError: unknown name (with close matches).
+        CheckpointError: unreadable file or keys that do not fit (names the missing and unexpected keys).
+        WeightsUnavailableError: no checkpoint given, none cached, and no download possible.
+    """
+    if random_init and checkpoint is not None:
+        raise AttnflowError("random_init and checkpoint exclude each other")
+    spec, arch = _resolve(name)
+    weights: _Weights | None = None
+    if checkpoint is not None:
+        weights = _Weights(Path(checkpoint).expanduser(), spec.converter if spec else "timm", "file")
+    elif not random_init:
+        weights = _find_weights(spec, arch, download=True)
+        if weights is None:
+            raise _unavailable(name, spec, arch)
+    if weights is not None and weights.converter == "timm-arch":
+        model = _build_timm_pretrained(arch, img_size, dict(timm_kwargs), weights.path)
+    else:
+        model = _build(spec, arch, img_size, dict(timm_kwargs))
+        if weights is not None:
+            logger.info("loading %s weights from %s", name, weights.path)
+            _load_weights(model, weights, spec, arch, checkpoint_key)
+    sha = files.sha256_file(weights.path) if weights is not None else None
+    model.eval()
+    model.attnflow_info = {
+        "preset": spec.name if spec else None,
+        "arch": arch,
+        "checkpoint": str(weights.path) if weights else None,
+        "sha256": sha,
+        "source": weights.source if weights else "random-init",
+        "random_init": weights is None,
+        "img_size": img_size,
+        "has_cls": _has_cls(model),
+        "converter": weights.converter if weights else None,
+        "family": spec.family if spec else "other",
+        "label": spec.label if spec else arch,
+    }
+    return model
+
+
+def _load_weights(model: nn.Module, weights: _Weights, spec: ModelSpec | None, arch: str,
+                  checkpoint_key: str | None) -> None:
+    conv = get_converter(weights.converter)
+    raw = files.read_checkpoint(weights.path)
+    state = conv(raw, key=checkpoint_key)
+    what = f"preset {spec.name} ({spec.arch})" if spec else f"timm model {arch}"
+    load_converted(model, state, expected=f"{what}, read as format {conv.name!r} [{conv.description}] "
+                                          f"from {weights.path.name}")
+
+
+def _build_timm_pretrained(arch: str, img_size: int, timm_kwargs: dict[str, Any], path: Path) -> nn.Module:
+    """A bare timm name with a cached file: timm's own loader (its filter for that architecture)."""
+    import timm
+
+    kwargs = {"num_classes": 0, **timm_kwargs}
+    overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": str(path)}
+    try:
+        return timm.create_model(arch, pretrained=True, img_size=img_size, pretrained_cfg_overlay=overlay,
+                                 **kwargs)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"timm could not load {path.name} into {arch}: {str(err).splitlines()[0]}") \
+            from None
