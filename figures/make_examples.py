@@ -26,6 +26,7 @@ from attnflow.plot import (patch_maps, plot_attention_maps, plot_blocks, plot_he
 from attnflow.result import COLUMNS, Result
 
 NOTE = "illustrative synthetic data, not measurements"
+DPI = 120
 
 # (name, method, family, size, blocks, heads); the paper's ViT-S/B/L line-up (Appendix C.1).
 MODELS = [
@@ -117,17 +118,17 @@ def main(out: Path) -> list[Path]:
     written = []
 
     fig = plot_metrics(result, models=vit_b, title=f"ViT-B/16, Figs. 3-6 layout ({NOTE})")
-    written.append(save_figure(fig, out / "example-fig3-6-vit-b.png", dpi=150))
+    written.append(save_figure(fig, out / "example-fig3-6-vit-b.png", dpi=DPI))
 
     ax = plot_blocks(result, "cls_patch_entropy", models=vit_b, band="heads",
                      title="Fig. 4 layout (illustrative synthetic data)")
-    written.append(save_figure(ax.figure, out / "example-fig4-cls-patch-entropy.png", dpi=150))
+    written.append(save_figure(ax.figure, out / "example-fig4-cls-patch-entropy.png", dpi=DPI))
 
     fig = plot_size_grid(result, title=f"ViT-S/B/L, Figs. 10-13 layout ({NOTE})")
-    written.append(save_figure(fig, out / "example-fig10-13-sizes.png", dpi=150))
+    written.append(save_figure(fig, out / "example-fig10-13-sizes.png", dpi=DPI))
 
     fig = plot_heads(result, "cls_patch_entropy", models=vit_b, title=f"[cls]-patch entropy per head ({NOTE})")
-    written.append(save_figure(fig, out / "example-heads-cls-patch-entropy.png", dpi=150))
+    written.append(save_figure(fig, out / "example-heads-cls-patch-entropy.png", dpi=DPI))
 
     rng = np.random.default_rng(0)
     layout = SimpleNamespace(num_prefix=1, has_cls=True, grid=(14, 14), patch_size=(16, 16))
@@ -138,10 +139,10 @@ def main(out: Path) -> list[Path]:
         "DINO ViT-B/16": [patch_maps(synthetic_attention(rng, s, selective=True), layout) for s in spots],
     }
     fig = plot_attention_maps(images, maps, title=f"Fig. 9 layout ({NOTE})")
-    written.append(save_figure(fig, out / "example-fig9-maps.png", dpi=150))
+    written.append(save_figure(fig, out / "example-fig9-maps.png", dpi=DPI))
 
     fig = plot_head_maps(images[1], maps["DINO ViT-B/16"][1], title=f"DINO-like [cls] attention per head ({NOTE})")
-    written.append(save_figure(fig, out / "example-head-maps.png", dpi=150))
+    written.append(save_figure(fig, out / "example-head-maps.png", dpi=DPI))
     return written
 
 

@@ -172,7 +172,7 @@ def _draw_blocks(ax: Axes, result: Result, frame: pd.DataFrame, metric: str, cho
         label = info.method if label_by == "method" else info.label
         x, y = rows["x"].to_numpy(), rows["value"].to_numpy()
         ax.plot(x, y, color=info.color, marker=info.marker, linestyle=_DASHES[nth % len(_DASHES)],
-                label=label, gid=model, zorder=3)
+                markersize=3.0 if len(x) <= 16 else 2.0, label=label, gid=model, zorder=3)
         if band != "none":
             ax.fill_between(x, rows["lo"].to_numpy(), rows["hi"].to_numpy(), color=info.color, alpha=0.15,
                             linewidth=0, zorder=2, gid=f"band:{model}")

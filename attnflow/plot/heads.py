@@ -105,8 +105,10 @@ def plot_heads(data: DataLike, metric: str, *, models: Sequence[str] | None = No
         fig, axes = plt.subplots(nrows, ncols, figsize=(width, panel * 1.05 * nrows + 0.3), layout="constrained",
                                  squeeze=False)
         flat = axes.ravel()
-        for ax, model in zip(flat, chosen):
+        for k, (ax, model) in enumerate(zip(flat, chosen)):
             plot_head_heatmap(result, model, metric, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, cbar=False)
+            if k % ncols:
+                ax.set_ylabel("")
         for ax in flat[len(chosen):]:
             ax.remove()
         mappable = flat[0].collections[0]

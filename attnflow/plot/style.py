@@ -153,7 +153,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 300) -> Path:
     metadata = {"CreationDate": None} if fmt == "pdf" else ({"Date": None} if fmt == "svg" else None)
     with mpl.rc_context({"svg.hashsalt": "attnflow"}):
         fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.02, metadata=metadata)
-    log.info("wrote %s", path)
+    log.debug("wrote %s", path)
     return path
 
 

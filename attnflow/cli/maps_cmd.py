@@ -1,0 +1,137 @@
+"""``attnflow maps``: per-image attention maps of several models on a few images (the paper's Fig. 9)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import AttnflowError
+
+log = logging.getLogger(__name__)
+
+RANDOM_BANNER = "RANDOM-INIT WEIGHTS: these maps are meaningless"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "maps", help="per-image [cls] and central-patch attention maps (Fig. 9)",
+        description="Overlay the last block's attention on a few images for several models: [cls] -> patch "
+                    "attention averaged over heads, of the lowest-entropy head, and the central patch's "
+                    "attention (models without [cls] show only the latter).")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME",
+                        help="preset or timm architecture (repeatable)")
+    parser.add_argument("--checkpoint", action="append", metavar="PATH",
+                        help="weights for the --model at the same position (repeat once per model, or omit)")
+    parser.add_argument("--images", required=True, help="an image file or a folder (recursive)")
+    parser.add_argument("--out", required=True, help="output figure (.png, .pdf, .svg or .eps)")
+    parser.add_argument("--limit", type=int, default=4, help="number of images, evenly spaced (default 4)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="build without weights (smoke tests; the maps are meaningless)")
+    parser.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
+    parser.add_argument("--crop-pct", type=float, default=0.875,
+                        help="center-crop fraction, the same for every model so that maps align (default 0.875)")
+    parser.add_argument("--kind", action="append", metavar="KIND",
+                        help="map kind: cls_mean, cls_min_entropy, central or cls_head:H (repeatable; "
+                             "default: the first three)")
+    parser.add_argument("--block", type=int, default=-1, help="block index, negative from the end (default -1)")
+    parser.add_argument("--rows", default="images", choices=["images", "models"], help="what the rows show")
+    parser.add_argument("--side-by-side", action="store_true", help="draw the patch grids beside the image")
+    parser.add_argument("--per-head", action="store_true",
+                        help="also write every head's [cls] map of the first image (OUT-heads-MODEL.EXT)")
+    parser.add_argument("--model-kw", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra timm.create_model argument for every model (repeatable)")
+    parser.add_argument("--device", help="cuda, cpu (default: cuda if available)")
+    parser.add_argument("--dpi", type=int, default=200, help="resolution of PNG output (default 200)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def load_images(root: str | Path, limit: int | None):
+    """Up to ``limit`` evenly spaced readable images under ``root`` as ``(paths, PIL images)``; unreadable
+    files are skipped with a warning."""
+    from PIL import UnidentifiedImageError
+
+    from ..data.images import DataError, evenly_spaced, find_images, load_rgb
+
+    paths = find_images(root)
+    if limit is not None and limit <= 0:
+        raise AttnflowError(f"--limit must be positive, got {limit}")
+    kept, images = [], []
+    for i in evenly_spaced(len(paths), limit):
+        try:
+            images.append(load_rgb(paths[i]))
+            kept.append(paths[i])
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            log.warning("skipping unreadable image %s: %s", paths[i], err)
+    if not images:
+        raise DataError(f"{root}: none of the selected images could be read")
+    return kept, images
+
+
+def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    from ..models.load import load_model
+    from ..models.registry import find_spec
+    from ..plot import MAP_KINDS, model_maps, plot_attention_maps, plot_head_maps
+    from ..plot.style import SAVE_FORMATS, close, save_figure
+    from .stats_cmd import parse_model_kwargs
+
+    out = Path(args.out)
+    if out.suffix.lower().lstrip(".") not in SAVE_FORMATS:
+        raise AttnflowError(f"--out {out}: use one of {', '.join('.' + f for f in SAVE_FORMATS)}")
+    checkpoints = args.checkpoint or [None] * len(args.model)
+    if len(checkpoints) != len(args.model):
+        raise AttnflowError(f"{len(args.checkpoint)} --checkpoint for {len(args.model)} --model: give one per "
+                            "model, in the same order, or none")
+    if len(set(args.model)) != len(args.model):
+        raise AttnflowError("each --model may be given once")
+    kinds = args.kind or list(MAP_KINDS)
+    for kind in kinds:
+        head = kind.split(":", 1)[1] if kind.startswith("cls_head:") else None
+        if kind not in MAP_KINDS and not (head is not None and head.isdigit()):
+            raise AttnflowError(f"unknown map kind {kind!r}; choose from {', '.join(MAP_KINDS)} or cls_head:H")
+    paths, images = load_images(args.images, args.limit)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_kw = parse_model_kwargs(args.model_kw)
+
+    crops, maps, labels, random = None, {}, {}, []
+    for name, checkpoint in zip(args.model, checkpoints):
+        model = load_model(name, checkpoint=checkpoint, random_init=args.random_init, img_size=args.img_size,
+                           **model_kw).to(device).eval()
+        if (getattr(model, "attnflow_info", None) or {}).get("random_init", args.random_init):
+            random.append(name)
+        model_crops, maps[name] = model_maps(model, images, img_size=args.img_size, crop_pct=args.crop_pct,
+                                             block=args.block, device=device)
+        crops = crops if crops is not None else model_crops
+        spec = find_spec(name)
+        labels[name] = spec.label if spec else name
+        del model
+    for kind in kinds:  # head indices can only be checked against a model
+        maps[args.model[0]][0].get(kind)
+
+    title = f"{RANDOM_BANNER} ({', '.join(random)})" if random else None
+    fig = plot_attention_maps(crops, maps, kinds=kinds, labels=labels, rows=args.rows,
+                              overlay=not args.side_by_side, title=title)
+    written = [save_figure(fig, out, dpi=args.dpi)]
+    close(fig)
+    if args.per_head:
+        for name in args.model:
+            if not maps[name][0].has_cls:
+                log.warning("%s has no [cls] token; no per-head [cls] maps", name)
+                continue
+            fig = plot_head_maps(crops[0], maps[name][0], overlay=not args.side_by_side,
+                                 title=f"{labels[name]}: {paths[0].name}" + (f" ({RANDOM_BANNER})" if name in random
+                                                                            else ""))
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+            written.append(save_figure(fig, out.with_name(f"{out.stem}-heads-{safe}{out.suffix}"), dpi=args.dpi))
+            close(fig)
+    if random:
+        print(f"attnflow maps: {RANDOM_BANNER}: {', '.join(random)}")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
