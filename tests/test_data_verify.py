@@ -114,6 +114,18 @@ def test_class_folder_val_clean_is_ok(tmp_path, val_manifest, jpegs):
     assert report.class_mismatch == {}
 
 
+def test_mixed_layout_reports_the_minority_as_misplaced(tmp_path, val_manifest, jpegs):
+    root = tmp_path / "val"
+    root.mkdir()
+    for i in (1, 3, 4, 5, 6):
+        (root / val_name(i)).write_bytes(jpegs[i])
+    (root / A).mkdir()
+    (root / A / val_name(2)).write_bytes(jpegs[2])  # in its right class folder, but the layout is flat
+    report = verify_dataset(val_manifest, root, check_images=False, progress=False)
+    assert report.layout == "flat" and report.found == 5
+    assert report.misplaced == [(f"{A}/{val_name(2)}", val_name(2))] and report.n_missing == 0
+
+
 def test_parent_folder_with_val_subfolder_is_descended(tmp_path, val_manifest, jpegs):
     make_class_folder_val(tmp_path / "imagenet" / "val", jpegs, wrong_folder_for_4=False)
     report = verify_dataset(val_manifest, tmp_path / "imagenet", progress=False)

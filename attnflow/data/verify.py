@@ -83,7 +83,7 @@ class VerifyReport:
 
         def first(items: list[str]) -> str:
             shown = ", ".join(items[:max_names])
-            return shown + (f", ... (+{len(items) - max_names} more)" if len(items) > max_names else "")
+            return shown + (f", ... (+{len(items) - max_names:,} more)" if len(items) > max_names else "")
 
         lines = [f"{self.dataset} at {self.root} (layout: {self.layout})",
                  f"found {self.found:,} / {self.expected:,} expected images"]
@@ -199,8 +199,11 @@ def _scan_val(manifest: Manifest, root: Path, progress: bool) -> tuple[VerifyRep
     classes = set(manifest.classes)
     names = manifest.file_names
     labels = manifest.val_labels
-    in_folders = any(len(p.split("/")) == 2 and p.split("/")[0] in classes for p in files)
-    layout = "class_folders" if in_folders else "flat"
+    wanted = set(names)
+    n_flat = sum(p in wanted for p in files)
+    n_folders = sum(len(parts) == 2 and parts[0] in classes and parts[1] in wanted
+                    for parts in (p.split("/") for p in files))
+    layout = "class_folders" if n_folders > n_flat else "flat"  # the minority, if any, is reported as misplaced
     report = VerifyReport(manifest.name, str(root), layout, expected=manifest.num_images)
     if labels is None and layout == "class_folders":
         located = {PurePosixPath(p).name: p for p in files if len(p.split("/")) == 2 and p.split("/")[0] in classes}
@@ -411,6 +414,6 @@ def verify_dataset(name: str | Path | Manifest, root: str | Path, *, check_image
                     corrupt.append((futures[future], reason))
         report.decoded = len(chosen)
     report.corrupt = sorted(corrupt)
-    log.info("%s: %d/%d found, %d missing, %d extra, %d corrupt", manifest.name, report.found, report.expected,
+    log.debug("%s: %d/%d found, %d missing, %d extra, %d corrupt", manifest.name, report.found, report.expected,
              report.n_missing, len(report.extra), len(report.corrupt))
     return report
