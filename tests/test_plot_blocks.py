@@ -217,3 +217,16 @@ def test_render_stored_result_to_pdf_and_png(tmp_path):
     assert again.read_bytes() == pdf.read_bytes()  # no timestamp: same data, same bytes
     with pytest.raises(PlotError, match="extension"):
         save_figure(fig, tmp_path / "fig.jpeg2")
+
+
+def test_every_preset_method_has_its_own_colour_within_its_family():
+    from attnflow.models import list_specs
+    from attnflow.plot import color_for
+
+    by_family: dict[str, dict[str, str]] = {}
+    for spec in list_specs():
+        colour = color_for(spec.family, spec.method)
+        assert colour in FAMILY_PALETTES[spec.family], spec.name
+        by_family.setdefault(spec.family, {})[spec.method] = colour
+    for family, colours in by_family.items():
+        assert len(set(colours.values())) == len(colours), (family, colours)

@@ -25,8 +25,8 @@ from ..result import Result
 from .style import PlotError
 
 FAMILY_PALETTES: dict[str, tuple[str, ...]] = {
-    "MIM": ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#b8860b", "#f4a582"),
-    "JEA": ("#1f77b4", "#2ca02c", "#17becf", "#393b79", "#6baed6", "#74a84a"),
+    "MIM": ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#b8860b", "#f4a582", "#ffbb78", "#7b1e1e"),
+    "JEA": ("#1f77b4", "#2ca02c", "#17becf", "#393b79", "#6b6ecf", "#6baed6", "#74a84a", "#98df8a"),
     "MIM+FT": ("#9467bd", "#5e3c99", "#c51b7d", "#b39ddb"),
     "other": ("#7f7f7f", "#404040", "#bcbd22", "#a0a0a0"),
 }
@@ -36,11 +36,12 @@ FAMILY_MARKERS: dict[str, str] = {"MIM": "o", "JEA": "s", "MIM+FT": "^", "other"
 """Line markers per family, so that families differ in grey-scale print too."""
 
 _METHOD_COLOURS: dict[tuple[str, str], str] = {
-    ("MIM", "mae"): "#d62728", ("MIM", "beitv2"): "#ff7f0e", ("MIM", "beit"): "#b8860b",
-    ("MIM", "simmim"): "#8c564b", ("MIM", "capi"): "#e377c2", ("MIM", "data2vec"): "#f4a582",
-    ("MIM", "ijepa"): "#e377c2",
+    ("MIM", "mae"): "#d62728", ("MIM", "beitv2"): "#ff7f0e", ("MIM", "simmim"): "#8c564b",
+    ("MIM", "ijepa"): "#e377c2", ("MIM", "maskfeat"): "#b8860b", ("MIM", "capi"): "#f4a582",
+    ("MIM", "beit"): "#ffbb78", ("MIM", "data2vec"): "#7b1e1e",
     ("JEA", "dino"): "#1f77b4", ("JEA", "mocov3"): "#2ca02c", ("JEA", "ibot"): "#17becf",
-    ("JEA", "dinov2"): "#393b79", ("JEA", "msn"): "#6baed6", ("JEA", "ijepa"): "#74a84a",
+    ("JEA", "dinov2"): "#393b79", ("JEA", "dinov2reg4"): "#6b6ecf", ("JEA", "msn"): "#6baed6",
+    ("JEA", "ijepa"): "#74a84a",
     ("MIM+FT", "mae"): "#9467bd", ("MIM+FT", "maeft"): "#9467bd", ("MIM+FT", "beitv2"): "#5e3c99",
     ("MIM+FT", "beitv2ft"): "#5e3c99",
     ("other", "deit"): "#7f7f7f", ("other", "supervised"): "#404040",
