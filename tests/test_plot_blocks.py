@@ -230,3 +230,13 @@ def test_every_preset_method_has_its_own_colour_within_its_family():
         by_family.setdefault(spec.family, {})[spec.method] = colour
     for family, colours in by_family.items():
         assert len(set(colours.values())) == len(colours), (family, colours)
+
+
+def test_random_weights_are_stamped_on_figures():
+    res = make_result({"real": {}, "rand": {"random_init": True}})
+    fig = plot_metrics(res)
+    assert fig._suptitle is not None and "RANDOM-INIT" in fig._suptitle.get_text()
+    assert plot_metrics(res, models=["real"], title="T")._suptitle.get_text() == "T"
+    ax = plot_blocks(res, "cls_self", models=["rand"])
+    assert [t.get_gid() for t in ax.texts] == ["banner"]
+    assert not plot_blocks(res, "cls_self", models=["real"]).texts

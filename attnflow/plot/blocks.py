@@ -24,9 +24,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..result import Result
-from .info import SIZE_ORDER, DataLike, ModelInfo, as_result, entropy_bound, model_info
-from .style import (DOUBLE_COLUMN, ENTROPY_METRICS, PAPER_METRICS, SINGLE_COLUMN, PlotError, check_metrics,
-                    metric_label, panel_title, paper_style)
+from .info import SIZE_ORDER, DataLike, ModelInfo, as_result, entropy_bound, model_info, random_init_models
+from .style import (DOUBLE_COLUMN, ENTROPY_METRICS, PAPER_METRICS, RANDOM_INIT_BANNER, SINGLE_COLUMN, PlotError,
+                    check_metrics, metric_label, panel_title, paper_style)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ SHORT_YLABELS: dict[str, str] = {
     "patch_patch_entropy": "entropy [nats]",
     "cls_patch_mass": "attention mass",
     "patch_cls": "attention",
-    "attention_distance": "distance",
+    "attention_distance": "distance [px]",
 }
 """Y-axis labels of multi-panel figures, whose panel titles carry the metric name."""
 
@@ -112,7 +112,7 @@ def _ax_width_in(ax: Axes) -> float:
 def plot_blocks(data: DataLike, metric: str, *, ax: Axes | None = None, band: str = "heads",
                 models: Sequence[str] | None = None, n_patches: int | None = None, label_by: str = "label",
                 legend: bool | dict[str, Any] = True, ylabel: str | None = None,
-                title: str | None = None) -> Axes:
+                title: str | None = None, banner: bool = True) -> Axes:
     """One metric per block, one line per model (the paper's Figs. 3-6).
 
     Args:
@@ -128,6 +128,7 @@ def plot_blocks(data: DataLike, metric: str, *, ax: Axes | None = None, band: st
             ``{"loc": "lower left"}`` to place it inside).
         ylabel: y-axis label (default: the paper's name of the metric).
         title: axes title (default: none).
+        banner: stamp "RANDOM-INIT WEIGHTS" across the axes when a drawn run had random weights.
 
     Returns:
         The axes. Each model is one ``Line2D`` labelled with its legend text and ``gid`` = model name; bands
@@ -146,18 +147,18 @@ def plot_blocks(data: DataLike, metric: str, *, ax: Axes | None = None, band: st
                         "(a [cls] metric of models without [cls]?)")
     if ax is not None:
         _draw_blocks(ax, result, frame, metric, chosen, band=band, n_patches=n_patches, label_by=label_by,
-                     legend=legend, ylabel=ylabel, title=title)
+                     legend=legend, ylabel=ylabel, title=title, banner=banner)
         return ax
     with paper_style():
         _, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.7 if legend else 2.2), layout="constrained")
         _draw_blocks(ax, result, frame, metric, chosen, band=band, n_patches=n_patches, label_by=label_by,
-                     legend=legend, ylabel=ylabel, title=title)
+                     legend=legend, ylabel=ylabel, title=title, banner=banner)
     return ax
 
 
 def _draw_blocks(ax: Axes, result: Result, frame: pd.DataFrame, metric: str, chosen: Sequence[str], *,
                  band: str, n_patches: int | None, label_by: str, legend: bool | dict[str, Any],
-                 ylabel: str | None, title: str | None) -> None:
+                 ylabel: str | None, title: str | None, banner: bool = True) -> None:
     infos: list[ModelInfo] = []
     used_colours: dict[str, int] = {}
     for model in chosen:
@@ -182,7 +183,12 @@ def _draw_blocks(ax: Axes, result: Result, frame: pd.DataFrame, metric: str, cho
     ax.set_xticks(block_ticks(n_blocks, max(4, int(_ax_width_in(ax) / 0.25))))
     ax.set_xlim(0.5, n_blocks + 0.5)
     ax.set_xlabel("block")
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_ylabel(metric_label(metric) if ylabel is None else ylabel)
+    if banner and (random := random_init_models(result, [i.name for i in infos])):
+        ax.text(0.5, 0.5, "RANDOM-INIT WEIGHTS\nnumbers are meaningless", transform=ax.transAxes, ha="center",
+                va="center", color="#c00000", alpha=0.35, fontsize=9, fontweight="bold", zorder=0, gid="banner")
+        log.warning("plotting runs with random weights: %s", ", ".join(random))
     if title:
         ax.set_title(title)
     if legend:
@@ -210,6 +216,17 @@ def _figure_legend(fig: Figure, axes: Sequence[Axes], ncol: int | None = None) -
     if labels:
         fig.legend([seen[k] for k in labels], labels, loc="outside lower center",
                    ncol=ncol or min(len(labels), 6))
+
+
+def _figure_banner(fig: Figure, result: Result, models: Sequence[str] | None, title: str | None) -> None:
+    """The figure title, led by a red random-weights warning when any drawn run had random weights."""
+    random = random_init_models(result, models)
+    if random:
+        log.warning("plotting runs with random weights: %s", ", ".join(random))
+        text = RANDOM_INIT_BANNER + (f"\n{title}" if title else "")
+        fig.suptitle(text, color="#c00000", fontweight="bold")
+    elif title:
+        fig.suptitle(title)
 
 
 def plot_metrics(data: DataLike, metrics: Sequence[str] | None = None, *, band: str = "heads",
@@ -242,12 +259,11 @@ def plot_metrics(data: DataLike, metrics: Sequence[str] | None = None, *, band: 
         flat = axes.ravel()
         for ax, metric in zip(flat, metrics):
             plot_blocks(result, metric, ax=ax, band=band, models=models, n_patches=n_patches, legend=False,
-                        ylabel=SHORT_YLABELS.get(metric, ""), title=panel_title(metric))
+                        ylabel=SHORT_YLABELS.get(metric, ""), title=panel_title(metric), banner=False)
         for ax in flat[len(metrics):]:
             ax.remove()
         _figure_legend(fig, flat[:len(metrics)])
-        if title:
-            fig.suptitle(title)
+        _figure_banner(fig, result, models, title)
     return fig
 
 
@@ -312,7 +328,7 @@ def plot_size_grid(data: DataLike, metrics: Sequence[str] | None = None, *, size
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
             else:
                 plot_blocks(result, metric, ax=ax, band=band, models=[m for m in in_size if m in has],
-                            label_by="method", legend=False, ylabel="")
+                            label_by="method", legend=False, ylabel="", banner=False)
             first_row, first_col = (j == 0, i == 0) if transpose else (i == 0, j == 0)
             if first_row:
                 ax.set_title(panel_title(metric) if transpose else f"ViT-{size}")
@@ -321,6 +337,5 @@ def plot_size_grid(data: DataLike, metrics: Sequence[str] | None = None, *, size
             if (j if transpose else i) < nrows - 1:
                 ax.set_xlabel("")
         _figure_legend(fig, list(axes.ravel()))
-        if title:
-            fig.suptitle(title)
+        _figure_banner(fig, result, chosen, title)
     return fig

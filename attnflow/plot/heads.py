@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .blocks import _select_models
+from .blocks import _figure_banner, _select_models
 from .info import DataLike, as_result, entropy_bound, model_info
 from .style import DOUBLE_COLUMN, ENTROPY_METRICS, PlotError, check_metrics, metric_label, paper_style
 
@@ -114,5 +114,5 @@ def plot_heads(data: DataLike, metric: str, *, models: Sequence[str] | None = No
         mappable = flat[0].collections[0]
         fig.colorbar(mappable, ax=list(flat[:len(chosen)]), label=metric_label(metric), shrink=0.9,
                      aspect=30)
-        fig.suptitle(metric_label(metric) if title is None else title)
+        _figure_banner(fig, result, chosen, metric_label(metric) if title is None else title)
     return fig

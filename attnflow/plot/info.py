@@ -153,6 +153,11 @@ def model_info(result: Result, model: str) -> ModelInfo:
                      marker=FAMILY_MARKERS[family])
 
 
+def random_init_models(result: Result, models: Sequence[str] | None = None) -> list[str]:
+    """Models whose run's provenance says they had random weights (``meta["random_init"]``)."""
+    return [m for m in (models or result.models) if result.run_meta(m).get("random_init")]
+
+
 def entropy_bound(n_patches: int) -> float:
     """The largest entropy of a distribution over ``n_patches`` patches: ln(N) (5.278 for 196)."""
     return math.log(n_patches)

@@ -118,7 +118,10 @@ def patch_maps(attn: torch.Tensor | np.ndarray, layout: Any) -> PatchMaps:
         PlotError: if ``attn`` is not ``[H, N, N]`` with N matching the layout.
     """
     num_prefix, has_cls, (gh, gw) = _layout_fields(layout)
-    a = attn.detach().to(torch.float64).cpu().numpy() if isinstance(attn, torch.Tensor) else np.asarray(attn, np.float64)
+    if isinstance(attn, torch.Tensor):
+        a = attn.detach().to(torch.float64).cpu().numpy()                           # [H, N, N]
+    else:
+        a = np.asarray(attn, np.float64)
     n = num_prefix + gh * gw
     if a.ndim != 3 or a.shape[1:] != (n, n):
         raise PlotError(f"attention of shape {tuple(a.shape)} does not match the token layout "

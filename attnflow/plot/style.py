@@ -36,7 +36,7 @@ METRIC_LABELS: dict[str, str] = {
     "patch_patch_entropy": "patch-patch entropy",
     "cls_patch_mass": "[cls]-patch attention mass",
     "patch_cls": "patch-[cls] attention",
-    "attention_distance": "attention distance",
+    "attention_distance": "attention distance [px]",
 }
 """Paper wording of each metric, used as panel title and y-axis label."""
 
@@ -92,6 +92,10 @@ _RC: dict[str, object] = {
     "ps.fonttype": 42,
     "svg.fonttype": "none",
 }
+
+
+RANDOM_INIT_BANNER = "RANDOM-INIT WEIGHTS - numbers are meaningless"
+"""Text stamped on every figure that shows a run made with random weights."""
 
 
 class PlotError(AttnflowError, ValueError):
