@@ -142,7 +142,8 @@ def test_ibot_full_checkpoint(tmp_path):
     teacher, student = tiny_weights("ibot-vit-l16", seed=3), tiny_weights("ibot-vit-l16", seed=4)
     head = {"head.mlp.0.weight": torch.randn(64, 32), "head.last_layer2.weight_g": torch.randn(10, 1)}
     full = {"teacher": {**prefixed(teacher, "backbone."), **head},
-            "student": {**prefixed(student, "module.backbone."), "module.backbone.masked_embed": torch.randn(1, 32),
+            "student": {**prefixed(student, "module.backbone."),
+                        "module.backbone.masked_embed": torch.randn(1, 32),
                         **prefixed(head, "module.")},
             "optimizer": {}, "epoch": 250, "args": argparse.Namespace(arch="vit_large")}
     path = save(tmp_path, full, "checkpoint.pth")
@@ -203,7 +204,8 @@ def test_ijepa_context_and_target_encoders(tmp_path):
     context, target = tiny_weights("ijepa-vit-h14", img_size=56, seed=5), tiny_weights("ijepa-vit-h14", 56, 6)
     assert "cls_token" not in context and context["pos_embed"].shape == (1, 16, 32)
     predictor = {"module.predictor_embed.weight": torch.randn(16, 32), "module.mask_token": torch.randn(1, 1, 16),
-                 "module.predictor_pos_embed": torch.randn(1, 16, 16), "module.predictor_norm.weight": torch.randn(16),
+                 "module.predictor_pos_embed": torch.randn(1, 16, 16),
+                 "module.predictor_norm.weight": torch.randn(16),
                  "module.predictor_blocks.0.attn.qkv.weight": torch.randn(48, 16),
                  "module.predictor_proj.weight": torch.randn(32, 16)}
     path = save(tmp_path, {"encoder": prefixed(context, "module."), "predictor": predictor,

@@ -81,11 +81,6 @@ def get_converter(name: str) -> Converter:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
 def unwrap(checkpoint: Any, keys: tuple[str, ...], key: str | None = None, fmt: str = "") -> StateDict:
     """The state dict inside ``checkpoint``: ``checkpoint[key]`` if given, else the first of ``keys`` present,
     else ``checkpoint`` itself when it is already flat.

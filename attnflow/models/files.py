@@ -41,7 +41,7 @@ _HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 
 
 def offline() -> bool:
-    """Whether network access is switched off (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``, ``ATTNFLOW_OFFLINE``)."""
+    """Whether network access is off: ``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE`` or ``ATTNFLOW_OFFLINE`` set."""
     return any(os.environ.get(v, "").strip().lower() in _TRUE
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ATTNFLOW_OFFLINE"))
 
@@ -192,7 +192,6 @@ def hf_download(repo_id: str, filename: str | None = None) -> Path | None:
         return None
     from huggingface_hub import hf_hub_download
 
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(CONNECT_TIMEOUT_S)))
     for name in hf_filenames(filename):
         try:
             return Path(hf_hub_download(repo_id, name, cache_dir=str(hf_cache_dir()),

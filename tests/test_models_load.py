@@ -1,0 +1,305 @@
+"""load_model: errors, caches, offline behaviour, resolution changes and architecture facts of the presets.
+
+No test touches the network: the ``offline`` fixture points every cache at a temporary folder, sets
+``HF_HUB_OFFLINE=1`` and makes any socket connection fail the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnflow.cli import main as cli_main
+from attnflow.models.converters import CheckpointError
+from attnflow.models.load import WeightsUnavailableError, load_model, sha256_file, weights_cached
+from attnflow.models.registry import UnknownModelError, get_spec, list_specs
+
+TINY = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0)
+
+
+@pytest.fixture()
+def offline(tmp_path, monkeypatch) -> Path:
+    """Empty torch hub and Hugging Face caches under ``tmp_path``, offline mode, no sockets."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a test tried to open a network connection")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return tmp_path
+
+
+def random_state(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+
+
+def mae_file(path: Path, img_size: int = 64, seed: int = 0, **kw) -> dict[str, torch.Tensor]:
+    """Write a tiny MAE-format file ``{'model': sd}``; return ``sd``."""
+    sd = random_state(load_model("mae-vit-b16", random_init=True, img_size=img_size, **{**TINY, **kw}), seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd}, path)
+    return sd
+
+
+# --------------------------------------------------------------------------------------- bad checkpoints
+
+def test_wrong_keys_name_the_missing_and_unexpected_keys_and_the_preset(tmp_path):
+    sd = mae_file(tmp_path / "good.pth")
+    sd["blocks.1.attn.qkv_weight"] = sd.pop("blocks.1.attn.qkv.weight")
+    sd["decoder_pred.weight"] = torch.zeros(3, 3)  # MAE's converter drops decoder_*: not reported
+    sd["fancy_extra.bias"] = torch.zeros(3)
+    torch.save({"model": sd}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model("mae-vit-b16", checkpoint=tmp_path / "bad.pth", img_size=64, **TINY)
+    msg = str(err.value)
+    assert "1 missing key(s): blocks.1.attn.qkv.weight" in msg
+    assert "2 unexpected key(s): blocks.1.attn.qkv_weight, fancy_extra.bias" in msg
+    assert "mae-vit-b16" in msg and "'mae'" in msg and "bad.pth" in msg
+
+
+def test_many_missing_keys_show_the_first_few_and_the_count(tmp_path):
+    mae_file(tmp_path / "d2.pth")  # depth 2 into a depth-3 model: block 2 is missing
+    model3 = load_model("mae-vit-b16", random_init=True, img_size=64, **{**TINY, "depth": 3})
+    expected_missing = [k for k in model3.state_dict() if k.startswith("blocks.2.")]
+    with pytest.raises(CheckpointError) as err:
+        load_model("mae-vit-b16", checkpoint=tmp_path / "d2.pth", img_size=64, **{**TINY, "depth": 3})
+    msg = str(err.value)
+    assert f"{len(expected_missing)} missing key(s): " in msg
+    assert f"({len(expected_missing)} in all)" in msg and expected_missing[0] in msg
+    assert "unexpected" not in msg
+
+
+def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
+    mae_file(tmp_path / "wide.pth", embed_dim=48)
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*cls_token \(1, 1, 48\) vs model \(1, 1, 32\)"):
+        load_model("mae-vit-b16", checkpoint=tmp_path / "wide.pth", img_size=64, **TINY)
+
+
+def test_a_file_of_another_format_says_what_was_expected(tmp_path):
+    torch.save({"epoch": 3, "state_dict": {"module.base_encoder.cls_token": torch.zeros(1, 1, 32)}},
+               tmp_path / "moco.pth.tar")
+    with pytest.raises(CheckpointError, match=r"I-JEPA checkpoint .*top-level keys: epoch, state_dict"):
+        load_model("ijepa-vit-h14", checkpoint=tmp_path / "moco.pth.tar", img_size=56, **TINY)
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_model("dino-vit-s16", checkpoint=tmp_path / "notes.pth", img_size=64, **TINY)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model("dino-vit-s16", checkpoint=tmp_path / "nope.pth", img_size=64, **TINY)
+
+
+def test_checkpoint_key_that_is_absent(tmp_path):
+    mae_file(tmp_path / "mae.pth")
+    with pytest.raises(CheckpointError, match=r"no key 'target_encoder'; top-level keys: model"):
+        load_model("mae-vit-b16", checkpoint=tmp_path / "mae.pth", checkpoint_key="target_encoder",
+                   img_size=64, **TINY)
+
+
+# -------------------------------------------------------------------------------------------- names
+
+def test_unknown_preset_suggests_close_presets():
+    with pytest.raises(UnknownModelError) as err:
+        load_model("mae-vit-b61", random_init=True)
+    assert "mae-vit-b16" in str(err.value)
+    with pytest.raises(UnknownModelError, match="mocov3-vit-b16"):
+        load_model("mocov3-vit-b", random_init=True)
+
+
+def test_unknown_timm_name_suggests_close_timm_names():
+    with pytest.raises(UnknownModelError, match="vit_base_patch16_224"):
+        load_model("vit_bse_patch16_224", random_init=True)
+
+
+def test_any_timm_architecture_name_works():
+    model = load_model("deit_tiny_patch16_224", random_init=True, img_size=64, depth=1)
+    assert model.attnflow_info["preset"] is None and model.attnflow_info["random_init"]
+    assert model.attnflow_info["has_cls"] and model.attnflow_info["source"] == "random-init"
+    assert not model.training
+
+
+# ------------------------------------------------------------------------------------- offline, caches
+
+def test_offline_without_weights_names_the_url_and_the_checkpoint_option(offline):
+    with pytest.raises(WeightsUnavailableError) as err:
+        load_model("mocov3-vit-b16", img_size=64, **TINY)
+    msg = str(err.value)
+    assert "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar" in msg
+    assert "--checkpoint" in msg and "offline" in msg
+    assert str(offline / "torch" / "hub" / "checkpoints" / "vit-b-300ep.pth.tar") in msg
+
+
+def test_offline_error_names_the_hub_tag_too(offline):
+    with pytest.raises(WeightsUnavailableError) as err:
+        load_model("mae-vit-b16", img_size=64, **TINY)
+    msg = str(err.value)
+    assert "vit_base_patch16_224.mae" in msg and "mae_pretrain_vit_base.pth" in msg and "--checkpoint" in msg
+    assert not weights_cached("mae-vit-b16")
+
+
+def test_authors_file_in_the_torch_hub_cache_is_used_offline(offline):
+    url = get_spec("mae-ft-vit-b16").url
+    target = offline / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    sd = random_state(load_model("mae-ft-vit-b16", random_init=True, img_size=64, **TINY))
+    target.parent.mkdir(parents=True)
+    torch.save({"model": {**sd, "head.weight": torch.randn(1000, 32), "head.bias": torch.randn(1000)}}, target)
+    assert weights_cached("mae-ft-vit-b16") and not weights_cached("mae-vit-b16")
+    model = load_model("mae-ft-vit-b16", img_size=64, **TINY)
+    info = model.attnflow_info
+    assert info["source"] == url and info["checkpoint"] == str(target) and not info["random_init"]
+    assert info["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert torch.equal(model.state_dict()["fc_norm.weight"], sd["fc_norm.weight"])
+
+
+def test_ibot_presets_do_not_share_a_cache_file():
+    names = {get_spec(f"ibot-vit-{s}16").cache_filename for s in "sbl"}
+    assert len(names) == 3
+    assert get_spec("simmim-vit-b16").cache_filename == "simmim_pretrain__vit_base__img224__800ep.pth"
+
+
+def write_hf_cache(root: Path, repo_id: str, state: dict[str, torch.Tensor]) -> Path:
+    """Lay out a Hugging Face hub cache entry (refs/main -> snapshots/<rev>/model.safetensors)."""
+    from safetensors.torch import save_file
+
+    repo = root / "hf" / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / "model.safetensors"))
+    return snap / "model.safetensors"
+
+
+def test_timm_hub_weights_in_the_hf_cache_are_used_offline(offline):
+    sd = random_state(load_model("dino-vit-s16", random_init=True, img_size=64, **TINY), seed=3)
+    path = write_hf_cache(offline, "timm/vit_small_patch16_224.dino", sd)
+    assert weights_cached("dino-vit-s16")
+    model = load_model("dino-vit-s16", img_size=64, **TINY)
+    assert model.attnflow_info["source"] == "hf-hub:timm/vit_small_patch16_224.dino"
+    assert model.attnflow_info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    for key, value in sd.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_bare_timm_name_with_cached_hub_weights_uses_timms_loader(offline):
+    from conftest import tiny_model
+
+    sd = random_state(tiny_model("vit_small_patch16_224", img_size=64), seed=4)
+    write_hf_cache(offline, "timm/vit_small_patch16_224.augreg_in21k", sd)
+    model = load_model("vit_small_patch16_224.augreg_in21k", img_size=64, **TINY)
+    assert model.attnflow_info["source"] == "hf-hub:timm/vit_small_patch16_224.augreg_in21k"
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
+
+
+def test_sha256_file(tmp_path):
+    (tmp_path / "f").write_bytes(b"attnflow" * 1000)
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(b"attnflow" * 1000).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ resolution
+
+def test_pos_embed_is_resampled_from_224_to_448(tmp_path):
+    sd = mae_file(tmp_path / "mae224.pth", img_size=224)
+    model = load_model("mae-vit-b16", checkpoint=tmp_path / "mae224.pth", img_size=448, **TINY)
+    pos = model.pos_embed.detach()
+    assert pos.shape == (1, 1 + 28 * 28, 32)
+    assert torch.equal(pos[:, 0], sd["pos_embed"][:, 0])  # the [cls] row is not interpolated
+    grid = sd["pos_embed"][:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2)  # row-major patch grid
+    # timm's resampling of pretrained position tables: bicubic with antialias, prefix rows kept as they are
+    ref = F.interpolate(grid, size=(28, 28), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(pos[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, 784, 32), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        out = model.forward_features(torch.randn(1, 3, 448, 448))
+    assert out.shape == (1, 785, 32) and torch.isfinite(out).all()
+    assert model.attnflow_info["img_size"] == 448
+
+
+def test_dinov2_registers_file_at_another_resolution(tmp_path):
+    """no_embed_class: the position table has no prefix rows, all of it is a patch grid."""
+    sd = random_state(load_model("dinov2-reg4-vit-s14", random_init=True, img_size=56, **TINY))
+    official = {k: v for k, v in sd.items() if k != "reg_token"}
+    official.update(register_tokens=sd["reg_token"], mask_token=torch.zeros(1, 32),
+                    pos_embed=torch.cat([torch.zeros(1, 1, 32), sd["pos_embed"]], 1))
+    torch.save(official, tmp_path / "d.pth")
+    model = load_model("dinov2-reg4-vit-s14", checkpoint=tmp_path / "d.pth", img_size=112, **TINY)
+    grid = sd["pos_embed"].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(model.pos_embed.detach(), ref.permute(0, 2, 3, 1).reshape(1, 64, 32),
+                               rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 112, 112)).shape == (1, 1 + 4 + 64, 32)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # timm-internal indexing warnings of its table resize
+def test_beitv2_shared_relative_position_table_is_resized(tmp_path):
+    sd = random_state(load_model("beitv2-vit-b16", random_init=True, img_size=64, **TINY))
+    torch.save({"model": sd}, tmp_path / "b.pth")
+    model = load_model("beitv2-vit-b16", checkpoint=tmp_path / "b.pth", img_size=128, **TINY)
+    table = model.rel_pos_bias.relative_position_bias_table.detach()
+    assert table.shape == ((2 * 8 - 1) ** 2 + 3, 4)
+    old = sd["rel_pos_bias.relative_position_bias_table"]
+    assert torch.equal(table[-3:], old[-3:])  # the [cls]-to-token / token-to-[cls] / [cls]-[cls] biases
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 128, 128)).shape == (1, 65, 32)
+
+
+# ------------------------------------------------------------------------------------ preset facts
+
+def test_mocov3_vit_s_has_12_heads_of_width_32():
+    model = load_model("mocov3-vit-s16", random_init=True, depth=1)
+    assert model.blocks[0].attn.num_heads == 12 and model.blocks[0].attn.head_dim == 32
+    assert load_model("dino-vit-s16", random_init=True, depth=1).blocks[0].attn.num_heads == 6
+
+
+def test_presets_without_cls_build_without_cls():
+    for name, prefix in (("ijepa-vit-h14", 0), ("capi-vit-l14", 16)):
+        model = load_model(name, random_init=True, img_size=56, **TINY)
+        assert model.has_class_token is False and model.cls_token is None
+        assert model.num_prefix_tokens == prefix and model.attnflow_info["has_cls"] is False
+        with torch.no_grad():
+            assert model.forward_features(torch.randn(1, 3, 56, 56)).shape == (1, prefix + 16, 32)
+
+
+def test_every_preset_builds_and_matches_its_spec():
+    names = [s.name for s in list_specs()]
+    assert len(names) == len(set(names)) == 22
+    for spec in list_specs():
+        img = 56 if spec.patch_size == 14 else 64
+        model = load_model(spec.name, random_init=True, img_size=img, **TINY)
+        assert model.attnflow_info["has_cls"] == spec.has_cls, spec.name
+        assert tuple(model.patch_embed.patch_size) == (spec.patch_size, spec.patch_size), spec.name
+        assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406), spec.name
+        assert spec.url or spec.hub_tag, spec.name
+
+
+def test_dinov2_is_built_at_the_run_resolution_not_518():
+    model = load_model("dinov2-vit-b14", random_init=True, **TINY)
+    assert tuple(model.patch_embed.grid_size) == (16, 16) and model.pos_embed.shape[1] == 1 + 256
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def test_models_command_table_and_json(offline, capsys):
+    assert cli_main(["models"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["name", "family", "arch", "cls?", "source", "cached?"]
+    ijepa = next(line for line in lines if line.startswith("ijepa-vit-h14"))
+    assert ijepa.split()[1:4] == ["MIM", "vit_huge_patch14_gap_224", "no"] and ijepa.split()[-1] == "no"
+    assert cli_main(["models", "--json", "--family", "JEA"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {s.name for s in list_specs() if s.family == "JEA"}
+    moco = next(r for r in rows if r["name"] == "mocov3-vit-s16")
+    assert moco["arch_kwargs"] == {"num_heads": 12} and moco["cached"] is False
