@@ -67,7 +67,7 @@ def fit_heads(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
               accum_steps: int = 1, seed: int = 0, has_cls: bool = True, num_classes: int | None = None,
               head_init: str = "default", device: str | torch.device | None = None, history: bool = False,
               checkpoint: str | Path | None = None, resume: bool = False, progress: bool = False,
-              return_bank: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, HeadBank]:
+              on_epoch_end: Callable[[int], None] | None = None, return_bank: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, HeadBank]:
     """Train probe heads on frozen tokens and report their validation accuracy.
 
     One pass over each micro-batch feeds every head (and every learning rate of a grid); each (head, lr)
@@ -96,6 +96,7 @@ def fit_heads(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
         history: return every epoch's row instead of only the last epoch's.
         checkpoint: per-epoch checkpoint file; with ``resume`` an interrupted run continues from it.
         progress: show a progress bar.
+        on_epoch_end: called with the number of completed epochs after each epoch's checkpoint.
         return_bank: also return the trained :class:`HeadBank`.
 
     Returns:
@@ -125,7 +126,7 @@ def fit_heads(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
                       val_batches=eval_batches(xv, yv, 512),
                       schedule=Schedule(epochs, warmup_epochs, min_lr), device=device,
                       checkpoint=Path(checkpoint) if checkpoint else None, resume=resume, fingerprint=fingerprint,
-                      progress=progress)
+                      on_epoch_end=on_epoch_end, progress=progress)
     frame = pd.DataFrame(rows).assign(seed=seed).loc[:, list(RESULT_COLUMNS)]
     if not history:
         frame = frame[frame["epoch"] == frame["epoch"].max()].reset_index(drop=True)

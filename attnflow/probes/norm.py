@@ -25,9 +25,13 @@ def _distributed() -> bool:
 def _world_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over processes, differentiable (identity without a multi-process group)."""
     if _distributed():
+        import warnings
+
         from torch.distributed.nn.functional import all_reduce
 
-        return all_reduce(t, op=dist.ReduceOp.SUM)
+        with warnings.catch_warnings():  # deprecated in favour of a private module; still the public autograd op
+            warnings.simplefilter("ignore", FutureWarning)
+            return all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

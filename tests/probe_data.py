@@ -1,0 +1,42 @@
+"""Synthetic token sets for the probe tests: the class signal planted in a few patch tokens or in [cls]."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def planted_tokens(n: int, where: str = "patch", *, patches: int = 16, dim: int = 16, classes: int = 4,
+                   signal_tokens: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[n, 1 + patches, dim]`` ([cls] first) and labels ``[n]``.
+
+    Every token is Gaussian noise plus half a class prototype of a *random* class (distractors). With
+    ``where="patch"`` the label's prototype plus a shared "salient" marker is added to ``signal_tokens``
+    random patches (a selective aggregator can find them by the marker); with ``where="cls"`` the label's
+    prototype is added to the [cls] token only.
+    """
+    g = torch.Generator().manual_seed(seed)
+    fixed = torch.Generator().manual_seed(1234)  # prototypes and marker are shared by train and val
+    protos = torch.randn(classes, dim, generator=fixed)
+    protos = 4 * protos / protos.norm(dim=1, keepdim=True)
+    marker = torch.randn(dim, generator=fixed)
+    marker = 4 * marker / marker.norm()
+    labels = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 1 + patches, dim, generator=g)
+    x[:, 1:] += 0.5 * protos[torch.randint(0, classes, (n, patches), generator=g)]
+    if where == "patch":
+        pos = torch.argsort(torch.rand(n, patches, generator=g), dim=1)[:, :signal_tokens] + 1
+        x[torch.arange(n)[:, None], pos] += protos[labels][:, None] + marker
+    else:
+        x[:, 0] += protos[labels]
+    return x, labels
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run a test on one intra-op thread: tiny ops are ~100x slower when a second thread must be woken on a
+    busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

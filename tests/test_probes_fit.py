@@ -1,0 +1,83 @@
+"""fit_heads on synthetic tokens: selective heads find planted patch signals, resume == uninterrupted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnflow.errors import AttnflowError
+from attnflow.probes.fit import RESULT_COLUMNS, fit_heads
+from probe_data import one_thread, planted_tokens  # noqa: F401  (autouse fixture)
+
+FAST = dict(epochs=10, batch_size=128, lr=8.0, optimizer="lars", warmup_epochs=1, seed=0, device="cpu")
+
+
+def accuracies(where: str) -> dict[str, float]:
+    train, val = planted_tokens(1024, where, seed=0), planted_tokens(384, where, seed=1)
+    frame = fit_heads(train, val, ["cls", "avg", "abmilp", "ap1", "ap4"], **FAST)
+    assert list(frame.columns) == list(RESULT_COLUMNS)
+    return dict(zip(frame["head"], frame["top1"]))
+
+
+def test_planted_patch_signal_selective_heads_win():
+    acc = accuracies("patch")
+    assert acc["cls"] < 40  # 4 classes: chance is 25 %
+    for selective in ("abmilp", "ap1", "ap4"):
+        assert acc[selective] > acc["avg"] + 20, acc
+        assert acc[selective] > acc["cls"] + 30, acc
+
+
+def test_planted_cls_signal_cls_head_wins():
+    acc = accuracies("cls")
+    assert acc["cls"] > 90, acc
+    for other in ("avg", "abmilp", "ap1", "ap4"):  # they read only the patches
+        assert acc["cls"] > acc[other] + 40, acc
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    train, val = planted_tokens(96, seed=0, patches=6, dim=8), planted_tokens(40, seed=1, patches=6, dim=8)
+    kw = dict(epochs=4, batch_size=32, accum_steps=2, lr=[1.0, 3.0], warmup_epochs=1, seed=1, device="cpu",
+              history=True)
+    heads = ["cls", "abmilp", "ap2"]
+    whole, bank_whole = fit_heads(train, val, heads, return_bank=True, **kw)
+
+    def stop_after_two(done: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit_heads(train, val, heads, checkpoint=ckpt, on_epoch_end=stop_after_two, **kw)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    resumed, bank_resumed = fit_heads(train, val, heads, checkpoint=ckpt, resume=True, return_bank=True, **kw)
+    assert resumed.equals(whole)
+    for (name, a), b in zip(bank_whole.state_dict().items(), bank_resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    for ea, eb in zip(bank_whole.entries, bank_resumed.entries):
+        for sa, sb in zip(ea.optimizer.state.values(), eb.optimizer.state.values()):
+            assert torch.equal(sa["mu"], sb["mu"])
+    with pytest.raises(AttnflowError, match="differs in"):
+        fit_heads(train, val, heads, checkpoint=ckpt, resume=True, **{**kw, "seed": 2})
+
+
+def test_history_lr_default_and_no_cls_models():
+    train, val = planted_tokens(64, seed=0, patches=4, dim=8), planted_tokens(20, seed=1, patches=4, dim=8)
+    frame = fit_heads((train[0][:, 1:], train[1]), (val[0][:, 1:], val[1]), "avg,abmilp,ap1", epochs=2,
+                      batch_size=32, base_lr=0.2, has_cls=False, history=True, device="cpu")
+    assert sorted(set(frame["epoch"])) == [1, 2]
+    assert set(frame["lr"]) == {0.2 * 32 / 256}
+    assert frame["top1"].between(0, 100).all() and (frame["top5"] >= frame["top1"]).all()
+
+
+def test_bad_inputs_give_one_line_errors():
+    x, y = planted_tokens(40, patches=4, dim=8)
+    with pytest.raises(AttnflowError, match=r"\[n, tokens, D\]"):
+        fit_heads((x[:, 0], y), (x, y), ["avg"], epochs=1, batch_size=8)
+    with pytest.raises(AttnflowError, match="labels"):
+        fit_heads((x, y[:5]), (x, y), ["avg"], epochs=1, batch_size=8)
+    with pytest.raises(AttnflowError, match="larger than"):
+        fit_heads((x, y), (x, y), ["avg"], epochs=1, batch_size=64)
+    with pytest.raises(AttnflowError, match="did you mean abmilp"):
+        fit_heads((x, y), (x, y), ["abmlip"], epochs=1, batch_size=8)
+    with pytest.raises(AttnflowError, match=r"\[cls\]"):
+        fit_heads((x, y), (x, y), ["cls"], epochs=1, batch_size=8, has_cls=False)
