@@ -177,7 +177,8 @@ def _unavailable(name: str, spec: ModelSpec | None, arch: str) -> WeightsUnavail
     if not where:
         return WeightsUnavailableError(f"{name}: no pretrained weights are known; pass --checkpoint PATH "
                                        f"(checkpoint=...) or use --random-init")
-    why = "offline (HF_HUB_OFFLINE is set)" if files.offline() else "could not be downloaded"
+    why = ("offline mode is on (HF_HUB_OFFLINE / ATTNFLOW_OFFLINE)" if files.offline()
+           else "could not be downloaded (no network?)")
     cache = f" or save it as {files.torch_hub_checkpoint_dir() / filename}" if filename else ""
     return WeightsUnavailableError(
         f"weights of {name} are not cached and {why}: get {' or '.join(where)} and pass --checkpoint PATH "
