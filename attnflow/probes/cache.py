@@ -3,7 +3,8 @@
 A cache directory holds::
 
     tokens.npy      [views, n, P + N, D]  bf16 (stored as uint16 bits) or fp16, memory-mapped
-    labels.npy      [n] int64 (-1 for images that could not be read; they are skipped in training)
+    labels.npy      [n] int64
+    valid.npy       [n] bool (False for images that could not be read; they are skipped)
     manifest.json   model, checkpoint sha256, dataset, transform, dtype, views, seed, block, layernorm, ...
     progress.json   batches completed per view (extraction resumes from here)
 
@@ -47,13 +48,15 @@ class TokenCache:
         root: the cache directory.
         manifest: its manifest.
         tokens: ``[views, n, P + N, D]`` tensor backed by the memory-mapped file (bf16 or fp16).
-        labels: ``[n]`` int64 (-1: unreadable image).
+        labels: ``[n]`` int64.
+        readable: ``[n]`` bool, False for images that could not be read.
     """
 
     root: Path
     manifest: dict[str, Any]
     tokens: torch.Tensor
     labels: torch.Tensor
+    readable: torch.Tensor
 
     @classmethod
     def open(cls, root: str | Path) -> "TokenCache":
@@ -63,11 +66,12 @@ class TokenCache:
         if manifest is None or not manifest.get("complete"):
             raise AttnflowError(f"{root} is not a complete token cache; run the extraction (again) to finish it")
         torch_dtype, _ = DTYPES[manifest["dtype"]]
-        array = np.load(root / "tokens.npy", mmap_mode="r")
-        tokens = torch.from_numpy(array)  # read-only memmap: torch warns but never writes to it
+        array = np.load(root / "tokens.npy", mmap_mode="c")  # copy-on-write: the file is never modified
+        tokens = torch.from_numpy(array)
         tokens = tokens.view(torch_dtype) if manifest["dtype"] == "bf16" else tokens
         labels = torch.from_numpy(np.load(root / "labels.npy"))
-        return cls(root, manifest, tokens, labels)
+        readable = torch.from_numpy(np.load(root / "valid.npy"))
+        return cls(root, manifest, tokens, labels, readable)
 
     @property
     def has_cls(self) -> bool:
@@ -80,7 +84,7 @@ class TokenCache:
     @property
     def valid(self) -> torch.Tensor:
         """Row indices of readable images."""
-        return torch.nonzero(self.labels >= 0).flatten()
+        return torch.nonzero(self.readable).flatten()
 
     def train_batches(self, plan: BatchPlan, seed: int) -> Callable[[int], Iterator[Batch]]:
         """Micro-batches for :func:`attnflow.probes.loop.train_bank`; ``plan`` indexes :attr:`valid` rows.
@@ -164,9 +168,9 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
     torch_dtype, np_dtype = DTYPES[dtype]
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     done = (_read_json(root / "progress.json") or {}).get("done", [0] * views)
-    labels = np.full(n, -1, dtype=np.int64)
-    if (root / "labels.npy").is_file() and any(done):
-        labels = np.load(root / "labels.npy")
+    labels, readable = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
+    if (root / "valid.npy").is_file() and any(done):
+        labels, readable = np.load(root / "labels.npy"), np.load(root / "valid.npy")
     array = np.load(root / "tokens.npy", mmap_mode="r+") if any(done) else None
     total = views * len(batches) - sum(done)
     bar = tqdm(total=total, desc="extract", unit="batch", disable=not progress)
@@ -188,8 +192,11 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
                 bits = tokens.view(torch.uint16) if dtype == "bf16" else tokens
                 array[view, batch.indices.numpy()] = bits.numpy()
                 labels[batch.indices.numpy()] = batch.labels.numpy()
-            array.flush() if array is not None else None
+                readable[batch.indices.numpy()] = True
+            if array is not None:
+                array.flush()
             np.save(root / "labels.npy", labels)
+            np.save(root / "valid.npy", readable)
             done[view] += 1
             _write_json(root / "progress.json", {"done": done})
             bar.update(1)
@@ -197,9 +204,8 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
     if array is None:
         raise AttnflowError(f"no readable image in {info.get('dataset', 'the dataset')}")
     expected = dataset_labels(dataset).numpy()
-    bad = labels < 0
-    if not np.array_equal(labels[~bad], expected[~bad]):
+    if not np.array_equal(labels[readable], expected[readable]):
         raise AttnflowError(f"labels read during extraction disagree with the dataset's labels in {root}")
     _write_json(root / "manifest.json", {**manifest, "complete": True, "shape": list(array.shape),
-                                         "unreadable": int(bad.sum())})
+                                         "unreadable": int((~readable).sum())})
     return TokenCache.open(root)

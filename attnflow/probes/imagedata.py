@@ -50,9 +50,14 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, index: int):
         s = sample_seed(self.seed, self.salt, index)
-        torch.manual_seed(s)
-        random.seed(s)
-        return self.dataset[index]
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+            torch.manual_seed(s)
+            random.seed(s)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""Token extraction (block output, LayerNorm, prefix tokens) and the resumable disk cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnflow.data.images import ImageFolderDataset
+from attnflow.data.transforms import eval_transform
+from attnflow.errors import AttnflowError
+from attnflow.probes.cache import TokenCache, extract_tokens
+from attnflow.probes.encode import TokenEncoder
+from attnflow.probes.imagedata import train_transform
+from attnflow.probes.sampler import BatchPlan
+from conftest import tiny_model
+from probe_data import one_thread  # noqa: F401  (autouse fixture)
+
+INFO = {"model": "tiny", "checkpoint_sha256": None, "dataset": "photos", "split": "train", "transform": "eval",
+        "img_size": 32}
+
+
+def manual_blocks(model: torch.nn.Module, images: torch.Tensor, upto: int) -> torch.Tensor:
+    """Run timm's ViT stages by hand up to block ``upto`` (inclusive), without the final norm."""
+    x = model._pos_embed(model.patch_embed(images))
+    x = model.norm_pre(model.patch_drop(x))
+    for blk in model.blocks[:upto + 1]:
+        x = blk(x)
+    return x
+
+
+@pytest.mark.parametrize("kw,prefix,has_cls", [({}, 1, True), ({"reg_tokens": 2}, 3, True),
+                                               ({"class_token": False, "global_pool": "avg"}, 0, False)])
+def test_encoder_reads_block_output_and_drops_registers(kw, prefix, has_cls):
+    model = tiny_model(img_size=32, **kw)
+    images = torch.randn(2, 3, 32, 32)
+    enc = TokenEncoder(model, amp="none")
+    assert (enc.has_cls, enc.num_prefix, enc.dim) == (has_cls, prefix, 32)
+    raw = manual_blocks(model, images, upto=1)
+    expected = torch.cat([raw[:, :1], raw[:, prefix:]], 1) if has_cls else raw[:, prefix:]
+    got = enc(images)
+    assert got.shape == (2, int(has_cls) + 4, 32)
+    torch.testing.assert_close(got, expected)
+    normed = TokenEncoder(model, amp="none", layernorm=True)(images)
+    torch.testing.assert_close(normed, model.norm(expected))
+    first = TokenEncoder(model, amp="none", block=0)(images)
+    raw0 = manual_blocks(model, images, upto=0)
+    torch.testing.assert_close(first, torch.cat([raw0[:, :1], raw0[:, prefix:]], 1) if has_cls else raw0[:, prefix:])
+
+
+def test_encoder_rejects_bad_block():
+    with pytest.raises(AttnflowError, match="out of range"):
+        TokenEncoder(tiny_model(img_size=32), block=5)
+
+
+@pytest.fixture()
+def dataset(photo_folder):
+    """The photos in two class folders, plus one unreadable file."""
+    for k, path in enumerate(sorted(photo_folder.iterdir())):
+        (photo_folder / f"class{k % 2}").mkdir(exist_ok=True)
+        path.rename(photo_folder / f"class{k % 2}" / path.name)
+    (photo_folder / "class1" / "broken.jpg").write_bytes(b"not a jpeg")
+    model = tiny_model(img_size=32)
+    return model, ImageFolderDataset(photo_folder, eval_transform(model, img_size=32))
+
+
+def test_cache_holds_bf16_tokens_and_skips_bad_images(dataset, tmp_path):
+    model, ds = dataset
+    enc = TokenEncoder(model, amp="none")
+    cache = extract_tokens(enc, ds, tmp_path / "c", info=INFO, batch_size=3, progress=False)
+    assert cache.tokens.shape == (1, len(ds), 5, 32) and cache.tokens.dtype == torch.bfloat16
+    bad = [i for i, p in enumerate(ds.paths) if p.name == "broken.jpg"]
+    assert not cache.readable[bad].any() and len(cache.valid) == len(ds) - 1
+    assert torch.equal(cache.labels[cache.valid], torch.tensor(ds.labels)[cache.valid])
+    assert set(ds.labels) == {0, 1}
+    for i in cache.valid.tolist():
+        expected = enc(ds[i][0][None])[0]
+        torch.testing.assert_close(cache.tokens[0, i].float(), expected.bfloat16().float())
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["unreadable"] == 1 and manifest["dtype"] == "bf16"
+    reopened = extract_tokens(enc, ds, tmp_path / "c", info=INFO, batch_size=3, progress=False)  # reused
+    assert torch.equal(reopened.tokens.view(torch.int16), cache.tokens.view(torch.int16))
+    with pytest.raises(AttnflowError, match="differs in dtype"):
+        extract_tokens(enc, ds, tmp_path / "c", info=INFO, dtype="fp16", progress=False)
+
+
+def test_interrupted_extraction_resumes_to_identical_cache(dataset, tmp_path, monkeypatch):
+    model, ds = dataset
+    ds.transform = train_transform(model, 32)  # random crops: each view must be re-drawn identically
+    enc = TokenEncoder(model, amp="none")
+    whole = extract_tokens(enc, ds, tmp_path / "whole", info=INFO, views=2, batch_size=2, progress=False)
+    assert not torch.equal(whole.tokens[0], whole.tokens[1])  # two different augmented views
+
+    calls = {"n": 0}
+    real_call = TokenEncoder.__call__
+
+    def flaky(self, images):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_call(self, images)
+
+    monkeypatch.setattr(TokenEncoder, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        extract_tokens(enc, ds, tmp_path / "part", info=INFO, views=2, batch_size=2, progress=False)
+    with pytest.raises(AttnflowError, match="not a complete"):
+        TokenCache.open(tmp_path / "part")
+    done_before = json.loads((tmp_path / "part" / "progress.json").read_text())["done"]
+    assert done_before == [3, 0]
+    resumed = extract_tokens(enc, ds, tmp_path / "part", info=INFO, views=2, batch_size=2, progress=False)
+    assert calls["n"] == 4 + (2 * len(range(0, len(ds), 2)) - 3)  # only the missing batches were encoded
+    assert torch.equal(resumed.tokens.view(torch.int16), whole.tokens.view(torch.int16))
+    assert torch.equal(resumed.labels, whole.labels)
+
+
+def test_cache_batches_follow_the_plan(dataset, tmp_path):
+    model, ds = dataset
+    cache = extract_tokens(TokenEncoder(model, amp="none"), ds, tmp_path / "c", info=INFO, views=1,
+                           batch_size=4, progress=False)
+    plan = BatchPlan(len(cache.valid), batch_size=4, accum_steps=2, seed=0)
+    batches = list(cache.train_batches(plan, seed=0)(0))
+    assert len(batches) == plan.steps_per_epoch * 2
+    rows = cache.valid
+    for (tokens, labels), idx in zip(batches, [i for step in plan.epoch(0) for i in step]):
+        assert torch.equal(tokens, cache.tokens[0, rows[idx]].float())
+        assert torch.equal(labels, cache.labels[rows[idx]])
+    evaluated = torch.cat([y for _, y in cache.eval_batches(3)()])
+    assert torch.equal(evaluated, cache.labels[rows])

@@ -1,0 +1,192 @@
+"""`attnflow probe` end to end on a tiny random-init model and a fake CUB tree; `attnflow table` on stored runs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from attnflow.cli import main
+from attnflow.errors import AttnflowError
+from attnflow.probes import train as train_module
+from attnflow.probes.encode import TokenEncoder
+from attnflow.probes.outputs import load_head
+from attnflow.probes.protocols import resolve_config
+from probe_data import one_thread  # noqa: F401  (autouse fixture)
+
+CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+TINY = ["--model", "vit_small_patch16_224", "--random-init", "--img-size", "32", "--model-kw", "depth=2",
+        "--model-kw", "embed_dim=32", "--model-kw", "num_heads=4", "--model-kw", "mlp_ratio=2.0"]
+
+
+@pytest.fixture()
+def cub(tmp_path: Path, photos: dict[str, np.ndarray]) -> Path:
+    """A CUB-200-2011 release tree with 12 images: 8 train, 4 test, 3 classes."""
+    root = tmp_path / "CUB_200_2011"
+    keys = sorted(photos)
+    rows = []
+    for i in range(1, 13):
+        cls = (i - 1) % 3 + 1
+        rel = f"{CLASSES[cls - 1]}/img_{i:04d}.jpg"
+        path = root / "images" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(photos[keys[i % len(keys)]]).resize((40, 36)).save(buf, format="JPEG")
+        path.write_bytes(buf.getvalue())
+        rows.append((i, rel, int(i <= 8), cls))
+    (root / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
+    (root / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, t, _ in rows))
+    (root / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, _, c in rows))
+    (root / "classes.txt").write_text("".join(f"{k} {name}\n" for k, name in enumerate(CLASSES, start=1)))
+    return root
+
+
+def probe(cub: Path, out: Path, *extra: str) -> int:
+    torch.manual_seed(0)  # the random-init encoder must be the same model in every call
+    return main(["probe", *TINY, "--task", "cub", "--data", str(cub), "--out", str(out), "--heads",
+                 "cls,avg,abmilp,ap1", "--seeds", "2", "--epochs", "2", "--batch-size", "4", "--micro-batch", "2",
+                 "--lr", "0.5", "--warmup-epochs", "1", "--workers", "0", "--no-progress", *extra])
+
+
+def test_probe_cub_end_to_end_and_saved_abmilp_scores(cub, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert probe(cub, out) == 0
+    table = pd.read_parquet(out / "results.parquet")
+    assert list(table.columns) == ["model", "task", "head", "lr", "seed", "epoch", "top1", "top5", "train_loss"]
+    assert len(table) == 4 * 2 * 2  # heads x seeds x epochs
+    assert set(table["task"]) == {"cub"} and set(table["seed"]) == {0, 1}
+    meta = json.loads((out / "results.json").read_text())
+    assert meta["config"]["optimizer"] == "sgd" and meta["config"]["momentum"] == 0.0  # the cub preset
+    assert meta["data"]["n_train"] == 8 and meta["data"]["n_val"] == 4 and meta["accum_steps"] == 2
+    assert "top-1" in capsys.readouterr().out
+    head = load_head(out / "seed0" / "heads" / "abmilp.pt")
+    assert head.meta["task"] == "cub" and head.spec.name == "abmilp"
+    tokens = torch.randn(3, 1 + 4, 32)
+    scores = head.scores(tokens)
+    assert scores.shape == (3, 5) and torch.allclose(scores.sum(1), torch.ones(3))
+    assert scores[:, 0].eq(0).all()  # patches only
+    # finishing again with --resume changes nothing; without --resume the run directory is protected
+    assert probe(cub, out, "--resume") == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), table)
+    assert probe(cub, out) == 2
+    assert "already holds a probe run" in capsys.readouterr().err
+
+
+def test_image_path_resume_equals_uninterrupted_and_one_encoder_pass(cub, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_call = TokenEncoder.__call__
+
+    def counting(self, images):
+        calls["n"] += 1
+        return real_call(self, images)
+
+    monkeypatch.setattr(TokenEncoder, "__call__", counting)
+    assert probe(cub, tmp_path / "whole", "--seeds", "1", "--epochs", "3", "--heads", "cls") == 0
+    one_head = calls["n"]
+    calls["n"] = 0
+    assert probe(cub, tmp_path / "whole4", "--seeds", "1", "--epochs", "3") == 0
+    assert calls["n"] == one_head == 3 * (2 * 2 + 2)  # epochs x (steps x micro-batches + val batches)
+
+    real_train = train_module.train_bank
+
+    def interrupted(*args, **kwargs):
+        def stop(done):
+            if done == 2:
+                raise KeyboardInterrupt
+        return real_train(*args, **kwargs, on_epoch_end=stop)
+
+    monkeypatch.setattr(train_module, "train_bank", interrupted)
+    assert probe(cub, tmp_path / "part", "--seeds", "1", "--epochs", "3") == 130
+    monkeypatch.setattr(train_module, "train_bank", real_train)
+    assert probe(cub, tmp_path / "part", "--seeds", "1", "--epochs", "3", "--resume") == 0
+    whole = pd.read_parquet(tmp_path / "whole4" / "results.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "part" / "results.parquet"), whole)
+    for name in ("cls", "avg", "abmilp", "ap1"):
+        a = load_head(tmp_path / "whole4" / "seed0" / "heads" / f"{name}.pt").state_dict()
+        b = load_head(tmp_path / "part" / "seed0" / "heads" / f"{name}.pt").state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_probe_from_feature_cache(cub, tmp_path):
+    out = tmp_path / "cached"
+    assert probe(cub, out, "--cache", "--views", "2", "--seeds", "1") == 0
+    manifest = json.loads((out / "cache" / "train" / "manifest.json").read_text())
+    assert manifest["views"] == 2 and manifest["complete"] and manifest["shape"] == [2, 8, 5, 32]
+    assert "RandomResizedCrop" in manifest["transform"]
+    assert json.loads((out / "cache" / "val" / "manifest.json").read_text())["views"] == 1
+    assert len(pd.read_parquet(out / "results.parquet")) == 4 * 2
+
+
+def test_bad_cli_input_is_one_line(cub, tmp_path, capsys):
+    assert main(["probe", *TINY, "--task", "cub", "--data", str(cub), "--out", str(tmp_path / "x"),
+                 "--heads", "abmlip"]) == 2
+    assert "did you mean abmilp" in capsys.readouterr().err
+    assert main(["probe", *TINY, "--task", "imagenett", "--data", str(cub), "--out", str(tmp_path / "x")]) == 2
+    assert "did you mean imagenet" in capsys.readouterr().err
+    assert main(["probe", *TINY, "--task", "cub", "--data", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "x")]) == 2
+
+
+def test_protocol_presets_toml_and_flags(tmp_path):
+    imagenet = resolve_config("imagenet")
+    assert (imagenet.optimizer, imagenet.batch_size, imagenet.momentum, imagenet.warmup_epochs) == ("lars", 16384,
+                                                                                                    0.9, 10.0)
+    assert imagenet.peak_lrs() == [0.1 * 16384 / 256] and imagenet.seeds == [0, 1, 2]
+    assert imagenet.resolved_epochs("B") == 90 and imagenet.resolved_epochs("L") == 50
+    assert imagenet.accum_steps(world_size=8) == 2 and not imagenet.layernorm
+    cub = resolve_config("cub")
+    assert (cub.optimizer, cub.batch_size, cub.momentum, cub.resolved_epochs("L")) == ("sgd", 1024, 0.0, 90)
+    config = tmp_path / "probe.toml"
+    config.write_text('[probe]\nheads = ["abmilp", "ap12"]\nepochs = 7\nlr = 0.3\nbatch-size = 512\n')
+    merged = resolve_config("imagenet", config, epochs=3)
+    assert (merged.heads, merged.epochs, merged.lr, merged.batch_size) == ("abmilp,ap12", 3, [0.3], 512)
+    config.write_text("epoch = 3\n")
+    with pytest.raises(AttnflowError, match="did you mean epochs"):
+        resolve_config("imagenet", config)
+    with pytest.raises(AttnflowError, match="unknown optimizer"):
+        resolve_config("cub", optimizer="adam")
+
+
+def write_run(root: Path, model: str, task: str, values: dict[str, list[float]]) -> None:
+    """A stored run: per head, the final top-1 of seeds 0, 1, 2 (plus an earlier, better epoch)."""
+    rows = []
+    for head, per_seed in values.items():
+        for seed, top1 in enumerate(per_seed):
+            rows.append(dict(model=model, task=task, head=head, lr=0.4, seed=seed, epoch=1, top1=top1 + 5,
+                             top5=99.0, train_loss=1.0))
+            rows.append(dict(model=model, task=task, head=head, lr=0.4, seed=seed, epoch=2, top1=top1, top5=99.0,
+                             train_loss=0.5))
+    root.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(root / "results.parquet")
+
+
+def test_table_renders_mean_and_std_over_seeds(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "probe-mae", "mae-vit-b16", "imagenet",
+              {"cls": [67.0, 68.0, 69.0], "avg": [65.0, 66.0, 66.5], "abmilp": [71.0, 71.5, 72.3]})
+    write_run(tmp_path / "runs" / "probe-capi", "capi-vit-l14", "imagenet", {"avg": [76.0, 76.4, 76.2],
+                                                                              "abmilp": [82.0, 82.2, 83.0]})
+    out = tmp_path / "figures" / "table1.md"
+    assert main(["table", str(tmp_path / "runs" / "probe-mae"), str(tmp_path / "runs" / "probe-capi"),
+                 "--out", str(out)]) == 0
+    text = out.read_text().splitlines()
+    assert text[0].startswith("| Model | cls | avg | abmilp |")
+    mae_row = next(line for line in text if "MAE" in line or "mae" in line)
+    # cls: mean 68.0, sample std 1.0; abmilp: mean 71.6, std of (71.0, 71.5, 72.3) = 0.656 -> 0.7 (best: bold)
+    assert "68.0 ± 1.0" in mae_row and "**71.6 ± 0.7**" in mae_row
+    capi_row = next(line for line in text if "CAPI" in line or "capi" in line)
+    assert "| – |" in capi_row and "**82.4 ± 0.5**" in capi_row  # no [cls] for CAPI
+    assert main(["table", str(tmp_path / "runs"), "--value", "best", "--out", str(tmp_path / "t.csv")]) == 0
+    summary = pd.read_csv(tmp_path / "t.csv")
+    row = summary[(summary["model"] == "mae-vit-b16") & (summary["head"] == "cls")].iloc[0]
+    assert row["mean"] == pytest.approx(73.0) and row["n_seeds"] == 3  # best epoch = final + 5
+    assert main(["table", str(tmp_path / "runs"), "--heads", "abmilp,avg", "--out", str(tmp_path / "t.tex")]) == 0
+    tex = (tmp_path / "t.tex").read_text()
+    assert r"Model & abmilp & avg \\" in tex and r"\textbf{71.6 $\pm$ 0.7}" in tex
+    assert main(["table", str(tmp_path / "runs"), "--out", str(tmp_path / "t.xlsx")]) == 2
+    assert "use .md, .tex or .csv" in capsys.readouterr().err
