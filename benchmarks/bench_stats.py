@@ -1,0 +1,142 @@
+"""Benchmark: attention_stats vs a plain inference forward (timm's default fused attention), one run.
+
+Reports, for each configuration, the wall time per batch of
+  * ``plain``   - ``model(x)`` under inference_mode (+ autocast on GPU), fused SDPA attention;
+  * ``unfused`` - the same with fused attention switched off (the cost of materialising the maps);
+  * ``stats``   - :func:`attnflow.attention_stats` over the same batches (hooks + metrics + reduction);
+and the ratios stats/plain and unfused/plain, images/s, and the peak memory for N and 2N batches (which
+must be equal: memory does not grow with the number of images).
+
+Usage::
+
+    python benchmarks/bench_stats.py                       # CPU: ViT-S/16 at 224 and 448, batch 16
+    python benchmarks/bench_stats.py --gpu                 # + ViT-B/16 bf16 batch 256 on CUDA
+    python benchmarks/bench_stats.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import time
+from contextlib import nullcontext
+
+import timm
+import torch
+
+from attnflow.collect import attention_stats
+from attnflow.tap import AttentionTap
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _time_plain(model, batches, device, dtype, unfused: bool) -> float:
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    saved = [b.attn.fused_attn for b in model.blocks]
+    if unfused:
+        for b in model.blocks:
+            b.attn.fused_attn = False
+    try:
+        with torch.inference_mode(), ctx:
+            model(batches[0])
+            _sync(device)
+            t = time.perf_counter()
+            for x in batches:
+                model(x)
+            _sync(device)
+            return (time.perf_counter() - t) / len(batches)
+    finally:
+        for b, f in zip(model.blocks, saved):
+            b.attn.fused_attn = f
+
+
+def _time_stats(model, batches, device, amp, compile_stats) -> float:
+    attention_stats(model, batches[:2], device=device, amp=amp, progress=False, compile=compile_stats)  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    attention_stats(model, batches, device=device, amp=amp, progress=False, compile=compile_stats)
+    _sync(device)
+    return (time.perf_counter() - t) / len(batches)
+
+
+def bench(arch: str, img_size: int, batch: int, n_batches: int, device: torch.device, amp: str,
+          compile_stats: bool, repeats: int) -> dict:
+    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size).to(device).eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batches = [torch.randn(batch, 3, img_size, img_size, generator=gen).to(device) for _ in range(n_batches)]
+    rows = {"plain": [], "unfused": [], "stats": []}
+    for _ in range(repeats):  # interleave so drift affects all three alike; report the best of each
+        rows["plain"].append(_time_plain(model, batches, device, dtype, unfused=False))
+        rows["unfused"].append(_time_plain(model, batches, device, dtype, unfused=True))
+        rows["stats"].append(_time_stats(model, batches, device, amp, compile_stats))
+    best = {k: min(v) for k, v in rows.items()}
+    # memory: N batches vs 2N batches (same per-batch tensors, so only state could grow)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    attention_stats(model, batches, device=device, amp=amp, progress=False, compile=compile_stats)
+    peak_n = _peak_bytes(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    attention_stats(model, batches * 2, device=device, amp=amp, progress=False, compile=compile_stats)
+    peak_2n = _peak_bytes(device)
+    return {
+        "arch": arch, "img_size": img_size, "batch": batch, "n_batches": n_batches, "device": str(device),
+        "amp": amp, "compile": compile_stats,
+        "plain_s_per_batch": best["plain"], "unfused_s_per_batch": best["unfused"],
+        "stats_s_per_batch": best["stats"],
+        "stats_over_plain": best["stats"] / best["plain"], "unfused_over_plain": best["unfused"] / best["plain"],
+        "stats_images_per_s": batch / best["stats"], "plain_images_per_s": batch / best["plain"],
+        "peak_mem_n_batches_mb": peak_n / 2**20, "peak_mem_2n_batches_mb": peak_2n / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="also run ViT-B/16 bf16 batch 256 on CUDA")
+    parser.add_argument("--gpu-only", action="store_true")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    compile_stats = not args.no_compile
+    configs = []
+    if not args.gpu_only:
+        cpu = torch.device("cpu")
+        configs += [("vit_small_patch16_224", 224, 16, cpu, "fp32"), ("vit_small_patch16_224", 448, 16, cpu, "fp32")]
+    if args.gpu or args.gpu_only:
+        cuda = torch.device("cuda")
+        configs += [("vit_base_patch16_224", 224, 256, cuda, "bf16")]
+    rows = []
+    for arch, size, batch, device, amp in configs:
+        row = bench(arch, size, batch, args.batches, device, amp, compile_stats, args.repeats)
+        rows.append(row)
+        print(f"{arch} {size}px batch {batch} {device} {amp} compile={compile_stats}: "
+              f"plain {row['plain_s_per_batch'] * 1e3:.1f} ms, unfused {row['unfused_s_per_batch'] * 1e3:.1f} ms, "
+              f"stats {row['stats_s_per_batch'] * 1e3:.1f} ms per batch -> stats/plain "
+              f"{row['stats_over_plain']:.3f}x (unfused/plain {row['unfused_over_plain']:.3f}x), "
+              f"{row['stats_images_per_s']:.1f} img/s; peak memory {row['peak_mem_n_batches_mb']:.0f} MB "
+              f"for {args.batches} batches, {row['peak_mem_2n_batches_mb']:.0f} MB for {2 * args.batches}",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"host": platform.node(), "torch": torch.__version__, "timm": timm.__version__,
+                       "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
