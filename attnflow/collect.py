@@ -254,7 +254,7 @@ def attention_stats(
             for batch in batches:
                 pending.clear()
                 if batch.images.numel():
-                    _forward(model, batch.images.to(device, non_blocking=True))
+                    _forward(model, batch.images.to(device, non_blocking=True), tap.patch_size)
                 # the batch is complete: only now does the state move on, so it is always consistent
                 for block, values in pending:
                     reducer.update(block, values)
@@ -307,7 +307,11 @@ def attention_stats(
     return Result(reducer.to_frame(name), run_meta)
 
 
-def _forward(model: nn.Module, images: torch.Tensor) -> None:
+def _forward(model: nn.Module, images: torch.Tensor, patch_size: tuple[int, int]) -> None:
+    h, w = images.shape[-2:]
+    if h % patch_size[0] or w % patch_size[1]:
+        raise InputShapeError(f"images of {h}x{w} px do not split into {patch_size[0]}x{patch_size[1]} patches; "
+                              f"use an --img-size that is a multiple of {patch_size[0]}")
     try:
         model(images)
     except AssertionError as err:  # timm's PatchEmbed asserts the input size

@@ -13,6 +13,9 @@ from ..errors import AttnflowError
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds a model."""
     parser.add_argument("--checkpoint", metavar="PATH", help="local weights file in the model's official format")
+    parser.add_argument("--checkpoint-key", metavar="KEY",
+                        help="top-level key of the weights when not the format's default "
+                             "(e.g. target_encoder for I-JEPA, student for DINO/iBOT full checkpoints)")
     parser.add_argument("--random-init", action="store_true",
                         help="build the architecture without weights (smoke tests; numbers are meaningless)")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
@@ -101,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         raise AttnflowError(f"an interrupted run left {state_glob[0]}; pass --resume to continue it, "
                             "or delete the file to start over")
     model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
-                       img_size=args.img_size, **parse_model_kwargs(args.model_kw))
+                       img_size=args.img_size, checkpoint_key=args.checkpoint_key,
+                       **parse_model_kwargs(args.model_kw))
     if args.random_init and rank == 0:
         print("attnflow: --random-init: weights are random, the statistics are meaningless", flush=True)
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..errors import AttnflowError
@@ -194,7 +195,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
     Args:
         name: a preset (``attnflow models``), e.g. ``"mocov3-vit-b16"``, or a timm name (``arch[.tag]``).
         checkpoint: a local file in the preset's official format (or a timm state dict).
-        random_init: build without weights (smoke tests); ``checkpoint`` must then be ``None``.
+        random_init: build without weights (smoke tests; seeded, so every process gets the same random
+            weights); ``checkpoint`` must then be ``None``.
         img_size: input resolution; position embeddings of the weights are resampled to it.
         checkpoint_key: top-level key holding the weights when it is not the format's default, e.g.
             ``"target_encoder"`` for I-JEPA or ``"student"`` for a DINO/iBOT full checkpoint.
@@ -221,6 +223,11 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
             raise _unavailable(name, spec, arch)
     if weights is not None and weights.converter == "timm-arch":
         model = _build_timm_pretrained(arch, img_size, dict(timm_kwargs), weights.path)
+    elif weights is None:
+        # random weights, but the same ones in every process (torchrun ranks, repeated runs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _build(spec, arch, img_size, dict(timm_kwargs))
     else:
         model = _build(spec, arch, img_size, dict(timm_kwargs))
         if weights is not None:
