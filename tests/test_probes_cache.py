@@ -127,3 +127,24 @@ def test_cache_batches_follow_the_plan(dataset, tmp_path):
         assert torch.equal(labels, cache.labels[rows[idx]])
     evaluated = torch.cat([y for _, y in cache.eval_batches(3)()])
     assert torch.equal(evaluated, cache.labels[rows])
+
+
+def test_aggregation_maps_of_a_saved_head(tmp_path):
+    from attnflow.probes.heads import build_head
+    from attnflow.probes.maps import aggregation_maps
+    from attnflow.probes.outputs import load_head, save_head
+    from attnflow.probes.specs import parse_head_spec
+
+    model = tiny_model(img_size=32)
+    head = build_head(parse_head_spec("abmilp+cls"), 32, 3, True, seed=0)
+    save_head(tmp_path / "h.pt", head, meta={"block": -1, "layernorm": False})
+    loaded = load_head(tmp_path / "h.pt")
+    images = torch.randn(2, 3, 32, 32)
+    maps = aggregation_maps(model, loaded, images)
+    assert maps.shape == (2, 2, 2)
+    tokens = manual_blocks(model, images, upto=1)
+    logits = tokens @ head.pool.scorer.weight[0].detach() + head.pool.scorer.bias.detach()  # [2, 1 + 4]
+    weights = torch.softmax(logits, dim=1)
+    torch.testing.assert_close(maps, weights[:, 1:].reshape(2, 2, 2))  # row-major patch grid, [cls] left out
+    with pytest.raises(AttnflowError, match="width"):
+        aggregation_maps(tiny_model(img_size=32, embed_dim=64), loaded, images)

@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "extract_tokens": "attnflow.probes.cache",
     "TokenCache": "attnflow.probes.cache",
     "probe_images": "attnflow.probes.train",
+    "aggregation_maps": "attnflow.probes.maps",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -108,8 +108,8 @@ def fit_heads(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
     check_tokens(xv, yv, "val")
     if xt.shape[2] != xv.shape[2]:
         raise AttnflowError(f"train and val token widths differ: {xt.shape[2]} vs {xv.shape[2]}")
-    specs = parse_head_list(heads) if isinstance(heads, str) else [
-        h if isinstance(h, HeadSpec) else parse_head_list([h])[0] for h in heads]
+    specs = parse_head_list(heads if isinstance(heads, str) else [h.name if isinstance(h, HeadSpec) else h
+                                                                     for h in heads])
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     yt, yv = yt.long(), yv.long()

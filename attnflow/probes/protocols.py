@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,9 +136,21 @@ def _unknown(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> Attnfl
     return AttnflowError(f"unknown {kind} {name!r}{hint}")
 
 
+def _toml_module():
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise AttnflowError("reading --config needs Python >= 3.11 or `pip install tomli`") from None
+    return tomllib
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Probe settings from a TOML file (top-level keys, or the ``[probe]`` table); dashes become underscores."""
     path = Path(path)
+    tomllib = _toml_module()
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
