@@ -139,7 +139,7 @@ def test_protocol_presets_toml_and_flags(tmp_path):
                                                                                                     0.9, 10.0)
     assert imagenet.peak_lrs() == [0.1 * 16384 / 256] and imagenet.seeds == [0, 1, 2]
     assert imagenet.resolved_epochs("B") == 90 and imagenet.resolved_epochs("L") == 50
-    assert imagenet.accum_steps(world_size=8) == 2 and not imagenet.layernorm
+    assert imagenet.resolved_accum_steps(world_size=8) == 2 and not imagenet.layernorm
     cub = resolve_config("cub")
     assert (cub.optimizer, cub.batch_size, cub.momentum, cub.resolved_epochs("L")) == ("sgd", 1024, 0.0, 90)
     config = tmp_path / "probe.toml"

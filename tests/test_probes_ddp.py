@@ -59,3 +59,55 @@ def test_two_processes_equal_one(tmp_path):
     assert (frame["top1"] - single["top1"]).abs().max() < 1e-9  # same predictions on the val set
     torch.testing.assert_close(torch.tensor(frame["train_loss"].values), torch.tensor(single["train_loss"].values),
                                rtol=1e-5, atol=1e-6)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_probe_cli_equals_one_process(tmp_path, photos):
+    """`torchrun --nproc_per_node=2 -m attnflow probe` (gloo, CPU) == the same command in one process."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from PIL import Image
+
+    from attnflow.cli import main
+    from attnflow.probes.outputs import load_head
+    from conftest import TINY, tiny_model
+
+    root = tmp_path / "data"
+    for split, per_class in (("train", 6), ("val", 3)):
+        for c, name in enumerate(sorted(photos)[:2]):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                img = photos[name][i * 20:, i * 10:]
+                Image.fromarray(img).resize((40, 40)).save(root / split / f"c{c}" / f"{i}.jpg")
+    weights = tmp_path / "tiny.pth"
+    torch.save(tiny_model(img_size=32).state_dict(), weights)
+    args = ["probe", "--model", "vit_small_patch16_224", "--checkpoint", str(weights), "--img-size", "32",
+            *[f"--model-kw={k}={v}" for k, v in TINY.items()], "--task", "folder", "--data", str(root),
+            "--heads", "cls,abmilp,ap2", "--seeds", "1", "--epochs", "2", "--batch-size", "8", "--accum-steps", "2",
+            "--lr", "1.0", "--warmup-epochs", "1", "--workers", "0", "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "attnflow", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two, one = (pd.read_parquet(tmp_path / d / "results.parquet") for d in ("two", "one"))
+    assert two[["head", "epoch", "top1", "top5"]].equals(one[["head", "epoch", "top1", "top5"]])
+    torch.testing.assert_close(torch.tensor(two["train_loss"].values), torch.tensor(one["train_loss"].values),
+                               rtol=1e-5, atol=1e-6)
+    import json
+
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["world_size"] == 2
+    a, b = (load_head(tmp_path / d / "seed0" / "heads" / "abmilp.pt").state_dict() for d in ("two", "one"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

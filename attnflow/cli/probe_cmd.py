@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     group.add_argument("--epochs", type=int, help="epochs (preset: 90; 50 for ViT-L/H on ImageNet)")
     group.add_argument("--batch-size", type=int, help="global batch per optimizer step (imagenet 16384, else 1024)")
     group.add_argument("--micro-batch", type=int, help="per-process micro-batch; the rest is gradient accumulation")
+    group.add_argument("--accum-steps", type=int, help="micro-batches per step, fixed (overrides --micro-batch); "
+                                                       "the same for any number of processes")
     group.add_argument("--lr", type=_floats, help="absolute peak lr, or several (a grid trained in one pass)")
     group.add_argument("--blr", dest="base_lr", type=float, help="base lr: lr = blr x batch / 256 (default 0.1)")
     group.add_argument("--optimizer", help="lars or sgd")
@@ -76,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "lr", "base_lr", "optimizer", "momentum",
+OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "accum_steps", "lr", "base_lr", "optimizer", "momentum",
              "weight_decay", "warmup_epochs", "min_lr", "layernorm", "block", "train_aug", "crop_pct", "head_init",
              "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp", "num_workers")
 

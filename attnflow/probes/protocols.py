@@ -47,6 +47,8 @@ class ProbeConfig:
         lr: absolute peak lr(s); several values train every head once per lr (one encoder pass).
         batch_size: global batch per optimizer step.
         micro_batch: per-process micro-batch; accumulation steps = ceil(batch / (micro_batch x processes)).
+        accum_steps: micro-batches per optimizer step, fixed (overrides ``micro_batch``); with a fixed value
+            the global micro-batches, hence the BatchNorm statistics, are the same for any number of processes.
         epochs: training epochs; ``None``: 90, or 50 for ViT-L/H on ImageNet.
         warmup_epochs: linear warm-up epochs.
         min_lr: floor of the cosine.
@@ -77,6 +79,7 @@ class ProbeConfig:
     lr: list[float] | None = None
     batch_size: int = 16384
     micro_batch: int = 1024
+    accum_steps: int | None = None
     epochs: int | None = None
     warmup_epochs: float = 10.0
     min_lr: float = 0.0
@@ -103,8 +106,10 @@ class ProbeConfig:
         """Absolute peak learning rates."""
         return list(self.lr) if self.lr else [self.base_lr * self.batch_size / 256]
 
-    def accum_steps(self, world_size: int = 1) -> int:
+    def resolved_accum_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step for ``world_size`` processes."""
+        if self.accum_steps is not None:
+            return self.accum_steps
         return max(1, math.ceil(self.batch_size / (self.micro_batch * world_size)))
 
     def resolved_epochs(self, model_size: str | None) -> int:
@@ -197,6 +202,6 @@ def resolve_config(task: str, config_file: str | Path | None = None, **overrides
     if values.get("task", task) != task:
         raise AttnflowError(f"config says task {values['task']!r} but the run's task is {task!r}")
     config = ProbeConfig(**values)
-    if config.views < 1 or config.batch_size < 1 or config.micro_batch < 1:
-        raise AttnflowError("views, batch-size and micro-batch must be positive")
+    if config.views < 1 or config.batch_size < 1 or config.micro_batch < 1 or (config.accum_steps or 1) < 1:
+        raise AttnflowError("views, batch-size, micro-batch and accum-steps must be positive")
     return config

@@ -53,9 +53,10 @@ class BatchPlan:
         if self.n < self.batch_size:
             raise AttnflowError(f"batch size {self.batch_size} is larger than the {self.n} training samples; "
                                 "lower --batch-size")
-        if self.batch_size < 2 * self.accum_steps * self.world_size:
+        if self.batch_size < max(2 * self.accum_steps, self.accum_steps * self.world_size):
             raise AttnflowError(f"batch size {self.batch_size} is too small for {self.accum_steps} accumulation "
-                                f"steps on {self.world_size} processes (each micro-batch shard needs 2 samples)")
+                                f"steps on {self.world_size} processes (a micro-batch needs 2 samples and one "
+                                "per process)")
 
     @property
     def steps_per_epoch(self) -> int:

@@ -94,9 +94,10 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     world, device = init_from_env(device)
     model_info = dict(model_info or getattr(model, "attnflow_info", {}) or {})
     encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
+    broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for --random-init)
     specs = parse_head_list(config.heads)
     epochs = config.resolved_epochs(model_size)
-    accum = config.accum_steps(world.size)
+    accum = config.resolved_accum_steps(world.size)
     lrs = config.peak_lrs()
     eval_size = min(config.micro_batch, 512)
     train_cache = val_cache = None
