@@ -9,6 +9,7 @@ Grammar (one spec per head; the CLI takes a comma-separated list)::
                                 ``-mlp-tanh`` / ``-mlp-relu`` a 2-layer MLP D -> D -> 1 (paper Table 4)
     sa-abmilp[+cls][-mlp-ACT]   Self-Attention AbMILP (Table 4, ref. [25]): a trainable 1-head
                                 self-attention over the tokens before the AbMILP scoring and weighting
+                                (the paper trained it with SGD only: unstable under LARS)
     apK[+cls]                   attentive probing (Table 6, ref. [21]): a learned query cross-attends to
                                 the patch tokens with K heads (``ap1``, ``ap12``)
 """
