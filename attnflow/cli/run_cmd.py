@@ -1,0 +1,53 @@
+"""``attnflow run CONFIG``: compute the statistics an analysis lacks (cached in its run directory), render it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "run", help="run an analysis config (analyses/*.toml): compute what is missing, render the figures",
+        description="Read an analysis config (see analyses/README.md), reuse every result its run directory "
+                    "already holds for the same model, weights (sha256), data and resolution, compute the rest "
+                    "(an interrupted computation resumes where it stopped) and render the config's figures.")
+    parser.add_argument("config", help="analysis config, e.g. analyses/fig3_6_vit_b.toml")
+    parser.add_argument("--data", metavar="DIR", help="image folder, overriding the config's [data] root")
+    parser.add_argument("--run-dir", metavar="DIR", help="where results are cached (default: the config's run_dir)")
+    parser.add_argument("--limit", type=int, help="use N evenly spaced images (a different cache entry)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="every model without weights (smoke test; cached apart from real runs)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, help="override the config's batch size")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: the config's, else min(8, CPUs))")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be reused and computed; do nothing")
+    parser.add_argument("--no-figures", action="store_true", help="compute the statistics only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ..runner import execute, load_config, plan_run
+
+    cfg = load_config(args.config).with_overrides(
+        data=args.data, run_dir=args.run_dir, limit=args.limit, random_init=args.random_init,
+        batch_size=args.batch_size, workers=args.workers)
+    plan = plan_run(cfg)
+    for line in plan.describe(dry_run=args.dry_run):
+        print(line, flush=True)
+    if args.dry_run:
+        return 0
+    if any(m.random_init for m in cfg.models):
+        names = ", ".join(m.id for m in cfg.models if m.random_init)
+        print(f"attnflow run: RANDOM-INIT WEIGHTS ({names}): their numbers are meaningless", flush=True)
+    outcome = execute(plan, device=args.device, progress=not args.no_progress, figures=not args.no_figures,
+                      echo=lambda line: print(line, flush=True))
+    for path in outcome.figures:
+        print(f"wrote {path}")
+    print(f"done: {len(outcome.computed)} computed, {len(outcome.reused)} reused, {len(outcome.figures)} figure "
+          f"files in {cfg.figures_dir}")
+    return 0
