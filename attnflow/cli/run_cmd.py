@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     if any(m.random_init for m in cfg.models):
+        import logging
+
+        logging.getLogger("attnflow.plot.blocks").setLevel(logging.ERROR)  # said once here, and on each figure
         names = ", ".join(m.id for m in cfg.models if m.random_init)
         print(f"attnflow run: RANDOM-INIT WEIGHTS ({names}): their numbers are meaningless", flush=True)
     outcome = execute(plan, device=args.device, progress=not args.no_progress, figures=not args.no_figures,

@@ -217,7 +217,7 @@ def _get(table: Mapping[str, Any], key: str, types: type | tuple[type, ...], whe
     types = types if isinstance(types, tuple) else (types,)
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         names = "/".join(t.__name__ for t in types)
-        raise ConfigError(f"{where}: {key} must be a {names}, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be of type {names}, got {value!r}")
     return value
 
 
