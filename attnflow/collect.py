@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from .data.images import BadImage, DataError, ImageBatch, ImageFolderDataset
 from .data.transforms import eval_transform
 from .errors import AttnflowError
-from .metrics import METRICS, attention_metrics, patch_distances, valid_metrics
+from .metrics import METRICS, attention_metrics, attention_metrics_from_logits, patch_distances, valid_metrics
 from .provenance import run_provenance
 from .reducers import StatsReducer
 from .result import Result
-from .tap import AttentionTap, TokenLayout, model_blocks
+from .tap import AttentionTap, QueryKey, TokenLayout, model_blocks
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def attention_stats(
     progress: bool = True,
     compile: bool | None = None,
     meta: dict[str, Any] | None = None,
+    fast_qk: bool = True,
     _after_batch: Callable[[int], None] | None = None,
 ) -> Result:
     """Per-(block, head) attention statistics of ``model`` over ``data``.
@@ -180,6 +181,8 @@ def attention_stats(
         progress: show a tqdm progress bar (rank 0 only).
         compile: ``torch.compile`` the statistics function; default: on for CUDA or runs of 50+ batches.
         meta: extra provenance merged into ``Result.meta``.
+        fast_qk: let plain timm ``Attention`` blocks keep fused attention and rebuild the identical map from
+            their queries and keys inside the (compiled) statistics; other blocks are unaffected.
 
     Returns:
         :class:`~attnflow.result.Result` with ``mean``/``std`` over images per (block, head, metric).
@@ -222,23 +225,29 @@ def attention_stats(
     if saved:
         reducer.load_state_dict(saved["reducer"])
 
-    metric_fn = attention_metrics
+    metric_fn, qk_metric_fn = attention_metrics, metrics_from_qk
     if compile if compile is not None else (device.type == "cuda" or (total or 0) >= 50):
-        metric_fn = torch.compile(attention_metrics)
+        metric_fn, qk_metric_fn = torch.compile(attention_metrics), torch.compile(metrics_from_qk)
     distances: dict[tuple, torch.Tensor] = {}
     pending: list[tuple[int, torch.Tensor]] = []  # this batch's [B, H, M] values, applied once it completes
     layout_seen: list[TokenLayout] = []
 
-    def on_attention(block: int, attn: torch.Tensor) -> None:
+    def on_attention(block: int, attn: torch.Tensor | QueryKey) -> None:
         layout = tap.layout
-        if layout is None or layout.n_tokens != attn.shape[-1]:
-            raise InputShapeError(f"block {block}: {attn.shape[-1]} tokens do not match the token layout "
+        n_tokens = attn.q.shape[-2] if isinstance(attn, QueryKey) else attn.shape[-1]
+        device_ = attn.q.device if isinstance(attn, QueryKey) else attn.device
+        if layout is None or layout.n_tokens != n_tokens:
+            raise InputShapeError(f"block {block}: {n_tokens} tokens do not match the token layout "
                                   f"{layout} of this model")
-        key = (layout.grid, layout.patch_size, attn.device)
+        key = (layout.grid, layout.patch_size, device_)
         if key not in distances:
-            distances[key] = patch_distances(layout.grid, layout.patch_size, attn.device)
+            distances[key] = patch_distances(layout.grid, layout.patch_size, device_)
             layout_seen.append(layout)
-        pending.append((block, metric_fn(attn, layout.num_prefix, layout.has_cls, distances[key])))
+        if isinstance(attn, QueryKey):
+            values = qk_metric_fn(attn.q, attn.k, attn.scale, layout.num_prefix, layout.has_cls, distances[key])
+        else:
+            values = metric_fn(attn, layout.num_prefix, layout.has_cls, distances[key])
+        pending.append((block, values))
 
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     bar = tqdm(total=total, initial=done_items if is_dataset else 0, unit="img" if is_dataset else "batch",
@@ -250,7 +259,7 @@ def attention_stats(
         return {"done_items": done_items, "n_images": n_images, "bad": bad, "reducer": reducer.state_dict()}
 
     try:
-        with AttentionTap(model, callback=on_attention) as tap, torch.inference_mode(), autocast:
+        with AttentionTap(model, callback=on_attention, fast_qk=fast_qk) as tap, torch.inference_mode(), autocast:
             for batch in batches:
                 pending.clear()
                 if batch.images.numel():
@@ -302,9 +311,21 @@ def attention_stats(
         "crop_pct": crop_pct,
         "seconds": round(elapsed, 3),
         "resumed": saved is not None,
+        "fast_qk_blocks": len(tap.fast_blocks),
     } | (meta or {})
     state_file.remove()
     return Result(reducer.to_frame(name), run_meta)
+
+
+def metrics_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int, has_cls: bool,
+                    distances: torch.Tensor) -> torch.Tensor:
+    """Metrics ``[B, H, M]`` of the map ``softmax((q * scale) @ k^T)`` of a plain timm ``Attention`` block.
+
+    The logits are computed with timm's own operations (so bf16 under autocast, as in its non-fused path);
+    compiled, the softmax and every row reduction fuse into passes over the logits
+    (:func:`~attnflow.metrics.attention_metrics_from_logits`).
+    """
+    return attention_metrics_from_logits((q * scale) @ k.transpose(-2, -1), num_prefix, has_cls, distances)
 
 
 def _forward(model: nn.Module, images: torch.Tensor, patch_size: tuple[int, int]) -> None:

@@ -7,6 +7,12 @@ off, so the hook sees exactly the map the model multiplies with ``v``. Fused att
 module on entry and restored on exit; no process-wide flag is touched. Every hook must fire exactly once per
 forward: a silent empty capture raises :class:`HookNotFiredError`.
 
+Streaming mode has a faster route for plain timm ``Attention`` blocks (ViT, DeiT, DINOv2, MAE, DINO,
+MoCo-v3, iBOT): with ``fast_qk=True`` such blocks keep fused (flash) attention for their own output, and the
+callback receives the block's normalised queries and keys as a :class:`QueryKey`, from which the exact same
+map is ``softmax((q * scale) @ k^T)`` - the very operations timm's non-fused path runs. Other blocks (BEiT's
+relative position bias, EVA's rope, ...) always use the ``attn_drop`` route.
+
 Example::
 
     with AttentionTap(model) as tap:
@@ -65,6 +71,37 @@ class TokenLayout:
         return self.num_prefix + self.n_patches
 
 
+@dataclass(frozen=True)
+class QueryKey:
+    """Queries and keys of one plain timm ``Attention`` block (``fast_qk`` route).
+
+    The block's post-softmax map is exactly ``softmax((q * scale) @ k.transpose(-2, -1))``, with the
+    softmax in fp32 under autocast, as in timm's non-fused path
+    (see :func:`attnflow.collect.metrics_from_qk`).
+
+    Attributes:
+        q: ``[B, H, N, d]`` queries after ``q_norm``.
+        k: ``[B, H, N, d]`` keys after ``k_norm``.
+        scale: the block's ``scale`` (``d ** -0.5``).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+
+
+def supports_fast_qk(attn: nn.Module) -> bool:
+    """Whether ``attn`` is timm's plain ``Attention`` (no gate, q/k norms as modules), whose map is
+    ``softmax(q k^T * scale [+ mask])``; a mask is checked per call."""
+    module = type(attn).__module__
+    return (type(attn).__name__ == "Attention"
+            and module in ("timm.layers.attention", "timm.models.vision_transformer")
+            and isinstance(getattr(attn, "q_norm", None), nn.Module)
+            and isinstance(getattr(attn, "k_norm", None), nn.Module)
+            and isinstance(getattr(attn, "scale", None), float)
+            and getattr(attn, "gate", None) is None)
+
+
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
@@ -121,6 +158,8 @@ class AttentionTap:
             nothing is stored (streaming mode). Otherwise the maps of the last forward are kept in
             :attr:`maps`.
         blocks: indices of the blocks to hook (negative indices count from the end); all when ``None``.
+        fast_qk: streaming mode only: plain timm ``Attention`` blocks keep fused attention and pass a
+            :class:`QueryKey` to the callback instead of the map.
 
     Attributes:
         maps: in storing mode, ``[B, H, N, N]`` tensors of the last forward, one per hooked block.
@@ -129,7 +168,7 @@ class AttentionTap:
     """
 
     def __init__(self, model: nn.Module, callback: AttentionCallback | None = None,
-                 blocks: Iterable[int] | None = None) -> None:
+                 blocks: Iterable[int] | None = None, fast_qk: bool = False) -> None:
         self.model = model
         all_blocks = model_blocks(model)
         n = len(all_blocks)
@@ -140,6 +179,9 @@ class AttentionTap:
         self.block_indices: list[int] = sorted(set(idx))
         self._blocks = all_blocks
         self.callback = callback
+        self.fast_blocks: set[int] = {b for b in self.block_indices
+                                      if fast_qk and callback is not None and supports_fast_qk(all_blocks[b].attn)}
+        self._pending_q: dict[int, torch.Tensor] = {}
         self.num_prefix = model_num_prefix(model)
         self.has_cls = model_has_cls(model)
         patch_embed = getattr(model, "patch_embed", None)
@@ -174,6 +216,25 @@ class AttentionTap:
                 self._maps[index] = attn.detach()
         return hook
 
+    def _make_q_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._pending_q[index] = output  # [B, H, N, d]
+        return hook
+
+    def _make_k_hook(self, index: int, attn: nn.Module) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            q = self._pending_q.pop(index)
+            self._fired[index] = self._fired.get(index, 0) + 1
+            self.callback(index, QueryKey(q, output, attn.scale))  # type: ignore[misc]
+        return hook
+
+    def _make_mask_check(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if kwargs.get("attn_mask") is not None or kwargs.get("is_causal") or len(args) > 1:
+                raise UnsupportedModelError(
+                    f"block {index} passes an attention mask; use fast_qk=False for this model")
+        return hook
+
     def _on_model_start(self, module: nn.Module, args: tuple) -> None:
         self._fired = {b: 0 for b in self.block_indices}
         self._maps = {}
@@ -188,6 +249,12 @@ class AttentionTap:
         try:
             for i in self.block_indices:
                 attn = self._blocks[i].attn
+                if i in self.fast_blocks:  # keeps its fused attention; the map is rebuilt from q and k
+                    self._handles.append(attn.q_norm.register_forward_hook(self._make_q_hook(i)))
+                    self._handles.append(attn.k_norm.register_forward_hook(self._make_k_hook(i, attn)))
+                    self._handles.append(attn.register_forward_pre_hook(self._make_mask_check(i),
+                                                                        with_kwargs=True))
+                    continue
                 self._saved_fused.append((attn, attn.fused_attn))
                 attn.fused_attn = False
                 self._handles.append(attn.attn_drop.register_forward_pre_hook(self._make_attn_hook(i)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnflow.metrics import METRICS, attention_metrics, max_entropy, patch_distances
+from attnflow.metrics import METRICS, attention_metrics, attention_metrics_from_logits, max_entropy, patch_distances
 
 
 def _random_attention(B, H, N, seed=0, peaky=3.0):
@@ -90,3 +90,21 @@ def test_patch_distances_in_pixels():
     assert d.shape == (6, 6)
     assert d[0, 1].item() == 16.0 and d[0, 3].item() == 16.0
     assert d[0, 5].item() == pytest.approx(math.hypot(16, 32))
+
+
+@pytest.mark.parametrize("P,has_cls", [(1, True), (5, True), (0, False)])
+def test_metrics_from_logits_match_brute_force(P, has_cls):
+    """The fused-softmax formulation gives the same numbers as loops over softmax(logits)."""
+    grid, patch = (3, 4), (14, 14)
+    g = torch.Generator().manual_seed(7 + P)
+    logits = torch.randn(2, 3, P + 12, P + 12, generator=g, dtype=torch.float64) * 4  # peaky rows
+    got = attention_metrics_from_logits(logits.float(), P, has_cls, patch_distances(grid, patch)).double()
+    attn = torch.softmax(logits, -1)
+    for b in range(2):
+        for h in range(3):
+            ref = _brute_force(attn[b, h].numpy(), P, has_cls, grid, patch)
+            for m, name in enumerate(METRICS):
+                if name in ref:
+                    assert got[b, h, m].item() == pytest.approx(ref[name], rel=1e-5, abs=1e-6), name
+                else:
+                    assert math.isnan(got[b, h, m].item())
