@@ -154,16 +154,15 @@ class DemoReport:
     seconds: float = 0.0
 
 
-def banner_lines(random: Sequence[str], offline: bool) -> list[str]:
-    """The loud random-weights warning for ``random`` models (empty when there are none)."""
+def banner_lines(random: Sequence[str], why: str) -> list[str]:
+    """The loud random-weights warning for ``random`` models (empty when there are none); ``why`` says why."""
     if not random:
         return []
-    why = "offline / no network" if offline else "the download failed"
     bar = "!" * 100
     lines = [bar, f"!!  RANDOM-INIT WEIGHTS: {', '.join(random)}",
-             "!!  no pretrained weights were found in the local caches (" + why + "): these models ran with",
-             "!!  RANDOM weights. Their statistics, figures and maps are MEANINGLESS - they only show that the",
-             "!!  pipeline works. To use the real weights:"]
+             f"!!  {why}: these models ran with RANDOM weights.",
+             "!!  Their statistics, figures and maps are MEANINGLESS - they only show that the pipeline works.",
+             "!!  To use the real weights:"]
     lines += [f"!!    {how_to_get_weights(m)}" for m in random]
     lines += ["!!  (`attnflow models` lists every preset with its source; rerun `attnflow demo` once cached.)", bar]
     return lines
@@ -213,7 +212,10 @@ def run_demo(out_dir: str | Path = "attnflow-demo", *, device: str | None = None
     echo(f"attnflow demo: {len(photos)} photos -> {out / 'photos'}")
     weights, no_network = _choose_weights(models, checkpoints, random_init, offline, img_size, model_kw, echo)
     random = [m for m in models if weights[m] == "random-init"]
-    report = DemoReport(out, weights=weights, random_init=random, banner=banner_lines(random, no_network))
+    why = ("--random-init was given" if random_init else
+           "no pretrained weights in the local caches, and " + ("the network is off or unreachable" if no_network
+                                                                else "the download failed"))
+    report = DemoReport(out, weights=weights, random_init=random, banner=banner_lines(random, why))
     for line in report.banner:
         echo(line)
 

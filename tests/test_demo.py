@@ -85,6 +85,7 @@ def test_offline_demo_writes_every_indexed_file_behind_the_banner(tiny_demo):
     # the banner: loud, names every model, says meaningless, and how to get weights
     assert stdout.count("RANDOM-INIT WEIGHTS: " + ", ".join(DEMO_MODELS)) == 2  # before and after the run
     assert "MEANINGLESS" in stdout and "--checkpoint mocov3-vit-b16=PATH" in stdout
+    assert "the network is off or unreachable" in stdout
     assert "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar" in stdout
     assert str(torch_home / "hub" / "checkpoints" / "vit-b-300ep.pth.tar") in stdout
     # the index lists exactly the files in the folder, each with a description
@@ -172,6 +173,22 @@ def test_network_is_probed_once_and_never_used_for_downloads(tmp_path, monkeypat
     import os
 
     assert "ATTNFLOW_OFFLINE" not in os.environ
+
+
+def test_the_network_probe_never_waits_longer_than_its_timeout(monkeypatch):
+    import time
+
+    from attnflow.demo import network_available
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ATTNFLOW_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(model_files, "reachable", lambda url, timeout=3.0: time.sleep(30) or True)  # hanging DNS
+    start = time.perf_counter()
+    assert network_available(timeout=0.2) is False
+    assert time.perf_counter() - start < 2.0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(model_files, "reachable", lambda *a, **k: pytest.fail("probed while offline"))
+    assert network_available() is False
 
 
 def test_second_demo_reuses_the_statistics(tiny_demo, offline, capsys):

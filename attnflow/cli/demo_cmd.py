@@ -45,19 +45,18 @@ def _checkpoints(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     from ..demo import DEMO_MODELS, run_demo
+    from ..runner.figures import quiet_random_init_warnings
     from .stats_cmd import parse_model_kwargs
 
     if args.limit is not None and args.limit <= 0:
         raise AttnflowError(f"--limit must be positive, got {args.limit}")
-    logging.getLogger("attnflow.plot.blocks").setLevel(logging.ERROR)  # the banner says it once, loudly
-    report = run_demo(args.out, device=args.device, limit=args.limit, models=tuple(args.model or DEMO_MODELS),
-                      checkpoints=_checkpoints(args.checkpoint), random_init=args.random_init,
-                      offline=args.offline, img_size=args.img_size, model_kw=parse_model_kwargs(args.model_kw),
-                      batch_size=args.batch_size, progress=args.progress,
-                      echo=lambda line: print(line, flush=True))
+    with quiet_random_init_warnings():  # the banner says it, loudly, and each figure is stamped
+        report = run_demo(args.out, device=args.device, limit=args.limit, models=tuple(args.model or DEMO_MODELS),
+                          checkpoints=_checkpoints(args.checkpoint), random_init=args.random_init,
+                          offline=args.offline, img_size=args.img_size, model_kw=parse_model_kwargs(args.model_kw),
+                          batch_size=args.batch_size, progress=args.progress,
+                          echo=lambda line: print(line, flush=True))
     print(f"wrote {len(report.files)} files to {report.out_dir} in {report.seconds:.0f} s; "
           f"open {report.out_dir / 'index.html'} (or index.md)")
     for line in report.banner:  # again at the end, where nobody can miss it

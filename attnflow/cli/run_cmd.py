@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     from ..runner import execute, load_config, plan_run
+    from ..runner.figures import quiet_random_init_warnings
 
     cfg = load_config(args.config).with_overrides(
         data=args.data, run_dir=args.run_dir, limit=args.limit, random_init=args.random_init,
@@ -41,14 +42,13 @@ def run(args: argparse.Namespace) -> int:
         print(line, flush=True)
     if args.dry_run:
         return 0
-    if any(m.random_init for m in cfg.models):
-        import logging
-
-        logging.getLogger("attnflow.plot.blocks").setLevel(logging.ERROR)  # said once here, and on each figure
+    random = any(m.random_init for m in cfg.models)
+    if random:
         names = ", ".join(m.id for m in cfg.models if m.random_init)
         print(f"attnflow run: RANDOM-INIT WEIGHTS ({names}): their numbers are meaningless", flush=True)
-    outcome = execute(plan, device=args.device, progress=not args.no_progress, figures=not args.no_figures,
-                      echo=lambda line: print(line, flush=True))
+    with quiet_random_init_warnings(random):  # said once here, and stamped on each figure
+        outcome = execute(plan, device=args.device, progress=not args.no_progress, figures=not args.no_figures,
+                          echo=lambda line: print(line, flush=True))
     for path in outcome.figures:
         print(f"wrote {path}")
     print(f"done: {len(outcome.computed)} computed, {len(outcome.reused)} reused, {len(outcome.figures)} figure "

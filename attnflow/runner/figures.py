@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -14,6 +15,20 @@ from ..result import Result
 from .config import FigureEntry
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_random_init_warnings(on: bool = True) -> Iterator[None]:
+    """Silence the plot layer's per-figure random-weights warning inside the block (restored after), for
+    commands that print their own banner once."""
+    logger = logging.getLogger("attnflow.plot.blocks")
+    old = logger.level
+    if on:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 @dataclass
