@@ -36,4 +36,6 @@ def test_torchrun_two_processes_equal_one(photo_folder, tmp_path):
     assert two.meta["images_skipped"] == 1
     np.testing.assert_array_equal(two.frame["count"], one.frame["count"])
     np.testing.assert_allclose(two.frame["mean"], one.frame["mean"], rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(two.frame["std"], one.frame["std"], rtol=1e-6, atol=1e-9)
+    # std of a nearly constant metric is ill-conditioned: compare it on the scale of the metric (1e-6)
+    scale = np.abs(one.frame["mean"].to_numpy())
+    assert (np.abs(two.frame["std"].to_numpy() - one.frame["std"].to_numpy()) <= 1e-6 * scale + 1e-9).all()
