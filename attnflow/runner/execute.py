@@ -256,7 +256,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
             outcome.reused.append(job.entry.id)
         if not job.loads_model:
             continue
-        model = load_entry(job.entry, cfg.img_size)
+        model = load_entry(job.entry, cfg.img_size).to(dev)
         info = getattr(model, "attnflow_info", {}) or {}
         if job.compute:
             echo(f"computing {job.entry.id} over {cfg.data_root} ...")
