@@ -30,7 +30,8 @@ from .registry import ModelSpec, UnknownModelError, find_spec, list_specs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WeightsUnavailableError", "load_model", "weights_cached", "sha256_file", "known_arch"]
+__all__ = ["WeightsUnavailableError", "cached_weights_path", "load_model", "weights_cached", "sha256_file",
+           "known_arch"]
 
 sha256_file = files.sha256_file
 
@@ -155,14 +156,26 @@ def _find_weights(spec: ModelSpec | None, arch: str, *, download: bool) -> _Weig
     return None
 
 
+def cached_weights_path(name: str) -> Path | None:
+    """The local file holding the pretrained weights of ``name`` (HF cache or torch hub cache), or ``None``.
+
+    Never touches the network.
+
+    Raises:
+        UnknownModelError: ``name`` is neither a preset nor a timm architecture.
+    """
+    spec, arch = _resolve(name)
+    found = _find_weights(spec, arch, download=False)
+    return found.path if found is not None else None
+
+
 def weights_cached(name: str) -> bool:
     """Whether the pretrained weights of ``name`` are on this machine (HF cache or torch hub cache).
 
     Raises:
         UnknownModelError: ``name`` is neither a preset nor a timm architecture.
     """
-    spec, arch = _resolve(name)
-    return _find_weights(spec, arch, download=False) is not None
+    return cached_weights_path(name) is not None
 
 
 def _unavailable(name: str, spec: ModelSpec | None, arch: str) -> WeightsUnavailableError:

@@ -59,7 +59,8 @@ def plot_head_heatmap(data: DataLike, model: str, metric: str, *, ax: Axes | Non
     shown = matrix.rename(index=lambda b: b + 1, columns=lambda h: h + 1)
     sns.heatmap(shown, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, annot=annot, fmt=".2f", square=False,
                 cbar=cbar, cbar_kws={"label": metric_label(metric)} if cbar else None,
-                annot_kws={"fontsize": 5}, linewidths=0)
+                annot_kws={"fontsize": 5}, linewidths=0,
+                xticklabels=max(1, -(-shown.shape[1] // 6)), yticklabels=max(1, -(-shown.shape[0] // 12)))
     ax.set_xlabel("head")
     ax.set_ylabel("block")
     ax.tick_params(axis="both", length=0)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..models.load import cached_weights_path
 from ..result import Result
 from .cache import UNKNOWN_WEIGHTS, RunKey, ShaCache, Stored, find_stored
 from .config import AnalysisConfig, ConfigError, ModelEntry
@@ -133,15 +134,6 @@ def _weights_short(weights: str) -> str:
     return f"sha256 {weights[7:19]}" if weights.startswith("sha256:") else weights
 
 
-def _official_weights(name: str) -> Path | None:
-    """The cached official weights file of a preset / timm name, or ``None`` (never downloads)."""
-    from ..models import load
-
-    spec, arch = load._resolve(name)  # noqa: SLF001  (load_model's own look-up; no public path accessor)
-    found = load._find_weights(spec, arch, download=False)  # noqa: SLF001
-    return found.path if found is not None else None
-
-
 def _key_for(entry: ModelEntry, cfg: AnalysisConfig, n_files: int | None, shas: ShaCache) -> tuple[RunKey, str]:
     """The cache key of ``entry`` before loading it, and a note on its weights."""
     if entry.random_init:
@@ -152,7 +144,7 @@ def _key_for(entry: ModelEntry, cfg: AnalysisConfig, n_files: int | None, shas: 
         weights, official = f"sha256:{shas.sha256(entry.checkpoint)}", False
         note = f"checkpoint {entry.checkpoint.name} ({_weights_short(weights)})"
     else:
-        path = _official_weights(entry.name)
+        path = cached_weights_path(entry.name)
         official = True
         if path is None:
             weights, note = UNKNOWN_WEIGHTS, "official weights (not cached: downloaded when online)"
