@@ -98,18 +98,17 @@ def attention_metrics(attn: torch.Tensor, num_prefix: int, has_cls: bool,
     patch_entropy = entropy[..., P:].mean(-1)
     distance = ((pp * distances).sum(-1) / pmass).mean(-1)
 
-    if has_cls:
-        cls_self = attn[..., 0, 0]
-        cls_entropy = entropy[..., 0]
-        cls_mass = mass[..., 0]
-        patch_cls = attn[..., P:, 0].mean(-1)
-    else:
-        cls_self = cls_entropy = cls_mass = patch_cls = torch.full_like(patch_self, float("nan"))
-    columns = {
-        "cls_self": cls_self, "cls_patch_entropy": cls_entropy, "cls_patch_mass": cls_mass,
-        "patch_cls": patch_cls, "patch_self": patch_self, "patch_patch_entropy": patch_entropy,
-        "attention_distance": distance,
-    }
+    patch_metrics = {"patch_self": patch_self, "patch_patch_entropy": patch_entropy, "attention_distance": distance}
+    if not has_cls:
+        return _stack(patch_metrics, None)
+    return _stack(patch_metrics, {"cls_self": attn[..., 0, 0], "cls_patch_entropy": entropy[..., 0],
+                                  "cls_patch_mass": mass[..., 0], "patch_cls": attn[..., P:, 0].mean(-1)})
+
+
+def _stack(patch_metrics: dict[str, torch.Tensor], cls_metrics: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """``[B, H, M]`` in :data:`METRICS` order; the [cls] columns are NaN when ``cls_metrics`` is ``None``."""
+    nan = torch.full_like(patch_metrics["patch_self"], float("nan"))
+    columns = patch_metrics | (cls_metrics or {m: nan for m in CLS_METRICS})
     return torch.stack([columns[m] for m in METRICS], dim=-1)
 
 
@@ -143,16 +142,8 @@ def attention_metrics_from_logits(logits: torch.Tensor, num_prefix: int, has_cls
     patch_self = (e[..., P:, P:].diagonal(dim1=-2, dim2=-1) / z_patch / pmass).mean(-1)
     distance = ((e_patch[..., P:, :] * distances).sum(-1) / z_patch / pmass).mean(-1)
     patch_entropy = entropy[..., P:].mean(-1)
-    if has_cls:
-        cls_self = e[..., 0, 0] / z[..., 0]
-        cls_entropy = entropy[..., 0]
-        cls_mass = mass[..., 0]
-        patch_cls = (e[..., P:, 0] / z_patch).mean(-1)
-    else:
-        cls_self = cls_entropy = cls_mass = patch_cls = torch.full_like(patch_self, float("nan"))
-    columns = {
-        "cls_self": cls_self, "cls_patch_entropy": cls_entropy, "cls_patch_mass": cls_mass,
-        "patch_cls": patch_cls, "patch_self": patch_self, "patch_patch_entropy": patch_entropy,
-        "attention_distance": distance,
-    }
-    return torch.stack([columns[m] for m in METRICS], dim=-1)
+    patch_metrics = {"patch_self": patch_self, "patch_patch_entropy": patch_entropy, "attention_distance": distance}
+    if not has_cls:
+        return _stack(patch_metrics, None)
+    return _stack(patch_metrics, {"cls_self": e[..., 0, 0] / z[..., 0], "cls_patch_entropy": entropy[..., 0],
+                                  "cls_patch_mass": mass[..., 0], "patch_cls": (e[..., P:, 0] / z_patch).mean(-1)})

@@ -128,15 +128,19 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | BadImage:
-        path = self.paths[i]
-        try:
-            if path.stat().st_size == 0:
-                return BadImage(str(path), "empty file")
-            img = load_rgb(path)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-            return BadImage(str(path), f"unreadable image: {err}")
-        x = self.transform(img) if self.transform is not None else img
-        return x, self.labels[i], i
+        return read_sample(self.paths[i], self.labels[i], i, self.transform)
+
+
+def read_sample(path: Path, label: int, index: int,
+                transform: Callable | None) -> tuple[torch.Tensor, int, int] | BadImage:
+    """``(transform(image), label, index)``, or a :class:`BadImage` for an empty or undecodable file."""
+    try:
+        if path.stat().st_size == 0:
+            return BadImage(str(path), "empty file")
+        img = load_rgb(path)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        return BadImage(str(path), f"unreadable image: {err}")
+    return (transform(img) if transform is not None else img), label, index
 
 
 def collate_skip_bad(samples: Sequence[tuple[torch.Tensor, int, int] | BadImage]) -> ImageBatch:

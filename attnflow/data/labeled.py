@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .images import BadImage, DataError, evenly_spaced, load_rgb
+from .images import BadImage, DataError, evenly_spaced, read_sample
 
 
 class LabeledImageList(Dataset):
@@ -59,12 +58,4 @@ class LabeledImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | BadImage:
-        path = self.paths[i]
-        try:
-            if path.stat().st_size == 0:
-                return BadImage(str(path), "empty file")
-            img = load_rgb(path)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-            return BadImage(str(path), f"unreadable image: {err}")
-        x = self.transform(img) if self.transform is not None else img
-        return x, self.labels[i], i
+        return read_sample(self.paths[i], self.labels[i], i, self.transform)
