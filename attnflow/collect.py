@@ -156,7 +156,7 @@ def attention_stats(
     progress: bool = True,
     compile: bool | None = None,
     meta: dict[str, Any] | None = None,
-    fast_qk: bool = True,
+    fast_qk: bool | None = None,
     _after_batch: Callable[[int], None] | None = None,
 ) -> Result:
     """Per-(block, head) attention statistics of ``model`` over ``data``.
@@ -182,7 +182,9 @@ def attention_stats(
         compile: ``torch.compile`` the statistics function; default: on for CUDA or runs of 50+ batches.
         meta: extra provenance merged into ``Result.meta``.
         fast_qk: let plain timm ``Attention`` blocks keep fused attention and rebuild the identical map from
-            their queries and keys inside the (compiled) statistics; other blocks are unaffected.
+            their queries and keys inside the (compiled) statistics; other blocks are unaffected. Default: on
+            for CUDA, where flash attention is far cheaper than a materialised map; off on CPU, where the
+            non-fused attention costs little and computing the logits twice would not pay.
 
     Returns:
         :class:`~attnflow.result.Result` with ``mean``/``std`` over images per (block, head, metric).
@@ -225,6 +227,8 @@ def attention_stats(
     if saved:
         reducer.load_state_dict(saved["reducer"])
 
+    if fast_qk is None:
+        fast_qk = device.type == "cuda"
     metric_fn, qk_metric_fn = attention_metrics, metrics_from_qk
     if compile if compile is not None else (device.type == "cuda" or (total or 0) >= 50):
         metric_fn, qk_metric_fn = torch.compile(attention_metrics), torch.compile(metrics_from_qk)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import platform
 import resource
 import time
@@ -71,6 +72,15 @@ def _time_stats(model, batches, device, amp, compile_stats) -> float:
     return (time.perf_counter() - t) / len(batches)
 
 
+def _cpu_peak_rss(arch: str, img_size: int, batch: int, n_batches: int, compile_stats: bool) -> int:
+    """Peak RSS (bytes) of a fresh process that runs attention_stats over ``n_batches`` CPU batches."""
+    torch.set_num_threads(torch.get_num_threads())
+    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size).eval()
+    x = torch.randn(batch, 3, img_size, img_size)
+    attention_stats(model, (x for _ in range(n_batches)), device="cpu", progress=False, compile=compile_stats)
+    return _peak_bytes(torch.device("cpu"))
+
+
 def bench(arch: str, img_size: int, batch: int, n_batches: int, device: torch.device, amp: str,
           compile_stats: bool, repeats: int) -> dict:
     model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size).to(device).eval()
@@ -83,15 +93,20 @@ def bench(arch: str, img_size: int, batch: int, n_batches: int, device: torch.de
         rows["unfused"].append(_time_plain(model, batches, device, dtype, unfused=True))
         rows["stats"].append(_time_stats(model, batches, device, amp, compile_stats))
     best = {k: min(v) for k, v in rows.items()}
-    # memory: N batches vs 2N batches (same per-batch tensors, so only state could grow)
+    # memory: N batches vs 2N batches (same per-batch tensors, so only the state could grow)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    attention_stats(model, batches, device=device, amp=amp, progress=False, compile=compile_stats)
-    peak_n = _peak_bytes(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    attention_stats(model, batches * 2, device=device, amp=amp, progress=False, compile=compile_stats)
-    peak_2n = _peak_bytes(device)
+        peaks = []
+        for factor in (1, 2):
+            torch.cuda.reset_peak_memory_stats()
+            attention_stats(model, batches * factor, device=device, amp=amp, progress=False, compile=compile_stats)
+            peaks.append(_peak_bytes(device))
+        peak_n, peak_2n = peaks
+    else:  # the process's peak RSS only grows: measure each in a fresh process
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            peak_n = pool.apply(_cpu_peak_rss, (arch, img_size, batch, n_batches, compile_stats))
+        with ctx.Pool(1) as pool:
+            peak_2n = pool.apply(_cpu_peak_rss, (arch, img_size, batch, 2 * n_batches, compile_stats))
     return {
         "arch": arch, "img_size": img_size, "batch": batch, "n_batches": n_batches, "device": str(device),
         "amp": amp, "compile": compile_stats,
