@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="also run ViT-B/16 bf16 batch 256 on CUDA")
     parser.add_argument("--gpu-only", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--sizes", default="224,448", help="CPU resolutions (comma-separated)")
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the rows to this file")
@@ -132,7 +133,7 @@ def main() -> None:
     configs = []
     if not args.gpu_only:
         cpu = torch.device("cpu")
-        configs += [("vit_small_patch16_224", 224, 16, cpu, "fp32"), ("vit_small_patch16_224", 448, 16, cpu, "fp32")]
+        configs += [("vit_small_patch16_224", int(size), 16, cpu, "fp32") for size in args.sizes.split(",")]
     if args.gpu or args.gpu_only:
         cuda = torch.device("cuda")
         configs += [("vit_base_patch16_224", 224, 256, cuda, "bf16")]
