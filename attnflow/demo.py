@@ -365,7 +365,7 @@ def write_index(report: DemoReport) -> list[Path]:
     weights = "\n".join(f"- `{m}`: {'**RANDOM-INIT (meaningless)**' if w == 'random-init' else w}"
                         for m, w in report.weights.items())
     banner = ("\n".join(["```", *report.banner, "```"]) + "\n\n") if report.banner else ""
-    md = [f"# attnflow demo\n", banner, f"Models and weights:\n\n{weights}\n",
+    md = ["# attnflow demo\n", banner, f"Models and weights:\n\n{weights}\n",
           f"\nFinished in {report.seconds:.0f} s. Files:\n", "| file | what it is |", "| --- | --- |"]
     md += [f"| [{rel}]({rel}) | {desc} |" for rel, desc in report.files]
     (out / "index.md").write_text("\n".join(md) + "\n")

@@ -61,6 +61,24 @@ def photo_folder(tmp_path: Path, photos: dict[str, np.ndarray]) -> Path:
     return root
 
 
+@pytest.fixture()
+def offline(tmp_path: Path, monkeypatch) -> Path:
+    """Empty torch hub and Hugging Face caches under ``tmp_path``, offline mode, and no sockets at all."""
+    import socket
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a test tried to open a network connection")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return tmp_path
+
+
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,23 +19,7 @@ from attnflow.models.converters import CheckpointError
 from attnflow.models.load import WeightsUnavailableError, load_model, sha256_file, weights_cached
 from attnflow.models.registry import UnknownModelError, get_spec, list_specs
 
-TINY = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0)
-
-
-@pytest.fixture()
-def offline(tmp_path, monkeypatch) -> Path:
-    """Empty torch hub and Hugging Face caches under ``tmp_path``, offline mode, no sockets."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a test tried to open a network connection")
-
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    return tmp_path
+from conftest import TINY
 
 
 def random_state(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:

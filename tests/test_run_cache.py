@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +17,14 @@ from attnflow.runner import load_config
 from attnflow.runner.figures import output_files
 
 TINY_KW = "{depth = 2, embed_dim = 32, num_heads = 4, mlp_ratio = 2.0}"
-TINY = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0)
+from conftest import TINY
 
 
 @pytest.fixture()
-def env(tmp_path, monkeypatch) -> Path:
-    """Empty, offline weight caches; no sockets; the working directory is ``tmp_path``."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a test tried to open a network connection")
-
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def env(offline, monkeypatch) -> Path:
+    """Empty, offline weight caches; no sockets; the working directory is the test's tmp_path."""
+    monkeypatch.chdir(offline)
+    return offline
 
 
 @pytest.fixture()
