@@ -20,14 +20,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .data.images import BadImage, DataError, ImageBatch, ImageFolderDataset
+from .data.images import DataError, ImageBatch, ImageFolderDataset, collate_skip_bad
 from .data.transforms import eval_transform
 from .errors import AttnflowError
 from .metrics import METRICS, attention_metrics, attention_metrics_from_logits, patch_distances, valid_metrics
 from .provenance import run_provenance
 from .reducers import StatsReducer
 from .result import Result
-from .tap import AttentionTap, QueryKey, TokenLayout, model_blocks
+from .tap import AttentionTap, QueryKey, TokenLayout, model_blocks, model_has_cls
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +65,6 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def collate_any(samples: list[Any]) -> ImageBatch:
-    """Collate samples of any dataset: ``(img, label, index)``, ``(img, label)``, ``img`` or ``BadImage``."""
-    good, bad = [], []
-    for s in samples:
-        if isinstance(s, BadImage):
-            bad.append((s.path, s.reason))
-        elif isinstance(s, torch.Tensor):
-            good.append((s, -1, -1))
-        else:
-            good.append((s[0], int(s[1]) if len(s) > 1 else -1, int(s[2]) if len(s) > 2 else -1))
-    if not good:
-        return ImageBatch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), bad)
-    return ImageBatch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]),
-                      torch.tensor([g[2] for g in good]), bad)
-
-
 def _as_batch(item: Any) -> ImageBatch:
     """An element of a user's DataLoader/iterable as an :class:`ImageBatch`."""
     if isinstance(item, ImageBatch):
@@ -98,6 +82,11 @@ def _as_batch(item: Any) -> ImageBatch:
         images = images.unsqueeze(0)
     n = images.shape[0]
     return ImageBatch(images, torch.full((n,), -1), torch.full((n,), -1), [])
+
+
+def rank_state_path(path: Path, rank: int, world: int) -> Path:
+    """The state file of one process: ``path`` itself, or ``STEM.rank{rank}SUFFIX`` under torch.distributed."""
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
 class _StateFile:
@@ -131,11 +120,10 @@ class _StateFile:
 
 
 def _model_name(model: nn.Module, model_name: str | None) -> str:
-    if model_name:
-        return model_name
-    info = getattr(model, "attnflow_info", {}) or {}
-    return info.get("preset") or getattr(getattr(model, "pretrained_cfg", None) or {}, "get",
-                                         lambda *_: None)("architecture") or type(model).__name__
+    """The ``model`` column: given name, else the preset, else the timm architecture, else the class name."""
+    info = getattr(model, "attnflow_info", None) or {}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return model_name or info.get("preset") or cfg.get("architecture") or type(model).__name__
 
 
 def attention_stats(
@@ -211,9 +199,7 @@ def attention_stats(
 
     fingerprint = {"model": name, "n_items": n_items, "world": world, "rank": rank,
                    "batch_size": batch_size if is_dataset else None}
-    if state_path is not None and world > 1:
-        state_path = Path(state_path).with_name(f"{Path(state_path).stem}.rank{rank}{Path(state_path).suffix}")
-    state_file = _StateFile(Path(state_path) if state_path else None, fingerprint)
+    state_file = _StateFile(rank_state_path(Path(state_path), rank, world) if state_path else None, fingerprint)
     saved = state_file.load() if resume else None
     done_items = saved["done_items"] if saved else 0      # dataset positions (or batches) consumed
     n_images = saved["n_images"] if saved else 0
@@ -222,7 +208,8 @@ def attention_stats(
         log.info("resuming %s from %s: %d images done", name, state_file.path, n_images)
 
     batches, total = _batches(data, is_dataset, rank, world, done_items, batch_size, num_workers, device)
-    valid = valid_metrics(_has_cls(model))
+    has_cls = model_has_cls(model)
+    valid = valid_metrics(has_cls)
     reducer = StatsReducer(n_blocks, _num_heads(blocks), METRICS, valid=valid, device=device)
     if saved:
         reducer.load_state_dict(saved["reducer"])
@@ -306,7 +293,7 @@ def attention_stats(
         "grid": list(layout.grid) if layout else None,
         "n_patches": layout.n_patches if layout else None,
         "num_prefix_tokens": layout.num_prefix if layout else None,
-        "has_cls": bool(valid.all()),
+        "has_cls": has_cls,
         "dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
         "device": str(device),
         "world_size": world,
@@ -344,12 +331,6 @@ def _forward(model: nn.Module, images: torch.Tensor, patch_size: tuple[int, int]
                               "Build the model at the data's resolution (--img-size).") from err
 
 
-def _has_cls(model: nn.Module) -> bool:
-    from .tap import model_has_cls
-
-    return model_has_cls(model)
-
-
 def _num_heads(blocks: list[nn.Module]) -> int:
     heads = getattr(blocks[0].attn, "num_heads", None)
     if heads is None:
@@ -365,7 +346,7 @@ def _batches(data: Any, is_dataset: bool, rank: int, world: int, done: int, batc
         total = len(indices)
         workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         loader = DataLoader(Subset(data, indices[done:]), batch_size=batch_size, shuffle=False,
-                            num_workers=workers, collate_fn=collate_any, pin_memory=device.type == "cuda",
+                            num_workers=workers, collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
                             persistent_workers=False)
         return iter(loader), total
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]

@@ -90,7 +90,7 @@ def _init_distributed() -> tuple[int, int, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..collect import attention_stats
+    from ..collect import attention_stats, rank_state_path
     from ..models.load import load_model
 
     out = Path(args.out)
@@ -98,10 +98,9 @@ def run(args: argparse.Namespace) -> int:
         out = out.with_suffix(".parquet")
     state = state_path_for(out)
     rank, world, dist_device = _init_distributed()
-    state_glob = [state] if world == 1 else [state.with_name(f"{state.stem}.rank{r}{state.suffix}")
-                                             for r in range(world)]
-    if not args.resume and any(p.exists() for p in state_glob):
-        raise AttnflowError(f"an interrupted run left {state_glob[0]}; pass --resume to continue it, "
+    leftovers = [p for p in (rank_state_path(state, r, world) for r in range(world)) if p.exists()]
+    if not args.resume and leftovers:
+        raise AttnflowError(f"an interrupted run left {leftovers[0]}; pass --resume to continue it, "
                             "or delete the file to start over")
     model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
                        img_size=args.img_size, checkpoint_key=args.checkpoint_key,

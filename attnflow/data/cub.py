@@ -17,18 +17,33 @@ SPLITS: tuple[str, ...] = ("train", "test", "all")
 REQUIRED_FILES: tuple[str, ...] = ("images.txt", "train_test_split.txt", "image_class_labels.txt")
 
 
-def _read_index(path: Path) -> dict[int, str]:
-    """``id -> value`` of a ``<id> <value>`` file, with a one-line error for a malformed line."""
+def read_index(path: Path, problems: list[str] | None = None) -> dict[int, str]:
+    """``id -> value`` of a CUB ``<id> <value>`` index file.
+
+    Args:
+        path: e.g. ``images.txt``.
+        problems: if given, malformed lines are described here and skipped (for verification reports);
+            otherwise the first one raises.
+
+    Raises:
+        DataError: a malformed line or a repeated id, when ``problems`` is ``None``.
+    """
     pairs: dict[int, str] = {}
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=1)
+        message = None
         if len(parts) != 2 or not parts[0].isdigit():
-            raise DataError(f"{path} line {line_no}: expected '<id> <value>', got {line[:80]!r}")
-        if int(parts[0]) in pairs:
-            raise DataError(f"{path} line {line_no}: id {parts[0]} appears twice")
-        pairs[int(parts[0])] = parts[1].strip()
+            message = f"{path} line {line_no}: expected '<id> <value>', got {line[:80]!r}"
+        elif int(parts[0]) in pairs:
+            message = f"{path} line {line_no}: id {parts[0]} appears twice"
+        if message is None:
+            pairs[int(parts[0])] = parts[1].strip()
+        elif problems is None:
+            raise DataError(message)
+        else:
+            problems.append(message)
     return pairs
 
 
@@ -72,9 +87,9 @@ class CUB200(LabeledImageList):
         if split not in SPLITS:
             raise DataError(f"CUB split must be one of {', '.join(SPLITS)}, got {split!r}")
         root = find_cub_root(root)
-        images = _read_index(root / "images.txt")
-        is_train = _read_index(root / "train_test_split.txt")
-        class_of = _read_index(root / "image_class_labels.txt")
+        images = read_index(root / "images.txt")
+        is_train = read_index(root / "train_test_split.txt")
+        class_of = read_index(root / "image_class_labels.txt")
         for name, table in (("train_test_split.txt", is_train), ("image_class_labels.txt", class_of)):
             absent = sorted(set(images) - set(table))
             if absent:
@@ -106,7 +121,7 @@ class CUB200(LabeledImageList):
     def _classes(root: Path, images: dict[int, str], class_of: dict[int, str]) -> list[str]:
         """Class folder names in class-id order: from ``classes.txt``, else from the images' folders."""
         if (root / "classes.txt").is_file():
-            table = _read_index(root / "classes.txt")
+            table = read_index(root / "classes.txt")
             if sorted(table) != list(range(1, len(table) + 1)):
                 raise DataError(f"{root / 'classes.txt'}: class ids must be 1..{len(table)}")
             return [table[k] for k in range(1, len(table) + 1)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -143,18 +143,24 @@ def read_sample(path: Path, label: int, index: int,
     return (transform(img) if transform is not None else img), label, index
 
 
-def collate_skip_bad(samples: Sequence[tuple[torch.Tensor, int, int] | BadImage]) -> ImageBatch:
-    """Collate ``(image, label, index)`` samples, dropping :class:`BadImage` entries into ``batch.bad``.
+def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
+    """Collate dataset items into an :class:`ImageBatch`, dropping :class:`BadImage` entries into ``batch.bad``.
 
-    A batch may end up with zero images (every file bad): ``images`` is then an empty ``[0]`` tensor.
+    Items may be ``(image, label, index)``, ``(image, label)`` or a bare image tensor (missing labels and
+    indices become -1), so any map-style dataset works. A batch may end up with zero images (every file
+    bad): ``images`` is then an empty ``[0]`` tensor.
     """
-    good = [s for s in samples if not isinstance(s, BadImage)]
-    bad = [(s.path, s.reason) for s in samples if isinstance(s, BadImage)]
-    if good:
-        images = torch.stack([s[0] for s in good])
-        labels = torch.tensor([s[1] for s in good], dtype=torch.int64)
-        indices = torch.tensor([s[2] for s in good], dtype=torch.int64)
-    else:
-        images = torch.empty(0)
-        labels = indices = torch.empty(0, dtype=torch.int64)
-    return ImageBatch(images, labels, indices, bad)
+    good: list[tuple[torch.Tensor, int, int]] = []
+    bad: list[tuple[str, str]] = []
+    for s in samples:
+        if isinstance(s, BadImage):
+            bad.append((s.path, s.reason))
+        elif isinstance(s, torch.Tensor):
+            good.append((s, -1, -1))
+        else:
+            good.append((s[0], int(s[1]) if len(s) > 1 else -1, int(s[2]) if len(s) > 2 else -1))
+    if not good:
+        empty = torch.empty(0, dtype=torch.int64)
+        return ImageBatch(torch.empty(0), empty, empty.clone(), bad)
+    return ImageBatch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.int64),
+                      torch.tensor([g[2] for g in good], dtype=torch.int64), bad)

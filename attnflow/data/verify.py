@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .cub import read_index
 from .images import DataError, evenly_spaced
 from .manifests import Manifest, load_manifest
 
@@ -297,20 +298,6 @@ def _as_int(text: str) -> int | None:
         return None
 
 
-def _read_pairs(path: Path, problems: list[str]) -> dict[int, str]:
-    """``id -> value`` of a CUB index file (``"<id> <value>"`` per line)."""
-    pairs: dict[int, str] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split(maxsplit=1)
-        if len(parts) != 2 or not parts[0].isdigit():
-            problems.append(f"{path.name} line {line_no} is not '<id> <value>': {line[:60]!r}")
-            continue
-        pairs[int(parts[0])] = parts[1].strip()
-    return pairs
-
-
 def _scan_cub(manifest: Manifest, root: Path, progress: bool) -> tuple[VerifyReport, dict[str, int]]:
     folder = str(manifest.data.get("folder", "CUB_200_2011"))
     notes = []
@@ -326,7 +313,7 @@ def _scan_cub(manifest: Manifest, root: Path, progress: bool) -> tuple[VerifyRep
     if "images.txt" in absent:
         report.n_missing = report.expected
         return report, {}
-    images = _read_pairs(root / "images.txt", report.problems)
+    images = read_index(root / "images.txt", report.problems)
     if len(images) != manifest.num_images:
         report.problems.append(f"images.txt lists {len(images):,} images, expected {manifest.num_images:,}")
     expected = {f"images/{rel}": rel.split("/")[0] for rel in images.values()}
@@ -334,7 +321,7 @@ def _scan_cub(manifest: Manifest, root: Path, progress: bool) -> tuple[VerifyRep
     to_check = _match(report, expected, files, set())
     _class_mismatch(report, collections.Counter(expected.values()))
     if "classes.txt" not in absent:
-        class_ids = _read_pairs(root / "classes.txt", report.problems)
+        class_ids = read_index(root / "classes.txt", report.problems)
         listed = [class_ids[k] for k in sorted(class_ids)]
         if listed != manifest.classes:
             diff = [c for c in listed if c not in set(manifest.classes)] + \
@@ -342,14 +329,14 @@ def _scan_cub(manifest: Manifest, root: Path, progress: bool) -> tuple[VerifyRep
             report.problems.append(f"classes.txt differs from the manifest's {manifest.num_classes} classes"
                                    + (f" (e.g. {', '.join(diff[:3])})" if diff else " (order differs)"))
         if "image_class_labels.txt" not in absent:
-            labels = _read_pairs(root / "image_class_labels.txt", report.problems)
+            labels = read_index(root / "image_class_labels.txt", report.problems)
             wrong = sorted(i for i, rel in images.items()
                            if class_ids.get(_as_int(labels.get(i, ""))) != rel.split("/")[0])
             if wrong:
                 report.problems.append(f"{len(wrong)} images whose class id in image_class_labels.txt disagrees "
                                        f"with their folder (first ids: {', '.join(map(str, wrong[:5]))})")
     if "train_test_split.txt" not in absent:
-        split = _read_pairs(root / "train_test_split.txt", report.problems)
+        split = read_index(root / "train_test_split.txt", report.problems)
         n_train = sum(split.get(i) == "1" for i in images)
         n_test = sum(split.get(i) == "0" for i in images)
         want = (manifest.data.get("num_train"), manifest.data.get("num_test"))

@@ -6,9 +6,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .._lazy import lazy_getattr
 from .registry import FAMILIES, ModelSpec, UnknownModelError, find_spec, get_spec, list_specs, register
 
 _LAZY: dict[str, str] = {
@@ -23,10 +21,4 @@ _LAZY: dict[str, str] = {
 __all__ = ["FAMILIES", "ModelSpec", "UnknownModelError", "find_spec", "get_spec", "list_specs", "register",
            *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'attnflow.models' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
