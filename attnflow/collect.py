@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .data.images import DataError, ImageBatch, ImageFolderDataset, collate_skip_bad
 from .data.transforms import eval_transform
 from .errors import AttnflowError
+from .kernels.route import QKRoute
 from .metrics import METRICS, attention_metrics, attention_metrics_from_logits, patch_distances, valid_metrics
 from .provenance import run_provenance
 from .reducers import StatsReducer
@@ -145,6 +146,7 @@ def attention_stats(
     compile: bool | None = None,
     meta: dict[str, Any] | None = None,
     fast_qk: bool | None = None,
+    qk_kernel: str = "auto",
     _after_batch: Callable[[int], None] | None = None,
 ) -> Result:
     """Per-(block, head) attention statistics of ``model`` over ``data``.
@@ -173,6 +175,9 @@ def attention_stats(
             their queries and keys inside the (compiled) statistics; other blocks are unaffected. Default: on
             for CUDA, where flash attention is far cheaper than a materialised map; off on CPU, where the
             non-fused attention costs little and computing the logits twice would not pay.
+        qk_kernel: how ``fast_qk`` blocks turn queries and keys into metrics: ``auto`` (the Triton kernel of
+            :mod:`attnflow.kernels.qk_metrics` on CUDA, checked against torch on each new shape, with a
+            warning and the torch route if it fails or disagrees), ``triton`` or ``torch``.
 
     Returns:
         :class:`~attnflow.result.Result` with ``mean``/``std`` over images per (block, head, metric).
@@ -216,9 +221,10 @@ def attention_stats(
 
     if fast_qk is None:
         fast_qk = device.type == "cuda"
-    metric_fn, qk_metric_fn = attention_metrics, metrics_from_qk
+    metric_fn, qk_torch_fn = attention_metrics, metrics_from_qk
     if compile if compile is not None else (device.type == "cuda" or (total or 0) >= 50):
-        metric_fn, qk_metric_fn = torch.compile(attention_metrics), torch.compile(metrics_from_qk)
+        metric_fn, qk_torch_fn = torch.compile(attention_metrics), torch.compile(metrics_from_qk)
+    qk_route = QKRoute(qk_kernel, device, qk_torch_fn, metrics_from_qk) if fast_qk else None
     distances: dict[tuple, torch.Tensor] = {}
     pending: list[tuple[int, torch.Tensor]] = []  # this batch's [B, H, M] values, applied once it completes
     layout_seen: list[TokenLayout] = []
@@ -235,7 +241,7 @@ def attention_stats(
             distances[key] = patch_distances(layout.grid, layout.patch_size, device_)
             layout_seen.append(layout)
         if isinstance(attn, QueryKey):
-            values = qk_metric_fn(attn.q, attn.k, attn.scale, layout.num_prefix, layout.has_cls, distances[key])
+            values = qk_route(attn.q, attn.k, attn.scale, layout.num_prefix, layout.has_cls, distances[key])
         else:
             values = metric_fn(attn, layout.num_prefix, layout.has_cls, distances[key])
         pending.append((block, values))
@@ -303,6 +309,8 @@ def attention_stats(
         "seconds": round(elapsed, 3),
         "resumed": saved is not None,
         "fast_qk_blocks": len(tap.fast_blocks),
+        "qk_kernel": (qk_route.name if qk_route and tap.fast_blocks else None),
+        "qk_kernel_fallback": qk_route.fallback_reason if qk_route else None,
     } | (meta or {})
     state_file.remove()
     return Result(reducer.to_frame(name), run_meta)

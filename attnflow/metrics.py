@@ -114,12 +114,14 @@ def _stack(patch_metrics: dict[str, torch.Tensor], cls_metrics: dict[str, torch.
 
 def attention_metrics_from_logits(logits: torch.Tensor, num_prefix: int, has_cls: bool,
                                   distances: torch.Tensor) -> torch.Tensor:
-    """:func:`attention_metrics` of ``softmax(logits)``, from row sums of ``e = exp(logits - rowmax)``.
+    """:func:`attention_metrics` of ``softmax(logits)``, from row sums of exponentials.
 
     Mathematically identical to ``attention_metrics(logits.softmax(-1), ...)`` (agreement ~1e-6 relative in
-    fp32), but every quantity is a row reduction of ``e``, so a compiler fuses the softmax and all metrics
-    into passes over the logits without materialising the fp32 map: with ``z = sum_j e_j`` and
-    ``a_j = e_j / z``, ``sum_{patches} a log a = sum_{patches} e_j (l_j - max) / z - log(z) * mass``.
+    fp32), but every quantity is a row reduction, so a compiler fuses the softmax and all metrics into passes
+    over the logits without materialising the fp32 map. The patch-renormalised quantities use
+    ``u_j = l_j - max_{patches} l``, so with ``ep = sum_{patches} exp(u_j)`` the entropy is
+    ``log(ep) - sum exp(u_j) u_j / ep``; as ``ep >= 1``, they stay exact even when a prefix token takes all
+    but ~e^-100 of a row (where the fp32 map itself underflows to zero over the patches).
 
     Args:
         logits: pre-softmax scores ``[B, H, N, N]`` (any float dtype; computed in fp32).
@@ -130,20 +132,23 @@ def attention_metrics_from_logits(logits: torch.Tensor, num_prefix: int, has_cls
     """
     P = num_prefix
     logits = logits.float()
-    shifted = logits - logits.amax(-1, keepdim=True)               # [B, H, N, N], <= 0
-    e = shifted.exp()
+    row_max = logits.amax(-1, keepdim=True)                         # [B, H, N, 1]
+    e = (logits - row_max).exp()
     z = e.sum(-1)                                                   # [B, H, N]
-    e_patch = e[..., P:]                                            # [B, H, N, Np]
-    mass = e_patch.sum(-1) / z
-    plogp = (e_patch * shifted[..., P:]).sum(-1) / z - z.log() * mass
-    entropy = mass.log() - plogp / mass
+    to_patches = logits[..., P:]
+    patch_max = to_patches.amax(-1, keepdim=True)
+    u = to_patches - patch_max                                      # [B, H, N, Np], <= 0
+    e_patch = u.exp()
+    ep = e_patch.sum(-1)                                            # >= 1
+    entropy = ep.log() - (e_patch * u).sum(-1) / ep
+    mass = ep * (patch_max - row_max).squeeze(-1).exp() / z
 
-    z_patch, pmass = z[..., P:], mass[..., P:]                      # [B, H, Np]
-    patch_self = (e[..., P:, P:].diagonal(dim1=-2, dim2=-1) / z_patch / pmass).mean(-1)
-    distance = ((e_patch[..., P:, :] * distances).sum(-1) / z_patch / pmass).mean(-1)
+    ep_rows = ep[..., P:]                                           # [B, H, Np]
+    patch_self = (e_patch[..., P:, :].diagonal(dim1=-2, dim2=-1) / ep_rows).mean(-1)
+    distance = ((e_patch[..., P:, :] * distances).sum(-1) / ep_rows).mean(-1)
     patch_entropy = entropy[..., P:].mean(-1)
     patch_metrics = {"patch_self": patch_self, "patch_patch_entropy": patch_entropy, "attention_distance": distance}
     if not has_cls:
         return _stack(patch_metrics, None)
     return _stack(patch_metrics, {"cls_self": e[..., 0, 0] / z[..., 0], "cls_patch_entropy": entropy[..., 0],
-                                  "cls_patch_mass": mass[..., 0], "patch_cls": (e[..., P:, 0] / z_patch).mean(-1)})
+                                  "cls_patch_mass": mass[..., 0], "patch_cls": (e[..., P:, 0] / z[..., P:]).mean(-1)})

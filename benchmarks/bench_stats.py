@@ -4,6 +4,9 @@ Reports, for each configuration, the wall time per batch of
   * ``plain``   - ``model(x)`` under inference_mode (+ autocast on GPU), fused SDPA attention;
   * ``unfused`` - the same with fused attention switched off (the cost of materialising the maps);
   * ``stats``   - :func:`attnflow.attention_stats` over the same batches (hooks + metrics + reduction);
+    on CUDA with its default route (plain ViT blocks keep flash attention; the Triton kernel of
+    ``attnflow.kernels.qk_metrics`` turns their queries and keys into metrics);
+  * ``stats_torch_qk`` (CUDA) - the same with the metrics from q/k computed by compiled torch instead;
 and the ratios stats/plain and unfused/plain, images/s, and the peak memory for N and 2N batches (which
 must be equal: memory does not grow with the number of images).
 
@@ -29,7 +32,6 @@ import timm
 import torch
 
 from attnflow.collect import attention_stats
-from attnflow.tap import AttentionTap
 
 
 def _sync(device: torch.device) -> None:
@@ -63,13 +65,15 @@ def _time_plain(model, batches, device, dtype, unfused: bool) -> float:
             b.attn.fused_attn = f
 
 
-def _time_stats(model, batches, device, amp, compile_stats) -> float:
-    attention_stats(model, batches[:2], device=device, amp=amp, progress=False, compile=compile_stats)  # warm-up
+def _time_stats(model, batches, device, amp, compile_stats, qk_kernel: str = "auto") -> tuple[float, dict]:
+    """Seconds per batch, and the run's provenance (which q/k kernel ran, any fallback)."""
+    kwargs = dict(device=device, amp=amp, progress=False, compile=compile_stats, qk_kernel=qk_kernel)
+    attention_stats(model, batches[:2], **kwargs)  # warm-up: compilation, autotuning, the kernel's check
     _sync(device)
     t = time.perf_counter()
-    attention_stats(model, batches, device=device, amp=amp, progress=False, compile=compile_stats)
+    result = attention_stats(model, batches, **kwargs)
     _sync(device)
-    return (time.perf_counter() - t) / len(batches)
+    return (time.perf_counter() - t) / len(batches), result.meta
 
 
 def _cpu_peak_rss(arch: str, img_size: int, batch: int, n_batches: int, compile_stats: bool) -> int:
@@ -87,11 +91,17 @@ def bench(arch: str, img_size: int, batch: int, n_batches: int, device: torch.de
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     gen = torch.Generator(device="cpu").manual_seed(0)
     batches = [torch.randn(batch, 3, img_size, img_size, generator=gen).to(device) for _ in range(n_batches)]
-    rows = {"plain": [], "unfused": [], "stats": []}
-    for _ in range(repeats):  # interleave so drift affects all three alike; report the best of each
+    rows: dict[str, list[float]] = {"plain": [], "unfused": [], "stats": []}
+    if device.type == "cuda":
+        rows["stats_torch_qk"] = []
+    meta: dict = {}
+    for _ in range(repeats):  # interleave so drift affects all alike; report the best of each
         rows["plain"].append(_time_plain(model, batches, device, dtype, unfused=False))
         rows["unfused"].append(_time_plain(model, batches, device, dtype, unfused=True))
-        rows["stats"].append(_time_stats(model, batches, device, amp, compile_stats))
+        seconds, meta = _time_stats(model, batches, device, amp, compile_stats)
+        rows["stats"].append(seconds)
+        if "stats_torch_qk" in rows:
+            rows["stats_torch_qk"].append(_time_stats(model, batches, device, amp, compile_stats, "torch")[0])
     best = {k: min(v) for k, v in rows.items()}
     # memory: N batches vs 2N batches (same per-batch tensors, so only the state could grow)
     if device.type == "cuda":
@@ -111,11 +121,13 @@ def bench(arch: str, img_size: int, batch: int, n_batches: int, device: torch.de
         "arch": arch, "img_size": img_size, "batch": batch, "n_batches": n_batches, "device": str(device),
         "amp": amp, "compile": compile_stats,
         "plain_s_per_batch": best["plain"], "unfused_s_per_batch": best["unfused"],
-        "stats_s_per_batch": best["stats"],
+        "stats_s_per_batch": best["stats"], "qk_kernel": meta.get("qk_kernel"),
+        "qk_kernel_fallback": meta.get("qk_kernel_fallback"),
         "stats_over_plain": best["stats"] / best["plain"], "unfused_over_plain": best["unfused"] / best["plain"],
         "stats_images_per_s": batch / best["stats"], "plain_images_per_s": batch / best["plain"],
         "peak_mem_n_batches_mb": peak_n / 2**20, "peak_mem_2n_batches_mb": peak_2n / 2**20,
-    }
+    } | ({"stats_torch_qk_s_per_batch": best["stats_torch_qk"],
+          "stats_torch_qk_over_plain": best["stats_torch_qk"] / best["plain"]} if "stats_torch_qk" in best else {})
 
 
 def main() -> None:
@@ -146,8 +158,11 @@ def main() -> None:
               f"stats {row['stats_s_per_batch'] * 1e3:.1f} ms per batch -> stats/plain "
               f"{row['stats_over_plain']:.3f}x (unfused/plain {row['unfused_over_plain']:.3f}x), "
               f"{row['stats_images_per_s']:.1f} img/s; peak memory {row['peak_mem_n_batches_mb']:.0f} MB "
-              f"for {args.batches} batches, {row['peak_mem_2n_batches_mb']:.0f} MB for {2 * args.batches}",
-              flush=True)
+              f"for {args.batches} batches, {row['peak_mem_2n_batches_mb']:.0f} MB for {2 * args.batches}; "
+              f"q/k kernel {row['qk_kernel']}"
+              + (f" (fell back: {row['qk_kernel_fallback']})" if row["qk_kernel_fallback"] else "")
+              + (f"; torch q/k route {row['stats_torch_qk_over_plain']:.3f}x" if "stats_torch_qk_over_plain" in row
+                 else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"host": platform.node(), "torch": torch.__version__, "timm": timm.__version__,

@@ -7,7 +7,7 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/env.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$out/env.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_tap.py tests/test_metrics.py \
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py tests/test_tap.py tests/test_metrics.py \
     tests/test_collect.py tests/test_reducers.py 2>&1 | tail -n 25 | tee "$out/tests.txt"
 python3 benchmarks/bench_stats.py --gpu-only --batches 8 --repeats 3 --json "$out/bench_gpu.json" 2>&1 \
     | grep -v -i warn | tee "$out/bench.txt"

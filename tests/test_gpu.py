@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnflow.collect import attention_stats
+from attnflow.collect import attention_stats, metrics_from_qk
+from attnflow.metrics import patch_distances
 from attnflow.tap import AttentionTap
 from conftest import tiny_model
 
@@ -51,4 +52,29 @@ def test_fast_qk_route_matches_attn_drop_route_in_bf16():
     fast = attention_stats(model, batches, device="cuda", amp="bf16", progress=False, fast_qk=True)
     slow = attention_stats(model, batches, device="cuda", amp="bf16", progress=False, fast_qk=False)
     assert fast.meta["fast_qk_blocks"] == len(model.blocks)
+    assert fast.meta["qk_kernel"] == "triton" and fast.meta["qk_kernel_fallback"] is None
     np.testing.assert_allclose(fast.frame["mean"], slow.frame["mean"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_prefix,grid,heads,head_dim", [
+    (1, (14, 14), 12, 64),   # ViT-B/16 at 224 px
+    (5, (16, 16), 6, 64),    # DINOv2-S/14 with registers at 224 px
+    (1, (28, 28), 12, 64),   # ViT-B/16 at 448 px: many query and key tiles
+    (0, (16, 16), 16, 80),   # I-JEPA ViT-H/14: no [cls], head dim padded to 128
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_kernel_matches_torch_route_at_full_scale(n_prefix, grid, heads, head_dim, dtype):
+    from attnflow.kernels.qk_metrics import qk_metrics_triton
+    from attnflow.kernels.route import disagreement
+
+    N = n_prefix + grid[0] * grid[1]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(16, heads, N, head_dim, device="cuda", generator=g).to(dtype)
+    k = torch.randn(16, heads, N, head_dim, device="cuda", generator=g).to(dtype)
+    dist = patch_distances(grid, (16, 16), "cuda")
+    args = (head_dim ** -0.5, n_prefix, n_prefix > 0, dist)
+    got = qk_metrics_triton(q, k, *args)
+    ref = metrics_from_qk(q, k, *args)
+    assert disagreement(got, ref) is None
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6, equal_nan=True)

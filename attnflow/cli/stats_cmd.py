@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnflowError
+from ..kernels import QK_KERNELS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="torch.compile the statistics (default: on for GPU or long runs)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--fast-qk", dest="fast_qk", action="store_true", default=None,
+                        help="keep fused attention in plain ViT blocks and rebuild the map from queries and keys "
+                             "(default: on for GPU)")
+    parser.add_argument("--no-fast-qk", dest="fast_qk", action="store_false",
+                        help="tap every block's materialised map (the reference route)")
+    parser.add_argument("--qk-kernel", choices=QK_KERNELS, default="auto",
+                        help="with --fast-qk: the Triton kernel (auto: on CUDA, checked against torch on the "
+                             "first batch) or the torch route (default auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -112,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             model, Path(args.data), batch_size=args.batch_size, device=args.device or dist_device,
             amp=args.amp, num_workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,
             limit=args.limit, model_name=args.model, state_path=state, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, progress=not args.no_progress, compile=args.compile)
+            resume=args.resume, progress=not args.no_progress, compile=args.compile,
+            fast_qk=args.fast_qk, qk_kernel=args.qk_kernel)
     finally:
         if world > 1:
             import torch.distributed as dist

@@ -1,0 +1,269 @@
+"""A Triton kernel that turns one block's queries and keys straight into per-head metrics.
+
+The ``fast_qk`` route (:class:`~attnflow.tap.QueryKey`) lets timm keep flash attention and rebuilds the map
+``softmax((q * scale) @ k^T)`` for the statistics. In torch that map, ``[B, H, N, N]`` fp32, is written and
+read several times per block, which on a GPU costs more than the attention itself. This kernel never
+materialises it: one program per (image, head) walks the query rows in tiles and reduces each tile's
+logits, computed in registers, to the seven metrics of :data:`~attnflow.metrics.METRICS`. It reads ``q``,
+``k`` and the patch-distance matrix and writes ``[B, H, 7]``.
+
+Per query row ``i`` with logits ``s_j``:
+
+- over the patch keys, an online softmax (as in flash attention) keeps the running max ``mp`` and, with
+  ``u_j = s_j - mp``, ``ep = sum exp(u_j)`` (>= 1, so it never underflows), ``epl = sum exp(u_j) u_j`` and
+  ``epd = sum exp(u_j) d_ij``, rescaled whenever ``mp`` grows;
+- the few prefix keys ([cls], registers) and the row's own key (the diagonal) get one logit vector each.
+
+Then the patch-renormalised entropy is ``log(ep) - epl / ep``, ``patch_self = exp(s_ii - mp) / ep``, the
+distance is ``epd / ep``; with ``m`` the max over all keys and ``z`` the full softmax denominator relative to
+it, ``patch_cls = exp(s_i0 - m) / z`` and the [cls] patch mass is ``ep exp(mp - m) / z``. The patch metrics
+are averaged over patch rows; the [cls] ones are read from row 0.
+
+Logits are rounded to the input dtype before the softmax, as timm's non-fused path does under autocast
+(``(q * scale)`` and ``q @ k^T`` in bf16, softmax in fp32), so the kernel reproduces the map the
+``attn_drop`` route taps, up to the summation order of the dot products
+(which can put a rare logit one bf16 ulp apart).
+
+Triton ships with CUDA builds of torch; without it this module still imports and the torch route runs.
+Under ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors (slowly), which is how the CPU test suite
+checks its arithmetic; ``benchmarks/kernel_resources.py`` builds it for sm_80/sm_90 without a GPU.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+
+from ..metrics import CLS_METRICS, METRICS
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds may lack Triton; the torch route needs none
+    triton = None
+
+
+KERNEL_COLUMNS: tuple[str, ...] = ("cls_self", "cls_patch_entropy", "cls_patch_mass", "patch_cls",
+                                   "patch_self", "patch_patch_entropy", "attention_distance")
+"""Column order of the kernel's ``[B, H, 7]`` output (mapped to :data:`METRICS` by the wrapper)."""
+
+_TO_METRICS = [KERNEL_COLUMNS.index(m) for m in METRICS]
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_supported(device: torch.device | str) -> bool:
+    """Whether the kernel can run for tensors on ``device``: CUDA with Triton importable, or any device
+    under ``TRITON_INTERPRET=1``."""
+    if triton is None:
+        return False
+    return interpreting() or torch.device(device).type == "cuda"
+
+
+
+if triton is not None:
+    @triton.jit
+    def round_as(x, like, UPCAST: tl.constexpr):
+        """fp32 ``x`` rounded to ``like``'s dtype (nearest even), returned as fp32."""
+        y = x.to(like.dtype).to(tl.float32)
+        if UPCAST:
+            if like.dtype == tl.bfloat16:  # the interpreter truncates fp32 -> bf16: round by hand
+                bits = x.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                y = bits.to(tl.float32, bitcast=True)
+        return y
+
+    @triton.jit
+    def logits(q, k, ROUND: tl.constexpr, UPCAST: tl.constexpr):
+        """``q @ k`` (``[BLOCK_M, BLOCK_D] x [BLOCK_D, BLOCK_N]``) in fp32, rounded to ``k``'s dtype if ROUND.
+
+        fp32 inputs use a true fp32 product (no TF32), as torch's default matmul does."""
+        if UPCAST:  # the interpreter's dot mishandles bf16; bf16 products are exact in fp32
+            s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+        elif k.dtype == tl.float32:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        if ROUND:
+            s = round_as(s, k, UPCAST)
+        return s
+
+    @triton.jit
+    def row_dot(q, k_row, ROUND: tl.constexpr, UPCAST: tl.constexpr):
+        """``[BLOCK_M]`` logits of each query row with one key row each (``k_row``: ``[BLOCK_D]`` broadcast
+        or ``[BLOCK_M, BLOCK_D]``), fp32 sums of exact products, rounded like :func:`logits`."""
+        s = tl.sum(q.to(tl.float32) * k_row.to(tl.float32), 1)
+        if ROUND:
+            s = round_as(s, k_row, UPCAST)
+        return s
+
+    @triton.jit
+    def qk_metrics_kernel(
+        Q, K, DIST, OUT,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        H, N, NUM_PREFIX, N_PATCH, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROUND: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        very_negative = -1.0e30   # a finite "-inf": (m_old - m_new) * 0 stays 0 on the first tile
+
+        sum_self = tl.zeros([BLOCK_M], tl.float32)     # per-lane sums over patch rows
+        sum_entropy = tl.zeros([BLOCK_M], tl.float32)
+        sum_distance = tl.zeros([BLOCK_M], tl.float32)
+        sum_to_cls = tl.zeros([BLOCK_M], tl.float32)
+        cls_self = tl.zeros([BLOCK_M], tl.float32)      # row 0 only
+        cls_entropy = tl.zeros([BLOCK_M], tl.float32)
+        cls_mass = tl.zeros([BLOCK_M], tl.float32)
+
+        for start_m in range(0, N, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < N
+            row_is_patch = row_ok & (rows >= NUM_PREFIX)
+            patch_row = rows - NUM_PREFIX
+            q_in = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                           mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            q = round_as(q_in.to(tl.float32) * scale, q_in, UPCAST)  # timm scales q first, in its dtype
+            if not UPCAST:
+                q = q.to(q_in.dtype)
+
+            # prefix keys ([cls], registers): few, so one logit vector each; sums relative to their max
+            m_pre = tl.full([BLOCK_M], very_negative, tl.float32)
+            z_pre = tl.zeros([BLOCK_M], tl.float32)
+            e_cls = tl.zeros([BLOCK_M], tl.float32)
+            for j in range(0, NUM_PREFIX):
+                k_j = tl.load(k_base + j * stride_kn + offs_d * stride_kd, mask=d_ok, other=0.0)
+                s_j = row_dot(q, k_j[None, :], ROUND, UPCAST)
+                m_new = tl.maximum(m_pre, s_j)
+                alpha = tl.exp(m_pre - m_new)
+                e_j = tl.exp(s_j - m_new)
+                z_pre = z_pre * alpha + e_j
+                e_cls = tl.where(j == 0, e_j, e_cls * alpha)
+                m_pre = m_new
+
+            # patch keys: online softmax over key tiles, every sum relative to the running patch max m_p
+            m_p = tl.full([BLOCK_M], very_negative, tl.float32)
+            ep = tl.zeros([BLOCK_M], tl.float32)       # sum e,          e = exp(s - m_p)
+            epl = tl.zeros([BLOCK_M], tl.float32)      # sum e (s - m_p)
+            epd = tl.zeros([BLOCK_M], tl.float32)      # sum e d
+            for start_n in range(0, N_PATCH, BLOCK_N):
+                cols = start_n + tl.arange(0, BLOCK_N)  # patch index of each key
+                col_ok = cols < N_PATCH
+                k = tl.load(k_base + (cols + NUM_PREFIX)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                s = logits(q, k, ROUND, UPCAST)
+                m_new = tl.maximum(m_p, tl.max(tl.where(col_ok[None, :], s, very_negative), 1))
+                alpha = tl.exp(m_p - m_new)
+                u = tl.where(col_ok[None, :], s - m_new[:, None], 0.0)
+                e = tl.where(col_ok[None, :], tl.exp(u), 0.0)
+                d = tl.load(DIST + patch_row[:, None] * N_PATCH + cols[None, :],
+                            mask=row_is_patch[:, None] & col_ok[None, :], other=0.0)
+                epl = alpha * (epl + (m_p - m_new) * ep) + tl.sum(e * u, 1)
+                ep = alpha * ep + tl.sum(e, 1)
+                epd = alpha * epd + tl.sum(e * d, 1)
+                m_p = m_new
+
+            # each patch row's own key (the diagonal), directly
+            k_diag = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                             mask=row_is_patch[:, None] & d_ok[None, :], other=0.0)
+            e_diag = tl.exp(row_dot(q, k_diag, ROUND, UPCAST) - m_p)
+
+            ep_safe = tl.where(row_ok, ep, 1.0)
+            m_all = tl.maximum(m_pre, m_p)
+            patch_share = ep_safe * tl.exp(m_p - m_all)                  # sum over patches of exp(s - m_all)
+            z = patch_share + z_pre * tl.exp(m_pre - m_all)
+            to_cls = e_cls * tl.exp(m_pre - m_all) / z
+            entropy = tl.log(ep_safe) - epl / ep_safe
+            sum_self += tl.where(row_is_patch, e_diag / ep_safe, 0.0)
+            sum_entropy += tl.where(row_is_patch, entropy, 0.0)
+            sum_distance += tl.where(row_is_patch, epd / ep_safe, 0.0)
+            sum_to_cls += tl.where(row_is_patch, to_cls, 0.0)
+            first = rows == 0
+            cls_self += tl.where(first, to_cls, 0.0)
+            cls_entropy += tl.where(first, entropy, 0.0)
+            cls_mass += tl.where(first, patch_share / z, 0.0)
+
+        out = OUT + pid * 7
+        tl.store(out + 0, tl.sum(cls_self, 0))
+        tl.store(out + 1, tl.sum(cls_entropy, 0))
+        tl.store(out + 2, tl.sum(cls_mass, 0))
+        tl.store(out + 3, tl.sum(sum_to_cls, 0) / N_PATCH)
+        tl.store(out + 4, tl.sum(sum_self, 0) / N_PATCH)
+        tl.store(out + 5, tl.sum(sum_entropy, 0) / N_PATCH)
+        tl.store(out + 6, tl.sum(sum_distance, 0) / N_PATCH)
+
+    # Built for sm_90 (benchmarks/kernel_resources.py), tiles of 16-32 query rows keep register use moderate;
+    # the autotuner picks per (token count, head size, prefix count) on the GPU at hand.
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                for bm, bn, w, st in ((16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2),
+                                      (16, 128, 4, 2), (32, 128, 8, 2))]
+    _AUTOTUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    tuned = triton.autotune(_CONFIGS, key=["N", "HEAD_DIM", "NUM_PREFIX"], **_AUTOTUNE_KW)(qk_metrics_kernel)
+
+
+def _kernels() -> tuple[Any, Any]:
+    """(plain kernel, autotuned kernel)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed; use the torch route (qk_kernel='torch')")
+    return qk_metrics_kernel, tuned
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int, has_cls: bool,
+                      distances: torch.Tensor, *, block_m: int | None = None,
+                      block_n: int | None = None) -> torch.Tensor:
+    """Metrics of ``softmax((q * scale) @ k^T)`` per image and head, without materialising the map.
+
+    Same contract as :func:`attnflow.collect.metrics_from_qk` (the torch route it replaces).
+
+    Args:
+        q, k: ``[B, H, N, d]`` queries and keys (any strides; fp32, bf16 or fp16), ``N = num_prefix +
+            n_patches``.
+        scale: the block's softmax scale.
+        num_prefix: prefix tokens before the patches; has_cls: token 0 is [cls] (else [cls] columns NaN).
+        distances: ``[n_patches, n_patches]`` patch distances (:func:`~attnflow.metrics.patch_distances`).
+        block_m, block_n: query/key tile sizes (powers of two >= 16); default: autotuned on CUDA, 32/32
+            under the interpreter.
+
+    Returns:
+        ``[B, H, M]`` float32 in :data:`~attnflow.metrics.METRICS` order.
+    """
+    if q.shape != k.shape or q.dim() != 4:
+        raise ValueError(f"q and k must both be [B, H, N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, H, N, d = q.shape
+    n_patch = N - num_prefix
+    if distances.shape != (n_patch, n_patch):
+        raise ValueError(f"distances must be [{n_patch}, {n_patch}] for {N} tokens with {num_prefix} prefix "
+                         f"tokens, got {tuple(distances.shape)}")
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    plain, tuned = _kernels()
+    out = torch.empty(B, H, len(KERNEL_COLUMNS), device=q.device, dtype=torch.float32)
+    dist = distances.to(device=q.device, dtype=torch.float32).contiguous()
+    args = (q, k, dist, out, *q.stride(), *k.stride(), H, N, num_prefix, n_patch, float(scale))
+    flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,
+             "UPCAST": interpreting()}
+    grid = (B * H,)
+    if block_m is None and block_n is None and not interpreting():
+        tuned[grid](*args, **flags)
+    else:
+        plain[grid](*args, BLOCK_M=block_m or 32, BLOCK_N=block_n or 32, **flags)
+    values = out[..., _TO_METRICS]
+    if not has_cls:
+        values[..., [METRICS.index(m) for m in CLS_METRICS]] = float("nan")
+    return values

@@ -1,0 +1,238 @@
+"""The Triton q/k metrics kernel vs a float64 brute-force map, and the route that falls back to torch.
+
+Without a GPU, conftest builds the kernel for Triton's CPU interpreter; with one, these tests compile it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from attnflow.collect import attention_stats, metrics_from_qk  # noqa: E402
+from attnflow.kernels import route as route_module  # noqa: E402
+from attnflow.kernels.qk_metrics import qk_metrics_triton  # noqa: E402
+from attnflow.kernels.route import QKRoute, disagreement  # noqa: E402
+from attnflow.metrics import METRICS, attention_metrics, patch_distances  # noqa: E402
+from conftest import tiny_model  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference_metrics(q, k, scale, num_prefix, has_cls, distances):
+    """float64 brute force, one image and head at a time: the map ``softmax(bf16-or-fp32 logits)`` (logits in the
+    input dtype, as timm's non-fused path), then each metric from its definition."""
+    logits = ((q.cpu() * scale) @ k.cpu().transpose(-2, -1)).double()  # rounded to the input dtype first
+    dist = distances.double().cpu()
+    B, H, N, _ = q.shape
+    P = num_prefix
+    out = torch.full((B, H, len(METRICS)), float("nan"), dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            row_max = logits[b, h].max(dim=1, keepdim=True).values
+            e = (logits[b, h] - row_max).exp()
+            a = e / e.sum(dim=1, keepdim=True)                             # [N, N]
+            values = {}
+            rows = []
+            for i in range(P, N):
+                pr = a[i, P:] / a[i, P:].sum()                             # patch row, renormalised
+                rows.append((pr[i - P].item(), -torch.special.xlogy(pr, pr).sum().item(),
+                             (pr * dist[i - P]).sum().item(), a[i, 0].item()))
+            rows = np.array(rows)
+            values["patch_self"], values["patch_patch_entropy"], values["attention_distance"] = rows[:, :3].mean(0)
+            if has_cls:
+                cls_row = a[0, P:]
+                r = cls_row / cls_row.sum()
+                values.update(cls_self=a[0, 0].item(), cls_patch_mass=cls_row.sum().item(),
+                              cls_patch_entropy=-torch.special.xlogy(r, r).sum().item(), patch_cls=rows[:, 3].mean())
+            for name, v in values.items():
+                out[b, h, METRICS.index(name)] = v
+    return out
+
+
+def _qk(B, H, N, d, dtype, seed=0, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # timm's layout: q and k are views of one qkv tensor
+        qkv = (torch.randn(B, N, 3, H, d, generator=g) * 1.5).to(DEVICE, dtype).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1]
+    q = torch.randn(B, H, N, d, generator=g) * 1.5
+    k = torch.randn(B, H, N, d, generator=g) * 1.5
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("num_prefix,grid,d,has_cls,blocks", [
+    (1, (7, 7), 16, True, (32, 32)),      # ViT: [cls] + 49 patches, two query and two key tiles
+    (5, (4, 6), 24, True, (16, 16)),      # [cls] + 4 registers, non-square grid, head dim padded to 32
+    (2, (5, 5), 16, True, (16, 64)),      # DeiT-distilled, one key tile
+    (0, (5, 5), 16, False, (32, 16)),     # no [cls] (I-JEPA): [cls] metrics NaN
+    (1, (7, 7), 16, True, (None, None)),  # the default tiles (autotuned on a GPU)
+])
+def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks):
+    N = num_prefix + grid[0] * grid[1]
+    q, k = _qk(2, 3, N, d, torch.float32)
+    dist = patch_distances(grid, (16, 16))
+    got = qk_metrics_triton(q, k, d ** -0.5, num_prefix, has_cls, dist, block_m=blocks[0], block_n=blocks[1])
+    ref = reference_metrics(q, k, d ** -0.5, num_prefix, has_cls, dist)
+    assert got.shape == (2, 3, len(METRICS)) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.cpu().double().numpy(), ref.numpy(), rtol=2e-5, atol=1e-6)
+    assert got.isnan().any().item() == (not has_cls)
+
+
+@pytest.mark.parametrize("dtype,rounding_effect", [(torch.bfloat16, 2e-3), (torch.float16, 5e-4)])
+def test_kernel_rounds_logits_like_timm_under_autocast(dtype, rounding_effect):
+    """bf16/fp16 q and k: q * scale and q @ k^T are rounded to that dtype, as in timm's non-fused path."""
+    q, k = _qk(2, 2, 50, 16, dtype, seed=1)
+    dist = patch_distances((7, 7), (16, 16))
+    got = qk_metrics_triton(q, k, 0.25, 1, True, dist, block_m=32, block_n=32)
+    ref = reference_metrics(q, k, 0.25, 1, True, dist)
+    # summation order may put single logits one ulp apart after rounding (fp16: 2^-11 relative)
+    np.testing.assert_allclose(got.cpu().double().numpy(), ref.numpy(), rtol=2e-4, atol=1e-6)
+    # ... and not the fp32 map: the rounding moves some values by several times that tolerance
+    ref32 = reference_metrics(q.float(), k.float(), 0.25, 1, True, dist).numpy()
+    effect = (np.abs(got.cpu().double().numpy() - ref32) / np.abs(ref32)).max()
+    assert effect > rounding_effect
+
+
+def test_kernel_reads_strided_views_of_qkv():
+    q, k = _qk(2, 3, 50, 16, torch.float32, strided=True)
+    assert not q.is_contiguous()
+    dist = patch_distances((7, 7), (16, 16))
+    got = qk_metrics_triton(q, k, 0.25, 1, True, dist, block_m=32, block_n=32)
+    np.testing.assert_allclose(got.cpu().double().numpy(),
+                               reference_metrics(q, k, 0.25, 1, True, dist).numpy(), rtol=2e-5, atol=1e-6)
+
+
+def test_patch_metrics_survive_rows_dominated_by_cls():
+    """Rows whose [cls] logit exceeds every patch logit by ~180: the patch probabilities underflow fp32
+    (e^-180), yet their renormalised entropy, self ratio and distance are well defined. The kernel and the
+    torch q/k route get them from exp(logit - patch max); only a materialised fp32 map loses them."""
+    q, k = _qk(1, 2, 50, 16, torch.float32, seed=2)
+    q[..., 0] = 20.0
+    k[..., 0] = torch.randn(k.shape[:-1], generator=torch.Generator().manual_seed(3)).to(DEVICE) * 0.5
+    k[:, :, 0, 0] = 40.0                                   # the [cls] key: logit ~ 20 * 40 / 4 = 200
+    dist = patch_distances((7, 7), (16, 16))
+    got = qk_metrics_triton(q, k, 0.25, 1, True, dist, block_m=32, block_n=32).cpu().double()
+    ref = reference_metrics(q, k, 0.25, 1, True, dist)
+    patch_cols = [METRICS.index(m) for m in ("patch_self", "patch_patch_entropy", "attention_distance")]
+    assert torch.isfinite(got[..., patch_cols]).all()
+    np.testing.assert_allclose(got[..., patch_cols].numpy(), ref[..., patch_cols].numpy(), rtol=1e-4)
+    assert got[..., METRICS.index("patch_cls")].min() > 0.999   # the rows really are all [cls]
+    torch_route = metrics_from_qk(q.cpu(), k.cpu(), 0.25, 1, True, dist).double()
+    np.testing.assert_allclose(torch_route[..., patch_cols].numpy(), ref[..., patch_cols].numpy(), rtol=1e-4)
+    fp32_map = attention_metrics(((q.cpu() * 0.25) @ k.cpu().transpose(-2, -1)).softmax(-1), 1, True, dist)
+    assert not torch.isfinite(fp32_map[..., patch_cols]).all()
+
+
+def test_kernel_rejects_mismatched_distances():
+    q, k = _qk(1, 1, 50, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"distances must be \[49, 49\]"):
+        qk_metrics_triton(q, k, 0.25, 1, True, patch_distances((6, 6), (16, 16)))
+
+
+def test_attention_stats_with_kernel_equals_attn_drop_route():
+    model = tiny_model("vit_small_patch14_reg4_dinov2", img_size=56)
+    images = [torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    fast = attention_stats(model, images, device=DEVICE, progress=False, fast_qk=True, qk_kernel="triton",
+                           compile=False, amp="fp32")
+    slow = attention_stats(model, images, device=DEVICE, progress=False, fast_qk=False, amp="fp32")
+    assert fast.meta["qk_kernel"] == "triton" and fast.meta["fast_qk_blocks"] == 2
+    assert slow.meta["qk_kernel"] is None
+    np.testing.assert_array_equal(fast.frame["count"], slow.frame["count"])
+    np.testing.assert_allclose(fast.frame["mean"], slow.frame["mean"], rtol=1e-5, atol=1e-7)
+
+
+# --- the auto route: the kernel is checked once per shape and replaced by torch if it fails ----------------
+
+def _route(monkeypatch, kernel_fn):
+    calls = {"reference": 0}
+
+    def reference(*args):
+        calls["reference"] += 1
+        return metrics_from_qk(*args)
+
+    monkeypatch.setattr(route_module, "triton_supported", lambda device: True)
+    monkeypatch.setattr(route_module, "qk_metrics_triton", kernel_fn)
+    # "cuda" only picks the kernel; the tensors stay where the kernel runs
+    return QKRoute("auto", torch.device("cuda"), metrics_from_qk, reference), calls
+
+
+def _args(N=50, seed=0):
+    q, k = _qk(4, 2, N, 16, torch.float32, seed=seed)
+    return q, k, 0.25, 1, True, patch_distances((math.isqrt(N - 1),) * 2, (16, 16))
+
+
+def test_auto_route_keeps_a_kernel_that_agrees_and_checks_each_shape_once(monkeypatch):
+    route, calls = _route(monkeypatch, qk_metrics_triton)
+    assert route.name == "triton"
+    for seed in range(3):
+        route(*_args(seed=seed))
+    assert calls["reference"] == 1 and route.name == "triton" and route.fallback_reason is None
+    route(*_args(N=65))                                   # a new token count is checked again
+    assert calls["reference"] == 2 and route.name == "triton"
+
+
+def test_auto_route_falls_back_when_the_kernel_disagrees(monkeypatch, caplog):
+    route, _ = _route(monkeypatch, lambda q, k, *a: qk_metrics_triton(q, k, *a) * 1.01)
+    args = _args()
+    with caplog.at_level(logging.WARNING):
+        values = route(*args)
+    assert route.name == "torch" and "disagrees" in route.fallback_reason
+    assert "continuing with the torch route" in caplog.text
+    torch.testing.assert_close(values, metrics_from_qk(*[a.cpu() if torch.is_tensor(a) else a for a in args])
+                               .to(values.device), equal_nan=True)
+
+
+def test_auto_route_falls_back_when_the_kernel_cannot_build(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    route, _ = _route(monkeypatch, broken)
+    values = route(*_args())
+    assert route.name == "torch" and "PTX assembly failed" in route.fallback_reason
+    assert values.shape == (4, 2, len(METRICS))
+
+
+def test_auto_route_is_torch_on_cpu():
+    route = QKRoute("auto", torch.device("cpu"), metrics_from_qk, metrics_from_qk)
+    assert route.name == "torch"
+
+
+def test_unknown_kernel_is_refused():
+    from attnflow.errors import AttnflowError
+
+    with pytest.raises(AttnflowError, match="unknown qk kernel 'cuda'; choose one of auto, triton, torch"):
+        QKRoute("cuda", torch.device("cpu"), metrics_from_qk, metrics_from_qk)
+
+
+def test_disagreement_tolerates_single_bf16_flips_but_not_a_wrong_metric():
+    ref = torch.rand(8, 12, len(METRICS)) + 0.5
+    one_flip = ref.clone()
+    one_flip[3, 5, 0] *= 1.05                              # one logit one bf16 ulp apart
+    assert disagreement(one_flip, ref) is None
+    wrong_metric = ref.clone()
+    wrong_metric[..., METRICS.index("attention_distance")] *= 1.01
+    assert "of values differ" in disagreement(wrong_metric, ref)
+    nan_mismatch = ref.clone()
+    nan_mismatch[0, 0, 0] = float("nan")
+    assert "NaN in one route only" in disagreement(nan_mismatch, ref)
+
+
+def test_kernel_builds_for_ampere_and_hopper_without_a_gpu(tmp_path):
+    """Triton's compiler and bundled ptxas build the kernel for sm_80 and sm_90 here: GPU-only build errors
+    (layouts, dot shapes, constexpr branches) that the interpreter cannot see fail this test."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(repo / "benchmarks" / "kernel_resources.py"), "--arch", "80,90",
+                          "--dtype", "bf16", "--configs", "2"], capture_output=True, text=True, env=env, cwd=repo,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = [line for line in run.stdout.splitlines() if "registers" in line]
+    assert len(lines) == 4 and all("0 B stack" in line for line in lines), run.stdout
