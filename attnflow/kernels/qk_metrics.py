@@ -30,6 +30,7 @@ checks its arithmetic; ``benchmarks/kernel_resources.py`` builds it for sm_80/sm
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import Any
@@ -259,10 +260,12 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
     flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,
              "UPCAST": interpreting()}
     grid = (B * H,)
-    if block_m is None and block_n is None and not interpreting():
-        tuned[grid](*args, **flags)
-    else:
-        plain[grid](*args, BLOCK_M=block_m or 32, BLOCK_N=block_n or 32, **flags)
+    # Triton launches on the current CUDA device: make it the tensors' one (e.g. cuda:3 in a torchrun job)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if block_m is None and block_n is None and not interpreting():
+            tuned[grid](*args, **flags)
+        else:
+            plain[grid](*args, BLOCK_M=block_m or 32, BLOCK_N=block_n or 32, **flags)
     values = out[..., _TO_METRICS]
     if not has_cls:
         values[..., [METRICS.index(m) for m in CLS_METRICS]] = float("nan")
