@@ -205,11 +205,14 @@ def test_auto_route_is_torch_on_cpu():
     assert route.name == "torch"
 
 
-def test_unknown_kernel_is_refused():
+def test_unknown_or_unavailable_kernel_is_refused(monkeypatch):
     from attnflow.errors import AttnflowError
 
     with pytest.raises(AttnflowError, match="unknown qk kernel 'cuda'; choose one of auto, triton, torch"):
         QKRoute("cuda", torch.device("cpu"), metrics_from_qk, metrics_from_qk)
+    monkeypatch.setattr(route_module, "triton_supported", lambda device: False)  # CPU, no interpreter
+    with pytest.raises(AttnflowError, match=r"needs a CUDA device and Triton \(got cpu\); use --qk-kernel torch"):
+        QKRoute("triton", torch.device("cpu"), metrics_from_qk, metrics_from_qk)
 
 
 def test_disagreement_tolerates_single_bf16_flips_but_not_a_wrong_metric():
