@@ -31,7 +31,7 @@ def compile_config(kernel, config, *, arch: int, dtype: str, head_dim: int) -> d
     constants = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
                  "ROUND": dtype != "fp32", "UPCAST": False, "stride_qd": 1, "stride_kd": 1, **config.kwargs}
     signature.update({name: "constexpr" for name in constants})
-    aligned = ("Q", "K", "DIST", "OUT", "stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn")
+    aligned = ("Q", "K", "DIST", "OUT", "stride_dist", "stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -80,6 +81,17 @@ if triton is not None:
         return y
 
     @triton.jit
+    def fast_exp(x, UPCAST: tl.constexpr):
+        """``exp(x)`` as one ``ex2.approx.ftz`` (2 ulp; results below 1e-38 flush to 0), where ``tl.exp``
+        also emits the denormal range fix-up: the per-element exp is the kernel's hottest instruction."""
+        if UPCAST:  # the interpreter has no inline PTX
+            y = tl.exp(x)
+        else:
+            y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        return y
+
+    @triton.jit
     def logits(q, k, ROUND: tl.constexpr, UPCAST: tl.constexpr):
         """``q @ k`` (``[BLOCK_M, BLOCK_D] x [BLOCK_D, BLOCK_N]``) in fp32, rounded to ``k``'s dtype if ROUND.
 
@@ -105,7 +117,7 @@ if triton is not None:
 
     @triton.jit
     def qk_metrics_kernel(
-        Q, K, DIST, OUT,
+        Q, K, DIST, OUT, stride_dist,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         H, N, NUM_PREFIX, N_PATCH, scale,
@@ -133,7 +145,6 @@ if triton is not None:
             rows = start_m + tl.arange(0, BLOCK_M)
             row_ok = rows < N
             row_is_patch = row_ok & (rows >= NUM_PREFIX)
-            patch_row = rows - NUM_PREFIX
             q_in = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             q = round_as(q_in.to(tl.float32) * scale, q_in, UPCAST)  # timm scales q first, in its dtype
@@ -164,13 +175,14 @@ if triton is not None:
                 col_ok = cols < N_PATCH
                 k = tl.load(k_base + (cols + NUM_PREFIX)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                             mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-                s = logits(q, k, ROUND, UPCAST)
-                m_new = tl.maximum(m_p, tl.max(tl.where(col_ok[None, :], s, very_negative), 1))
+                # columns past the last patch get a finite -1e30: their exp is 0 and 0 * u stays 0
+                s = logits(q, k, ROUND, UPCAST) + tl.where(col_ok, 0.0, very_negative)[None, :]
+                m_new = tl.maximum(m_p, tl.max(s, 1))
                 alpha = tl.exp(m_p - m_new)
-                u = tl.where(col_ok[None, :], s - m_new[:, None], 0.0)
-                e = tl.where(col_ok[None, :], tl.exp(u), 0.0)
-                d = tl.load(DIST + patch_row[:, None] * N_PATCH + cols[None, :],
-                            mask=row_is_patch[:, None] & col_ok[None, :], other=0.0)
+                u = s - m_new[:, None]
+                e = fast_exp(u, UPCAST)
+                # DIST is indexed by token row and patch column, zero-padded past every tile: no mask
+                d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :])
                 epl = alpha * (epl + (m_p - m_new) * ep) + tl.sum(e * u, 1)
                 ep = alpha * ep + tl.sum(e, 1)
                 epd = alpha * epd + tl.sum(e * d, 1)
@@ -205,11 +217,12 @@ if triton is not None:
         tl.store(out + 5, tl.sum(sum_entropy, 0) / N_PATCH)
         tl.store(out + 6, tl.sum(sum_distance, 0) / N_PATCH)
 
-    # Built for sm_90 (benchmarks/kernel_resources.py), tiles of 16-32 query rows keep register use moderate;
-    # the autotuner picks per (token count, head size, prefix count) on the GPU at hand.
-    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                for bm, bn, w, st in ((16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2),
-                                      (16, 128, 4, 2), (32, 128, 8, 2))]
+    # Tiles whose warps split only the query rows keep the row reductions inside a warp (BLOCK_M = 16 per
+    # warp, or 64 per warpgroup on Hopper); benchmarks/kernel_resources.py builds each for sm_80/sm_90 and
+    # reports its registers. The autotuner picks per (token count, head size, prefix count) on the GPU at hand.
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+                for bm, bn, w in ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8), (32, 16, 2),
+                                  (64, 16, 4), (16, 64, 4), (32, 64, 4))]
     _AUTOTUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     tuned = triton.autotune(_CONFIGS, key=["N", "HEAD_DIM", "NUM_PREFIX"], **_AUTOTUNE_KW)(qk_metrics_kernel)
 
@@ -219,6 +232,39 @@ def _kernels() -> tuple[Any, Any]:
     if triton is None:
         raise RuntimeError("Triton is not installed; use the torch route (qk_kernel='torch')")
     return qk_metrics_kernel, tuned
+
+
+_MAX_TILE = 128
+"""Largest BLOCK_M / BLOCK_N of any config: the padding of :func:`_padded_distances`."""
+
+_padded_cache: dict[int, tuple[weakref.ref, dict[tuple, torch.Tensor]]] = {}
+"""id(distances) -> (weak reference to it, its padded copies); tensors hash by identity but compare
+elementwise, so a WeakKeyDictionary cannot hold them."""
+
+
+def _padded_distances(distances: torch.Tensor, num_prefix: int, device: torch.device) -> torch.Tensor:
+    """``distances`` placed at rows ``num_prefix:`` (token index) of a zero matrix whose rows and columns are
+    padded to a multiple of the largest tile, so the kernel loads tiles without masks (and, with a row stride
+    divisible by 16, vectorised). Cached per ``distances`` tensor while it lives.
+
+    Returns:
+        ``[round_up(num_prefix + n_patches), round_up(n_patches)]`` float32 on ``device``.
+    """
+    entry = _padded_cache.get(id(distances))
+    if entry is None or entry[0]() is not distances:
+        for key in [k for k, (ref, _) in _padded_cache.items() if ref() is None]:
+            del _padded_cache[key]
+        entry = _padded_cache[id(distances)] = (weakref.ref(distances), {})
+    copies = entry[1]
+    key = (num_prefix, str(device))
+    if key not in copies:
+        n_patch = distances.shape[0]
+        rows = -(-(num_prefix + n_patch) // _MAX_TILE) * _MAX_TILE
+        cols = -(-n_patch // _MAX_TILE) * _MAX_TILE
+        padded = torch.zeros(rows, cols, device=device, dtype=torch.float32)
+        padded[num_prefix:num_prefix + n_patch, :n_patch] = distances.to(device=device, dtype=torch.float32)
+        copies[key] = padded
+    return copies[key]
 
 
 def _block_d(head_dim: int) -> int:
@@ -255,8 +301,8 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
         k = k.to(q.dtype)
     plain, tuned = _kernels()
     out = torch.empty(B, H, len(KERNEL_COLUMNS), device=q.device, dtype=torch.float32)
-    dist = distances.to(device=q.device, dtype=torch.float32).contiguous()
-    args = (q, k, dist, out, *q.stride(), *k.stride(), H, N, num_prefix, n_patch, float(scale))
+    dist = _padded_distances(distances, num_prefix, q.device)
+    args = (q, k, dist, out, dist.stride(0), *q.stride(), *k.stride(), H, N, num_prefix, n_patch, float(scale))
     flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,
              "UPCAST": interpreting()}
     grid = (B * H,)
