@@ -118,10 +118,12 @@ def attention_metrics_from_logits(logits: torch.Tensor, num_prefix: int, has_cls
 
     Mathematically identical to ``attention_metrics(logits.softmax(-1), ...)`` (agreement ~1e-6 relative in
     fp32), but every quantity is a row reduction, so a compiler fuses the softmax and all metrics into passes
-    over the logits without materialising the fp32 map. The patch-renormalised quantities use
-    ``u_j = l_j - max_{patches} l``, so with ``ep = sum_{patches} exp(u_j)`` the entropy is
-    ``log(ep) - sum exp(u_j) u_j / ep``; as ``ep >= 1``, they stay exact even when a prefix token takes all
-    but ~e^-100 of a row (where the fp32 map itself underflows to zero over the patches).
+    over the logits without materialising the fp32 map; one exp per logit. The patch keys use
+    ``u_j = l_j - max_{patches} l``: with ``ep = sum_{patches} exp(u_j)`` the entropy is
+    ``log(ep) - sum exp(u_j) u_j / ep``, and as ``ep >= 1`` these stay exact even when a prefix token takes all
+    but ~e^-100 of a row (where the fp32 map itself underflows to zero over the patches). The few prefix keys
+    are exponentiated apart, relative to the row max. The Triton kernel (:mod:`attnflow.kernels.qk_metrics`)
+    uses the same algebra.
 
     Args:
         logits: pre-softmax scores ``[B, H, N, N]`` (any float dtype; computed in fp32).
@@ -131,17 +133,24 @@ def attention_metrics_from_logits(logits: torch.Tensor, num_prefix: int, has_cls
         ``[B, H, M]`` float32, columns in :data:`METRICS` order.
     """
     P = num_prefix
+    if has_cls and P < 1:
+        raise ValueError("has_cls needs num_prefix >= 1: [cls] is the first prefix token")
     logits = logits.float()
-    row_max = logits.amax(-1, keepdim=True)                         # [B, H, N, 1]
-    e = (logits - row_max).exp()
-    z = e.sum(-1)                                                   # [B, H, N]
-    to_patches = logits[..., P:]
-    patch_max = to_patches.amax(-1, keepdim=True)
-    u = to_patches - patch_max                                      # [B, H, N, Np], <= 0
+    to_patches = logits[..., P:]                                    # [B, H, N, Np]
+    patch_max = to_patches.amax(-1)                                 # [B, H, N]
+    u = to_patches - patch_max[..., None]                           # <= 0
     e_patch = u.exp()
     ep = e_patch.sum(-1)                                            # >= 1
     entropy = ep.log() - (e_patch * u).sum(-1) / ep
-    mass = ep * (patch_max - row_max).squeeze(-1).exp() / z
+    if P:  # the few prefix keys apart; z is the softmax denominator relative to the row max
+        prefix = logits[..., :P]                                    # [B, H, N, P]
+        row_max = torch.maximum(prefix.amax(-1), patch_max)
+        e_prefix = (prefix - row_max[..., None]).exp()
+        patch_share = ep * (patch_max - row_max).exp()
+        z = e_prefix.sum(-1) + patch_share
+    else:
+        patch_share = z = ep
+    mass = patch_share / z
 
     ep_rows = ep[..., P:]                                           # [B, H, Np]
     patch_self = (e_patch[..., P:, :].diagonal(dim1=-2, dim2=-1) / ep_rows).mean(-1)
@@ -150,5 +159,6 @@ def attention_metrics_from_logits(logits: torch.Tensor, num_prefix: int, has_cls
     patch_metrics = {"patch_self": patch_self, "patch_patch_entropy": patch_entropy, "attention_distance": distance}
     if not has_cls:
         return _stack(patch_metrics, None)
-    return _stack(patch_metrics, {"cls_self": e[..., 0, 0] / z[..., 0], "cls_patch_entropy": entropy[..., 0],
-                                  "cls_patch_mass": mass[..., 0], "patch_cls": (e[..., P:, 0] / z[..., P:]).mean(-1)})
+    to_cls = e_prefix[..., 0] / z                                   # [B, H, N]
+    return _stack(patch_metrics, {"cls_self": to_cls[..., 0], "cls_patch_entropy": entropy[..., 0],
+                                  "cls_patch_mass": mass[..., 0], "patch_cls": to_cls[..., P:].mean(-1)})
