@@ -131,10 +131,22 @@ def test_patch_metrics_survive_rows_dominated_by_cls():
     assert not torch.isfinite(fp32_map[..., patch_cols]).all()
 
 
-def test_kernel_rejects_mismatched_distances():
+def test_one_distance_matrix_serves_layouts_with_different_prefixes():
+    """The kernel's padded copy of the distances is cached per (tensor, prefix count)."""
+    dist = patch_distances((7, 7), (16, 16))
+    for num_prefix in (1, 5, 1):
+        q, k = _qk(1, 2, num_prefix + 49, 16, torch.float32, seed=num_prefix)
+        got = qk_metrics_triton(q, k, 0.25, num_prefix, True, dist, block_m=16, block_n=32)
+        np.testing.assert_allclose(got.cpu().double().numpy(),
+                                   reference_metrics(q, k, 0.25, num_prefix, True, dist).numpy(), rtol=2e-5, atol=1e-6)
+
+
+def test_kernel_rejects_mismatched_distances_and_tiles():
     q, k = _qk(1, 1, 50, 16, torch.float32)
     with pytest.raises(ValueError, match=r"distances must be \[49, 49\]"):
         qk_metrics_triton(q, k, 0.25, 1, True, patch_distances((6, 6), (16, 16)))
+    with pytest.raises(ValueError, match="block_m must be a power of two from 16 to 128, got 256"):
+        qk_metrics_triton(q, k, 0.25, 1, True, patch_distances((7, 7), (16, 16)), block_m=256)
 
 
 def test_attention_stats_with_kernel_equals_attn_drop_route():

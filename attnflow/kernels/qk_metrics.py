@@ -284,8 +284,8 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
         scale: the block's softmax scale.
         num_prefix: prefix tokens before the patches; has_cls: token 0 is [cls] (else [cls] columns NaN).
         distances: ``[n_patches, n_patches]`` patch distances (:func:`~attnflow.metrics.patch_distances`).
-        block_m, block_n: query/key tile sizes (powers of two >= 16); default: autotuned on CUDA, 32/32
-            under the interpreter.
+        block_m, block_n: query/key tile sizes (powers of two, 16 to 128); default: autotuned on CUDA,
+            32/32 under the interpreter.
 
     Returns:
         ``[B, H, M]`` float32 in :data:`~attnflow.metrics.METRICS` order.
@@ -297,6 +297,9 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
     if distances.shape != (n_patch, n_patch):
         raise ValueError(f"distances must be [{n_patch}, {n_patch}] for {N} tokens with {num_prefix} prefix "
                          f"tokens, got {tuple(distances.shape)}")
+    for name, tile in (("block_m", block_m), ("block_n", block_n)):
+        if tile is not None and (tile < 16 or tile > _MAX_TILE or tile & (tile - 1)):
+            raise ValueError(f"{name} must be a power of two from 16 to {_MAX_TILE}, got {tile}")
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     plain, tuned = _kernels()
