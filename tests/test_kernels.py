@@ -22,40 +22,17 @@ from attnflow.kernels import route as route_module  # noqa: E402
 from attnflow.kernels.qk_metrics import qk_metrics_triton  # noqa: E402
 from attnflow.kernels.route import QKRoute, disagreement  # noqa: E402
 from attnflow.metrics import METRICS, attention_metrics, patch_distances  # noqa: E402
+from brute_force import brute_force_metrics  # noqa: E402
 from conftest import tiny_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference_metrics(q, k, scale, num_prefix, has_cls, distances):
-    """float64 brute force, one image and head at a time: the map ``softmax(bf16-or-fp32 logits)`` (logits in the
-    input dtype, as timm's non-fused path), then each metric from its definition."""
-    logits = ((q.cpu() * scale) @ k.cpu().transpose(-2, -1)).double()  # rounded to the input dtype first
-    dist = distances.double().cpu()
-    B, H, N, _ = q.shape
-    P = num_prefix
-    out = torch.full((B, H, len(METRICS)), float("nan"), dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            row_max = logits[b, h].max(dim=1, keepdim=True).values
-            e = (logits[b, h] - row_max).exp()
-            a = e / e.sum(dim=1, keepdim=True)                             # [N, N]
-            values = {}
-            rows = []
-            for i in range(P, N):
-                pr = a[i, P:] / a[i, P:].sum()                             # patch row, renormalised
-                rows.append((pr[i - P].item(), -torch.special.xlogy(pr, pr).sum().item(),
-                             (pr * dist[i - P]).sum().item(), a[i, 0].item()))
-            rows = np.array(rows)
-            values["patch_self"], values["patch_patch_entropy"], values["attention_distance"] = rows[:, :3].mean(0)
-            if has_cls:
-                cls_row = a[0, P:]
-                r = cls_row / cls_row.sum()
-                values.update(cls_self=a[0, 0].item(), cls_patch_mass=cls_row.sum().item(),
-                              cls_patch_entropy=-torch.special.xlogy(r, r).sum().item(), patch_cls=rows[:, 3].mean())
-            for name, v in values.items():
-                out[b, h, METRICS.index(name)] = v
-    return out
+def reference_metrics(q, k, scale, num_prefix, has_cls, grid, patch=(16, 16)):
+    """The float64 map ``softmax(logits)``, with the logits computed and rounded in the input dtype as in
+    timm's non-fused path, then every metric by the brute-force loops of ``tests/brute_force.py``."""
+    logits = ((q.cpu() * scale) @ k.cpu().transpose(-2, -1)).double()
+    return brute_force_metrics(logits.softmax(-1), num_prefix, has_cls, grid, patch)
 
 
 def _qk(B, H, N, d, dtype, seed=0, strided=False):
@@ -80,7 +57,7 @@ def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks):
     q, k = _qk(2, 3, N, d, torch.float32)
     dist = patch_distances(grid, (16, 16))
     got = qk_metrics_triton(q, k, d ** -0.5, num_prefix, has_cls, dist, block_m=blocks[0], block_n=blocks[1])
-    ref = reference_metrics(q, k, d ** -0.5, num_prefix, has_cls, dist)
+    ref = reference_metrics(q, k, d ** -0.5, num_prefix, has_cls, grid)
     assert got.shape == (2, 3, len(METRICS)) and got.dtype == torch.float32
     np.testing.assert_allclose(got.cpu().double().numpy(), ref.numpy(), rtol=2e-5, atol=1e-6)
     assert got.isnan().any().item() == (not has_cls)
@@ -92,11 +69,11 @@ def test_kernel_rounds_logits_like_timm_under_autocast(dtype, rounding_effect):
     q, k = _qk(2, 2, 50, 16, dtype, seed=1)
     dist = patch_distances((7, 7), (16, 16))
     got = qk_metrics_triton(q, k, 0.25, 1, True, dist, block_m=32, block_n=32)
-    ref = reference_metrics(q, k, 0.25, 1, True, dist)
+    ref = reference_metrics(q, k, 0.25, 1, True, (7, 7))
     # summation order may put single logits one ulp apart after rounding (fp16: 2^-11 relative)
     np.testing.assert_allclose(got.cpu().double().numpy(), ref.numpy(), rtol=2e-4, atol=1e-6)
     # ... and not the fp32 map: the rounding moves some values by several times that tolerance
-    ref32 = reference_metrics(q.float(), k.float(), 0.25, 1, True, dist).numpy()
+    ref32 = reference_metrics(q.float(), k.float(), 0.25, 1, True, (7, 7)).numpy()
     effect = (np.abs(got.cpu().double().numpy() - ref32) / np.abs(ref32)).max()
     assert effect > rounding_effect
 
@@ -107,7 +84,7 @@ def test_kernel_reads_strided_views_of_qkv():
     dist = patch_distances((7, 7), (16, 16))
     got = qk_metrics_triton(q, k, 0.25, 1, True, dist, block_m=32, block_n=32)
     np.testing.assert_allclose(got.cpu().double().numpy(),
-                               reference_metrics(q, k, 0.25, 1, True, dist).numpy(), rtol=2e-5, atol=1e-6)
+                               reference_metrics(q, k, 0.25, 1, True, (7, 7)).numpy(), rtol=2e-5, atol=1e-6)
 
 
 def test_patch_metrics_survive_rows_dominated_by_cls():
@@ -120,7 +97,7 @@ def test_patch_metrics_survive_rows_dominated_by_cls():
     k[:, :, 0, 0] = 40.0                                   # the [cls] key: logit ~ 20 * 40 / 4 = 200
     dist = patch_distances((7, 7), (16, 16))
     got = qk_metrics_triton(q, k, 0.25, 1, True, dist, block_m=32, block_n=32).cpu().double()
-    ref = reference_metrics(q, k, 0.25, 1, True, dist)
+    ref = reference_metrics(q, k, 0.25, 1, True, (7, 7))
     patch_cols = [METRICS.index(m) for m in ("patch_self", "patch_patch_entropy", "attention_distance")]
     assert torch.isfinite(got[..., patch_cols]).all()
     np.testing.assert_allclose(got[..., patch_cols].numpy(), ref[..., patch_cols].numpy(), rtol=1e-4)
@@ -138,7 +115,7 @@ def test_one_distance_matrix_serves_layouts_with_different_prefixes():
         q, k = _qk(1, 2, num_prefix + 49, 16, torch.float32, seed=num_prefix)
         got = qk_metrics_triton(q, k, 0.25, num_prefix, True, dist, block_m=16, block_n=32)
         np.testing.assert_allclose(got.cpu().double().numpy(),
-                                   reference_metrics(q, k, 0.25, num_prefix, True, dist).numpy(), rtol=2e-5, atol=1e-6)
+                                   reference_metrics(q, k, 0.25, num_prefix, True, (7, 7)).numpy(), rtol=2e-5, atol=1e-6)
 
 
 def test_kernel_rejects_mismatched_distances_and_tiles():

@@ -2,11 +2,11 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from attnflow.metrics import METRICS, attention_metrics, attention_metrics_from_logits, max_entropy, patch_distances
+from brute_force import brute_force_head
 
 
 def _random_attention(B, H, N, seed=0, peaky=3.0):
@@ -14,36 +14,8 @@ def _random_attention(B, H, N, seed=0, peaky=3.0):
     return torch.softmax(torch.randn(B, H, N, N, generator=g, dtype=torch.float64) * peaky, dim=-1)
 
 
-def _brute_force(a: np.ndarray, P: int, has_cls: bool, grid, patch) -> dict[str, float]:
-    """One head of one image, written out with Python loops."""
-    N = a.shape[0]
-    patches = range(P, N)
-    gw = grid[1]
-
-    def entropy(row):
-        s = sum(row[j] for j in patches)
-        return -sum((row[j] / s) * math.log(row[j] / s) for j in patches if row[j] > 0)
-
-    def dist(i, j):
-        (ri, ci), (rj, cj) = divmod(i - P, gw), divmod(j - P, gw)
-        return math.hypot((ri - rj) * patch[0], (ci - cj) * patch[1])
-
-    out = {}
-    n_p = len(patches)
-    out["patch_self"] = sum(a[i, i] / sum(a[i, j] for j in patches) for i in patches) / n_p
-    out["patch_patch_entropy"] = sum(entropy(a[i]) for i in patches) / n_p
-    out["attention_distance"] = sum(
-        sum(a[i, j] * dist(i, j) for j in patches) / sum(a[i, j] for j in patches) for i in patches) / n_p
-    if has_cls:
-        out["cls_self"] = a[0, 0]
-        out["cls_patch_entropy"] = entropy(a[0])
-        out["cls_patch_mass"] = sum(a[0, j] for j in patches)
-        out["patch_cls"] = sum(a[i, 0] for i in patches) / n_p
-    return out
-
-
 @pytest.mark.parametrize("P,has_cls", [(1, True), (5, True), (0, False)])
-def test_metrics_match_brute_force(P, has_cls):
+def test_metrics_matchbrute_force_head(P, has_cls):
     grid, patch = (3, 4), (16, 16)
     B, H, N = 2, 3, P + 12
     attn = _random_attention(B, H, N, seed=P)
@@ -51,7 +23,7 @@ def test_metrics_match_brute_force(P, has_cls):
     assert got.shape == (B, H, len(METRICS))
     for b in range(B):
         for h in range(H):
-            ref = _brute_force(attn[b, h].numpy(), P, has_cls, grid, patch)
+            ref = brute_force_head(attn[b, h].numpy(), P, has_cls, grid, patch)
             for m, name in enumerate(METRICS):
                 if name in ref:
                     assert got[b, h, m].item() == pytest.approx(ref[name], rel=2e-5, abs=1e-6), name
@@ -93,7 +65,7 @@ def test_patch_distances_in_pixels():
 
 
 @pytest.mark.parametrize("P,has_cls", [(1, True), (5, True), (0, False)])
-def test_metrics_from_logits_match_brute_force(P, has_cls):
+def test_metrics_from_logits_matchbrute_force_head(P, has_cls):
     """The fused-softmax formulation gives the same numbers as loops over softmax(logits)."""
     grid, patch = (3, 4), (14, 14)
     g = torch.Generator().manual_seed(7 + P)
@@ -102,7 +74,7 @@ def test_metrics_from_logits_match_brute_force(P, has_cls):
     attn = torch.softmax(logits, -1)
     for b in range(2):
         for h in range(3):
-            ref = _brute_force(attn[b, h].numpy(), P, has_cls, grid, patch)
+            ref = brute_force_head(attn[b, h].numpy(), P, has_cls, grid, patch)
             for m, name in enumerate(METRICS):
                 if name in ref:
                     assert got[b, h, m].item() == pytest.approx(ref[name], rel=1e-5, abs=1e-6), name

@@ -1,0 +1,48 @@
+"""Brute-force references shared by the metric and kernel tests: Python loops over one map at a time."""
+
+import math
+
+import numpy as np
+import torch
+
+from attnflow.metrics import METRICS
+
+
+def brute_force_head(a: np.ndarray, P: int, has_cls: bool, grid, patch) -> dict[str, float]:
+    """One head of one image, written out with Python loops."""
+    N = a.shape[0]
+    patches = range(P, N)
+    gw = grid[1]
+
+    def entropy(row):
+        s = sum(row[j] for j in patches)
+        return -sum((row[j] / s) * math.log(row[j] / s) for j in patches if row[j] > 0)
+
+    def dist(i, j):
+        (ri, ci), (rj, cj) = divmod(i - P, gw), divmod(j - P, gw)
+        return math.hypot((ri - rj) * patch[0], (ci - cj) * patch[1])
+
+    out = {}
+    n_p = len(patches)
+    out["patch_self"] = sum(a[i, i] / sum(a[i, j] for j in patches) for i in patches) / n_p
+    out["patch_patch_entropy"] = sum(entropy(a[i]) for i in patches) / n_p
+    out["attention_distance"] = sum(
+        sum(a[i, j] * dist(i, j) for j in patches) / sum(a[i, j] for j in patches) for i in patches) / n_p
+    if has_cls:
+        out["cls_self"] = a[0, 0]
+        out["cls_patch_entropy"] = entropy(a[0])
+        out["cls_patch_mass"] = sum(a[0, j] for j in patches)
+        out["patch_cls"] = sum(a[i, 0] for i in patches) / n_p
+    return out
+
+
+def brute_force_metrics(attn: torch.Tensor, P: int, has_cls: bool, grid, patch) -> torch.Tensor:
+    """:func:`brute_force_head` for every image and head of ``attn`` ``[B, H, N, N]`` (float64):
+    ``[B, H, M]`` float64 in METRICS order, NaN where a metric is missing."""
+    B, H = attn.shape[:2]
+    out = torch.full((B, H, len(METRICS)), float("nan"), dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for name, value in brute_force_head(attn[b, h].double().numpy(), P, has_cls, grid, patch).items():
+                out[b, h, METRICS.index(name)] = value
+    return out
