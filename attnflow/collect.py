@@ -262,8 +262,8 @@ def attention_stats(
                 if batch.images.numel():
                     _forward(model, batch.images.to(device, non_blocking=True), tap.patch_size)
                 # the batch is complete: only now does the state move on, so it is always consistent
-                for block, values in pending:
-                    reducer.update(block, values)
+                if pending:
+                    reducer.update_blocks([block for block, _ in pending], torch.stack([v for _, v in pending]))
                 bad.extend(batch.bad)
                 for path, reason in batch.bad:
                     log.warning("skipped %s (%s)", path, reason)

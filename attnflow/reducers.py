@@ -58,6 +58,29 @@ class StatsReducer:
         self.sumsq[block] += (v * v).sum(0)
         self.count[block] += values.shape[0] * self.valid
 
+    def update_blocks(self, blocks: Sequence[int], values: torch.Tensor) -> None:
+        """Add one batch of per-image metrics of several blocks: the same as :meth:`update` per block, with
+        one set of kernels for a run of consecutive blocks (the usual case: every block of a forward).
+
+        Args:
+            blocks: block indices, one per row of ``values``.
+            values: ``[len(blocks), B, H, M]`` per-image values.
+        """
+        blocks = list(blocks)
+        if values.shape[0] != len(blocks):
+            raise ValueError(f"{values.shape[0]} rows of values for {len(blocks)} blocks")
+        if not blocks:
+            return
+        if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+            for block, block_values in zip(blocks, values):
+                self.update(block, block_values)
+            return
+        rows = slice(blocks[0], blocks[0] + len(blocks))
+        v = torch.where(self.valid, values.to(torch.float64), 0.0)  # [n, B, H, M]
+        self.sum[rows] += v.sum(1)
+        self.sumsq[rows] += (v * v).sum(1)
+        self.count[rows] += values.shape[1] * self.valid
+
     def merge(self, other: "StatsReducer") -> "StatsReducer":
         """Add another reducer's state (e.g. the other half of the data); returns ``self``."""
         if other.shape != self.shape or other.metrics != self.metrics:

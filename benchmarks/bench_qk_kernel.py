@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from attnflow.collect import metrics_from_qk
-from attnflow.kernels.qk_metrics import qk_metrics_triton
+from attnflow.kernels.qk_metrics import _kernels, qk_metrics_triton
 from attnflow.kernels.route import disagreement
 from attnflow.metrics import patch_distances
 
@@ -45,9 +45,14 @@ def bench(batch: int, heads: int, grid: int, head_dim: int, num_prefix: int, dty
         kernel = _time(lambda: qk_metrics_triton(q, k, *args))   # the first call autotunes
         torch_route = _time(lambda: compiled(q, k, *args))
         problem = disagreement(qk_metrics_triton(q, k, *args), compiled(q, k, *args))
+    tuned = _kernels()[1]
+    timings = getattr(tuned, "configs_timings", None) or {}  # Triton's autotuner: Config -> [ms, ...]
+    configs = sorted(({"config": str(c), "ms": float(t[0] if isinstance(t, (list, tuple)) else t)}
+                      for c, t in timings.items()), key=lambda row: row["ms"])
     return {"batch": batch, "heads": heads, "tokens": n, "head_dim": head_dim, "dtype": str(dtype),
             "sdpa_ms": sdpa, "triton_ms": kernel, "torch_ms": torch_route,
-            "triton_over_sdpa": kernel / sdpa, "torch_over_sdpa": torch_route / sdpa, "disagreement": problem}
+            "triton_over_sdpa": kernel / sdpa, "torch_over_sdpa": torch_route / sdpa, "disagreement": problem,
+            "best_config": str(getattr(tuned, "best_config", None)), "config_ms": configs}
 
 
 def main() -> None:
@@ -62,6 +67,8 @@ def main() -> None:
         print(f"ViT-B/16 {grid * 16}px batch {args.batch} bf16: SDPA {row['sdpa_ms']:.3f} ms, Triton metrics "
               f"{row['triton_ms']:.3f} ms ({row['triton_over_sdpa']:.2f}x SDPA), torch metrics {row['torch_ms']:.3f} ms "
               f"({row['torch_over_sdpa']:.2f}x SDPA); routes agree: {row['disagreement'] is None}", flush=True)
+        for config in row["config_ms"]:
+            print(f"  {config['ms']:.3f} ms  {config['config']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -27,7 +27,8 @@ def compile_config(kernel, config, *, arch: int, dtype: str, head_dim: int) -> d
 
     names = kernel.arg_names
     signature = {name: "i32" for name in names}
-    signature.update({"Q": f"*{dtype}", "K": f"*{dtype}", "DIST": "*fp32", "OUT": "*fp32", "scale": "fp32"})
+    signature.update({"Q": f"*{dtype}", "K": f"*{dtype}", "DIST": "*fp32", "OUT": "*fp32", "scale": "fp32",
+                      "PATCH_H": "fp32", "PATCH_W": "fp32"})
     constants = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
                  "ROUND": dtype != "fp32", "UPCAST": False, "stride_qd": 1, "stride_kd": 1, **config.kwargs}
     signature.update({name: "constexpr" for name in constants})
@@ -77,6 +78,8 @@ def main() -> int:
                     continue
                 rows.append(row)
                 print(f"sm_{arch} {dtype} d={args.head_dim} BLOCK_M={row['BLOCK_M']} BLOCK_N={row['BLOCK_N']} "
+                      f"{'two-pass' if row['TWO_PASS'] else 'one-pass'} "
+                      f"{'grid' if row['DIST_FROM_GRID'] else 'read'} distances "
                       f"warps={row['num_warps']} stages={row['num_stages']}: {row.get('registers', '?')} registers, "
                       f"{row.get('stack_bytes', '?')} B stack, {row['shared_bytes']} B shared", flush=True)
     if args.json:

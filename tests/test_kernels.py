@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from attnflow.collect import attention_stats, metrics_from_qk  # noqa: E402
 from attnflow.kernels import route as route_module  # noqa: E402
-from attnflow.kernels.qk_metrics import qk_metrics_triton  # noqa: E402
+from attnflow.kernels.qk_metrics import grid_geometry, qk_metrics_triton  # noqa: E402
 from attnflow.kernels.route import QKRoute, disagreement  # noqa: E402
 from attnflow.metrics import METRICS, attention_metrics, patch_distances  # noqa: E402
 from brute_force import brute_force_metrics  # noqa: E402
@@ -52,11 +52,15 @@ def _qk(B, H, N, d, dtype, seed=0, strided=False):
     (0, (5, 5), 16, False, (32, 16)),     # no [cls] (I-JEPA): [cls] metrics NaN
     (1, (7, 7), 16, True, (None, None)),  # the default tiles (autotuned on a GPU)
 ])
-def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks):
+@pytest.mark.parametrize("two_pass,from_grid", [(False, None), (True, None), (False, False), (True, False)])
+def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks, two_pass, from_grid):
+    """Each tile shape, one pass (online softmax) or two (exact max first), distances computed from the
+    grid (the default for a patch_distances matrix) or read from the matrix."""
     N = num_prefix + grid[0] * grid[1]
     q, k = _qk(2, 3, N, d, torch.float32)
     dist = patch_distances(grid, (16, 16))
-    got = qk_metrics_triton(q, k, d ** -0.5, num_prefix, has_cls, dist, block_m=blocks[0], block_n=blocks[1])
+    got = qk_metrics_triton(q, k, d ** -0.5, num_prefix, has_cls, dist, block_m=blocks[0], block_n=blocks[1],
+                            two_pass=two_pass, distances_from_grid=from_grid)
     ref = reference_metrics(q, k, d ** -0.5, num_prefix, has_cls, grid)
     assert got.shape == (2, 3, len(METRICS)) and got.dtype == torch.float32
     np.testing.assert_allclose(got.cpu().double().numpy(), ref.numpy(), rtol=2e-5, atol=1e-6)
@@ -118,6 +122,55 @@ def test_one_distance_matrix_serves_layouts_with_different_prefixes():
                                    reference_metrics(q, k, 0.25, num_prefix, True, (7, 7)).numpy(), rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_kernel_with_non_square_patches_computes_their_distances(two_pass):
+    """14x16-pixel patches on a 4x6 grid: the distances computed in registers use both patch sides."""
+    q, k = _qk(2, 2, 25, 16, torch.float32, seed=4)
+    dist = patch_distances((4, 6), (14, 16))
+    assert grid_geometry(dist) == (6, 14.0, 16.0)
+    got = qk_metrics_triton(q, k, 0.25, 1, True, dist, block_m=16, block_n=16, two_pass=two_pass)
+    np.testing.assert_allclose(got.cpu().double().numpy(),
+                               reference_metrics(q, k, 0.25, 1, True, (4, 6), (14, 16)).numpy(), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_kernel_reads_any_other_distance_matrix(two_pass):
+    """Squared distances are no patch_distances matrix: the kernel reads them, and its attention distance is
+    the patch-renormalised expectation of the matrix, by a float64 loop over rows."""
+    q, k = _qk(1, 2, 50, 16, torch.float32, seed=5)
+    squared = patch_distances((7, 7), (16, 16)) ** 2
+    assert grid_geometry(squared) is None
+    with pytest.raises(ValueError, match="needs a patch_distances matrix"):
+        qk_metrics_triton(q, k, 0.25, 1, True, squared, distances_from_grid=True)
+    got = qk_metrics_triton(q, k, 0.25, 1, True, squared, block_m=32, block_n=16, two_pass=two_pass).cpu()
+    probs = ((q.cpu() * 0.25) @ k.cpu().transpose(-2, -1)).double().softmax(-1)[0]      # [H, N, N]
+    sq = squared.double()
+    for head in range(2):
+        rows = [(probs[head, i, 1:] / probs[head, i, 1:].sum() * sq[i - 1]).sum() for i in range(1, 50)]
+        expected = sum(rows) / len(rows)
+        assert got[0, head, METRICS.index("attention_distance")].item() == pytest.approx(expected.item(), rel=2e-5)
+
+
+def test_grid_geometry_recognises_patch_distance_matrices_only():
+    assert grid_geometry(patch_distances((7, 7), (16, 16))) == (7, 16.0, 16.0)
+    assert grid_geometry(patch_distances((3, 5), (14, 16))) == (5, 14.0, 16.0)
+    one_row = grid_geometry(patch_distances((1, 6), (16, 16)))
+    assert one_row == (6, 16.0, 16.0)
+    tampered = patch_distances((7, 7), (16, 16))
+    tampered[3, 40] += 0.01
+    assert grid_geometry(tampered) is None
+    assert grid_geometry(torch.rand(49, 49)) is None
+
+
+def test_autotuning_computes_distances_only_where_there_is_a_grid():
+    from attnflow.kernels.qk_metrics import _CONFIGS, _prune
+
+    with_grid, without = _prune(_CONFIGS, {"GRID_W": 7}), _prune(_CONFIGS, {"GRID_W": 0})
+    assert len(with_grid) == len(_CONFIGS) and any(c.kwargs["DIST_FROM_GRID"] for c in with_grid)
+    assert without and not any(c.kwargs["DIST_FROM_GRID"] for c in without)
+    assert {c.kwargs["TWO_PASS"] for c in without} == {False, True}
+
+
 def test_kernel_rejects_mismatched_distances_and_tiles():
     q, k = _qk(1, 1, 50, 16, torch.float32)
     with pytest.raises(ValueError, match=r"distances must be \[49, 49\]"):
@@ -155,7 +208,7 @@ def _route(monkeypatch, kernel_fn):
 
 def _args(N=50, seed=0):
     q, k = _qk(4, 2, N, 16, torch.float32, seed=seed)
-    return q, k, 0.25, 1, True, patch_distances((math.isqrt(N - 1),) * 2, (16, 16))
+    return q, k, 0.25, 1, True, patch_distances((math.isqrt(N - 1),) * 2, (16, 16), DEVICE)
 
 
 def test_auto_route_keeps_a_kernel_that_agrees_and_checks_each_shape_once(monkeypatch):

@@ -57,3 +57,25 @@ def test_missing_metrics_are_nan_with_zero_count():
     ok = frame[frame.metric == "patch_self"]
     assert (ok["count"] == 4).all() and ok["mean"].notna().all()
     assert list(frame.columns) == ["model", "block", "head", "metric", "mean", "std", "count"]
+
+
+def test_update_blocks_equals_numpy_per_block_for_runs_gaps_and_repeats():
+    """One update for several blocks: consecutive blocks (the sliced path), a gap and a repeated block
+    (the per-block path) all give numpy's statistics over each block's own images."""
+    valid = valid_metrics(has_cls=False)
+    red = StatsReducer(4, 3, valid=valid)
+    seen: dict[int, list[torch.Tensor]] = {b: [] for b in range(4)}
+    for step, blocks in enumerate([[0, 1, 2, 3], [1, 2], [3, 0], [2, 2]]):
+        values = torch.stack([_values(3 + step, 100 * step + i) for i in range(len(blocks))])
+        values[..., METRICS.index("cls_self")] = float("nan")
+        red.update_blocks(blocks, values)
+        for block, v in zip(blocks, values):
+            seen[block].append(v)
+    stats = red.compute()
+    ok = valid.numpy()
+    for b in range(4):
+        all_v = torch.cat(seen[b]).double().numpy()[..., ok]
+        np.testing.assert_allclose(stats["mean"][b][..., ok], all_v.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(stats["std"][b][..., ok], all_v.std(0, ddof=1), rtol=1e-9)
+        assert (stats["count"][b][..., ok] == len(all_v)).all() and (stats["count"][b][..., ~ok] == 0).all()
+        assert np.isnan(stats["mean"][b][..., ~ok]).all()

@@ -3,9 +3,10 @@
 The ``fast_qk`` route (:class:`~attnflow.tap.QueryKey`) lets timm keep flash attention and rebuilds the map
 ``softmax((q * scale) @ k^T)`` for the statistics. In torch that map, ``[B, H, N, N]`` fp32, is written and
 read several times per block, which on a GPU costs more than the attention itself. This kernel never
-materialises it: one program per (image, head) walks the query rows in tiles and reduces each tile's
-logits, computed in registers, to the seven metrics of :data:`~attnflow.metrics.METRICS`. It reads ``q``,
-``k`` and the patch-distance matrix and writes ``[B, H, 7]``.
+materialises it: one program per (image, head, tile of query rows) reduces its tile's logits, computed in
+registers, to that tile's share of the seven metrics of :data:`~attnflow.metrics.METRICS`, and the wrapper
+adds up the shares of the tiles. It reads ``q``, ``k`` and the patch-distance matrix and writes
+``[B, H, tiles, 7]``.
 
 Per query row ``i`` with logits ``s_j``:
 
@@ -38,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..metrics import CLS_METRICS, METRICS
+from ..metrics import CLS_METRICS, METRICS, patch_distances
 
 try:
     import triton
@@ -116,115 +117,173 @@ if triton is not None:
         return s
 
     @triton.jit
+    def key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd):
+        """``[BLOCK_D, BLOCK_N]`` keys of patches ``cols`` (zeros past the last patch)."""
+        return tl.load(k_base + (cols + NUM_PREFIX)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                       mask=d_ok[:, None] & (cols < N_PATCH)[None, :], other=0.0)
+
+    @triton.jit
+    def tile_distances(DIST, stride_dist, rows, cols, row_y, row_x, inv_w, GRID_W, PATCH_H, PATCH_W,
+                       DIST_FROM_GRID: tl.constexpr):
+        """``[BLOCK_M, BLOCK_N]`` distances from query rows ``rows`` (token index) to patches ``cols``."""
+        if DIST_FROM_GRID:  # Euclidean distance of the patch centres, as patch_distances computes it
+            col_f = cols.to(tl.float32)
+            col_gy = tl.floor((col_f + 0.5) * inv_w)
+            dy = row_y[:, None] - (col_gy * PATCH_H)[None, :]
+            dx = row_x[:, None] - ((col_f - col_gy * GRID_W) * PATCH_W)[None, :]
+            d = tl.sqrt(dy * dy + dx * dx)
+        else:  # DIST is indexed by token row and patch column, zero-padded past every tile: no mask
+            d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :])
+        return d
+
+    @triton.jit
     def qk_metrics_kernel(
-        Q, K, DIST, OUT, stride_dist,
+        Q, K, DIST, OUT, stride_dist, stride_out_bh,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
-        H, N, NUM_PREFIX, N_PATCH, scale,
+        H, N, NUM_PREFIX, N_PATCH, scale, GRID_W, PATCH_H, PATCH_W,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        ROUND: tl.constexpr, UPCAST: tl.constexpr,
+        ROUND: tl.constexpr, UPCAST: tl.constexpr, DIST_FROM_GRID: tl.constexpr, TWO_PASS: tl.constexpr,
     ):
-        pid = tl.program_id(0)
+        # one program per (image, head, tile of BLOCK_M query rows); the tiles of one head are neighbours in
+        # launch order, so they run together and read that head's keys from L2
+        n_tiles = tl.cdiv(N, BLOCK_M)
+        pid = tl.program_id(0) // n_tiles                   # image * H + head
+        tile = tl.program_id(0) % n_tiles
         b = pid // H
         h = pid % H
+        start_m = tile * BLOCK_M
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         very_negative = -1.0e30   # a finite "-inf": (m_old - m_new) * 0 stays 0 on the first tile
 
-        sum_self = tl.zeros([BLOCK_M], tl.float32)     # per-lane sums over patch rows
-        sum_entropy = tl.zeros([BLOCK_M], tl.float32)
-        sum_distance = tl.zeros([BLOCK_M], tl.float32)
-        sum_to_cls = tl.zeros([BLOCK_M], tl.float32)
-        cls_self = tl.zeros([BLOCK_M], tl.float32)      # row 0 only
-        cls_entropy = tl.zeros([BLOCK_M], tl.float32)
-        cls_mass = tl.zeros([BLOCK_M], tl.float32)
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        row_is_patch = row_ok & (rows >= NUM_PREFIX)
+        q_in = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                       mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = round_as(q_in.to(tl.float32) * scale, q_in, UPCAST)  # timm scales q first, in its dtype
+        if not UPCAST:
+            q = q.to(q_in.dtype)
 
-        for start_m in range(0, N, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_ok = rows < N
-            row_is_patch = row_ok & (rows >= NUM_PREFIX)
-            q_in = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                           mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            q = round_as(q_in.to(tl.float32) * scale, q_in, UPCAST)  # timm scales q first, in its dtype
-            if not UPCAST:
-                q = q.to(q_in.dtype)
+        # prefix keys ([cls], registers): few, so one logit vector each; sums relative to their max
+        m_pre = tl.full([BLOCK_M], very_negative, tl.float32)
+        z_pre = tl.zeros([BLOCK_M], tl.float32)
+        e_cls = tl.zeros([BLOCK_M], tl.float32)
+        for j in range(0, NUM_PREFIX):
+            k_j = tl.load(k_base + j * stride_kn + offs_d * stride_kd, mask=d_ok, other=0.0)
+            s_j = row_dot(q, k_j[None, :], ROUND, UPCAST)
+            m_new = tl.maximum(m_pre, s_j)
+            alpha = tl.exp(m_pre - m_new)
+            e_j = tl.exp(s_j - m_new)
+            z_pre = z_pre * alpha + e_j
+            e_cls = tl.where(j == 0, e_j, e_cls * alpha)
+            m_pre = m_new
 
-            # prefix keys ([cls], registers): few, so one logit vector each; sums relative to their max
-            m_pre = tl.full([BLOCK_M], very_negative, tl.float32)
-            z_pre = tl.zeros([BLOCK_M], tl.float32)
-            e_cls = tl.zeros([BLOCK_M], tl.float32)
-            for j in range(0, NUM_PREFIX):
-                k_j = tl.load(k_base + j * stride_kn + offs_d * stride_kd, mask=d_ok, other=0.0)
-                s_j = row_dot(q, k_j[None, :], ROUND, UPCAST)
-                m_new = tl.maximum(m_pre, s_j)
-                alpha = tl.exp(m_pre - m_new)
-                e_j = tl.exp(s_j - m_new)
-                z_pre = z_pre * alpha + e_j
-                e_cls = tl.where(j == 0, e_j, e_cls * alpha)
-                m_pre = m_new
+        # patch centres (pixels) of the query rows, for distances computed in registers (DIST_FROM_GRID);
+        # row-major patch index -> (row, column) in fp32: exact, as (index + 0.5) / GRID_W stays 0.5 / GRID_W
+        # away from an integer
+        inv_w = 1.0 / tl.maximum(GRID_W, 1)      # GRID_W is 0 when the distances are read
+        row_f = tl.maximum(rows - NUM_PREFIX, 0).to(tl.float32)
+        row_gy = tl.floor((row_f + 0.5) * inv_w)
+        row_y = row_gy * PATCH_H
+        row_x = (row_f - row_gy * GRID_W) * PATCH_W
 
-            # patch keys: online softmax over key tiles, every sum relative to the running patch max m_p
+        if TWO_PASS:
+            # pass 1: the exact patch max of each row (of the unrounded logits: rounding is monotonic, so the
+            # max of the rounded logits is the rounded max); pass 2: every sum relative to it, accumulated per
+            # element and reduced across the row once, with no rescaling
             m_p = tl.full([BLOCK_M], very_negative, tl.float32)
-            ep = tl.zeros([BLOCK_M], tl.float32)       # sum e,          e = exp(s - m_p)
-            epl = tl.zeros([BLOCK_M], tl.float32)      # sum e (s - m_p)
-            epd = tl.zeros([BLOCK_M], tl.float32)      # sum e d
             for start_n in range(0, N_PATCH, BLOCK_N):
-                cols = start_n + tl.arange(0, BLOCK_N)  # patch index of each key
-                col_ok = cols < N_PATCH
-                k = tl.load(k_base + (cols + NUM_PREFIX)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                cols = start_n + tl.arange(0, BLOCK_N)
+                k = key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd)
+                s = logits(q, k, False, UPCAST)
+                m_p = tl.maximum(m_p, tl.max(tl.where((cols < N_PATCH)[None, :], s, very_negative), 1))
+            if ROUND:
+                m_p = round_as(m_p, q_in, UPCAST)
+            acc_e = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc_el = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc_ed = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for start_n in range(0, N_PATCH, BLOCK_N):
+                cols = start_n + tl.arange(0, BLOCK_N)
+                k = key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd)
                 # columns past the last patch get a finite -1e30: their exp is 0 and 0 * u stays 0
-                s = logits(q, k, ROUND, UPCAST) + tl.where(col_ok, 0.0, very_negative)[None, :]
+                s = logits(q, k, ROUND, UPCAST) + tl.where(cols < N_PATCH, 0.0, very_negative)[None, :]
+                u = s - m_p[:, None]
+                e = fast_exp(u, UPCAST)
+                d = tile_distances(DIST, stride_dist, rows, cols, row_y, row_x, inv_w, GRID_W, PATCH_H, PATCH_W,
+                                   DIST_FROM_GRID)
+                acc_e += e
+                acc_el += e * u
+                acc_ed += e * d
+            ep = tl.sum(acc_e, 1)        # sum e,          e = exp(s - m_p)
+            epl = tl.sum(acc_el, 1)      # sum e (s - m_p)
+            epd = tl.sum(acc_ed, 1)      # sum e d
+        else:
+            # one pass: online softmax over key tiles (as in flash attention), every sum relative to the
+            # running patch max m_p and rescaled whenever it grows
+            m_p = tl.full([BLOCK_M], very_negative, tl.float32)
+            ep = tl.zeros([BLOCK_M], tl.float32)
+            epl = tl.zeros([BLOCK_M], tl.float32)
+            epd = tl.zeros([BLOCK_M], tl.float32)
+            for start_n in range(0, N_PATCH, BLOCK_N):
+                cols = start_n + tl.arange(0, BLOCK_N)
+                k = key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd)
+                s = logits(q, k, ROUND, UPCAST) + tl.where(cols < N_PATCH, 0.0, very_negative)[None, :]
                 m_new = tl.maximum(m_p, tl.max(s, 1))
                 alpha = tl.exp(m_p - m_new)
                 u = s - m_new[:, None]
                 e = fast_exp(u, UPCAST)
-                # DIST is indexed by token row and patch column, zero-padded past every tile: no mask
-                d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :])
+                d = tile_distances(DIST, stride_dist, rows, cols, row_y, row_x, inv_w, GRID_W, PATCH_H, PATCH_W,
+                                   DIST_FROM_GRID)
                 epl = alpha * (epl + (m_p - m_new) * ep) + tl.sum(e * u, 1)
                 ep = alpha * ep + tl.sum(e, 1)
                 epd = alpha * epd + tl.sum(e * d, 1)
                 m_p = m_new
 
-            # each patch row's own key (the diagonal), directly
-            k_diag = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                             mask=row_is_patch[:, None] & d_ok[None, :], other=0.0)
-            e_diag = tl.exp(row_dot(q, k_diag, ROUND, UPCAST) - m_p)
+        # each patch row's own key (the diagonal), directly
+        k_diag = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                         mask=row_is_patch[:, None] & d_ok[None, :], other=0.0)
+        e_diag = tl.exp(row_dot(q, k_diag, ROUND, UPCAST) - m_p)
 
-            ep_safe = tl.where(row_ok, ep, 1.0)
-            m_all = tl.maximum(m_pre, m_p)
-            patch_share = ep_safe * tl.exp(m_p - m_all)                  # sum over patches of exp(s - m_all)
-            z = patch_share + z_pre * tl.exp(m_pre - m_all)
-            to_cls = e_cls * tl.exp(m_pre - m_all) / z
-            entropy = tl.log(ep_safe) - epl / ep_safe
-            sum_self += tl.where(row_is_patch, e_diag / ep_safe, 0.0)
-            sum_entropy += tl.where(row_is_patch, entropy, 0.0)
-            sum_distance += tl.where(row_is_patch, epd / ep_safe, 0.0)
-            sum_to_cls += tl.where(row_is_patch, to_cls, 0.0)
-            first = rows == 0
-            cls_self += tl.where(first, to_cls, 0.0)
-            cls_entropy += tl.where(first, entropy, 0.0)
-            cls_mass += tl.where(first, patch_share / z, 0.0)
-
-        out = OUT + pid * 7
-        tl.store(out + 0, tl.sum(cls_self, 0))
-        tl.store(out + 1, tl.sum(cls_entropy, 0))
-        tl.store(out + 2, tl.sum(cls_mass, 0))
-        tl.store(out + 3, tl.sum(sum_to_cls, 0) / N_PATCH)
-        tl.store(out + 4, tl.sum(sum_self, 0) / N_PATCH)
-        tl.store(out + 5, tl.sum(sum_entropy, 0) / N_PATCH)
-        tl.store(out + 6, tl.sum(sum_distance, 0) / N_PATCH)
+        ep_safe = tl.where(row_ok, ep, 1.0)
+        m_all = tl.maximum(m_pre, m_p)
+        patch_share = ep_safe * tl.exp(m_p - m_all)                  # sum over patches of exp(s - m_all)
+        z = patch_share + z_pre * tl.exp(m_pre - m_all)
+        to_cls = e_cls * tl.exp(m_pre - m_all) / z
+        entropy = tl.log(ep_safe) - epl / ep_safe
+        first = rows == 0
+        # this tile's share: patch-row means over all patch rows, [cls]-row values where the tile holds row 0
+        # (zero elsewhere); the wrapper sums the shares of the row tiles, so no atomics and a fixed order
+        out = OUT + pid.to(tl.int64) * stride_out_bh + tile * 7
+        tl.store(out + 0, tl.sum(tl.where(first, to_cls, 0.0), 0))
+        tl.store(out + 1, tl.sum(tl.where(first, entropy, 0.0), 0))
+        tl.store(out + 2, tl.sum(tl.where(first, patch_share / z, 0.0), 0))
+        tl.store(out + 3, tl.sum(tl.where(row_is_patch, to_cls, 0.0), 0) / N_PATCH)
+        tl.store(out + 4, tl.sum(tl.where(row_is_patch, e_diag / ep_safe, 0.0), 0) / N_PATCH)
+        tl.store(out + 5, tl.sum(tl.where(row_is_patch, entropy, 0.0), 0) / N_PATCH)
+        tl.store(out + 6, tl.sum(tl.where(row_is_patch, epd / ep_safe, 0.0), 0) / N_PATCH)
 
     # Tiles whose warps split only the query rows keep the row reductions inside a warp (BLOCK_M = 16 per
     # warp, or 64 per warpgroup on Hopper); benchmarks/kernel_resources.py builds each for sm_80/sm_90 and
-    # reports its registers. The autotuner picks per (token count, head size, prefix count) on the GPU at hand.
-    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
-                for bm, bn, w in ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8), (32, 16, 2),
-                                  (64, 16, 4), (16, 64, 4), (32, 64, 4))]
+    # reports its registers. Each tile runs one-pass (online softmax) and two-pass (exact max first), with
+    # the distances read or, for a patch_distances matrix, computed: the autotuner picks per (token count,
+    # head size, prefix count, grid) on the GPU at hand.
+    _TILES = ((32, 16, 2), (32, 32, 2), (64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8))
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TWO_PASS": two_pass, "DIST_FROM_GRID": from_grid},
+                              num_warps=w, num_stages=2)
+                for from_grid in (True, False) for two_pass in (False, True) for bm, bn, w in _TILES]
+
+    def _prune(configs: list, named_args: dict, **kwargs: Any) -> list:
+        """Distances computed from the grid only where there is one (``GRID_W > 0``)."""
+        has_grid = named_args["GRID_W"] > 0
+        return [c for c in configs if has_grid or not c.kwargs["DIST_FROM_GRID"]]
+
     _AUTOTUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    tuned = triton.autotune(_CONFIGS, key=["N", "HEAD_DIM", "NUM_PREFIX"], **_AUTOTUNE_KW)(qk_metrics_kernel)
+    tuned = triton.autotune(_CONFIGS, key=["N", "HEAD_DIM", "NUM_PREFIX", "GRID_W"],
+                            prune_configs_by={"early_config_prune": _prune}, **_AUTOTUNE_KW)(qk_metrics_kernel)
 
 
 def _kernels() -> tuple[Any, Any]:
@@ -236,6 +295,8 @@ def _kernels() -> tuple[Any, Any]:
 
 _MAX_TILE = 128
 """Largest BLOCK_M / BLOCK_N of any config: the padding of :func:`_padded_distances`."""
+_MIN_TILE = 16
+"""Smallest BLOCK_M / BLOCK_N (``tl.dot`` needs 16): the row-tile count the shares buffer is sized for."""
 
 _padded_cache: dict[int, tuple[weakref.ref, dict[tuple, torch.Tensor]]] = {}
 """id(distances) -> (weak reference to it, its padded copies); tensors hash by identity but compare
@@ -267,13 +328,56 @@ def _padded_distances(distances: torch.Tensor, num_prefix: int, device: torch.de
     return copies[key]
 
 
+_geometry_cache: dict[int, tuple[weakref.ref, tuple[int, float, float] | None]] = {}
+
+
+def grid_geometry(distances: torch.Tensor) -> tuple[int, float, float] | None:
+    """``(grid width, patch height, patch width)`` if ``distances`` is the matrix
+    :func:`~attnflow.metrics.patch_distances` gives for some grid and patch size (checked elementwise to
+    1e-3 px), else ``None``. The kernel then computes each distance in registers instead of reading the
+    matrix; cached per tensor while it lives.
+    """
+    entry = _geometry_cache.get(id(distances))
+    if entry is not None and entry[0]() is distances:
+        return entry[1]
+    found = _infer_geometry(distances)
+    for key in [k for k, (ref, _) in _geometry_cache.items() if ref() is None]:
+        del _geometry_cache[key]
+    _geometry_cache[id(distances)] = (weakref.ref(distances), found)
+    return found
+
+
+def _infer_geometry(distances: torch.Tensor) -> tuple[int, float, float] | None:
+    """Read the grid from the first row (patch 0 to every patch, row-major), then check the whole matrix."""
+    n = distances.shape[0]
+    first = distances[0].double().cpu()
+    if n < 2 or distances.shape != (n, n):
+        return None
+    if abs(float(first[0])) > 1e-3:
+        return None
+    patch_w = float(first[1])
+    along = torch.arange(n, dtype=torch.float64) * patch_w       # patch 0 to patch j on the first row
+    off_row = (first - along).abs() > 1e-3
+    grid_w = int(off_row.nonzero()[0]) if off_row.any() else n
+    if n % grid_w:
+        return None
+    patch_h = float(first[grid_w]) if grid_w < n else patch_w
+    if patch_w <= 0 or patch_h <= 0:
+        return None
+    expected = patch_distances((n // grid_w, grid_w), (patch_h, patch_w), distances.device)
+    if not torch.allclose(distances.float(), expected, rtol=0.0, atol=1e-3):
+        return None
+    return grid_w, patch_h, patch_w
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int, has_cls: bool,
                       distances: torch.Tensor, *, block_m: int | None = None,
-                      block_n: int | None = None) -> torch.Tensor:
+                      block_n: int | None = None, two_pass: bool | None = None,
+                      distances_from_grid: bool | None = None) -> torch.Tensor:
     """Metrics of ``softmax((q * scale) @ k^T)`` per image and head, without materialising the map.
 
     Same contract as :func:`attnflow.collect.metrics_from_qk` (the torch route it replaces).
@@ -284,8 +388,13 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
         scale: the block's softmax scale.
         num_prefix: prefix tokens before the patches; has_cls: token 0 is [cls] (else [cls] columns NaN).
         distances: ``[n_patches, n_patches]`` patch distances (:func:`~attnflow.metrics.patch_distances`).
-        block_m, block_n: query/key tile sizes (powers of two, 16 to 128); default: autotuned on CUDA,
-            32/32 under the interpreter.
+        block_m, block_n, two_pass: query/key tile sizes (powers of two, 16 to 128) and whether the patch
+            max is found in a first pass over the keys (else online softmax); default: autotuned on CUDA
+            (with both ways of getting distances, below); 32/32/one pass when any is given or under the
+            interpreter.
+        distances_from_grid: compute each distance in registers from the patch grid instead of reading
+            ``distances``; allowed whenever ``distances`` is a :func:`~attnflow.metrics.patch_distances`
+            matrix (:func:`grid_geometry`), which is the default; ``False`` always reads the matrix.
 
     Returns:
         ``[B, H, M]`` float32 in :data:`~attnflow.metrics.METRICS` order.
@@ -298,24 +407,38 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
         raise ValueError(f"distances must be [{n_patch}, {n_patch}] for {N} tokens with {num_prefix} prefix "
                          f"tokens, got {tuple(distances.shape)}")
     for name, tile in (("block_m", block_m), ("block_n", block_n)):
-        if tile is not None and (tile < 16 or tile > _MAX_TILE or tile & (tile - 1)):
-            raise ValueError(f"{name} must be a power of two from 16 to {_MAX_TILE}, got {tile}")
+        if tile is not None and (tile < _MIN_TILE or tile > _MAX_TILE or tile & (tile - 1)):
+            raise ValueError(f"{name} must be a power of two from {_MIN_TILE} to {_MAX_TILE}, got {tile}")
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     plain, tuned = _kernels()
-    out = torch.empty(B, H, len(KERNEL_COLUMNS), device=q.device, dtype=torch.float32)
+    # each row tile stores its share; sized for the smallest tile, zeros where a larger tile leaves slots
+    max_tiles = -(-N // _MIN_TILE)
+    shares = torch.zeros(B, H, max_tiles, len(KERNEL_COLUMNS), device=q.device, dtype=torch.float32)
+    geometry = grid_geometry(distances)
+    if distances_from_grid and geometry is None:
+        raise ValueError("distances_from_grid=True needs a patch_distances matrix; these distances are not one")
+    grid_w, patch_h, patch_w = geometry if geometry is not None and distances_from_grid is not False \
+        else (0, 0.0, 0.0)
     dist = _padded_distances(distances, num_prefix, q.device)
-    args = (q, k, dist, out, dist.stride(0), *q.stride(), *k.stride(), H, N, num_prefix, n_patch, float(scale))
+    args = (q, k, dist, shares, dist.stride(0), shares.stride(1), *q.stride(), *k.stride(), H, N, num_prefix,
+            n_patch, float(scale), grid_w, float(patch_h), float(patch_w))
     flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,
              "UPCAST": interpreting()}
-    grid = (B * H,)
+    explicit = {"BLOCK_M": block_m or 32, "BLOCK_N": block_n or 32, "TWO_PASS": bool(two_pass),
+                "DIST_FROM_GRID": grid_w > 0}
+    autotune = not interpreting() and block_m is None and block_n is None and two_pass is None
+
+    def grid(meta: dict) -> tuple[int]:
+        return (B * H * triton.cdiv(N, meta["BLOCK_M"]),)
+
     # Triton launches on the current CUDA device: make it the tensors' one (e.g. cuda:3 in a torchrun job)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        if block_m is None and block_n is None and not interpreting():
+        if autotune:
             tuned[grid](*args, **flags)
         else:
-            plain[grid](*args, BLOCK_M=block_m or 32, BLOCK_N=block_n or 32, **flags)
-    values = out[..., _TO_METRICS]
+            plain[grid](*args, **flags, **explicit)
+    values = shares.sum(2)[..., _TO_METRICS]
     if not has_cls:
         values[..., [METRICS.index(m) for m in CLS_METRICS]] = float("nan")
     return values
