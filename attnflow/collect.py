@@ -8,6 +8,7 @@ summed with ``all_reduce`` at the end).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -238,7 +239,7 @@ def attention_stats(
                                   f"{layout} of this model")
         key = (layout.grid, layout.patch_size, device_)
         if key not in distances:
-            distances[key] = patch_distances(layout.grid, layout.patch_size, device_)
+            distances[key] = _patch_distances(layout.grid, layout.patch_size, str(device_))
             layout_seen.append(layout)
         if isinstance(attn, QueryKey):
             values = qk_route(attn.q, attn.k, attn.scale, layout.num_prefix, layout.has_cls, distances[key])
@@ -314,6 +315,13 @@ def attention_stats(
     } | (meta or {})
     state_file.remove()
     return Result(reducer.to_frame(name), run_meta)
+
+
+@functools.lru_cache(maxsize=16)
+def _patch_distances(grid: tuple[int, int], patch_size: tuple[int, int], device: str) -> torch.Tensor:
+    """:func:`~attnflow.metrics.patch_distances`, one tensor per layout and device in this process (read
+    only), so the kernel's per-tensor caches (grid geometry, padded copy) carry over from run to run."""
+    return patch_distances(grid, patch_size, device)
 
 
 def metrics_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int, has_cls: bool,

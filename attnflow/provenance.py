@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import platform
 from importlib import metadata
 from typing import Any
@@ -14,6 +15,12 @@ _PACKAGES = ("attnflow", "torch", "torchvision", "timm", "numpy", "pandas")
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages a result depends on (``None`` when missing) and Python's."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str | None]:
+    """Read once per process: reading package metadata takes milliseconds, and it does not change."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:

@@ -78,7 +78,6 @@ def main() -> int:
                     continue
                 rows.append(row)
                 print(f"sm_{arch} {dtype} d={args.head_dim} BLOCK_M={row['BLOCK_M']} BLOCK_N={row['BLOCK_N']} "
-                      f"{'two-pass' if row['TWO_PASS'] else 'one-pass'} "
                       f"{'grid' if row['DIST_FROM_GRID'] else 'read'} distances "
                       f"warps={row['num_warps']} stages={row['num_stages']}: {row.get('registers', '?')} registers, "
                       f"{row.get('stack_bytes', '?')} B stack, {row['shared_bytes']} B shared", flush=True)

@@ -52,15 +52,15 @@ def _qk(B, H, N, d, dtype, seed=0, strided=False):
     (0, (5, 5), 16, False, (32, 16)),     # no [cls] (I-JEPA): [cls] metrics NaN
     (1, (7, 7), 16, True, (None, None)),  # the default tiles (autotuned on a GPU)
 ])
-@pytest.mark.parametrize("two_pass,from_grid", [(False, None), (True, None), (False, False), (True, False)])
-def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks, two_pass, from_grid):
-    """Each tile shape, one pass (online softmax) or two (exact max first), distances computed from the
-    grid (the default for a patch_distances matrix) or read from the matrix."""
+@pytest.mark.parametrize("from_grid", [None, False])
+def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks, from_grid):
+    """Each tile shape, distances computed from the grid (the default for a patch_distances matrix) or read
+    from the matrix."""
     N = num_prefix + grid[0] * grid[1]
     q, k = _qk(2, 3, N, d, torch.float32)
     dist = patch_distances(grid, (16, 16))
     got = qk_metrics_triton(q, k, d ** -0.5, num_prefix, has_cls, dist, block_m=blocks[0], block_n=blocks[1],
-                            two_pass=two_pass, distances_from_grid=from_grid)
+                            distances_from_grid=from_grid)
     ref = reference_metrics(q, k, d ** -0.5, num_prefix, has_cls, grid)
     assert got.shape == (2, 3, len(METRICS)) and got.dtype == torch.float32
     np.testing.assert_allclose(got.cpu().double().numpy(), ref.numpy(), rtol=2e-5, atol=1e-6)
@@ -122,19 +122,17 @@ def test_one_distance_matrix_serves_layouts_with_different_prefixes():
                                    reference_metrics(q, k, 0.25, num_prefix, True, (7, 7)).numpy(), rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("two_pass", [False, True])
-def test_kernel_with_non_square_patches_computes_their_distances(two_pass):
+def test_kernel_with_non_square_patches_computes_their_distances():
     """14x16-pixel patches on a 4x6 grid: the distances computed in registers use both patch sides."""
     q, k = _qk(2, 2, 25, 16, torch.float32, seed=4)
     dist = patch_distances((4, 6), (14, 16))
     assert grid_geometry(dist) == (6, 14.0, 16.0)
-    got = qk_metrics_triton(q, k, 0.25, 1, True, dist, block_m=16, block_n=16, two_pass=two_pass)
+    got = qk_metrics_triton(q, k, 0.25, 1, True, dist, block_m=16, block_n=16)
     np.testing.assert_allclose(got.cpu().double().numpy(),
                                reference_metrics(q, k, 0.25, 1, True, (4, 6), (14, 16)).numpy(), rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("two_pass", [False, True])
-def test_kernel_reads_any_other_distance_matrix(two_pass):
+def test_kernel_reads_any_other_distance_matrix():
     """Squared distances are no patch_distances matrix: the kernel reads them, and its attention distance is
     the patch-renormalised expectation of the matrix, by a float64 loop over rows."""
     q, k = _qk(1, 2, 50, 16, torch.float32, seed=5)
@@ -142,7 +140,7 @@ def test_kernel_reads_any_other_distance_matrix(two_pass):
     assert grid_geometry(squared) is None
     with pytest.raises(ValueError, match="needs a patch_distances matrix"):
         qk_metrics_triton(q, k, 0.25, 1, True, squared, distances_from_grid=True)
-    got = qk_metrics_triton(q, k, 0.25, 1, True, squared, block_m=32, block_n=16, two_pass=two_pass).cpu()
+    got = qk_metrics_triton(q, k, 0.25, 1, True, squared, block_m=32, block_n=16).cpu()
     probs = ((q.cpu() * 0.25) @ k.cpu().transpose(-2, -1)).double().softmax(-1)[0]      # [H, N, N]
     sq = squared.double()
     for head in range(2):
@@ -162,13 +160,13 @@ def test_grid_geometry_recognises_patch_distance_matrices_only():
     assert grid_geometry(torch.rand(49, 49)) is None
 
 
-def test_autotuning_computes_distances_only_where_there_is_a_grid():
+def test_autotuning_computes_distances_where_there_is_a_grid_and_reads_them_elsewhere():
     from attnflow.kernels.qk_metrics import _CONFIGS, _prune
 
     with_grid, without = _prune(_CONFIGS, {"GRID_W": 7}), _prune(_CONFIGS, {"GRID_W": 0})
-    assert len(with_grid) == len(_CONFIGS) and any(c.kwargs["DIST_FROM_GRID"] for c in with_grid)
+    assert with_grid and all(c.kwargs["DIST_FROM_GRID"] for c in with_grid)
     assert without and not any(c.kwargs["DIST_FROM_GRID"] for c in without)
-    assert {c.kwargs["TWO_PASS"] for c in without} == {False, True}
+    assert len(with_grid) + len(without) == len(_CONFIGS)
 
 
 def test_kernel_rejects_mismatched_distances_and_tiles():
@@ -192,6 +190,12 @@ def test_attention_stats_with_kernel_equals_attn_drop_route():
 
 
 # --- the auto route: the kernel is checked once per shape and replaced by torch if it fails ----------------
+
+@pytest.fixture(autouse=True)
+def _fresh_checks(monkeypatch):
+    """Each test starts with no check done in this process (the route keeps their outcomes process-wide)."""
+    monkeypatch.setattr(route_module, "_CHECKED", {})
+
 
 def _route(monkeypatch, kernel_fn):
     calls = {"reference": 0}
@@ -219,6 +223,22 @@ def test_auto_route_keeps_a_kernel_that_agrees_and_checks_each_shape_once(monkey
     assert calls["reference"] == 1 and route.name == "triton" and route.fallback_reason is None
     route(*_args(N=65))                                   # a new token count is checked again
     assert calls["reference"] == 2 and route.name == "triton"
+
+
+def test_a_later_route_in_the_process_reuses_the_check(monkeypatch, caplog):
+    route, calls = _route(monkeypatch, qk_metrics_triton)
+    route(*_args())
+    again, again_calls = _route(monkeypatch, qk_metrics_triton)
+    again(*_args(seed=1))
+    assert calls["reference"] == 1 and again_calls["reference"] == 0 and again.name == "triton"
+    # a disagreement is remembered too: a later route falls back at once, with the same warning
+    wrong, _ = _route(monkeypatch, lambda q, k, *a: qk_metrics_triton(q, k, *a) * 1.01)
+    wrong(*_args(N=65))
+    later, later_calls = _route(monkeypatch, lambda q, k, *a: qk_metrics_triton(q, k, *a) * 1.01)
+    with caplog.at_level(logging.WARNING):
+        later(*_args(N=65, seed=2))
+    assert later_calls["reference"] == 0 and later.name == "torch" and "disagrees" in later.fallback_reason
+    assert "continuing with the torch route" in caplog.text
 
 
 def test_auto_route_falls_back_when_the_kernel_disagrees(monkeypatch, caplog):

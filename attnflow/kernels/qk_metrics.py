@@ -50,9 +50,10 @@ except ImportError:  # CPU-only torch builds may lack Triton; the torch route ne
 
 KERNEL_COLUMNS: tuple[str, ...] = ("cls_self", "cls_patch_entropy", "cls_patch_mass", "patch_cls",
                                    "patch_self", "patch_patch_entropy", "attention_distance")
-"""Column order of the kernel's ``[B, H, 7]`` output (mapped to :data:`METRICS` by the wrapper)."""
+"""Column order of the kernel's output: that of :data:`METRICS`."""
 
-_TO_METRICS = [KERNEL_COLUMNS.index(m) for m in METRICS]
+if KERNEL_COLUMNS != METRICS:  # the wrapper returns the kernel's columns as they are
+    raise ImportError(f"KERNEL_COLUMNS {KERNEL_COLUMNS} must match METRICS {METRICS}")
 
 
 def interpreting() -> bool:
@@ -143,7 +144,7 @@ if triton is not None:
         stride_kb, stride_kh, stride_kn, stride_kd,
         H, N, NUM_PREFIX, N_PATCH, scale, GRID_W, PATCH_H, PATCH_W,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        ROUND: tl.constexpr, UPCAST: tl.constexpr, DIST_FROM_GRID: tl.constexpr, TWO_PASS: tl.constexpr,
+        ROUND: tl.constexpr, UPCAST: tl.constexpr, DIST_FROM_GRID: tl.constexpr,
     ):
         # one program per (image, head, tile of BLOCK_M query rows); the tiles of one head are neighbours in
         # launch order, so they run together and read that head's keys from L2
@@ -191,57 +192,27 @@ if triton is not None:
         row_y = row_gy * PATCH_H
         row_x = (row_f - row_gy * GRID_W) * PATCH_W
 
-        if TWO_PASS:
-            # pass 1: the exact patch max of each row (of the unrounded logits: rounding is monotonic, so the
-            # max of the rounded logits is the rounded max); pass 2: every sum relative to it, accumulated per
-            # element and reduced across the row once, with no rescaling
-            m_p = tl.full([BLOCK_M], very_negative, tl.float32)
-            for start_n in range(0, N_PATCH, BLOCK_N):
-                cols = start_n + tl.arange(0, BLOCK_N)
-                k = key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd)
-                s = logits(q, k, False, UPCAST)
-                m_p = tl.maximum(m_p, tl.max(tl.where((cols < N_PATCH)[None, :], s, very_negative), 1))
-            if ROUND:
-                m_p = round_as(m_p, q_in, UPCAST)
-            acc_e = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc_el = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc_ed = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for start_n in range(0, N_PATCH, BLOCK_N):
-                cols = start_n + tl.arange(0, BLOCK_N)
-                k = key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd)
-                # columns past the last patch get a finite -1e30: their exp is 0 and 0 * u stays 0
-                s = logits(q, k, ROUND, UPCAST) + tl.where(cols < N_PATCH, 0.0, very_negative)[None, :]
-                u = s - m_p[:, None]
-                e = fast_exp(u, UPCAST)
-                d = tile_distances(DIST, stride_dist, rows, cols, row_y, row_x, inv_w, GRID_W, PATCH_H, PATCH_W,
-                                   DIST_FROM_GRID)
-                acc_e += e
-                acc_el += e * u
-                acc_ed += e * d
-            ep = tl.sum(acc_e, 1)        # sum e,          e = exp(s - m_p)
-            epl = tl.sum(acc_el, 1)      # sum e (s - m_p)
-            epd = tl.sum(acc_ed, 1)      # sum e d
-        else:
-            # one pass: online softmax over key tiles (as in flash attention), every sum relative to the
-            # running patch max m_p and rescaled whenever it grows
-            m_p = tl.full([BLOCK_M], very_negative, tl.float32)
-            ep = tl.zeros([BLOCK_M], tl.float32)
-            epl = tl.zeros([BLOCK_M], tl.float32)
-            epd = tl.zeros([BLOCK_M], tl.float32)
-            for start_n in range(0, N_PATCH, BLOCK_N):
-                cols = start_n + tl.arange(0, BLOCK_N)
-                k = key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd)
-                s = logits(q, k, ROUND, UPCAST) + tl.where(cols < N_PATCH, 0.0, very_negative)[None, :]
-                m_new = tl.maximum(m_p, tl.max(s, 1))
-                alpha = tl.exp(m_p - m_new)
-                u = s - m_new[:, None]
-                e = fast_exp(u, UPCAST)
-                d = tile_distances(DIST, stride_dist, rows, cols, row_y, row_x, inv_w, GRID_W, PATCH_H, PATCH_W,
-                                   DIST_FROM_GRID)
-                epl = alpha * (epl + (m_p - m_new) * ep) + tl.sum(e * u, 1)
-                ep = alpha * ep + tl.sum(e, 1)
-                epd = alpha * epd + tl.sum(e * d, 1)
-                m_p = m_new
+        # patch keys: online softmax over key tiles (as in flash attention), every sum relative to the
+        # running patch max m_p and rescaled whenever it grows
+        m_p = tl.full([BLOCK_M], very_negative, tl.float32)
+        ep = tl.zeros([BLOCK_M], tl.float32)       # sum e,          e = exp(s - m_p)
+        epl = tl.zeros([BLOCK_M], tl.float32)      # sum e (s - m_p)
+        epd = tl.zeros([BLOCK_M], tl.float32)      # sum e d
+        for start_n in range(0, N_PATCH, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd)
+            # columns past the last patch get a finite -1e30: their exp is 0 and 0 * u stays 0
+            s = logits(q, k, ROUND, UPCAST) + tl.where(cols < N_PATCH, 0.0, very_negative)[None, :]
+            m_new = tl.maximum(m_p, tl.max(s, 1))
+            alpha = tl.exp(m_p - m_new)
+            u = s - m_new[:, None]
+            e = fast_exp(u, UPCAST)
+            d = tile_distances(DIST, stride_dist, rows, cols, row_y, row_x, inv_w, GRID_W, PATCH_H, PATCH_W,
+                               DIST_FROM_GRID)
+            epl = alpha * (epl + (m_p - m_new) * ep) + tl.sum(e * u, 1)
+            ep = alpha * ep + tl.sum(e, 1)
+            epd = alpha * epd + tl.sum(e * d, 1)
+            m_p = m_new
 
         # each patch row's own key (the diagonal), directly
         k_diag = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -268,18 +239,20 @@ if triton is not None:
 
     # Tiles whose warps split only the query rows keep the row reductions inside a warp (BLOCK_M = 16 per
     # warp, or 64 per warpgroup on Hopper); benchmarks/kernel_resources.py builds each for sm_80/sm_90 and
-    # reports its registers. Each tile runs one-pass (online softmax) and two-pass (exact max first), with
-    # the distances read or, for a patch_distances matrix, computed: the autotuner picks per (token count,
-    # head size, prefix count, grid) on the GPU at hand.
-    _TILES = ((32, 16, 2), (32, 32, 2), (64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8))
-    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TWO_PASS": two_pass, "DIST_FROM_GRID": from_grid},
-                              num_warps=w, num_stages=2)
-                for from_grid in (True, False) for two_pass in (False, True) for bm, bn, w in _TILES]
+    # reports its registers. The autotuner picks per (token count, head size, prefix count, grid) on the GPU
+    # at hand. On an H100 (benchmarks/results/h100_qk_kernel_configs_b256.json, ViT-B/16 bf16, 224 and
+    # 448 px) every config that computes the distances beat every one that reads them, and a two-pass
+    # variant (exact row max first, no rescaling) lost to one pass at every tile: these are the leaders.
+    _GRID_TILES = ((64, 32, 4), (32, 16, 2), (64, 64, 4), (128, 32, 8), (64, 16, 4))
+    _READ_TILES = ((32, 16, 2), (64, 32, 4), (64, 16, 4), (64, 64, 4))
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "DIST_FROM_GRID": from_grid}, num_warps=w,
+                              num_stages=2)
+                for from_grid, tiles in ((True, _GRID_TILES), (False, _READ_TILES)) for bm, bn, w in tiles]
 
     def _prune(configs: list, named_args: dict, **kwargs: Any) -> list:
-        """Distances computed from the grid only where there is one (``GRID_W > 0``)."""
+        """Distances computed from the grid where there is one (``GRID_W > 0``), else read."""
         has_grid = named_args["GRID_W"] > 0
-        return [c for c in configs if has_grid or not c.kwargs["DIST_FROM_GRID"]]
+        return [c for c in configs if c.kwargs["DIST_FROM_GRID"] == has_grid]
 
     _AUTOTUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     tuned = triton.autotune(_CONFIGS, key=["N", "HEAD_DIM", "NUM_PREFIX", "GRID_W"],
@@ -376,8 +349,7 @@ def _block_d(head_dim: int) -> int:
 
 def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int, has_cls: bool,
                       distances: torch.Tensor, *, block_m: int | None = None,
-                      block_n: int | None = None, two_pass: bool | None = None,
-                      distances_from_grid: bool | None = None) -> torch.Tensor:
+                      block_n: int | None = None, distances_from_grid: bool | None = None) -> torch.Tensor:
     """Metrics of ``softmax((q * scale) @ k^T)`` per image and head, without materialising the map.
 
     Same contract as :func:`attnflow.collect.metrics_from_qk` (the torch route it replaces).
@@ -388,13 +360,11 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
         scale: the block's softmax scale.
         num_prefix: prefix tokens before the patches; has_cls: token 0 is [cls] (else [cls] columns NaN).
         distances: ``[n_patches, n_patches]`` patch distances (:func:`~attnflow.metrics.patch_distances`).
-        block_m, block_n, two_pass: query/key tile sizes (powers of two, 16 to 128) and whether the patch
-            max is found in a first pass over the keys (else online softmax); default: autotuned on CUDA
-            (with both ways of getting distances, below); 32/32/one pass when any is given or under the
-            interpreter.
+        block_m, block_n: query/key tile sizes (powers of two, 16 to 128); default: autotuned on CUDA, 32/32
+            when only one is given or under the interpreter.
         distances_from_grid: compute each distance in registers from the patch grid instead of reading
-            ``distances``; allowed whenever ``distances`` is a :func:`~attnflow.metrics.patch_distances`
-            matrix (:func:`grid_geometry`), which is the default; ``False`` always reads the matrix.
+            ``distances``: the default whenever ``distances`` is a
+            :func:`~attnflow.metrics.patch_distances` matrix (:func:`grid_geometry`); ``False`` reads it.
 
     Returns:
         ``[B, H, M]`` float32 in :data:`~attnflow.metrics.METRICS` order.
@@ -425,9 +395,8 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
             n_patch, float(scale), grid_w, float(patch_h), float(patch_w))
     flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,
              "UPCAST": interpreting()}
-    explicit = {"BLOCK_M": block_m or 32, "BLOCK_N": block_n or 32, "TWO_PASS": bool(two_pass),
-                "DIST_FROM_GRID": grid_w > 0}
-    autotune = not interpreting() and block_m is None and block_n is None and two_pass is None
+    explicit = {"BLOCK_M": block_m or 32, "BLOCK_N": block_n or 32, "DIST_FROM_GRID": grid_w > 0}
+    autotune = not interpreting() and block_m is None and block_n is None
 
     def grid(meta: dict) -> tuple[int]:
         return (B * H * triton.cdiv(N, meta["BLOCK_M"]),)
@@ -438,7 +407,7 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
             tuned[grid](*args, **flags)
         else:
             plain[grid](*args, **flags, **explicit)
-    values = shares.sum(2)[..., _TO_METRICS]
+    values = shares.sum(2)
     if not has_cls:
         values[..., [METRICS.index(m) for m in CLS_METRICS]] = float("nan")
     return values

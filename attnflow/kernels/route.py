@@ -18,14 +18,19 @@ QKMetricFn = Callable[[torch.Tensor, torch.Tensor, float, int, bool, torch.Tenso
 CHECK_IMAGES = 8
 """Images of the first batch (per token count, head size and dtype) that ``auto`` recomputes with torch."""
 
+_CHECKED: dict[tuple, str | None] = {}
+"""Outcome of each check in this process, by (shape, dtype, prefix count, device): ``None`` when the kernel
+agreed, else why it did not. A later run in the same process (another model, a benchmark's repeats) reuses
+it instead of recomputing: the kernel is deterministic for a given shape."""
+
 
 class QKRoute:
     """Computes the metrics of a :class:`~attnflow.tap.QueryKey` with the Triton kernel or with torch.
 
     ``kernel``:
 
-    - ``"auto"``: the Triton kernel on CUDA, checked on the first batch of every new shape against the
-      eager torch route (:data:`CHECK_IMAGES` images). If the kernel fails to compile or disagrees, a warning
+    - ``"auto"``: the Triton kernel on CUDA, checked on the first batch of every new shape (once per process)
+      against the eager torch route (:data:`CHECK_IMAGES` images). If the kernel fails to compile or disagrees, a warning
       says why and the run continues on the torch route, so a run never depends on an unverified kernel.
       On CPU: torch.
     - ``"triton"``: always the kernel, never checked (benchmarks, tests; CPU only with ``TRITON_INTERPRET=1``).
@@ -50,7 +55,6 @@ class QKRoute:
         self.torch_fn = torch_fn
         self.reference_fn = reference_fn
         self.fallback_reason: str | None = None
-        self._checked: set[tuple] = set()
 
     @property
     def name(self) -> str:
@@ -69,14 +73,14 @@ class QKRoute:
             values = qk_metrics_triton(q, k, *args)
         except Exception as err:  # noqa: BLE001 - a kernel that cannot build on this GPU must not end the run
             return self._fall_back(f"the Triton kernel failed ({type(err).__name__}: {err})", q, k, args)
-        key = (q.shape[-2], q.shape[-1], q.dtype, num_prefix)
-        if key not in self._checked:
+        key = (q.shape[-2], q.shape[-1], q.dtype, num_prefix, has_cls, str(q.device))
+        if key not in _CHECKED:
             n = min(CHECK_IMAGES, q.shape[0])
             reference = self.reference_fn(q[:n], k[:n], *args)
             problem = disagreement(values[:n], reference)
-            if problem:
-                return self._fall_back(f"the Triton kernel disagrees with torch ({problem})", q, k, args)
-            self._checked.add(key)
+            _CHECKED[key] = f"the Triton kernel disagrees with torch ({problem})" if problem else None
+        if _CHECKED[key] is not None:
+            return self._fall_back(_CHECKED[key], q, k, args)
         return values
 
     def _fall_back(self, reason: str, q: torch.Tensor, k: torch.Tensor, args: tuple) -> torch.Tensor:
