@@ -169,6 +169,37 @@ def test_autotuning_computes_distances_where_there_is_a_grid_and_reads_them_else
     assert len(with_grid) + len(without) == len(_CONFIGS)
 
 
+def test_autotuned_launch_reads_only_the_slots_of_the_config_that_ran(monkeypatch):
+    """Triton's autotuner runs every config on the output buffer before the chosen one: trial runs with
+    smaller row tiles fill slots the chosen config does not write. The wrapper must read only the chosen
+    config's slots. Emulated on CPU: uninitialised (NaN) memory, trial runs of 16- and 32-row tiles, then
+    the 64-row config, reported as ``best_config`` as Triton's autotuner does."""
+    from types import SimpleNamespace
+
+    from attnflow.kernels import qk_metrics as module
+
+    plain, _ = module._kernels()
+
+    class TrialsThenBest:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def launch(*args, **flags):
+                args[3].fill_(float("nan"))                      # the shares buffer, as torch.empty leaves it
+                for block_m in (16, 32, 64):                     # trials, then the "best" last
+                    tiles = {"BLOCK_M": block_m, "BLOCK_N": 16, "DIST_FROM_GRID": args[-3] > 0}
+                    plain[grid(tiles)](*args, **flags, **tiles)
+                self.best_config = SimpleNamespace(kwargs=tiles)
+            return launch
+
+    monkeypatch.setattr(module, "_autotuning", lambda: True)
+    monkeypatch.setattr(module, "_kernels", lambda: (plain, TrialsThenBest()))
+    q, k = _qk(2, 2, 50, 16, torch.float32, seed=6)
+    got = qk_metrics_triton(q, k, 0.25, 1, True, patch_distances((7, 7), (16, 16)))
+    np.testing.assert_allclose(got.cpu().double().numpy(),
+                               reference_metrics(q, k, 0.25, 1, True, (7, 7)).numpy(), rtol=2e-5, atol=1e-6)
+
+
 def test_kernel_rejects_mismatched_distances_and_tiles():
     q, k = _qk(1, 1, 50, 16, torch.float32)
     with pytest.raises(ValueError, match=r"distances must be \[49, 49\]"):

@@ -343,6 +343,11 @@ def _infer_geometry(distances: torch.Tensor) -> tuple[int, float, float] | None:
     return grid_w, patch_h, patch_w
 
 
+def _autotuning() -> bool:
+    """Whether a launch without explicit tiles goes through the autotuner (not under the interpreter)."""
+    return not interpreting()
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
@@ -382,9 +387,9 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     plain, tuned = _kernels()
-    # each row tile stores its share; sized for the smallest tile, zeros where a larger tile leaves slots
-    max_tiles = -(-N // _MIN_TILE)
-    shares = torch.zeros(B, H, max_tiles, len(KERNEL_COLUMNS), device=q.device, dtype=torch.float32)
+    # each row tile stores its share in its slot; sized for the smallest tile. Only the slots of the tile size
+    # that ran are read: the autotuner's trial runs of other sizes leave values in the others
+    shares = torch.empty(B, H, -(-N // _MIN_TILE), len(KERNEL_COLUMNS), device=q.device, dtype=torch.float32)
     geometry = grid_geometry(distances)
     if distances_from_grid and geometry is None:
         raise ValueError("distances_from_grid=True needs a patch_distances matrix; these distances are not one")
@@ -396,7 +401,7 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
     flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,
              "UPCAST": interpreting()}
     explicit = {"BLOCK_M": block_m or 32, "BLOCK_N": block_n or 32, "DIST_FROM_GRID": grid_w > 0}
-    autotune = not interpreting() and block_m is None and block_n is None
+    autotune = _autotuning() and block_m is None and block_n is None
 
     def grid(meta: dict) -> tuple[int]:
         return (B * H * triton.cdiv(N, meta["BLOCK_M"]),)
@@ -405,9 +410,11 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if autotune:
             tuned[grid](*args, **flags)
+            ran_block_m = tuned.best_config.kwargs["BLOCK_M"]   # the config of the launch just made
         else:
             plain[grid](*args, **flags, **explicit)
-    values = shares.sum(2)
+            ran_block_m = explicit["BLOCK_M"]
+    values = shares[:, :, :triton.cdiv(N, ran_block_m)].sum(2)
     if not has_cls:
         values[..., [METRICS.index(m) for m in CLS_METRICS]] = float("nan")
     return values
