@@ -5,8 +5,9 @@ The ``fast_qk`` route (:class:`~attnflow.tap.QueryKey`) lets timm keep flash att
 read several times per block, which on a GPU costs more than the attention itself. This kernel never
 materialises it: one program per (image, head, tile of query rows) reduces its tile's logits, computed in
 registers, to that tile's share of the seven metrics of :data:`~attnflow.metrics.METRICS`, and the wrapper
-adds up the shares of the tiles. It reads ``q``, ``k`` and the patch-distance matrix and writes
-``[B, H, tiles, 7]``.
+adds up the shares of the tiles. It reads ``q`` and ``k`` and writes ``[B, H, tiles, 7]``; the distance
+``d_ij`` between patch centres is computed in registers when the distance matrix is a
+:func:`~attnflow.metrics.patch_distances` one (:func:`grid_geometry`), else read from the matrix.
 
 Per query row ``i`` with logits ``s_j``:
 
