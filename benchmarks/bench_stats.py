@@ -7,6 +7,8 @@ Reports, for each configuration, the wall time per batch of
     on CUDA with its default route (plain ViT blocks keep flash attention; the Triton kernel of
     ``attnflow.kernels.qk_metrics`` turns their queries and keys into metrics);
   * ``stats_torch_qk`` (CUDA) - the same with the metrics from q/k computed by compiled torch instead;
+  * ``stats_2n`` (CUDA) - ``stats`` over twice the batches, which splits a run's time into a per-batch cost
+    once it is going and a fixed cost per run;
 and the ratios stats/plain and unfused/plain, images/s, and the peak memory for N and 2N batches (which
 must be equal: memory does not grow with the number of images).
 
@@ -94,6 +96,7 @@ def bench(arch: str, img_size: int, batch: int, n_batches: int, device: torch.de
     rows: dict[str, list[float]] = {"plain": [], "unfused": [], "stats": []}
     if device.type == "cuda":
         rows["stats_torch_qk"] = []
+        rows["stats_2n"] = []     # the same run over twice the batches: its per-batch cost and fixed cost
     meta: dict = {}
     for _ in range(repeats):  # interleave so drift affects all alike; report the best of each
         rows["plain"].append(_time_plain(model, batches, device, dtype, unfused=False))
@@ -102,6 +105,7 @@ def bench(arch: str, img_size: int, batch: int, n_batches: int, device: torch.de
         rows["stats"].append(seconds)
         if "stats_torch_qk" in rows:
             rows["stats_torch_qk"].append(_time_stats(model, batches, device, amp, compile_stats, "torch")[0])
+            rows["stats_2n"].append(_time_stats(model, batches * 2, device, amp, compile_stats)[0])
     best = {k: min(v) for k, v in rows.items()}
     # memory: N batches vs 2N batches (same per-batch tensors, so only the state could grow)
     if device.type == "cuda":
@@ -127,7 +131,18 @@ def bench(arch: str, img_size: int, batch: int, n_batches: int, device: torch.de
         "stats_images_per_s": batch / best["stats"], "plain_images_per_s": batch / best["plain"],
         "peak_mem_n_batches_mb": peak_n / 2**20, "peak_mem_2n_batches_mb": peak_2n / 2**20,
     } | ({"stats_torch_qk_s_per_batch": best["stats_torch_qk"],
-          "stats_torch_qk_over_plain": best["stats_torch_qk"] / best["plain"]} if "stats_torch_qk" in best else {})
+          "stats_torch_qk_over_plain": best["stats_torch_qk"] / best["plain"]} if "stats_torch_qk" in best else {}) \
+      | (_split_fixed_cost(best["stats"], best["stats_2n"], n_batches, best["plain"]) if "stats_2n" in best else {})
+
+
+def _split_fixed_cost(per_batch_n: float, per_batch_2n: float, n_batches: int, plain: float) -> dict:
+    """Per-batch cost of a run once it is going, and its fixed cost per run (set-up, the kernel's first-batch
+    check, the result table), from the seconds per batch of runs over N and 2N batches:
+    ``N * per_batch_n = fixed + N * marginal`` and ``2N * per_batch_2n = fixed + 2N * marginal``."""
+    marginal = 2 * per_batch_2n - per_batch_n
+    return {"stats_2n_s_per_batch": per_batch_2n, "stats_2n_over_plain": per_batch_2n / plain,
+            "stats_marginal_s_per_batch": marginal, "stats_marginal_over_plain": marginal / plain,
+            "stats_fixed_s_per_run": n_batches * (per_batch_n - marginal)}
 
 
 def main() -> None:
@@ -162,7 +177,10 @@ def main() -> None:
               f"q/k kernel {row['qk_kernel']}"
               + (f" (fell back: {row['qk_kernel_fallback']})" if row["qk_kernel_fallback"] else "")
               + (f"; torch q/k route {row['stats_torch_qk_over_plain']:.3f}x" if "stats_torch_qk_over_plain" in row
-                 else ""), flush=True)
+                 else "")
+              + (f"; over {2 * args.batches} batches {row['stats_2n_over_plain']:.3f}x, per batch once running "
+                 f"{row['stats_marginal_over_plain']:.3f}x, fixed {row['stats_fixed_s_per_run'] * 1e3:.0f} ms per run"
+                 if "stats_marginal_over_plain" in row else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"host": platform.node(), "torch": torch.__version__, "timm": timm.__version__,
