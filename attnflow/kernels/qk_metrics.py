@@ -324,9 +324,9 @@ def grid_geometry(distances: torch.Tensor) -> tuple[int, float, float] | None:
 def _infer_geometry(distances: torch.Tensor) -> tuple[int, float, float] | None:
     """Read the grid from the first row (patch 0 to every patch, row-major), then check the whole matrix."""
     n = distances.shape[0]
-    first = distances[0].double().cpu()
-    if n < 2 or distances.shape != (n, n):
+    if distances.dim() != 2 or n < 2 or distances.shape != (n, n):
         return None
+    first = distances[0].double().cpu()
     if abs(float(first[0])) > 1e-3:
         return None
     patch_w = float(first[1])
@@ -396,7 +396,8 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
         raise ValueError("distances_from_grid=True needs a patch_distances matrix; these distances are not one")
     grid_w, patch_h, patch_w = geometry if geometry is not None and distances_from_grid is not False \
         else (0, 0.0, 0.0)
-    dist = _padded_distances(distances, num_prefix, q.device)
+    # the matrix is read only without a grid; then as a padded copy (else any fp32 tensor stands in)
+    dist = _padded_distances(distances, num_prefix, q.device) if grid_w == 0 else shares
     args = (q, k, dist, shares, dist.stride(0), shares.stride(1), *q.stride(), *k.stride(), H, N, num_prefix,
             n_patch, float(scale), grid_w, float(patch_h), float(patch_w))
     flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,
