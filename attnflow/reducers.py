@@ -53,10 +53,7 @@ class StatsReducer:
             block: block index.
             values: ``[B, H, M]`` per-image values (NaN allowed only in invalid metric columns).
         """
-        v = torch.where(self.valid, values.to(torch.float64), 0.0)  # [B, H, M]
-        self.sum[block] += v.sum(0)
-        self.sumsq[block] += (v * v).sum(0)
-        self.count[block] += values.shape[0] * self.valid
+        self._add(slice(block, block + 1), values[None])
 
     def update_blocks(self, blocks: Sequence[int], values: torch.Tensor) -> None:
         """Add one batch of per-image metrics of several blocks: the same as :meth:`update` per block, with
@@ -69,14 +66,15 @@ class StatsReducer:
         blocks = list(blocks)
         if values.shape[0] != len(blocks):
             raise ValueError(f"{values.shape[0]} rows of values for {len(blocks)} blocks")
-        if not blocks:
-            return
-        if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+        if blocks and blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+            self._add(slice(blocks[0], blocks[0] + len(blocks)), values)
+        else:
             for block, block_values in zip(blocks, values):
                 self.update(block, block_values)
-            return
-        rows = slice(blocks[0], blocks[0] + len(blocks))
-        v = torch.where(self.valid, values.to(torch.float64), 0.0)  # [n, B, H, M]
+
+    def _add(self, rows: slice, values: torch.Tensor) -> None:
+        """Add ``[n, B, H, M]`` values to the state of the ``n`` consecutive blocks ``rows``."""
+        v = torch.where(self.valid, values.to(torch.float64), 0.0)
         self.sum[rows] += v.sum(1)
         self.sumsq[rows] += (v * v).sum(1)
         self.count[rows] += values.shape[1] * self.valid

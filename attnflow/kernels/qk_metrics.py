@@ -36,7 +36,7 @@ import contextlib
 import inspect
 import os
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,14 +47,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only torch builds may lack Triton; the torch route needs none
     triton = None
-
-
-KERNEL_COLUMNS: tuple[str, ...] = ("cls_self", "cls_patch_entropy", "cls_patch_mass", "patch_cls",
-                                   "patch_self", "patch_patch_entropy", "attention_distance")
-"""Column order of the kernel's output: that of :data:`METRICS`."""
-
-if KERNEL_COLUMNS != METRICS:  # the wrapper returns the kernel's columns as they are
-    raise ImportError(f"KERNEL_COLUMNS {KERNEL_COLUMNS} must match METRICS {METRICS}")
 
 
 def interpreting() -> bool:
@@ -229,6 +221,8 @@ if triton is not None:
         first = rows == 0
         # this tile's share: patch-row means over all patch rows, [cls]-row values where the tile holds row 0
         # (zero elsewhere); the wrapper sums the shares of the row tiles, so no atomics and a fixed order
+        # in METRICS order: cls_self, cls_patch_entropy, cls_patch_mass, patch_cls, patch_self,
+        # patch_patch_entropy, attention_distance
         out = OUT + pid.to(tl.int64) * stride_out_bh + tile * 7
         tl.store(out + 0, tl.sum(tl.where(first, to_cls, 0.0), 0))
         tl.store(out + 1, tl.sum(tl.where(first, entropy, 0.0), 0))
@@ -272,9 +266,21 @@ _MAX_TILE = 128
 _MIN_TILE = 16
 """Smallest BLOCK_M / BLOCK_N (``tl.dot`` needs 16): the row-tile count the shares buffer is sized for."""
 
-_padded_cache: dict[int, tuple[weakref.ref, dict[tuple, torch.Tensor]]] = {}
-"""id(distances) -> (weak reference to it, its padded copies); tensors hash by identity but compare
+_per_tensor: dict[int, tuple[weakref.ref, dict[tuple, Any]]] = {}
+"""id(distances) -> (weak reference to it, what was derived from it); tensors hash by identity but compare
 elementwise, so a WeakKeyDictionary cannot hold them."""
+
+
+def _derived(distances: torch.Tensor, key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()``, computed once per ``distances`` tensor (while it lives) and ``key``."""
+    entry = _per_tensor.get(id(distances))
+    if entry is None or entry[0]() is not distances:
+        for stale in [k for k, (ref, _) in _per_tensor.items() if ref() is None]:
+            del _per_tensor[stale]
+        entry = _per_tensor[id(distances)] = (weakref.ref(distances), {})
+    if key not in entry[1]:
+        entry[1][key] = build()
+    return entry[1][key]
 
 
 def _padded_distances(distances: torch.Tensor, num_prefix: int, device: torch.device) -> torch.Tensor:
@@ -285,24 +291,15 @@ def _padded_distances(distances: torch.Tensor, num_prefix: int, device: torch.de
     Returns:
         ``[round_up(num_prefix + n_patches), round_up(n_patches)]`` float32 on ``device``.
     """
-    entry = _padded_cache.get(id(distances))
-    if entry is None or entry[0]() is not distances:
-        for key in [k for k, (ref, _) in _padded_cache.items() if ref() is None]:
-            del _padded_cache[key]
-        entry = _padded_cache[id(distances)] = (weakref.ref(distances), {})
-    copies = entry[1]
-    key = (num_prefix, str(device))
-    if key not in copies:
+    def build() -> torch.Tensor:
         n_patch = distances.shape[0]
         rows = -(-(num_prefix + n_patch) // _MAX_TILE) * _MAX_TILE
         cols = -(-n_patch // _MAX_TILE) * _MAX_TILE
         padded = torch.zeros(rows, cols, device=device, dtype=torch.float32)
         padded[num_prefix:num_prefix + n_patch, :n_patch] = distances.to(device=device, dtype=torch.float32)
-        copies[key] = padded
-    return copies[key]
+        return padded
 
-
-_geometry_cache: dict[int, tuple[weakref.ref, tuple[int, float, float] | None]] = {}
+    return _derived(distances, ("padded", num_prefix, str(device)), build)
 
 
 def grid_geometry(distances: torch.Tensor) -> tuple[int, float, float] | None:
@@ -311,14 +308,7 @@ def grid_geometry(distances: torch.Tensor) -> tuple[int, float, float] | None:
     1e-3 px), else ``None``. The kernel then computes each distance in registers instead of reading the
     matrix; cached per tensor while it lives.
     """
-    entry = _geometry_cache.get(id(distances))
-    if entry is not None and entry[0]() is distances:
-        return entry[1]
-    found = _infer_geometry(distances)
-    for key in [k for k, (ref, _) in _geometry_cache.items() if ref() is None]:
-        del _geometry_cache[key]
-    _geometry_cache[id(distances)] = (weakref.ref(distances), found)
-    return found
+    return _derived(distances, ("geometry",), lambda: _infer_geometry(distances))
 
 
 def _infer_geometry(distances: torch.Tensor) -> tuple[int, float, float] | None:
@@ -390,7 +380,7 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
     plain, tuned = _kernels()
     # each row tile stores its share in its slot; sized for the smallest tile. Only the slots of the tile size
     # that ran are read: the autotuner's trial runs of other sizes leave values in the others
-    shares = torch.empty(B, H, -(-N // _MIN_TILE), len(KERNEL_COLUMNS), device=q.device, dtype=torch.float32)
+    shares = torch.empty(B, H, -(-N // _MIN_TILE), len(METRICS), device=q.device, dtype=torch.float32)
     geometry = grid_geometry(distances)
     if distances_from_grid and geometry is None:
         raise ValueError("distances_from_grid=True needs a patch_distances matrix; these distances are not one")
