@@ -19,7 +19,60 @@ import sys
 import tempfile
 
 
-def compile_config(kernel, config, *, arch: int, dtype: str, head_dim: int) -> dict:
+# Issue rates per SM and clock of the units each SASS opcode runs on (threads, i.e. lanes), Hopper-class
+# (CUDA C++ Programming Guide, "Arithmetic Instructions"; Nsight Compute's pipe names): fp32 add/multiply/FMA
+# 128, integer and compare/select/min-max ("alu") 64, the transcendental and conversion unit ("xu": MUFU,
+# fp32 <-> 16-bit and rounding conversions) 16, shared/global memory and shuffles ("lsu") 32.
+PIPES = {"fma": (128, ("FFMA", "FADD", "FMUL", "IMAD", "HFMA2", "HADD2", "HMUL2")),
+         "alu": (64, ("FMNMX", "FSEL", "FSETP", "ISETP", "IADD3", "LOP3", "SHF", "SEL", "LEA", "I2FP", "PRMT",
+                      "IABS", "IMNMX", "FCHK", "VIADD", "VIMNMX")),
+         "xu": (16, ("MUFU", "F2F", "FRND", "F2I", "I2F", "F2FP")),
+         "lsu": (32, ("LDG", "LDS", "LDSM", "STS", "STG", "SHFL", "LDGSTS", "LD", "ST"))}
+
+
+def hot_loop_pipes(cubin: bytes, elements_per_thread: int) -> dict:
+    """Static throughput model of the kernel's hottest loop, read from its SASS (``nvdisasm``).
+
+    The hot loop is the innermost loop with at least ``elements_per_thread`` ``MUFU.EX2`` (one exponential
+    per logit of a full key tile). Returns its opcode counts and, per pipe, the SM clock cycles that its
+    instructions need per 1000 logits at the pipe's issue rate (:data:`PIPES`): the largest is the loop's
+    bound if nothing else (latency, memory) limits it. A model, not a measurement."""
+    import re
+    from collections import Counter
+
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    body: list[tuple[str | None, str]] = []              # (label defined here, opcode) in program order
+    label = None
+    for line in text.splitlines():
+        if (m := re.match(r"^(\.L_x_\d+):", line)):
+            label = m.group(1)
+        elif (m := re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*);", line)):
+            body.append((label, m.group(1) + m.group(2)))
+            label = None
+    starts = {lab: i for i, (lab, _) in enumerate(body) if lab}
+    loops = []                                             # (first, last) instruction of each backward branch
+    for i, (_, ins) in enumerate(body):
+        if ins.startswith("BRA") and (m := re.search(r"(\.L_x_\d+)", ins)) and starts.get(m.group(1), i + 1) <= i:
+            loops.append((starts[m.group(1)], i))
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    for a, b in sorted(innermost, key=lambda ab: ab[1] - ab[0], reverse=True):
+        ops = Counter(ins.split()[0].split(".")[0] for _, ins in body[a:b + 1])
+        if sum(1 for _, ins in body[a:b + 1] if ins.startswith("MUFU.EX2")) >= elements_per_thread:
+            per_k = {pipe: 1000 * sum(ops[o] for o in names) / elements_per_thread / rate
+                     for pipe, (rate, names) in PIPES.items()}
+            return {"instructions": b - a + 1, "opcodes": dict(ops.most_common()),
+                    "sm_cycles_per_1000_logits": {k: round(v, 2) for k, v in per_k.items()},
+                    "bound": max(per_k, key=per_k.get)}
+    return {}
+
+
+def compile_config(kernel, config, *, arch: int, dtype: str, head_dim: int, pipes: bool = False) -> dict:
     """Build ``kernel`` with one autotuning ``config`` for ``sm_<arch>``; resources of the cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -27,12 +80,13 @@ def compile_config(kernel, config, *, arch: int, dtype: str, head_dim: int) -> d
 
     names = kernel.arg_names
     signature = {name: "i32" for name in names}
-    signature.update({"Q": f"*{dtype}", "K": f"*{dtype}", "DIST": "*fp32", "OUT": "*fp32", "scale": "fp32",
-                      "PATCH_H": "fp32", "PATCH_W": "fp32"})
+    signature.update({"Q": f"*{dtype}", "K": f"*{dtype}", "DIST": "*fp32", "COORDS": "*fp32", "OUT": "*fp32",
+                      "scale": "fp32"})
     constants = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
                  "ROUND": dtype != "fp32", "UPCAST": False, "stride_qd": 1, "stride_kd": 1, **config.kwargs}
     signature.update({name: "constexpr" for name in constants})
-    aligned = ("Q", "K", "DIST", "OUT", "stride_dist", "stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn")
+    aligned = ("Q", "K", "DIST", "COORDS", "OUT", "stride_dist", "stride_coord", "stride_qb", "stride_qh", "stride_qn",
+               "stride_kb", "stride_kh", "stride_kn")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -46,6 +100,9 @@ def compile_config(kernel, config, *, arch: int, dtype: str, head_dim: int) -> d
             usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
         fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
         row |= {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
+    if pipes:
+        elements = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+        row["hot_loop"] = hot_loop_pipes(compiled.asm["cubin"], elements)
     return row
 
 
@@ -55,6 +112,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="bf16,fp32", help="input dtypes: bf16, fp16, fp32")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--configs", type=int, default=None, help="only the first N autotuning configs")
+    parser.add_argument("--pipes", action="store_true",
+                        help="also model the hot loop's SASS: SM cycles per 1000 logits on each pipe")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -71,7 +130,7 @@ def main() -> int:
             for config in qk_metrics._CONFIGS[:args.configs]:
                 try:
                     row = compile_config(qk_metrics.qk_metrics_kernel, config, arch=arch, dtype=dtype,
-                                         head_dim=args.head_dim)
+                                         head_dim=args.head_dim, pipes=args.pipes)
                 except Exception as err:  # noqa: BLE001 - report every failing build, then fail
                     failed += 1
                     print(f"sm_{arch} {dtype} {config}: FAILED {type(err).__name__}: {err}", flush=True)
@@ -81,6 +140,11 @@ def main() -> int:
                       f"{'grid' if row['DIST_FROM_GRID'] else 'read'} distances "
                       f"warps={row['num_warps']} stages={row['num_stages']}: {row.get('registers', '?')} registers, "
                       f"{row.get('stack_bytes', '?')} B stack, {row['shared_bytes']} B shared", flush=True)
+                if row.get("hot_loop"):
+                    cycles = row["hot_loop"]["sm_cycles_per_1000_logits"]
+                    print("    hot loop, SM cycles per 1000 logits: "
+                          + ", ".join(f"{pipe} {c:.1f}" for pipe, c in cycles.items())
+                          + f" (bound: {row['hot_loop']['bound']})", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

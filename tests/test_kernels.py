@@ -51,6 +51,8 @@ def _qk(B, H, N, d, dtype, seed=0, strided=False):
     (2, (5, 5), 16, True, (16, 64)),      # DeiT-distilled, one key tile
     (0, (5, 5), 16, False, (32, 16)),     # no [cls] (I-JEPA): [cls] metrics NaN
     (1, (7, 7), 16, True, (None, None)),  # the default tiles (autotuned on a GPU)
+    (1, (9, 9), 16, True, (64, 64)),      # 82 rows = 64 + 18, 81 keys = 64 + 17: tails of two 16-tiles each
+    (1, (7, 7), 16, True, (128, 16)),     # fewer rows than one tile: every row, [cls] too, in 16-row tiles
 ])
 @pytest.mark.parametrize("from_grid", [None, False])
 def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks, from_grid):
@@ -65,6 +67,24 @@ def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks, from_g
     assert got.shape == (2, 3, len(METRICS)) and got.dtype == torch.float32
     np.testing.assert_allclose(got.cpu().double().numpy(), ref.numpy(), rtol=2e-5, atol=1e-6)
     assert got.isnan().any().item() == (not has_cls)
+
+
+def test_veltkamp_split_rounds_fp32_to_bf16_like_the_conversion():
+    """The kernel rounds bf16 logits on the GPU as ``c = x (2^16 + 1)``, ``x - (c - x)`` rounded twice
+    (three fp32 operations instead of a slow conversion): it must give the nearest-even bf16 bit for bit,
+    ties included, for every normal fp32 below 1e33 (a subnormal logit, under 1.2e-38, may round apart; its
+    exponential is 1 either way)."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2 ** 31 - 1, (1_000_000,), generator=g, dtype=torch.int64)
+    sign = torch.randint(0, 2, bits.shape, generator=g, dtype=torch.int64) << 31
+    for pattern in ("any", "tie"):
+        b = bits if pattern == "any" else (bits & 0x7FFF0000) | 0x8000
+        x = ((b | sign) & 0xFFFFFFFF).to(torch.int64).numpy().astype(np.uint32).view(np.float32)
+        normal = np.isfinite(x) & (np.abs(x) >= np.finfo(np.float32).tiny) & (np.abs(x) < 1e33)
+        x = torch.from_numpy(x[normal].copy())
+        c = x * 65537.0
+        split = c - (c - x)
+        np.testing.assert_array_equal(split.numpy(), x.to(torch.bfloat16).float().numpy())
 
 
 @pytest.mark.parametrize("dtype,rounding_effect", [(torch.bfloat16, 2e-3), (torch.float16, 5e-4)])
@@ -185,9 +205,10 @@ def test_autotuned_launch_reads_only_the_slots_of_the_config_that_ran(monkeypatc
 
         def __getitem__(self, grid):
             def launch(*args, **flags):
-                args[3].fill_(float("nan"))                      # the shares buffer, as torch.empty leaves it
+                named = dict(zip(plain.arg_names, args))
+                named["OUT"].fill_(float("nan"))                 # the shares buffer, as torch.empty leaves it
                 for block_m in (16, 32, 64):                     # trials, then the "best" last
-                    tiles = {"BLOCK_M": block_m, "BLOCK_N": 16, "DIST_FROM_GRID": args[-3] > 0}
+                    tiles = {"BLOCK_M": block_m, "BLOCK_N": 16, "DIST_FROM_GRID": named["GRID_W"] > 0}
                     plain[grid(tiles)](*args, **flags, **tiles)
                 self.best_config = SimpleNamespace(kwargs=tiles)
             return launch

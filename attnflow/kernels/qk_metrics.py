@@ -64,26 +64,41 @@ def triton_supported(device: torch.device | str) -> bool:
 
 
 if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)
+    LN2 = tl.constexpr(0.6931471805599453)
+    VERY_NEGATIVE = tl.constexpr(-1.0e30)  # a finite "-inf": (m_old - m_new) * 0 stays 0 on the first tile
+    TAIL = tl.constexpr(16)                # rows and keys past the last full tile go in tiles of 16 (tl.dot's least)
+
     @triton.jit
     def round_as(x, like, UPCAST: tl.constexpr):
-        """fp32 ``x`` rounded to ``like``'s dtype (nearest even), returned as fp32."""
-        y = x.to(like.dtype).to(tl.float32)
-        if UPCAST:
-            if like.dtype == tl.bfloat16:  # the interpreter truncates fp32 -> bf16: round by hand
+        """fp32 ``x`` rounded to ``like``'s dtype (nearest even), returned as fp32.
+
+        bf16 by Veltkamp's split, ``c = x (2^16 + 1)``, ``x' = c - (c - x)``: three fp32 operations that give
+        the nearest-even bf16 of any normal ``|x| < 5e33`` (checked bit for bit in the tests), where the
+        conversion instruction would run on the GPU's slow conversion unit, which the exponentials already
+        keep busy. ``.rn`` keeps ptxas from fusing the product into an FMA, which would skip its rounding."""
+        if like.dtype == tl.bfloat16:
+            if UPCAST:  # the interpreter has no inline PTX (and truncates fp32 -> bf16): round the bits
                 bits = x.to(tl.int32, bitcast=True)
                 bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
                 y = bits.to(tl.float32, bitcast=True)
+            else:
+                y = tl.inline_asm_elementwise(
+                    "{ .reg .f32 c, t; mul.rn.f32 c, $1, 0f47800080; sub.rn.f32 t, c, $1; sub.rn.f32 $0, c, t; }",
+                    "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            y = x.to(like.dtype).to(tl.float32)
         return y
 
     @triton.jit
-    def fast_exp(x, UPCAST: tl.constexpr):
-        """``exp(x)`` as one ``ex2.approx.ftz`` (2 ulp; results below 1e-38 flush to 0), where ``tl.exp``
-        also emits the denormal range fix-up: the per-element exp is the kernel's hottest instruction."""
+    def fast_exp2(x, UPCAST: tl.constexpr):
+        """``2^x`` as one ``ex2.approx.ftz`` (2 ulp; results below 1e-38 flush to 0), where ``tl.exp2`` also
+        emits the denormal range fix-up: the per-element exponential is the kernel's hottest instruction."""
         if UPCAST:  # the interpreter has no inline PTX
-            y = tl.exp(x)
+            y = tl.exp2(x)
         else:
-            y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
-                                          dtype=tl.float32, is_pure=True, pack=1)
+            y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
         return y
 
     @triton.jit
@@ -111,48 +126,49 @@ if triton is not None:
         return s
 
     @triton.jit
-    def key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd):
-        """``[BLOCK_D, BLOCK_N]`` keys of patches ``cols`` (zeros past the last patch)."""
-        return tl.load(k_base + (cols + NUM_PREFIX)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                       mask=d_ok[:, None] & (cols < N_PATCH)[None, :], other=0.0)
-
-    @triton.jit
-    def tile_distances(DIST, stride_dist, rows, cols, row_y, row_x, inv_w, GRID_W, PATCH_H, PATCH_W,
+    def patch_key_tile(q, k_base, start_n, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd,
+                       DIST, stride_dist, COORDS, stride_coord, rows, row_y, row_x, m_p, ep, epl, epd,
+                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr,
                        DIST_FROM_GRID: tl.constexpr):
-        """``[BLOCK_M, BLOCK_N]`` distances from query rows ``rows`` (token index) to patches ``cols``."""
+        """One online-softmax step over the patch keys ``start_n + [0, BLOCK_N)``: the running max ``m_p``
+        (natural units) and the sums ``ep``, ``epl`` (base 2), ``epd`` of the rows, updated and returned.
+        Only a MASKED tile may reach past the last patch."""
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + (cols + NUM_PREFIX)[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols < N_PATCH)[None, :], other=0.0)
+            # columns past the last patch get a finite -1e30: their exp is 0 and 0 * u stays 0
+            s = logits(q, k, ROUND, UPCAST) + tl.where(cols < N_PATCH, 0.0, VERY_NEGATIVE)[None, :]
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            s = logits(q, k, ROUND, UPCAST)
+        m_new = tl.maximum(m_p, tl.max(s, 1))
+        alpha = tl.exp2((m_p - m_new) * LOG2E)
+        # base 2: u = (s - m_new) log2(e) in one FMA per logit, e = 2^u = exp(s - m_new)
+        u = s * LOG2E - (m_new * LOG2E)[:, None]
+        e = fast_exp2(u, UPCAST)
         if DIST_FROM_GRID:  # Euclidean distance of the patch centres, as patch_distances computes it
-            col_f = cols.to(tl.float32)
-            col_gy = tl.floor((col_f + 0.5) * inv_w)
-            dy = row_y[:, None] - (col_gy * PATCH_H)[None, :]
-            dx = row_x[:, None] - ((col_f - col_gy * GRID_W) * PATCH_W)[None, :]
+            dy = row_y[:, None] - tl.load(COORDS + cols)[None, :]
+            dx = row_x[:, None] - tl.load(COORDS + stride_coord + cols)[None, :]
             d = tl.sqrt(dy * dy + dx * dx)
         else:  # DIST is indexed by token row and patch column, zero-padded past every tile: no mask
             d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :])
-        return d
+        epl = alpha * (epl + (m_p - m_new) * LOG2E * ep) + tl.sum(e * u, 1)
+        ep = alpha * ep + tl.sum(e, 1)
+        epd = alpha * epd + tl.sum(e * d, 1)
+        return m_new, ep, epl, epd
 
     @triton.jit
-    def qk_metrics_kernel(
-        Q, K, DIST, OUT, stride_dist, stride_out_bh,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        H, N, NUM_PREFIX, N_PATCH, scale, GRID_W, PATCH_H, PATCH_W,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        ROUND: tl.constexpr, UPCAST: tl.constexpr, DIST_FROM_GRID: tl.constexpr,
-    ):
-        # one program per (image, head, tile of BLOCK_M query rows); the tiles of one head are neighbours in
-        # launch order, so they run together and read that head's keys from L2
-        n_tiles = tl.cdiv(N, BLOCK_M)
-        pid = tl.program_id(0) // n_tiles                   # image * H + head
-        tile = tl.program_id(0) % n_tiles
-        b = pid // H
-        h = pid % H
-        start_m = tile * BLOCK_M
-        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    def row_tile_shares(q_base, k_base, DIST, stride_dist, COORDS, stride_coord, start_m,
+                        stride_qn, stride_qd, stride_kn, stride_kd, N, NUM_PREFIX, N_PATCH, scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr,
+                        DIST_FROM_GRID: tl.constexpr):
+        """The seven metrics' shares (METRICS order) of the query rows ``start_m + [0, BLOCK_M)`` of one
+        (image, head): patch-row sums divided by the patch count, [cls]-row values where the tile holds
+        row 0 (zero elsewhere)."""
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
-        very_negative = -1.0e30   # a finite "-inf": (m_old - m_new) * 0 stays 0 on the first tile
-
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         row_is_patch = row_ok & (rows >= NUM_PREFIX)
@@ -163,7 +179,7 @@ if triton is not None:
             q = q.to(q_in.dtype)
 
         # prefix keys ([cls], registers): few, so one logit vector each; sums relative to their max
-        m_pre = tl.full([BLOCK_M], very_negative, tl.float32)
+        m_pre = tl.full([BLOCK_M], VERY_NEGATIVE, tl.float32)
         z_pre = tl.zeros([BLOCK_M], tl.float32)
         e_cls = tl.zeros([BLOCK_M], tl.float32)
         for j in range(0, NUM_PREFIX):
@@ -176,36 +192,34 @@ if triton is not None:
             e_cls = tl.where(j == 0, e_j, e_cls * alpha)
             m_pre = m_new
 
-        # patch centres (pixels) of the query rows, for distances computed in registers (DIST_FROM_GRID);
-        # row-major patch index -> (row, column) in fp32: exact, as (index + 0.5) / GRID_W stays 0.5 / GRID_W
-        # away from an integer
-        inv_w = 1.0 / tl.maximum(GRID_W, 1)      # GRID_W is 0 when the distances are read
-        row_f = tl.maximum(rows - NUM_PREFIX, 0).to(tl.float32)
-        row_gy = tl.floor((row_f + 0.5) * inv_w)
-        row_y = row_gy * PATCH_H
-        row_x = (row_f - row_gy * GRID_W) * PATCH_W
+        # patch centres (pixels) of the query rows, from the table of patch centres (DIST_FROM_GRID), which
+        # is padded past every tile; prefix rows read patch 0's and are not counted
+        row_patch = tl.maximum(rows - NUM_PREFIX, 0)
+        if DIST_FROM_GRID:
+            row_y = tl.load(COORDS + row_patch)
+            row_x = tl.load(COORDS + stride_coord + row_patch)
+        else:
+            row_y = tl.zeros([BLOCK_M], tl.float32)
+            row_x = row_y
 
         # patch keys: online softmax over key tiles (as in flash attention), every sum relative to the
-        # running patch max m_p and rescaled whenever it grows
-        m_p = tl.full([BLOCK_M], very_negative, tl.float32)
+        # running patch max m_p and rescaled whenever it grows; full tiles unmasked, then the rest in
+        # masked tiles of 16 keys
+        m_p = tl.full([BLOCK_M], VERY_NEGATIVE, tl.float32)
         ep = tl.zeros([BLOCK_M], tl.float32)       # sum e,          e = exp(s - m_p)
-        epl = tl.zeros([BLOCK_M], tl.float32)      # sum e (s - m_p)
+        epl = tl.zeros([BLOCK_M], tl.float32)      # sum e (s - m_p) log2(e)
         epd = tl.zeros([BLOCK_M], tl.float32)      # sum e d
-        for start_n in range(0, N_PATCH, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            k = key_tile(k_base, cols, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd)
-            # columns past the last patch get a finite -1e30: their exp is 0 and 0 * u stays 0
-            s = logits(q, k, ROUND, UPCAST) + tl.where(cols < N_PATCH, 0.0, very_negative)[None, :]
-            m_new = tl.maximum(m_p, tl.max(s, 1))
-            alpha = tl.exp(m_p - m_new)
-            u = s - m_new[:, None]
-            e = fast_exp(u, UPCAST)
-            d = tile_distances(DIST, stride_dist, rows, cols, row_y, row_x, inv_w, GRID_W, PATCH_H, PATCH_W,
-                               DIST_FROM_GRID)
-            epl = alpha * (epl + (m_p - m_new) * ep) + tl.sum(e * u, 1)
-            ep = alpha * ep + tl.sum(e, 1)
-            epd = alpha * epd + tl.sum(e * d, 1)
-            m_p = m_new
+        n_full = (N_PATCH // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            m_p, ep, epl, epd = patch_key_tile(
+                q, k_base, start_n, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd, DIST, stride_dist,
+                COORDS, stride_coord, rows, row_y, row_x, m_p, ep, epl, epd, BLOCK_N, False, ROUND, UPCAST,
+                DIST_FROM_GRID)
+        for start_n in range(n_full, N_PATCH, TAIL):
+            m_p, ep, epl, epd = patch_key_tile(
+                q, k_base, start_n, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd, DIST, stride_dist,
+                COORDS, stride_coord, rows, row_y, row_x, m_p, ep, epl, epd, TAIL, True, ROUND, UPCAST,
+                DIST_FROM_GRID)
 
         # each patch row's own key (the diagonal), directly
         k_diag = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -217,20 +231,72 @@ if triton is not None:
         patch_share = ep_safe * tl.exp(m_p - m_all)                  # sum over patches of exp(s - m_all)
         z = patch_share + z_pre * tl.exp(m_pre - m_all)
         to_cls = e_cls * tl.exp(m_pre - m_all) / z
-        entropy = tl.log(ep_safe) - epl / ep_safe
+        entropy = tl.log(ep_safe) - LN2 * epl / ep_safe
         first = rows == 0
-        # this tile's share: patch-row means over all patch rows, [cls]-row values where the tile holds row 0
-        # (zero elsewhere); the wrapper sums the shares of the row tiles, so no atomics and a fixed order
         # in METRICS order: cls_self, cls_patch_entropy, cls_patch_mass, patch_cls, patch_self,
         # patch_patch_entropy, attention_distance
+        return (tl.sum(tl.where(first, to_cls, 0.0), 0),
+                tl.sum(tl.where(first, entropy, 0.0), 0),
+                tl.sum(tl.where(first, patch_share / z, 0.0), 0),
+                tl.sum(tl.where(row_is_patch, to_cls, 0.0), 0) / N_PATCH,
+                tl.sum(tl.where(row_is_patch, e_diag / ep_safe, 0.0), 0) / N_PATCH,
+                tl.sum(tl.where(row_is_patch, entropy, 0.0), 0) / N_PATCH,
+                tl.sum(tl.where(row_is_patch, epd / ep_safe, 0.0), 0) / N_PATCH)
+
+    @triton.jit
+    def qk_metrics_kernel(
+        Q, K, DIST, COORDS, OUT, stride_dist, stride_coord, stride_out_bh,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        H, N, NUM_PREFIX, N_PATCH, scale, GRID_W,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROUND: tl.constexpr, UPCAST: tl.constexpr, DIST_FROM_GRID: tl.constexpr,
+    ):
+        # one program per (image, head, tile of BLOCK_M query rows); the tiles of one head are neighbours in
+        # launch order, so they run together and read that head's keys from L2. GRID_W (0: distances read)
+        # is only the autotuner's key
+        n_tiles = tl.cdiv(N, BLOCK_M)
+        pid = tl.program_id(0) // n_tiles                   # image * H + head
+        tile = tl.program_id(0) % n_tiles
+        b = pid // H
+        h = pid % H
+        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+        n_full = N // BLOCK_M
+        if tile < n_full:
+            s0, s1, s2, s3, s4, s5, s6 = row_tile_shares(
+                q_base, k_base, DIST, stride_dist, COORDS, stride_coord, tile * BLOCK_M, stride_qn, stride_qd,
+                stride_kn, stride_kd, N, NUM_PREFIX, N_PATCH, scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                ROUND, UPCAST, DIST_FROM_GRID)
+        else:  # the last program of a head: the rows past the full tiles, in tiles of 16 (not padded to BLOCK_M)
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            s4 = 0.0
+            s5 = 0.0
+            s6 = 0.0
+            for start_m in range(n_full * BLOCK_M, N, TAIL):
+                t0, t1, t2, t3, t4, t5, t6 = row_tile_shares(
+                    q_base, k_base, DIST, stride_dist, COORDS, stride_coord, start_m, stride_qn, stride_qd,
+                    stride_kn, stride_kd, N, NUM_PREFIX, N_PATCH, scale, HEAD_DIM, BLOCK_D, TAIL, BLOCK_N,
+                    ROUND, UPCAST, DIST_FROM_GRID)
+                s0 += t0
+                s1 += t1
+                s2 += t2
+                s3 += t3
+                s4 += t4
+                s5 += t5
+                s6 += t6
+        # this tile's share in its own slot; the wrapper sums the slots, so no atomics and a fixed order
         out = OUT + pid.to(tl.int64) * stride_out_bh + tile * 7
-        tl.store(out + 0, tl.sum(tl.where(first, to_cls, 0.0), 0))
-        tl.store(out + 1, tl.sum(tl.where(first, entropy, 0.0), 0))
-        tl.store(out + 2, tl.sum(tl.where(first, patch_share / z, 0.0), 0))
-        tl.store(out + 3, tl.sum(tl.where(row_is_patch, to_cls, 0.0), 0) / N_PATCH)
-        tl.store(out + 4, tl.sum(tl.where(row_is_patch, e_diag / ep_safe, 0.0), 0) / N_PATCH)
-        tl.store(out + 5, tl.sum(tl.where(row_is_patch, entropy, 0.0), 0) / N_PATCH)
-        tl.store(out + 6, tl.sum(tl.where(row_is_patch, epd / ep_safe, 0.0), 0) / N_PATCH)
+        tl.store(out + 0, s0)
+        tl.store(out + 1, s1)
+        tl.store(out + 2, s2)
+        tl.store(out + 3, s3)
+        tl.store(out + 4, s4)
+        tl.store(out + 5, s5)
+        tl.store(out + 6, s6)
 
     # Tiles whose warps split only the query rows keep the row reductions inside a warp (BLOCK_M = 16 per
     # warp, or 64 per warpgroup on Hopper); benchmarks/kernel_resources.py builds each for sm_80/sm_90 and
@@ -300,6 +366,26 @@ def _padded_distances(distances: torch.Tensor, num_prefix: int, device: torch.de
         return padded
 
     return _derived(distances, ("padded", num_prefix, str(device)), build)
+
+
+def _patch_centres(distances: torch.Tensor, geometry: tuple[int, float, float], device: torch.device) -> torch.Tensor:
+    """Row ``0``: the y, row ``1``: the x of each patch centre (pixels, row-major patches), from ``geometry``
+    (:func:`grid_geometry`); zero past the last patch and padded by a full tile more than any tile reaches,
+    so the kernel loads it without masks. Cached per ``distances`` tensor while it lives.
+
+    Returns:
+        ``[2, round_up(n_patches) + max tile]`` float32 on ``device``.
+    """
+    def build() -> torch.Tensor:
+        grid_w, patch_h, patch_w = geometry
+        n_patch = distances.shape[0]
+        patches = torch.arange(n_patch, dtype=torch.float64)
+        centres = torch.zeros(2, -(-n_patch // _MAX_TILE) * _MAX_TILE + _MAX_TILE, dtype=torch.float64)
+        centres[0, :n_patch] = torch.div(patches, grid_w, rounding_mode="floor") * patch_h
+        centres[1, :n_patch] = torch.remainder(patches, grid_w) * patch_w
+        return centres.to(device=device, dtype=torch.float32)
+
+    return _derived(distances, ("centres", str(device)), build)
 
 
 def grid_geometry(distances: torch.Tensor) -> tuple[int, float, float] | None:
@@ -384,12 +470,14 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
     geometry = grid_geometry(distances)
     if distances_from_grid and geometry is None:
         raise ValueError("distances_from_grid=True needs a patch_distances matrix; these distances are not one")
-    grid_w, patch_h, patch_w = geometry if geometry is not None and distances_from_grid is not False \
-        else (0, 0.0, 0.0)
-    # the matrix is read only without a grid; then as a padded copy (else any fp32 tensor stands in)
-    dist = _padded_distances(distances, num_prefix, q.device) if grid_w == 0 else shares
-    args = (q, k, dist, shares, dist.stride(0), shares.stride(1), *q.stride(), *k.stride(), H, N, num_prefix,
-            n_patch, float(scale), grid_w, float(patch_h), float(patch_w))
+    from_grid = geometry is not None and distances_from_grid is not False
+    # distances computed from a table of patch centres, or read from a padded copy of the matrix; the one
+    # not used is replaced by any fp32 tensor
+    dist = shares if from_grid else _padded_distances(distances, num_prefix, q.device)
+    centres = _patch_centres(distances, geometry, q.device) if from_grid else shares
+    grid_w = geometry[0] if from_grid else 0
+    args = (q, k, dist, centres, shares, dist.stride(0), centres.stride(0), shares.stride(1), *q.stride(),
+            *k.stride(), H, N, num_prefix, n_patch, float(scale), grid_w)
     flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,
              "UPCAST": interpreting()}
     explicit = {"BLOCK_M": block_m or 32, "BLOCK_N": block_n or 32, "DIST_FROM_GRID": grid_w > 0}
