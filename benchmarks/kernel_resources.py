@@ -34,7 +34,7 @@ def hot_loop_pipes(cubin: bytes, elements_per_thread: int) -> dict:
     """Static throughput model of the kernel's hottest loop, read from its SASS (``nvdisasm``).
 
     The hot loop is the innermost loop with at least ``elements_per_thread`` ``MUFU.EX2`` (one exponential
-    per logit of a full key tile). Returns its opcode counts and, per pipe, the SM clock cycles that its
+    per logit of a full key tile of each head). Returns its opcode counts and, per pipe, the SM clock cycles that its
     instructions need per 1000 logits at the pipe's issue rate (:data:`PIPES`): the largest is the loop's
     bound if nothing else (latency, memory) limits it. A model, not a measurement."""
     import re
@@ -89,9 +89,10 @@ def compile_config(kernel, config, *, arch: int, dtype: str, head_dim: int, pipe
                "stride_kb", "stride_kh", "stride_kn")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                       **({"maxnreg": config.maxnreg} if config.maxnreg else {})})
     row = {"arch": arch, "dtype": dtype, "head_dim": head_dim, **config.kwargs, "num_warps": config.num_warps,
-           "num_stages": config.num_stages, "shared_bytes": compiled.metadata.shared}
+           "num_stages": config.num_stages, "maxnreg": config.maxnreg, "shared_bytes": compiled.metadata.shared}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -101,7 +102,9 @@ def compile_config(kernel, config, *, arch: int, dtype: str, head_dim: int, pipe
         fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
         row |= {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
     if pipes:
-        elements = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+        # logits per thread and hot-loop iteration: a full key tile of each head of the program
+        elements = (config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] * config.kwargs.get("HEADS", 1)
+                    // (32 * config.num_warps))
         row["hot_loop"] = hot_loop_pipes(compiled.asm["cubin"], elements)
     return row
 
@@ -137,6 +140,7 @@ def main() -> int:
                     continue
                 rows.append(row)
                 print(f"sm_{arch} {dtype} d={args.head_dim} BLOCK_M={row['BLOCK_M']} BLOCK_N={row['BLOCK_N']} "
+                      f"heads={row['HEADS']} "
                       f"{'grid' if row['DIST_FROM_GRID'] else 'read'} distances "
                       f"warps={row['num_warps']} stages={row['num_stages']}: {row.get('registers', '?')} registers, "
                       f"{row.get('stack_bytes', '?')} B stack, {row['shared_bytes']} B shared", flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,25 +47,25 @@ def _qk(B, H, N, d, dtype, seed=0, strided=False):
 
 
 @pytest.mark.parametrize("num_prefix,grid,d,has_cls,blocks", [
-    (1, (7, 7), 16, True, (32, 32)),      # ViT: [cls] + 49 patches, two query and two key tiles
-    (5, (4, 6), 24, True, (16, 16)),      # [cls] + 4 registers, non-square grid, head dim padded to 32
-    (2, (5, 5), 16, True, (16, 64)),      # DeiT-distilled, one key tile
-    (0, (5, 5), 16, False, (32, 16)),     # no [cls] (I-JEPA): [cls] metrics NaN
-    (1, (7, 7), 16, True, (None, None)),  # the default tiles (autotuned on a GPU)
-    (1, (9, 9), 16, True, (64, 64)),      # 82 rows = 64 + 18, 81 keys = 64 + 17: tails of two 16-tiles each
-    (1, (7, 7), 16, True, (128, 16)),     # fewer rows than one tile: every row, [cls] too, in 16-row tiles
+    (1, (7, 7), 16, True, (32, 32, 1)),         # ViT: [cls] + 49 patches, two query and two key tiles
+    (5, (4, 6), 24, True, (16, 16, 2)),         # [cls] + 4 registers, non-square grid, head dim padded to 32
+    (2, (5, 5), 16, True, (16, 64, 1)),         # DeiT-distilled, one key tile
+    (0, (5, 5), 16, False, (32, 16, 2)),        # no [cls] (I-JEPA): [cls] metrics NaN
+    (1, (7, 7), 16, True, (None, None, None)),  # the default tiles (autotuned on a GPU)
+    (1, (9, 9), 16, True, (64, 64, 2)),         # 82 rows = 64 + 18, 81 keys = 64 + 17: tails of two 16-tiles
+    (1, (7, 7), 16, True, (128, 16, 1)),        # fewer rows than one tile: every row, [cls] too, in 16-row tiles
 ])
 @pytest.mark.parametrize("from_grid", [None, False])
 def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks, from_grid):
-    """Each tile shape, distances computed from the grid (the default for a patch_distances matrix) or read
-    from the matrix."""
+    """Each tile shape, one or two heads per program, distances computed from the grid (the default for a
+    patch_distances matrix) or read from the matrix."""
     N = num_prefix + grid[0] * grid[1]
-    q, k = _qk(2, 3, N, d, torch.float32)
+    q, k = _qk(2, 4, N, d, torch.float32)
     dist = patch_distances(grid, (16, 16))
     got = qk_metrics_triton(q, k, d ** -0.5, num_prefix, has_cls, dist, block_m=blocks[0], block_n=blocks[1],
-                            distances_from_grid=from_grid)
+                            heads_per_program=blocks[2], distances_from_grid=from_grid)
     ref = reference_metrics(q, k, d ** -0.5, num_prefix, has_cls, grid)
-    assert got.shape == (2, 3, len(METRICS)) and got.dtype == torch.float32
+    assert got.shape == (2, 4, len(METRICS)) and got.dtype == torch.float32
     np.testing.assert_allclose(got.cpu().double().numpy(), ref.numpy(), rtol=2e-5, atol=1e-6)
     assert got.isnan().any().item() == (not has_cls)
 
@@ -180,13 +181,16 @@ def test_grid_geometry_recognises_patch_distance_matrices_only():
     assert grid_geometry(torch.rand(49, 49)) is None
 
 
-def test_autotuning_computes_distances_where_there_is_a_grid_and_reads_them_elsewhere():
+def test_autotuning_computes_distances_where_there_is_a_grid_and_pairs_heads_only_when_even():
     from attnflow.kernels.qk_metrics import _CONFIGS, _prune
 
-    with_grid, without = _prune(_CONFIGS, {"GRID_W": 7}), _prune(_CONFIGS, {"GRID_W": 0})
+    with_grid, without = _prune(_CONFIGS, {"GRID_W": 7, "H": 12}), _prune(_CONFIGS, {"GRID_W": 0, "H": 12})
     assert with_grid and all(c.kwargs["DIST_FROM_GRID"] for c in with_grid)
     assert without and not any(c.kwargs["DIST_FROM_GRID"] for c in without)
     assert len(with_grid) + len(without) == len(_CONFIGS)
+    assert {c.kwargs["HEADS"] for c in with_grid} == {1, 2}
+    odd_heads = _prune(_CONFIGS, {"GRID_W": 7, "H": 3})                 # two heads per program need an even H
+    assert odd_heads and all(c.kwargs["HEADS"] == 1 for c in odd_heads)
 
 
 def test_autotuned_launch_reads_only_the_slots_of_the_config_that_ran(monkeypatch):
@@ -208,7 +212,8 @@ def test_autotuned_launch_reads_only_the_slots_of_the_config_that_ran(monkeypatc
                 named = dict(zip(plain.arg_names, args))
                 named["OUT"].fill_(float("nan"))                 # the shares buffer, as torch.empty leaves it
                 for block_m in (16, 32, 64):                     # trials, then the "best" last
-                    tiles = {"BLOCK_M": block_m, "BLOCK_N": 16, "DIST_FROM_GRID": named["GRID_W"] > 0}
+                    tiles = {"BLOCK_M": block_m, "BLOCK_N": 16, "HEADS": 1 if block_m == 64 else 2,
+                             "DIST_FROM_GRID": named["GRID_W"] > 0}
                     plain[grid(tiles)](*args, **flags, **tiles)
                 self.best_config = SimpleNamespace(kwargs=tiles)
             return launch
@@ -227,6 +232,8 @@ def test_kernel_rejects_mismatched_distances_and_tiles():
         qk_metrics_triton(q, k, 0.25, 1, True, patch_distances((6, 6), (16, 16)))
     with pytest.raises(ValueError, match="block_m must be a power of two from 16 to 128, got 256"):
         qk_metrics_triton(q, k, 0.25, 1, True, patch_distances((7, 7), (16, 16)), block_m=256)
+    with pytest.raises(ValueError, match="heads_per_program must be 1 or 2 and divide the 1 heads, got 2"):
+        qk_metrics_triton(q, k, 0.25, 1, True, patch_distances((7, 7), (16, 16)), heads_per_program=2)
 
 
 def test_attention_stats_with_kernel_equals_attn_drop_route():
@@ -344,7 +351,8 @@ def test_disagreement_tolerates_single_bf16_flips_but_not_a_wrong_metric():
 
 def test_kernel_builds_for_ampere_and_hopper_without_a_gpu(tmp_path):
     """Triton's compiler and bundled ptxas build the kernel for sm_80 and sm_90 here: GPU-only build errors
-    (layouts, dot shapes, constexpr branches) that the interpreter cannot see fail this test."""
+    (layouts, dot shapes, constexpr branches) that the interpreter cannot see fail this test. The first two
+    configs are the one-head and the two-head programs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
     repo = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(repo / "benchmarks" / "kernel_resources.py"), "--arch", "80,90",
@@ -352,4 +360,8 @@ def test_kernel_builds_for_ampere_and_hopper_without_a_gpu(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if "registers" in line]
-    assert len(lines) == 4 and all("0 B stack" in line for line in lines), run.stdout
+    assert len(lines) == 4, run.stdout
+    # no spills for one head; two heads run under a register cap (three programs per SM) and may spill a little
+    builds = [re.search(r"^(sm_\d+) .* heads=(\d) .* (\d+) B stack", line).groups() for line in lines]
+    stack = {(arch, int(heads)): int(spilled) for arch, heads, spilled in builds}
+    assert stack[("sm_80", 1)] == stack[("sm_90", 1)] == 0 and max(stack.values()) <= 64, run.stdout

@@ -3,20 +3,23 @@
 The ``fast_qk`` route (:class:`~attnflow.tap.QueryKey`) lets timm keep flash attention and rebuilds the map
 ``softmax((q * scale) @ k^T)`` for the statistics. In torch that map, ``[B, H, N, N]`` fp32, is written and
 read several times per block, which on a GPU costs more than the attention itself. This kernel never
-materialises it: one program per (image, head, tile of query rows) reduces its tile's logits, computed in
-registers, to that tile's share of the seven metrics of :data:`~attnflow.metrics.METRICS`, and the wrapper
-adds up the shares of the tiles. It reads ``q`` and ``k`` and writes ``[B, H, tiles, 7]``; the distance
-``d_ij`` between patch centres is computed in registers when the distance matrix is a
-:func:`~attnflow.metrics.patch_distances` one (:func:`grid_geometry`), else read from the matrix.
+materialises it: one program per (image, one or two heads, tile of query rows) reduces its tile's logits,
+computed in registers, to that tile's share of the seven metrics of :data:`~attnflow.metrics.METRICS`, and
+the wrapper adds up the shares of the tiles. It reads ``q`` and ``k`` and writes ``[B, H, tiles, 7]``; the
+distance ``d_ij`` between patch centres is computed in registers from a table of the centres when the
+distance matrix is a :func:`~attnflow.metrics.patch_distances` one (:func:`grid_geometry`), else read from
+the matrix, and two heads of a program share it. Rows and keys past the last full tile go in tiles of 16,
+so a 197-token ViT-B/16 pads each head to 208 x 208 logits, not 256 x 224.
 
 Per query row ``i`` with logits ``s_j``:
 
 - over the patch keys, an online softmax (as in flash attention) keeps the running max ``mp`` and, with
-  ``u_j = s_j - mp``, ``ep = sum exp(u_j)`` (>= 1, so it never underflows), ``epl = sum exp(u_j) u_j`` and
-  ``epd = sum exp(u_j) d_ij``, rescaled whenever ``mp`` grows;
+  ``u_j = (s_j - mp) log2(e)`` (one FMA per logit) and ``exp(s_j - mp) = 2^u_j``, ``ep = sum 2^u_j`` (>= 1,
+  so it never underflows), ``epl = sum 2^u_j u_j`` and ``epd = sum 2^u_j d_ij``, rescaled whenever ``mp``
+  grows;
 - the few prefix keys ([cls], registers) and the row's own key (the diagonal) get one logit vector each.
 
-Then the patch-renormalised entropy is ``log(ep) - epl / ep``, ``patch_self = exp(s_ii - mp) / ep``, the
+Then the patch-renormalised entropy is ``log(ep) - ln(2) epl / ep``, ``patch_self = exp(s_ii - mp) / ep``, the
 distance is ``epd / ep``; with ``m`` the max over all keys and ``z`` the full softmax denominator relative to
 it, ``patch_cls = exp(s_i0 - m) / z`` and the [cls] patch mass is ``ep exp(mp - m) / z``. The patch metrics
 are averaged over patch rows; the [cls] ones are read from row 0.
@@ -126,14 +129,27 @@ if triton is not None:
         return s
 
     @triton.jit
-    def patch_key_tile(q, k_base, start_n, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd,
-                       DIST, stride_dist, COORDS, stride_coord, rows, row_y, row_x, m_p, ep, epl, epd,
-                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr,
+    def key_distances(DIST, stride_dist, COORDS, stride_coord, rows, cols, row_y, row_x,
+                      DIST_FROM_GRID: tl.constexpr):
+        """``[BLOCK_M, BLOCK_N]`` distances from query rows ``rows`` (token index) to patches ``cols``."""
+        if DIST_FROM_GRID:  # Euclidean distance of the patch centres, as patch_distances computes it
+            dy = row_y[:, None] - tl.load(COORDS + cols)[None, :]
+            dx = row_x[:, None] - tl.load(COORDS + stride_coord + cols)[None, :]
+            d = tl.sqrt(dy * dy + dx * dx)
+        else:  # DIST is indexed by token row and patch column, zero-padded past every tile: no mask
+            d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :])
+        return d
+
+    @triton.jit
+    def patch_key_step(q, k_base, rows, cols, offs_d, d_ok, d, NUM_PREFIX, N_PATCH, stride_kn, stride_kd,
+                       DIST, stride_dist, COORDS, stride_coord, row_y, row_x, m_p, ep, epl, epd,
+                       OWN_D: tl.constexpr, MASKED: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr,
                        DIST_FROM_GRID: tl.constexpr):
-        """One online-softmax step over the patch keys ``start_n + [0, BLOCK_N)``: the running max ``m_p``
-        (natural units) and the sums ``ep``, ``epl`` (base 2), ``epd`` of the rows, updated and returned.
+        """One online-softmax step of one head over the patch keys ``cols``: the running max ``m_p``
+        (natural units) and the sums ``ep``, ``epl`` (base 2), ``epd`` of the rows, updated and returned with
+        the distances ``d`` from the rows to ``cols``, which the step computes if OWN_D (after the
+        exponentials, so that they and the logits are not live at once), else takes from the head before.
         Only a MASKED tile may reach past the last patch."""
-        cols = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + (cols + NUM_PREFIX)[None, :] * stride_kn + offs_d[:, None] * stride_kd
         if MASKED:
             k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols < N_PATCH)[None, :], other=0.0)
@@ -147,38 +163,28 @@ if triton is not None:
         # base 2: u = (s - m_new) log2(e) in one FMA per logit, e = 2^u = exp(s - m_new)
         u = s * LOG2E - (m_new * LOG2E)[:, None]
         e = fast_exp2(u, UPCAST)
-        if DIST_FROM_GRID:  # Euclidean distance of the patch centres, as patch_distances computes it
-            dy = row_y[:, None] - tl.load(COORDS + cols)[None, :]
-            dx = row_x[:, None] - tl.load(COORDS + stride_coord + cols)[None, :]
-            d = tl.sqrt(dy * dy + dx * dx)
-        else:  # DIST is indexed by token row and patch column, zero-padded past every tile: no mask
-            d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :])
+        if OWN_D:
+            d = key_distances(DIST, stride_dist, COORDS, stride_coord, rows, cols, row_y, row_x, DIST_FROM_GRID)
         epl = alpha * (epl + (m_p - m_new) * LOG2E * ep) + tl.sum(e * u, 1)
         ep = alpha * ep + tl.sum(e, 1)
         epd = alpha * epd + tl.sum(e * d, 1)
-        return m_new, ep, epl, epd
+        return m_new, ep, epl, epd, d
 
     @triton.jit
-    def row_tile_shares(q_base, k_base, DIST, stride_dist, COORDS, stride_coord, start_m,
-                        stride_qn, stride_qd, stride_kn, stride_kd, N, NUM_PREFIX, N_PATCH, scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr,
-                        DIST_FROM_GRID: tl.constexpr):
-        """The seven metrics' shares (METRICS order) of the query rows ``start_m + [0, BLOCK_M)`` of one
-        (image, head): patch-row sums divided by the patch count, [cls]-row values where the tile holds
-        row 0 (zero elsewhere)."""
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
-        rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        row_is_patch = row_ok & (rows >= NUM_PREFIX)
+    def scaled_queries(q_base, rows, row_ok, offs_d, d_ok, stride_qn, stride_qd, scale, UPCAST: tl.constexpr):
+        """``[BLOCK_M, BLOCK_D]`` queries times the scale, rounded to their dtype (timm scales q first)."""
         q_in = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        q = round_as(q_in.to(tl.float32) * scale, q_in, UPCAST)  # timm scales q first, in its dtype
+        q = round_as(q_in.to(tl.float32) * scale, q_in, UPCAST)
         if not UPCAST:
             q = q.to(q_in.dtype)
+        return q
 
-        # prefix keys ([cls], registers): few, so one logit vector each; sums relative to their max
+    @triton.jit
+    def prefix_sums(q, k_base, offs_d, d_ok, NUM_PREFIX, stride_kn, stride_kd, BLOCK_M: tl.constexpr,
+                    ROUND: tl.constexpr, UPCAST: tl.constexpr):
+        """The prefix keys ([cls], registers): few, so one logit vector each. Per row, their max ``m_pre``,
+        ``sum exp(s - m_pre)`` and [cls]'s term ``exp(s_0 - m_pre)``."""
         m_pre = tl.full([BLOCK_M], VERY_NEGATIVE, tl.float32)
         z_pre = tl.zeros([BLOCK_M], tl.float32)
         e_cls = tl.zeros([BLOCK_M], tl.float32)
@@ -191,36 +197,14 @@ if triton is not None:
             z_pre = z_pre * alpha + e_j
             e_cls = tl.where(j == 0, e_j, e_cls * alpha)
             m_pre = m_new
+        return m_pre, z_pre, e_cls
 
-        # patch centres (pixels) of the query rows, from the table of patch centres (DIST_FROM_GRID), which
-        # is padded past every tile; prefix rows read patch 0's and are not counted
-        row_patch = tl.maximum(rows - NUM_PREFIX, 0)
-        if DIST_FROM_GRID:
-            row_y = tl.load(COORDS + row_patch)
-            row_x = tl.load(COORDS + stride_coord + row_patch)
-        else:
-            row_y = tl.zeros([BLOCK_M], tl.float32)
-            row_x = row_y
-
-        # patch keys: online softmax over key tiles (as in flash attention), every sum relative to the
-        # running patch max m_p and rescaled whenever it grows; full tiles unmasked, then the rest in
-        # masked tiles of 16 keys
-        m_p = tl.full([BLOCK_M], VERY_NEGATIVE, tl.float32)
-        ep = tl.zeros([BLOCK_M], tl.float32)       # sum e,          e = exp(s - m_p)
-        epl = tl.zeros([BLOCK_M], tl.float32)      # sum e (s - m_p) log2(e)
-        epd = tl.zeros([BLOCK_M], tl.float32)      # sum e d
-        n_full = (N_PATCH // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):
-            m_p, ep, epl, epd = patch_key_tile(
-                q, k_base, start_n, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd, DIST, stride_dist,
-                COORDS, stride_coord, rows, row_y, row_x, m_p, ep, epl, epd, BLOCK_N, False, ROUND, UPCAST,
-                DIST_FROM_GRID)
-        for start_n in range(n_full, N_PATCH, TAIL):
-            m_p, ep, epl, epd = patch_key_tile(
-                q, k_base, start_n, offs_d, d_ok, NUM_PREFIX, N_PATCH, stride_kn, stride_kd, DIST, stride_dist,
-                COORDS, stride_coord, rows, row_y, row_x, m_p, ep, epl, epd, TAIL, True, ROUND, UPCAST,
-                DIST_FROM_GRID)
-
+    @triton.jit
+    def row_shares(q, k_base, rows, row_ok, offs_d, d_ok, N_PATCH, NUM_PREFIX, stride_kn, stride_kd,
+                   m_pre, z_pre, e_cls, m_p, ep, epl, epd, ROUND: tl.constexpr, UPCAST: tl.constexpr):
+        """``[8]``: the seven metrics' shares (METRICS order, then a 0) of one head's rows ``rows``:
+        patch-row sums divided by the patch count, [cls]-row values where ``rows`` hold row 0."""
+        row_is_patch = row_ok & (rows >= NUM_PREFIX)
         # each patch row's own key (the diagonal), directly
         k_diag = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                          mask=row_is_patch[:, None] & d_ok[None, :], other=0.0)
@@ -235,13 +219,88 @@ if triton is not None:
         first = rows == 0
         # in METRICS order: cls_self, cls_patch_entropy, cls_patch_mass, patch_cls, patch_self,
         # patch_patch_entropy, attention_distance
-        return (tl.sum(tl.where(first, to_cls, 0.0), 0),
-                tl.sum(tl.where(first, entropy, 0.0), 0),
-                tl.sum(tl.where(first, patch_share / z, 0.0), 0),
-                tl.sum(tl.where(row_is_patch, to_cls, 0.0), 0) / N_PATCH,
-                tl.sum(tl.where(row_is_patch, e_diag / ep_safe, 0.0), 0) / N_PATCH,
-                tl.sum(tl.where(row_is_patch, entropy, 0.0), 0) / N_PATCH,
-                tl.sum(tl.where(row_is_patch, epd / ep_safe, 0.0), 0) / N_PATCH)
+        slot = tl.arange(0, 8)
+        return (tl.where(slot == 0, tl.sum(tl.where(first, to_cls, 0.0), 0), 0.0)
+                + tl.where(slot == 1, tl.sum(tl.where(first, entropy, 0.0), 0), 0.0)
+                + tl.where(slot == 2, tl.sum(tl.where(first, patch_share / z, 0.0), 0), 0.0)
+                + tl.where(slot == 3, tl.sum(tl.where(row_is_patch, to_cls, 0.0), 0) / N_PATCH, 0.0)
+                + tl.where(slot == 4, tl.sum(tl.where(row_is_patch, e_diag / ep_safe, 0.0), 0) / N_PATCH, 0.0)
+                + tl.where(slot == 5, tl.sum(tl.where(row_is_patch, entropy, 0.0), 0) / N_PATCH, 0.0)
+                + tl.where(slot == 6, tl.sum(tl.where(row_is_patch, epd / ep_safe, 0.0), 0) / N_PATCH, 0.0))
+
+    @triton.jit
+    def row_tile_shares(q_base, k_base, stride_qh, stride_kh, DIST, stride_dist, COORDS, stride_coord, start_m,
+                        stride_qn, stride_qd, stride_kn, stride_kd, N, NUM_PREFIX, N_PATCH, scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, HEADS: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr,
+                        DIST_FROM_GRID: tl.constexpr):
+        """The ``[8]`` shares (:func:`row_shares`) of the query rows ``start_m + [0, BLOCK_M)`` of one head,
+        and of the next head when HEADS is 2 (else zeros): the two heads share each tile's distances."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        q0 = scaled_queries(q_base, rows, row_ok, offs_d, d_ok, stride_qn, stride_qd, scale, UPCAST)
+        m_pre0, z_pre0, e_cls0 = prefix_sums(q0, k_base, offs_d, d_ok, NUM_PREFIX, stride_kn, stride_kd, BLOCK_M,
+                                             ROUND, UPCAST)
+        if HEADS == 2:  # (a name set under a constexpr condition exists only where that condition holds)
+            q1 = scaled_queries(q_base + stride_qh, rows, row_ok, offs_d, d_ok, stride_qn, stride_qd, scale, UPCAST)
+            m_pre1, z_pre1, e_cls1 = prefix_sums(q1, k_base + stride_kh, offs_d, d_ok, NUM_PREFIX, stride_kn,
+                                                 stride_kd, BLOCK_M, ROUND, UPCAST)
+
+        # patch centres (pixels) of the query rows, from the table of patch centres (DIST_FROM_GRID), which
+        # is padded past every tile; prefix rows read patch 0's and are not counted
+        row_patch = tl.maximum(rows - NUM_PREFIX, 0)
+        if DIST_FROM_GRID:
+            row_y = tl.load(COORDS + row_patch)
+            row_x = tl.load(COORDS + stride_coord + row_patch)
+        else:
+            row_y = tl.zeros([BLOCK_M], tl.float32)
+            row_x = row_y
+
+        # patch keys: online softmax over key tiles (as in flash attention), every sum relative to the
+        # running patch max m_p and rescaled whenever it grows; full tiles unmasked, then the rest in
+        # masked tiles of 16 keys
+        m_p0 = tl.full([BLOCK_M], VERY_NEGATIVE, tl.float32)
+        ep0 = tl.zeros([BLOCK_M], tl.float32)       # sum e,          e = exp(s - m_p)
+        epl0 = tl.zeros([BLOCK_M], tl.float32)      # sum e (s - m_p) log2(e)
+        epd0 = tl.zeros([BLOCK_M], tl.float32)      # sum e d
+        if HEADS == 2:
+            m_p1 = m_p0
+            ep1 = ep0
+            epl1 = epl0
+            epd1 = epd0
+        n_full = (N_PATCH // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            m_p0, ep0, epl0, epd0, d = patch_key_step(
+                q0, k_base, rows, cols, offs_d, d_ok, 0.0, NUM_PREFIX, N_PATCH, stride_kn, stride_kd, DIST,
+                stride_dist, COORDS, stride_coord, row_y, row_x, m_p0, ep0, epl0, epd0, True, False, ROUND, UPCAST,
+                DIST_FROM_GRID)
+            if HEADS == 2:
+                m_p1, ep1, epl1, epd1, d = patch_key_step(
+                    q1, k_base + stride_kh, rows, cols, offs_d, d_ok, d, NUM_PREFIX, N_PATCH, stride_kn, stride_kd,
+                    DIST, stride_dist, COORDS, stride_coord, row_y, row_x, m_p1, ep1, epl1, epd1, False, False,
+                    ROUND, UPCAST, DIST_FROM_GRID)
+        for start_n in range(n_full, N_PATCH, TAIL):
+            cols = start_n + tl.arange(0, TAIL)
+            m_p0, ep0, epl0, epd0, d = patch_key_step(
+                q0, k_base, rows, cols, offs_d, d_ok, 0.0, NUM_PREFIX, N_PATCH, stride_kn, stride_kd, DIST,
+                stride_dist, COORDS, stride_coord, row_y, row_x, m_p0, ep0, epl0, epd0, True, True, ROUND, UPCAST,
+                DIST_FROM_GRID)
+            if HEADS == 2:
+                m_p1, ep1, epl1, epd1, d = patch_key_step(
+                    q1, k_base + stride_kh, rows, cols, offs_d, d_ok, d, NUM_PREFIX, N_PATCH, stride_kn, stride_kd,
+                    DIST, stride_dist, COORDS, stride_coord, row_y, row_x, m_p1, ep1, epl1, epd1, False, True,
+                    ROUND, UPCAST, DIST_FROM_GRID)
+
+        shares0 = row_shares(q0, k_base, rows, row_ok, offs_d, d_ok, N_PATCH, NUM_PREFIX, stride_kn, stride_kd,
+                             m_pre0, z_pre0, e_cls0, m_p0, ep0, epl0, epd0, ROUND, UPCAST)
+        shares1 = tl.zeros([8], tl.float32)
+        if HEADS == 2:
+            shares1 = row_shares(q1, k_base + stride_kh, rows, row_ok, offs_d, d_ok, N_PATCH, NUM_PREFIX,
+                                 stride_kn, stride_kd, m_pre1, z_pre1, e_cls1, m_p1, ep1, epl1, epd1, ROUND, UPCAST)
+        return shares0, shares1
 
     @triton.jit
     def qk_metrics_kernel(
@@ -250,73 +309,68 @@ if triton is not None:
         stride_kb, stride_kh, stride_kn, stride_kd,
         H, N, NUM_PREFIX, N_PATCH, scale, GRID_W,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        ROUND: tl.constexpr, UPCAST: tl.constexpr, DIST_FROM_GRID: tl.constexpr,
+        HEADS: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr, DIST_FROM_GRID: tl.constexpr,
     ):
-        # one program per (image, head, tile of BLOCK_M query rows); the tiles of one head are neighbours in
-        # launch order, so they run together and read that head's keys from L2. GRID_W (0: distances read)
-        # is only the autotuner's key
+        # one program per (image, HEADS heads, tile of BLOCK_M query rows); the tiles of one head are
+        # neighbours in launch order, so they run together and read that head's keys from L2. GRID_W
+        # (0: distances read) is only the autotuner's key
         n_tiles = tl.cdiv(N, BLOCK_M)
-        pid = tl.program_id(0) // n_tiles                   # image * H + head
+        pid = tl.program_id(0) // n_tiles                   # (image * H + first head) / HEADS
         tile = tl.program_id(0) % n_tiles
-        b = pid // H
-        h = pid % H
+        b = pid // (H // HEADS)
+        h = (pid % (H // HEADS)) * HEADS
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
         n_full = N // BLOCK_M
         if tile < n_full:
-            s0, s1, s2, s3, s4, s5, s6 = row_tile_shares(
-                q_base, k_base, DIST, stride_dist, COORDS, stride_coord, tile * BLOCK_M, stride_qn, stride_qd,
-                stride_kn, stride_kd, N, NUM_PREFIX, N_PATCH, scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                ROUND, UPCAST, DIST_FROM_GRID)
+            shares0, shares1 = row_tile_shares(
+                q_base, k_base, stride_qh, stride_kh, DIST, stride_dist, COORDS, stride_coord, tile * BLOCK_M,
+                stride_qn, stride_qd, stride_kn, stride_kd, N, NUM_PREFIX, N_PATCH, scale, HEAD_DIM, BLOCK_D,
+                BLOCK_M, BLOCK_N, HEADS, ROUND, UPCAST, DIST_FROM_GRID)
         else:  # the last program of a head: the rows past the full tiles, in tiles of 16 (not padded to BLOCK_M)
-            s0 = 0.0
-            s1 = 0.0
-            s2 = 0.0
-            s3 = 0.0
-            s4 = 0.0
-            s5 = 0.0
-            s6 = 0.0
+            shares0 = tl.zeros([8], tl.float32)
+            shares1 = tl.zeros([8], tl.float32)
             for start_m in range(n_full * BLOCK_M, N, TAIL):
-                t0, t1, t2, t3, t4, t5, t6 = row_tile_shares(
-                    q_base, k_base, DIST, stride_dist, COORDS, stride_coord, start_m, stride_qn, stride_qd,
-                    stride_kn, stride_kd, N, NUM_PREFIX, N_PATCH, scale, HEAD_DIM, BLOCK_D, TAIL, BLOCK_N,
-                    ROUND, UPCAST, DIST_FROM_GRID)
-                s0 += t0
-                s1 += t1
-                s2 += t2
-                s3 += t3
-                s4 += t4
-                s5 += t5
-                s6 += t6
-        # this tile's share in its own slot; the wrapper sums the slots, so no atomics and a fixed order
-        out = OUT + pid.to(tl.int64) * stride_out_bh + tile * 7
-        tl.store(out + 0, s0)
-        tl.store(out + 1, s1)
-        tl.store(out + 2, s2)
-        tl.store(out + 3, s3)
-        tl.store(out + 4, s4)
-        tl.store(out + 5, s5)
-        tl.store(out + 6, s6)
+                part0, part1 = row_tile_shares(
+                    q_base, k_base, stride_qh, stride_kh, DIST, stride_dist, COORDS, stride_coord, start_m,
+                    stride_qn, stride_qd, stride_kn, stride_kd, N, NUM_PREFIX, N_PATCH, scale, HEAD_DIM, BLOCK_D,
+                    TAIL, BLOCK_N, HEADS, ROUND, UPCAST, DIST_FROM_GRID)
+                shares0 += part0
+                shares1 += part1
+        # each tile's shares in its own slot; the wrapper sums the slots, so no atomics and a fixed order
+        slot = tl.arange(0, 8)
+        out = OUT + (b * H + h).to(tl.int64) * stride_out_bh + tile * 7
+        tl.store(out + slot, shares0, mask=slot < 7)
+        if HEADS == 2:
+            tl.store(out + stride_out_bh + slot, shares1, mask=slot < 7)
 
     # Tiles whose warps split only the query rows keep the row reductions inside a warp (BLOCK_M = 16 per
     # warp, or 64 per warpgroup on Hopper); benchmarks/kernel_resources.py builds each for sm_80/sm_90 and
-    # reports its registers. The autotuner picks per (token count, head size, prefix count, grid) on the GPU
-    # at hand. On an H100 (benchmarks/results/h100_qk_kernel_configs_b256.json, ViT-B/16 bf16, 224 and
-    # 448 px) every config that computes the distances beat every one that reads them, and a two-pass
-    # variant (exact row max first, no rescaling) lost to one pass at every tile: these are the leaders.
-    _GRID_TILES = ((64, 32, 4), (32, 16, 2), (64, 64, 4), (128, 32, 8), (64, 16, 4))
-    _READ_TILES = ((32, 16, 2), (64, 32, 4), (64, 16, 4), (64, 64, 4))
-    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "DIST_FROM_GRID": from_grid}, num_warps=w,
-                              num_stages=2)
-                for from_grid, tiles in ((True, _GRID_TILES), (False, _READ_TILES)) for bm, bn, w in tiles]
+    # reports its registers and a static model of its hot loop (--pipes). The autotuner picks per (token
+    # count, heads, head size, prefix count, grid) on the GPU at hand. On an H100
+    # (benchmarks/results/h100_qk_kernel_configs_b256.json, ViT-B/16 bf16, 224 and 448 px) every config that
+    # computes the distances beat every one that reads them, and a two-pass variant (exact row max first, no
+    # rescaling) lost to one pass at every tile: the one-head tiles are the three leaders there. Two heads per
+    # program share each tile's distances, which takes a quarter off the conversion-unit work that bounds the
+    # hot loop in the static model; they need more registers, capped (maxnreg) so that three programs of 4
+    # warps fit an SM. Not timed on a GPU yet: the autotuner decides.
+    _GRID_TILES = ((64, 32, 4, 1, None), (64, 16, 4, 2, 168), (32, 16, 2, 1, None), (64, 64, 4, 1, None),
+                   (64, 32, 4, 2, 168), (32, 16, 2, 2, None))
+    _READ_TILES = ((32, 16, 2, 1, None), (64, 32, 4, 1, None), (64, 16, 4, 1, None), (64, 64, 4, 1, None))
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "HEADS": heads, "DIST_FROM_GRID": from_grid},
+                              num_warps=w, num_stages=2, maxnreg=maxnreg)
+                for from_grid, tiles in ((True, _GRID_TILES), (False, _READ_TILES))
+                for bm, bn, w, heads, maxnreg in tiles]
 
     def _prune(configs: list, named_args: dict, **kwargs: Any) -> list:
-        """Distances computed from the grid where there is one (``GRID_W > 0``), else read."""
+        """Distances computed from the grid where there is one (``GRID_W > 0``), else read; two heads per
+        program only for an even head count."""
         has_grid = named_args["GRID_W"] > 0
-        return [c for c in configs if c.kwargs["DIST_FROM_GRID"] == has_grid]
+        return [c for c in configs
+                if c.kwargs["DIST_FROM_GRID"] == has_grid and named_args["H"] % c.kwargs["HEADS"] == 0]
 
     _AUTOTUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    tuned = triton.autotune(_CONFIGS, key=["N", "HEAD_DIM", "NUM_PREFIX", "GRID_W"],
+    tuned = triton.autotune(_CONFIGS, key=["N", "H", "HEAD_DIM", "NUM_PREFIX", "GRID_W"],
                             prune_configs_by={"early_config_prune": _prune}, **_AUTOTUNE_KW)(qk_metrics_kernel)
 
 
@@ -431,7 +485,8 @@ def _block_d(head_dim: int) -> int:
 
 def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int, has_cls: bool,
                       distances: torch.Tensor, *, block_m: int | None = None,
-                      block_n: int | None = None, distances_from_grid: bool | None = None) -> torch.Tensor:
+                      block_n: int | None = None, heads_per_program: int | None = None,
+                      distances_from_grid: bool | None = None) -> torch.Tensor:
     """Metrics of ``softmax((q * scale) @ k^T)`` per image and head, without materialising the map.
 
     Same contract as :func:`attnflow.collect.metrics_from_qk` (the torch route it replaces).
@@ -442,8 +497,9 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
         scale: the block's softmax scale.
         num_prefix: prefix tokens before the patches; has_cls: token 0 is [cls] (else [cls] columns NaN).
         distances: ``[n_patches, n_patches]`` patch distances (:func:`~attnflow.metrics.patch_distances`).
-        block_m, block_n: query/key tile sizes (powers of two, 16 to 128); default: autotuned on CUDA, 32/32
-            when only one is given or under the interpreter.
+        block_m, block_n: query/key tile sizes (powers of two, 16 to 128); heads_per_program: 1, or 2 (for
+            an even ``H``) heads per program, which then share each tile's distances. Default: all three
+            autotuned on CUDA; 32, 32 and 1 when any is given or under the interpreter.
         distances_from_grid: compute each distance in registers from the patch grid instead of reading
             ``distances``: the default whenever ``distances`` is a
             :func:`~attnflow.metrics.patch_distances` matrix (:func:`grid_geometry`); ``False`` reads it.
@@ -461,6 +517,8 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
     for name, tile in (("block_m", block_m), ("block_n", block_n)):
         if tile is not None and (tile < _MIN_TILE or tile > _MAX_TILE or tile & (tile - 1)):
             raise ValueError(f"{name} must be a power of two from {_MIN_TILE} to {_MAX_TILE}, got {tile}")
+    if heads_per_program not in (None, 1, 2) or H % (heads_per_program or 1):
+        raise ValueError(f"heads_per_program must be 1 or 2 and divide the {H} heads, got {heads_per_program}")
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     plain, tuned = _kernels()
@@ -480,11 +538,12 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
             *k.stride(), H, N, num_prefix, n_patch, float(scale), grid_w)
     flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,
              "UPCAST": interpreting()}
-    explicit = {"BLOCK_M": block_m or 32, "BLOCK_N": block_n or 32, "DIST_FROM_GRID": grid_w > 0}
-    autotune = _autotuning() and block_m is None and block_n is None
+    explicit = {"BLOCK_M": block_m or 32, "BLOCK_N": block_n or 32, "HEADS": heads_per_program or 1,
+                "DIST_FROM_GRID": grid_w > 0}
+    autotune = _autotuning() and block_m is None and block_n is None and heads_per_program is None
 
     def grid(meta: dict) -> tuple[int]:
-        return (B * H * triton.cdiv(N, meta["BLOCK_M"]),)
+        return (B * (H // meta["HEADS"]) * triton.cdiv(N, meta["BLOCK_M"]),)
 
     # Triton launches on the current CUDA device: make it the tensors' one (e.g. cuda:3 in a torchrun job)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
