@@ -6,6 +6,11 @@ per thread, spilled stack bytes and shared memory (``cuobjdump -res-usage``)::
 
     python benchmarks/kernel_resources.py                   # sm_80 and sm_90, bf16 and fp32, every config
     python benchmarks/kernel_resources.py --arch 90 --dtype bf16 --json out.json
+    python benchmarks/kernel_resources.py --arch 90 --dtype bf16 --pipes   # + a static model of the hot loop
+
+``--pipes`` reads the hot loop's SASS (``nvdisasm``) and reports, per pipe, the SM cycles its instructions
+need per 1000 logits at that pipe's issue rate: which unit bounds the loop, and by how much a change moves
+it, before any GPU times it.
 
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces the compiler). Exit status 1 if a build fails.
 """
