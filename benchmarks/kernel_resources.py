@@ -67,10 +67,12 @@ def hot_loop_pipes(cubin: bytes, elements_per_thread: int) -> dict:
             loops.append((starts[m.group(1)], i))
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     for a, b in sorted(innermost, key=lambda ab: ab[1] - ab[0], reverse=True):
-        ops = Counter(ins.split()[0].split(".")[0] for _, ins in body[a:b + 1])
+        # opcodes without modifiers, but MUFU by function (EX2, SQRT, ...)
+        ops = Counter(".".join(ins.split()[0].split(".")[:2 if ins.startswith("MUFU") else 1])
+                      for _, ins in body[a:b + 1])
         if sum(1 for _, ins in body[a:b + 1] if ins.startswith("MUFU.EX2")) >= elements_per_thread:
-            per_k = {pipe: 1000 * sum(ops[o] for o in names) / elements_per_thread / rate
-                     for pipe, (rate, names) in PIPES.items()}
+            per_k = {pipe: 1000 * sum(n for op, n in ops.items() if op.split(".")[0] in names)
+                     / elements_per_thread / rate for pipe, (rate, names) in PIPES.items()}
             return {"instructions": b - a + 1, "opcodes": dict(ops.most_common()),
                     "sm_cycles_per_1000_logits": {k: round(v, 2) for k, v in per_k.items()},
                     "bound": max(per_k, key=per_k.get)}

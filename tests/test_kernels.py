@@ -4,10 +4,10 @@ Without a GPU, conftest builds the kernel for Triton's CPU interpreter; with one
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -352,16 +352,23 @@ def test_disagreement_tolerates_single_bf16_flips_but_not_a_wrong_metric():
 def test_kernel_builds_for_ampere_and_hopper_without_a_gpu(tmp_path):
     """Triton's compiler and bundled ptxas build the kernel for sm_80 and sm_90 here: GPU-only build errors
     (layouts, dot shapes, constexpr branches) that the interpreter cannot see fail this test. The first two
-    configs are the one-head and the two-head programs."""
+    configs are the one-head and the two-head programs. Their hot loops' machine code (SASS) must do what
+    the kernel's design says: no conversion instruction (bf16 rounding by Veltkamp's split), one square root
+    per distance, shared by the heads of a program, and one exponential per logit."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
     repo = Path(__file__).resolve().parents[1]
+    report = tmp_path / "builds.json"
     run = subprocess.run([sys.executable, str(repo / "benchmarks" / "kernel_resources.py"), "--arch", "80,90",
-                          "--dtype", "bf16", "--configs", "2"], capture_output=True, text=True, env=env, cwd=repo,
-                         timeout=300)
+                          "--dtype", "bf16", "--configs", "2", "--pipes", "--json", str(report)],
+                         capture_output=True, text=True, env=env, cwd=repo, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    lines = [line for line in run.stdout.splitlines() if "registers" in line]
-    assert len(lines) == 4, run.stdout
-    # no spills for one head; two heads run under a register cap (three programs per SM) and may spill a little
-    builds = [re.search(r"^(sm_\d+) .* heads=(\d) .* (\d+) B stack", line).groups() for line in lines]
-    stack = {(arch, int(heads)): int(spilled) for arch, heads, spilled in builds}
-    assert stack[("sm_80", 1)] == stack[("sm_90", 1)] == 0 and max(stack.values()) <= 64, run.stdout
+    builds = json.loads(report.read_text())
+    assert len(builds) == 4 and {b["HEADS"] for b in builds} == {1, 2}, run.stdout
+    for build in builds:
+        # no spills for one head; two heads run under a register cap (three programs per SM), may spill a little
+        assert build["stack_bytes"] <= (0 if build["HEADS"] == 1 else 64), build
+        ops = build["hot_loop"]["opcodes"]
+        logits_per_head = build["BLOCK_M"] * build["BLOCK_N"] // (32 * build["num_warps"])  # per thread
+        assert "F2F" not in ops, build
+        assert ops["MUFU.SQRT"] == logits_per_head, build
+        assert build["HEADS"] * logits_per_head <= ops["MUFU.EX2"] <= build["HEADS"] * (logits_per_head + 4), build
