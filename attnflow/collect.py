@@ -272,8 +272,8 @@ def attention_stats(
                 done_items += (batch.images.shape[0] + len(batch.bad)) if is_dataset else 1
                 n_batches += 1
                 bar.update((batch.images.shape[0] + len(batch.bad)) if is_dataset else 1)
-                if n_batches % checkpoint_every == 0:
-                    state_file.save(snapshot())
+                if state_file.path is not None and n_batches % checkpoint_every == 0:
+                    state_file.save(snapshot())   # (the snapshot copies the state to the host: a device sync)
                 if _after_batch is not None:
                     _after_batch(n_batches)
     except KeyboardInterrupt:
