@@ -27,7 +27,9 @@ import tempfile
 # Issue rates per SM and clock of the units each SASS opcode runs on (threads, i.e. lanes), Hopper-class
 # (CUDA C++ Programming Guide, "Arithmetic Instructions"; Nsight Compute's pipe names): fp32 add/multiply/FMA
 # 128, integer and compare/select/min-max ("alu") 64, the transcendental and conversion unit ("xu": MUFU,
-# fp32 <-> 16-bit and rounding conversions) 16, shared/global memory and shuffles ("lsu") 32.
+# fp32 <-> 16-bit and rounding conversions; F2FP's unit is undocumented, counted there too) 16, shared/global
+# memory and shuffles ("lsu") 32. Opcodes in none of these (tensor cores, uniform datapath, branches) are
+# not counted.
 PIPES = {"fma": (128, ("FFMA", "FADD", "FMUL", "IMAD", "HFMA2", "HADD2", "HMUL2")),
          "alu": (64, ("FMNMX", "FSEL", "FSETP", "ISETP", "IADD3", "LOP3", "SHF", "SEL", "LEA", "I2FP", "PRMT",
                       "IABS", "IMNMX", "FCHK", "VIADD", "VIMNMX")),
@@ -38,10 +40,10 @@ PIPES = {"fma": (128, ("FFMA", "FADD", "FMUL", "IMAD", "HFMA2", "HADD2", "HMUL2"
 def hot_loop_pipes(cubin: bytes, elements_per_thread: int) -> dict:
     """Static throughput model of the kernel's hottest loop, read from its SASS (``nvdisasm``).
 
-    The hot loop is the innermost loop with at least ``elements_per_thread`` ``MUFU.EX2`` (one exponential
-    per logit of a full key tile of each head). Returns its opcode counts and, per pipe, the SM clock cycles that its
-    instructions need per 1000 logits at the pipe's issue rate (:data:`PIPES`): the largest is the loop's
-    bound if nothing else (latency, memory) limits it. A model, not a measurement."""
+    The hot loop is the longest innermost loop with at least ``elements_per_thread`` ``MUFU.EX2`` (one
+    exponential per logit of a full key tile of each head). Returns its opcode counts and, per pipe, the SM
+    clock cycles that its instructions need per 1000 logits at the pipe's issue rate (:data:`PIPES`): the
+    largest is the loop's bound if nothing else (latency, memory) limits it. A model, not a measurement."""
     import re
     from collections import Counter
 
