@@ -71,7 +71,7 @@ def test_kernel_matches_brute_force(num_prefix, grid, d, has_cls, blocks, from_g
 
 
 def test_veltkamp_split_rounds_fp32_to_bf16_like_the_conversion():
-    """The kernel rounds bf16 logits on the GPU as ``c = x (2^16 + 1)``, ``x - (c - x)`` rounded twice
+    """The kernel rounds bf16 logits on the GPU as ``c = x (2^16 + 1)``, then ``c - (c - x)``
     (three fp32 operations instead of a slow conversion): it must give the nearest-even bf16 bit for bit,
     ties included, for every normal fp32 below 1e33 (a subnormal logit, under 1.2e-38, may round apart; its
     exponential is 1 either way)."""
