@@ -171,6 +171,27 @@ if triton is not None:
         return m_new, ep, epl, epd, d
 
     @triton.jit
+    def key_tiles(q0, q1, k_base, stride_kh, rows, offs_d, d_ok, start, stop, NUM_PREFIX, N_PATCH, stride_kn,
+                  stride_kd, DIST, stride_dist, COORDS, stride_coord, row_y, row_x, m_p0, ep0, epl0, epd0,
+                  m_p1, ep1, epl1, epd1, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HEADS: tl.constexpr,
+                  ROUND: tl.constexpr, UPCAST: tl.constexpr, DIST_FROM_GRID: tl.constexpr):
+        """:func:`patch_key_step` over the key tiles ``[start, stop)`` of BLOCK_N keys, for the program's
+        first head and, when HEADS is 2, its second (``k_base + stride_kh``), which reuses each tile's
+        distances. Returns both heads' running state (the second unchanged when HEADS is 1)."""
+        for start_n in range(start, stop, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            m_p0, ep0, epl0, epd0, d = patch_key_step(
+                q0, k_base, rows, cols, offs_d, d_ok, 0.0, NUM_PREFIX, N_PATCH, stride_kn, stride_kd, DIST,
+                stride_dist, COORDS, stride_coord, row_y, row_x, m_p0, ep0, epl0, epd0, True, MASKED, ROUND,
+                UPCAST, DIST_FROM_GRID)
+            if HEADS == 2:
+                m_p1, ep1, epl1, epd1, d = patch_key_step(
+                    q1, k_base + stride_kh, rows, cols, offs_d, d_ok, d, NUM_PREFIX, N_PATCH, stride_kn, stride_kd,
+                    DIST, stride_dist, COORDS, stride_coord, row_y, row_x, m_p1, ep1, epl1, epd1, False, MASKED,
+                    ROUND, UPCAST, DIST_FROM_GRID)
+        return m_p0, ep0, epl0, epd0, m_p1, ep1, epl1, epd1
+
+    @triton.jit
     def scaled_queries(q_base, rows, row_ok, offs_d, d_ok, stride_qn, stride_qd, scale, UPCAST: tl.constexpr):
         """``[BLOCK_M, BLOCK_D]`` queries times the scale, rounded to their dtype (timm scales q first)."""
         q_in = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
@@ -243,7 +264,11 @@ if triton is not None:
         q0 = scaled_queries(q_base, rows, row_ok, offs_d, d_ok, stride_qn, stride_qd, scale, UPCAST)
         m_pre0, z_pre0, e_cls0 = prefix_sums(q0, k_base, offs_d, d_ok, NUM_PREFIX, stride_kn, stride_kd, BLOCK_M,
                                              ROUND, UPCAST)
-        if HEADS == 2:  # (a name set under a constexpr condition exists only where that condition holds)
+        q1 = q0         # the second head's queries: unused when HEADS is 1
+        m_pre1 = m_pre0
+        z_pre1 = z_pre0
+        e_cls1 = e_cls0
+        if HEADS == 2:
             q1 = scaled_queries(q_base + stride_qh, rows, row_ok, offs_d, d_ok, stride_qn, stride_qd, scale, UPCAST)
             m_pre1, z_pre1, e_cls1 = prefix_sums(q1, k_base + stride_kh, offs_d, d_ok, NUM_PREFIX, stride_kn,
                                                  stride_kd, BLOCK_M, ROUND, UPCAST)
@@ -265,34 +290,19 @@ if triton is not None:
         ep0 = tl.zeros([BLOCK_M], tl.float32)       # sum e,          e = exp(s - m_p)
         epl0 = tl.zeros([BLOCK_M], tl.float32)      # sum e (s - m_p) log2(e)
         epd0 = tl.zeros([BLOCK_M], tl.float32)      # sum e d
-        if HEADS == 2:
-            m_p1 = m_p0
-            ep1 = ep0
-            epl1 = epl0
-            epd1 = epd0
+        m_p1 = m_p0     # the second head's state: carried unchanged when HEADS is 1
+        ep1 = ep0
+        epl1 = epl0
+        epd1 = epd0
         n_full = (N_PATCH // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            m_p0, ep0, epl0, epd0, d = patch_key_step(
-                q0, k_base, rows, cols, offs_d, d_ok, 0.0, NUM_PREFIX, N_PATCH, stride_kn, stride_kd, DIST,
-                stride_dist, COORDS, stride_coord, row_y, row_x, m_p0, ep0, epl0, epd0, True, False, ROUND, UPCAST,
-                DIST_FROM_GRID)
-            if HEADS == 2:
-                m_p1, ep1, epl1, epd1, d = patch_key_step(
-                    q1, k_base + stride_kh, rows, cols, offs_d, d_ok, d, NUM_PREFIX, N_PATCH, stride_kn, stride_kd,
-                    DIST, stride_dist, COORDS, stride_coord, row_y, row_x, m_p1, ep1, epl1, epd1, False, False,
-                    ROUND, UPCAST, DIST_FROM_GRID)
-        for start_n in range(n_full, N_PATCH, TAIL):
-            cols = start_n + tl.arange(0, TAIL)
-            m_p0, ep0, epl0, epd0, d = patch_key_step(
-                q0, k_base, rows, cols, offs_d, d_ok, 0.0, NUM_PREFIX, N_PATCH, stride_kn, stride_kd, DIST,
-                stride_dist, COORDS, stride_coord, row_y, row_x, m_p0, ep0, epl0, epd0, True, True, ROUND, UPCAST,
-                DIST_FROM_GRID)
-            if HEADS == 2:
-                m_p1, ep1, epl1, epd1, d = patch_key_step(
-                    q1, k_base + stride_kh, rows, cols, offs_d, d_ok, d, NUM_PREFIX, N_PATCH, stride_kn, stride_kd,
-                    DIST, stride_dist, COORDS, stride_coord, row_y, row_x, m_p1, ep1, epl1, epd1, False, True,
-                    ROUND, UPCAST, DIST_FROM_GRID)
+        m_p0, ep0, epl0, epd0, m_p1, ep1, epl1, epd1 = key_tiles(
+            q0, q1, k_base, stride_kh, rows, offs_d, d_ok, 0, n_full, NUM_PREFIX, N_PATCH, stride_kn, stride_kd,
+            DIST, stride_dist, COORDS, stride_coord, row_y, row_x, m_p0, ep0, epl0, epd0, m_p1, ep1, epl1, epd1,
+            BLOCK_N, False, HEADS, ROUND, UPCAST, DIST_FROM_GRID)
+        m_p0, ep0, epl0, epd0, m_p1, ep1, epl1, epd1 = key_tiles(
+            q0, q1, k_base, stride_kh, rows, offs_d, d_ok, n_full, N_PATCH, NUM_PREFIX, N_PATCH, stride_kn,
+            stride_kd, DIST, stride_dist, COORDS, stride_coord, row_y, row_x, m_p0, ep0, epl0, epd0, m_p1, ep1,
+            epl1, epd1, TAIL, True, HEADS, ROUND, UPCAST, DIST_FROM_GRID)
 
         shares0 = row_shares(q0, k_base, rows, row_ok, offs_d, d_ok, N_PATCH, NUM_PREFIX, stride_kn, stride_kd,
                              m_pre0, z_pre0, e_cls0, m_p0, ep0, epl0, epd0, ROUND, UPCAST)
