@@ -185,8 +185,12 @@ def attention_stats(
 
     Raises:
         DataError: empty folder, non-image path, no readable image at all.
+        AttnflowError: a ``batch_size`` or ``checkpoint_every`` below 1.
         InputShapeError: images that do not fit the model's resolution.
     """
+    for arg, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if value < 1:
+            raise AttnflowError(f"{arg} must be a positive integer, got {value}")
     device = resolve_device(device)
     amp_dtype = resolve_amp(amp, device)
     rank, world = _dist_info()

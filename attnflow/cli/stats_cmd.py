@@ -11,6 +11,29 @@ from ..errors import AttnflowError
 from ..kernels import QK_KERNELS
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (so that 0 or a negative number is a usage error, not a traceback)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds a model."""
     parser.add_argument("--checkpoint", metavar="PATH", help="local weights file in the model's official format")
@@ -19,7 +42,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(e.g. target_encoder for I-JEPA, student for DINO/iBOT full checkpoints)")
     parser.add_argument("--random-init", action="store_true",
                         help="build the architecture without weights (smoke tests; numbers are meaningless)")
-    parser.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
+    parser.add_argument("--img-size", type=positive_int, default=224, help="input resolution (default 224)")
     parser.add_argument("--model-kw", action="append", default=[], metavar="KEY=VALUE",
                         help="extra timm.create_model argument, e.g. dynamic_img_size=True (repeatable)")
 
@@ -51,14 +74,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output table, e.g. runs/mae-b16.parquet (+ .csv, .json)")
     add_model_arguments(parser)
     parser.add_argument("--crop-pct", type=float, help="override the model's center-crop fraction")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, help="DataLoader workers (default min(8, CPUs))")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default min(8, CPUs))")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="autocast dtype (default: bf16 on GPU, fp32 on CPU); the softmax stays fp32")
-    parser.add_argument("--limit", type=int, help="use N evenly spaced images (deterministic subset)")
+    parser.add_argument("--limit", type=positive_int, help="use N evenly spaced images (deterministic subset)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
-    parser.add_argument("--checkpoint-every", type=int, default=50, metavar="BATCHES",
+    parser.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="BATCHES",
                         help="save resumable state every N batches (default 50)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="torch.compile the statistics (default: on for GPU or long runs)")

@@ -7,6 +7,7 @@ Supports any folder of images, searched recursively: ImageFolder-style class fol
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -59,8 +60,34 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden (``.DS_Store``, macOS ``._photo.jpg``, ``.ipynb_checkpoints``)."""
+    return name.startswith(".")
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Image files under the folder ``root``, following linked folders (each real folder once, so link cycles
+    end) and keeping links to files even when their target is gone (they are then reported, not lost).
+    Hidden files and folders are skipped."""
+    paths: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        paths += [Path(dirpath, f) for f in filenames if not is_hidden(f) and is_image_file(Path(f))]
+    return sorted(paths)
+
+
 def find_images(root: str | Path) -> list[Path]:
-    """All image files under ``root`` (recursive), sorted by path.
+    """All image files under ``root`` (recursive, through linked folders), sorted by path.
+
+    Hidden files and folders (names starting with ``.``: macOS ``._*.jpg`` and ``.DS_Store``,
+    ``.ipynb_checkpoints``) are skipped, as ``attnflow data verify`` does. Links whose target is missing are
+    kept, so that reading them reports them as skipped.
 
     Raises:
         DataError: if ``root`` does not exist, is a non-image file, or holds no image.
@@ -73,7 +100,7 @@ def find_images(root: str | Path) -> list[Path]:
             raise DataError(f"{root}: not an image file or a folder of images "
                             f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         return [root]
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
+    paths = _walk_images(root)
     if not paths:
         raise DataError(f"{root}: the folder holds no image files "
                         f"(searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -92,10 +119,21 @@ def evenly_spaced(n_total: int, limit: int | None) -> list[int]:
     return np.unique(np.linspace(0, n_total - 1, limit).round().astype(np.int64)).tolist()
 
 
+SIXTEEN_BIT_MODES: frozenset[str] = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+"""PIL modes of 16-bit grayscale images (PNG, TIFF), whose plain RGB conversion clips at 255."""
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image fully (so truncated files fail here) and convert it to RGB."""
+    """Open an image fully (so truncated files fail here) and convert it to RGB.
+
+    16-bit grayscale images are scaled to 8 bits (``round(v / 257)``, 65535 -> 255) first: PIL's own
+    conversion clips every value above 255 to white. Older Pillow versions open 16-bit PNGs in mode ``I``.
+    """
     with Image.open(path) as img:
         img.load()
+        if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PNG"):
+            gray = np.asarray(img).astype(np.float64) / 257.0
+            return Image.fromarray(np.clip(gray.round(), 0, 255).astype(np.uint8)).convert("RGB")
         return img.convert("RGB")
 
 
@@ -108,20 +146,21 @@ class ImageFolderDataset(Dataset):
         limit: keep ``limit`` evenly spaced images (deterministic subset) or all when ``None``.
 
     ``dataset[i]`` is ``(image [3, H, W], label, i)``, or a :class:`BadImage` for an unreadable file.
+    ``classes`` are the first-level folders that hold images, over the whole folder (so a ``limit`` never
+    renumbers them); images directly under ``root`` get label -1.
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None, limit: int | None = None) -> None:
         self.root = Path(root)
         paths = find_images(self.root)
         self.n_found = len(paths)
-        self.paths: list[Path] = [paths[i] for i in evenly_spaced(len(paths), limit)]
         base = self.root if self.root.is_dir() else self.root.parent
-        class_dirs = sorted({p.parent.relative_to(base).parts[0] for p in self.paths if p.parent != base})
-        self.classes: list[str] = class_dirs
-        index = {c: i for i, c in enumerate(class_dirs)}
-        self.labels: list[int] = [
-            index[p.parent.relative_to(base).parts[0]] if p.parent != base else -1 for p in self.paths
-        ]
+        folders = [p.parent.relative_to(base).parts[0] if p.parent != base else None for p in paths]
+        self.classes: list[str] = sorted({f for f in folders if f is not None})
+        index = {c: i for i, c in enumerate(self.classes)}
+        keep = evenly_spaced(len(paths), limit)
+        self.paths: list[Path] = [paths[i] for i in keep]
+        self.labels: list[int] = [-1 if folders[i] is None else index[folders[i]] for i in keep]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -135,6 +174,8 @@ def read_sample(path: Path, label: int, index: int,
                 transform: Callable | None) -> tuple[torch.Tensor, int, int] | BadImage:
     """``(transform(image), label, index)``, or a :class:`BadImage` for an empty or undecodable file."""
     try:
+        if path.is_symlink() and not path.exists():
+            return BadImage(str(path), f"broken link: {os.readlink(path)} does not exist")
         if path.stat().st_size == 0:
             return BadImage(str(path), "empty file")
         img = load_rgb(path)

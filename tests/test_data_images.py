@@ -1,0 +1,129 @@
+"""Image folders as a first-time user has them: odd modes, links, hidden macOS files, class folders, --limit."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnflow.cli import main
+from attnflow.data.images import BadImage, ImageFolderDataset, find_images, load_rgb
+
+TINY = ["--model", "vit_small_patch16_224", "--random-init", "--model-kw", "depth=2", "--img-size", "32",
+        "--workers", "0", "--no-progress"]
+
+
+def _save(path, photo, mode="RGB", size=(48, 40)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(photo).resize(size).convert(mode).save(path)
+    return path
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path, photos):
+    gray8 = np.asarray(Image.fromarray(photos["astronaut"]).convert("L"))
+    gray16 = gray8.astype(np.uint16) * 257  # 0..255 -> 0..65535, the same picture at 16 bits
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = np.asarray(load_rgb(tmp_path / "g16.png"))
+    assert rgb.shape == gray8.shape + (3,)
+    for c in range(3):  # every channel is the 8-bit picture, not 255 wherever the 16-bit value exceeds 255
+        assert np.array_equal(rgb[..., c], gray8)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "1", "CMYK"])
+def test_other_modes_become_rgb(tmp_path, photos, mode):
+    path = _save(tmp_path / ("x.jpg" if mode == "CMYK" else "x.png"), photos["chelsea"], mode)
+    img = load_rgb(path)
+    assert img.mode == "RGB" and img.size == (48, 40)
+
+
+def test_symlinked_class_folders_and_files_are_found(tmp_path, photos):
+    store = tmp_path / "store"
+    _save(store / "cat" / "a.jpg", photos["chelsea"])
+    _save(store / "cat" / "b.jpg", photos["coffee"])
+    data = tmp_path / "data"
+    _save(data / "astro" / "c.jpg", photos["astronaut"])
+    os.symlink(store / "cat", data / "cat")                     # a subset made of linked class folders
+    os.symlink(store / "cat" / "a.jpg", data / "astro" / "d.jpg")  # a linked file
+    os.symlink(data, data / "astro" / "loop")                    # a link cycle must not hang the walk
+    found = [p.relative_to(data).as_posix() for p in find_images(data)]
+    assert found == ["astro/c.jpg", "astro/d.jpg", "cat/a.jpg", "cat/b.jpg"]
+    ds = ImageFolderDataset(data)
+    assert ds.classes == ["astro", "cat"] and ds.labels == [0, 0, 1, 1]
+
+
+def test_broken_link_is_skipped_and_reported_not_lost(tmp_path, photos):
+    _save(tmp_path / "d" / "good.jpg", photos["rocket"])
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "d" / "broken.jpg")
+    ds = ImageFolderDataset(tmp_path / "d")
+    assert [p.name for p in ds.paths] == ["broken.jpg", "good.jpg"]
+    bad = ds[0]
+    assert isinstance(bad, BadImage) and "broken link" in bad.reason and "gone.jpg" in bad.reason
+
+
+def test_hidden_files_and_folders_are_ignored(tmp_path, photos):
+    data = tmp_path / "data"
+    _save(data / "dog" / "a.jpg", photos["chelsea"])
+    _save(data / "owl" / "b.jpg", photos["coffee"])
+    (data / "dog" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # macOS AppleDouble
+    (data / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    _save(data / ".ipynb_checkpoints" / "c-checkpoint.jpg", photos["rocket"])  # not a class
+    _save(data / "owl" / ".thumbs" / "t.jpg", photos["rocket"])
+    ds = ImageFolderDataset(data)
+    assert [p.relative_to(data).as_posix() for p in ds.paths] == ["dog/a.jpg", "owl/b.jpg"]
+    assert ds.classes == ["dog", "owl"] and ds.labels == [0, 1]
+
+
+def test_limit_keeps_the_labels_of_the_whole_folder(tmp_path, photos):
+    data = tmp_path / "data"
+    for cls, n in (("a", 1), ("b", 1), ("c", 6)):
+        for i in range(n):
+            _save(data / cls / f"{i}.png", photos["astronaut"], size=(8, 8))
+    full = ImageFolderDataset(data)
+    assert full.classes == ["a", "b", "c"] and full.labels == [0, 1, 2, 2, 2, 2, 2, 2]
+    sub = ImageFolderDataset(data, limit=2)  # evenly spaced over 8 images: the first (a) and the last (c)
+    assert [p.relative_to(data).as_posix() for p in sub.paths] == ["a/0.png", "c/5.png"]
+    assert sub.classes == ["a", "b", "c"] and sub.labels == [0, 2]
+
+
+def test_stats_on_an_odd_folder_counts_every_image(tmp_path, photos, capsys):
+    data = tmp_path / "mine"
+    good = [_save(data / "x" / "gray.png", photos["astronaut"], "L"),
+            _save(data / "x" / "UPPER.JPG", photos["chelsea"]),
+            _save(data / "x" / "pal.PNG", photos["coffee"], "P"),
+            _save(data / "y" / "tiny.webp", photos["rocket"], size=(10, 10)),
+            _save(data / "y" / "wide.bmp", photos["rocket"], size=(400, 12)),
+            _save(data / "y" / "rgba.tif", photos["rocket"], "RGBA")]
+    os.symlink(good[1], data / "y" / "link.jpg")
+    os.symlink(tmp_path / "nowhere.jpg", data / "y" / "dead.jpg")
+    (data / "y" / "zero.jpg").write_bytes(b"")
+    (data / "y" / "text.jpeg").write_text("not an image")
+    (data / "y" / "._UPPER.JPG").write_bytes(b"\x00\x05\x16\x07")
+    (data / "y" / "folder.jpg").mkdir()
+    out = tmp_path / "runs" / "mine"
+    assert main(["stats", *TINY, "--batch-size", "2", "--data", str(data), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "over 7 images" in text and "skipped 3 unreadable file(s)" in text
+    for name in ("dead.jpg: broken link", "zero.jpg: empty file", "text.jpeg: unreadable image"):
+        assert name in text
+
+
+@pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--checkpoint-every", "0"), ("--limit", "0"),
+                                          ("--img-size", "0"), ("--limit", "-2"), ("--workers", "-1")])
+def test_non_positive_numbers_give_one_line(photo_folder, tmp_path, capsys, option, value):
+    args = [a for a in TINY if a not in ("--img-size", "32")] + ([] if option == "--img-size" else ["--img-size", "32"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stats", *args, option, value, "--data", str(photo_folder), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and option in err and "Traceback" not in err
+    assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"checkpoint_every": 0}])
+def test_attention_stats_rejects_non_positive_sizes(photo_folder, kwargs):
+    from attnflow.collect import attention_stats
+    from attnflow.errors import AttnflowError
+    from conftest import tiny_model
+
+    with pytest.raises(AttnflowError, match=next(iter(kwargs))):
+        attention_stats(tiny_model(img_size=32), photo_folder, img_size=32, num_workers=0, progress=False, **kwargs)
