@@ -190,3 +190,17 @@ def test_shipped_1pct_split(tmp_path):
         imagenet_subset(tmp_path, "1pct")
     with pytest.raises(DataError, match="--split-file"):
         imagenet_subset(tmp_path, "10pct")
+
+
+def test_macos_dot_underscore_files_are_not_images(tmp_path, jpegs):
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+    val = tmp_path / "val"
+    write(val / TENCH / val_name(293), jpegs[0])
+    write(val / TENCH / ("._" + val_name(293)), apple_double)
+    assert [p.name for p in imagenet_val(val).paths] == [val_name(293)]
+    train = tmp_path / "train"
+    write(train / TENCH / f"{TENCH}_1.JPEG", jpegs[0])
+    write(train / TENCH / f"._{TENCH}_1.JPEG", apple_double)
+    write(train / TENCH / ".thumbs" / f"{TENCH}_2.JPEG", jpegs[1])
+    ds = imagenet_train(train)
+    assert [Path(p).name for p, _ in ds.samples] == [f"{TENCH}_1.JPEG"] and ds.targets == [0]

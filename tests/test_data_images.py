@@ -127,3 +127,26 @@ def test_attention_stats_rejects_non_positive_sizes(photo_folder, kwargs):
 
     with pytest.raises(AttnflowError, match=next(iter(kwargs))):
         attention_stats(tiny_model(img_size=32), photo_folder, img_size=32, num_workers=0, progress=False, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_oversized_image_is_skipped_not_fatal(tmp_path, photos, monkeypatch):
+    _save(tmp_path / "d" / "a_small.png", photos["rocket"], size=(40, 40))    # 1,600 px
+    _save(tmp_path / "d" / "b_huge.png", photos["rocket"], size=(100, 100))   # 10,000 px: over 2 x the limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice this many pixels
+    ds = ImageFolderDataset(tmp_path / "d")
+    assert not isinstance(ds[0], BadImage)
+    bad = ds[1]
+    assert isinstance(bad, BadImage) and bad.path.endswith("b_huge.png") and "MAX_IMAGE_PIXELS" in bad.reason
+
+
+def test_missing_data_fails_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import attnflow.models.load
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --data was checked")
+
+    monkeypatch.setattr(attnflow.models.load, "load_model", must_not_load)
+    code = main(["stats", *TINY, "--data", str(tmp_path / "typo"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("typo: no such file or folder") and len(err.splitlines()) == 1

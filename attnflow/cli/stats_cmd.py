@@ -123,8 +123,11 @@ def _init_distributed() -> tuple[int, int, str | None]:
 
 def run(args: argparse.Namespace) -> int:
     from ..collect import attention_stats, rank_state_path
+    from ..data.images import DataError
     from ..models.load import load_model
 
+    if not Path(args.data).exists():  # before loading a model, which can take a minute
+        raise DataError(f"{args.data}: no such file or folder")
     out = Path(args.out)
     if out.suffix not in (".parquet", ".csv"):
         out = out.with_suffix(".parquet")

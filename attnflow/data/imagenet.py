@@ -16,15 +16,15 @@ Validation layouts:
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 from pathlib import Path
 from typing import Callable
 
-from PIL import UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 
-from .images import BadImage, DataError, evenly_spaced, is_image_file, load_rgb
+from .images import DataError, evenly_spaced, is_hidden, is_image_file, read_sample
 from .labeled import LabeledImageList
 from .manifests import Manifest, load_manifest
 from .verify import WNID_DIR, locate_root
@@ -138,7 +138,8 @@ def _shipped_labels(manifest: Manifest) -> dict[str, str]:
 
 def _images_in(folder: Path) -> list[Path]:
     with os.scandir(folder) as entries:
-        return sorted(Path(e.path) for e in entries if e.is_file() and is_image_file(Path(e.name)))
+        return sorted(Path(e.path) for e in entries
+                      if e.is_file() and is_image_file(Path(e.name)) and not is_hidden(e.name))
 
 
 def imagenet_val(root: str | Path, transform: Callable | None = None, labels: str | Path | None = None, *,
@@ -209,6 +210,12 @@ def _warn_disagreement(manifest: Manifest, paths: list[Path], folder_wnids: list
                     "(first: %s); run `attnflow data verify %s`", len(wrong), wrong[0], manifest.name)
 
 
+def _visible_image(path: str, root: Path) -> bool:
+    """``ImageFolder``'s file filter: an image extension, and no hidden file or folder (macOS ``._*.JPEG``,
+    ``.thumbs/``) on its way from ``root``."""
+    return is_image_file(Path(path)) and not any(is_hidden(part) for part in Path(path).relative_to(root).parts)
+
+
 class ImageNetTrain(ImageFolder):
     """The ImageNet-1k training set (torchvision ``ImageFolder``) with canonical labels and bad-image skipping.
 
@@ -229,7 +236,7 @@ class ImageNetTrain(ImageFolder):
             raise DataError(f"{root}: no such folder")
         root, _ = locate_root("imagenet-train", root)
         try:
-            super().__init__(str(root), transform=transform)
+            super().__init__(str(root), transform=transform, is_valid_file=functools.partial(_visible_image, root=root))
         except FileNotFoundError as err:
             raise DataError(f"{root}: {err}") from err
         keep = evenly_spaced(len(self.samples), limit)
@@ -256,14 +263,7 @@ class ImageNetTrain(ImageFolder):
 
     def __getitem__(self, index: int):  # -> tuple[Tensor, int, int] | BadImage
         path, target = self.samples[index]
-        try:
-            if os.stat(path).st_size == 0:
-                return BadImage(path, "empty file")
-            img = load_rgb(path)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-            return BadImage(path, f"unreadable image: {err}")
-        x = self.transform(img) if self.transform is not None else img
-        return x, target, index
+        return read_sample(Path(path), target, index, self.transform)
 
 
 def imagenet_train(root: str | Path, transform: Callable | None = None, limit: int | None = None) -> ImageNetTrain:

@@ -119,6 +119,10 @@ def evenly_spaced(n_total: int, limit: int | None) -> list[int]:
     return np.unique(np.linspace(0, n_total - 1, limit).round().astype(np.int64)).tolist()
 
 
+IMAGE_READ_ERRORS: tuple[type[Exception], ...] = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+"""What PIL raises for an empty, truncated or undecodable file (a skipped image, not a failed run)."""
+
+
 SIXTEEN_BIT_MODES: frozenset[str] = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 """PIL modes of 16-bit grayscale images (PNG, TIFF), whose plain RGB conversion clips at 255."""
 
@@ -179,7 +183,9 @@ def read_sample(path: Path, label: int, index: int,
         if path.stat().st_size == 0:
             return BadImage(str(path), "empty file")
         img = load_rgb(path)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError as err:
+        return BadImage(str(path), f"too large: {err} (raise PIL.Image.MAX_IMAGE_PIXELS to read it)")
+    except IMAGE_READ_ERRORS as err:
         return BadImage(str(path), f"unreadable image: {err}")
     return (transform(img) if transform is not None else img), label, index
 
