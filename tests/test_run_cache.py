@@ -269,3 +269,52 @@ def test_only_models_a_statistics_figure_uses_are_computed(env, photo_folder, ca
     assert calls == ["tiny-rand"]
     assert (env / "runs/tiny/figures/p.png").is_file() and (env / "runs/tiny/figures/m.png").is_file()
     assert "RANDOM-INIT" in out
+
+
+def _manual_block_attention(model, x: torch.Tensor, b: int) -> torch.Tensor:
+    """Block ``b``'s attention ``[B, H, N, N]`` recomputed by hand from the block's input (plain timm ViT)."""
+    seen = {}
+    blk = model.blocks[b]
+    handle = blk.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.inference_mode():
+        model(x)
+        handle.remove()
+        y = blk.norm1(seen["x"])
+        B, N, C = y.shape
+        heads = blk.attn.num_heads
+        qkv = blk.attn.qkv(y).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        return ((qkv[0] * blk.attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)
+
+
+def test_maps_figure_draws_the_configured_block(env, photo_folder, monkeypatch, capsys):
+    """``block = 0`` in a maps figure: its [cls] maps are those of the first block, not the last."""
+    import importlib
+
+    from attnflow.cli.maps_cmd import load_images
+    from attnflow.data.transforms import eval_transform
+    from attnflow.runner.execute import load_entry
+
+    execute_mod = importlib.import_module("attnflow.runner.execute")  # the package exports a function of that name
+    drawn = {}
+    real = execute_mod.render_figures
+
+    def recording(plan, results, maps):
+        drawn.update(maps)
+        return real(plan, results, maps)
+
+    monkeypatch.setattr(execute_mod, "render_figures", recording)
+    figures = '[[figures]]\nname = "m0"\nkind = "maps"\nmodels = ["tiny-rand"]\nlimit = 1\nblock = 0\n'
+    cfg_path = write_config(env, photo_folder, figures=figures)
+    code, out = run(capsys, str(cfg_path))
+    assert code == 0 and status(out)["tiny-rand"] == "maps"
+    got = drawn["m0"].maps["tiny-rand"][0]
+
+    cfg = load_config(cfg_path)
+    model = load_entry(cfg.model("tiny-rand"), 64)
+    _, images = load_images(photo_folder, 1)
+    x = eval_transform(model, img_size=64, crop_pct=0.875)(images[0])[None]
+    grid = 64 // 16
+    for b, should_match in ((0, True), (len(model.blocks) - 1, False)):
+        cls_row = _manual_block_attention(model, x, b)[0, :, 0, 1:].double()  # [H, patches]
+        want = (cls_row.mean(0) / cls_row.mean(0).sum()).reshape(grid, grid).numpy()
+        assert np.allclose(got.cls_mean, want, atol=1e-6) == should_match, b

@@ -240,6 +240,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
     outcome = RunOutcome()
     maps_data = {f.name: _maps_images(f.images or cfg.data_root, f.limit)
                  for f in cfg.figures if f.kind == "maps"}
+    figure_blocks = {f.name: f.block for f in cfg.figures if f.kind == "maps"}
     for job in plan.jobs:
         if job.entry.random_init:
             outcome.random_init.append(job.entry.id)
@@ -268,7 +269,8 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
         for name in job.maps:
             data = maps_data[name]
             crops, maps = model_maps(model, data.images, img_size=cfg.img_size,
-                                     crop_pct=cfg.crop_pct if cfg.crop_pct is not None else 0.875, device=dev)
+                                     crop_pct=cfg.crop_pct if cfg.crop_pct is not None else 0.875,
+                                     block=figure_blocks[name], device=dev)
             data.maps_data.crops = data.maps_data.crops if data.maps_data.crops is not None else crops
             data.maps_data.maps[job.entry.id] = maps
             spec = find_spec(job.entry.name)
