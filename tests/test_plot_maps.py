@@ -180,3 +180,25 @@ def test_capture_maps_on_a_tiny_timm_model(photos):
         assert maps[i].min_entropy_head == expect.min_entropy_head
     first = capture_maps(model, x, block=0)
     assert len(first) == 3 and not np.allclose(first[0].cls_mean, maps[0].cls_mean)
+
+
+def test_block_out_of_range_is_a_clear_error_not_another_block(photos):
+    """A model with 2 blocks: blocks 0, 1, -1, -2 exist; 2 and -3 do not (and must not wrap to 0 or 1)."""
+    model = tiny_model("vit_small_patch16_224", img_size=64)
+    from attnflow.data.transforms import eval_transform
+
+    x = eval_transform(model, 64, crop_pct=0.875)(Image.fromarray(photos["coffee"]))[None]
+    last = capture_maps(model, x)[0]
+    np.testing.assert_allclose(capture_maps(model, x, block=-1)[0].cls_mean, last.cls_mean)
+    np.testing.assert_allclose(capture_maps(model, x, block=1)[0].cls_mean, last.cls_mean)
+    np.testing.assert_allclose(capture_maps(model, x, block=-2)[0].cls_mean, capture_maps(model, x, block=0)[0].cls_mean)
+    for block in (2, 5, -3):
+        with pytest.raises(PlotError, match=f"block {block} .*2 blocks"):
+            capture_maps(model, x, block=block)
+
+
+def test_input_that_does_not_split_into_patches_is_a_clear_error(photos):
+    """At 72 px a /16 model sees a 4x4 grid covering 64 px: the maps would not align with the 72 px crop."""
+    model = tiny_model("vit_small_patch16_224", img_size=72)
+    with pytest.raises(PlotError, match="multiple of 16"):
+        model_maps(model, [Image.fromarray(photos["coffee"])], img_size=72)

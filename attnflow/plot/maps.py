@@ -166,15 +166,27 @@ def capture_maps(model: torch.nn.Module, images: torch.Tensor, *, block: int | N
 
     Returns:
         ``B`` :class:`PatchMaps`.
+
+    Raises:
+        PlotError: ``block`` is not a block of the model, or the images do not split into whole patches (the
+            maps would not line up with the image).
     """
     from ..tap import AttentionTap
 
     n_blocks = last_block_index(model) + 1
+    if block is not None and not -n_blocks <= block < n_blocks:
+        raise PlotError(f"block {block} does not exist: the model has {n_blocks} blocks "
+                        f"(0..{n_blocks - 1}, or -1..-{n_blocks} from the end)")
     b = n_blocks - 1 if block is None else block % n_blocks
     with AttentionTap(model, blocks=[b]) as tap:
         model(images)
         attn = tap.maps[0].float().cpu()                                         # [B, H, N, N]
         layout = tap.layout
+    (gh, gw), (ph, pw) = layout.grid, layout.patch_size
+    h, w = images.shape[-2:]
+    if (gh * ph, gw * pw) != (h, w):
+        raise PlotError(f"images of {h}x{w} px do not split into {ph}x{pw} patches (the model sees {gh}x{gw} "
+                        f"patches, {gh * ph}x{gw * pw} px): use an --img-size that is a multiple of {ph}")
     return [patch_maps(attn[i], layout) for i in range(attn.shape[0])]
 
 
