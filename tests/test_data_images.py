@@ -150,3 +150,16 @@ def test_missing_data_fails_before_loading_the_model(tmp_path, capsys, monkeypat
     code = main(["stats", *TINY, "--data", str(tmp_path / "typo"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.endswith("typo: no such file or folder") and len(err.splitlines()) == 1
+
+
+def test_unwritable_out_fails_before_the_run(photo_folder, tmp_path, capsys, monkeypatch):
+    import attnflow.models.load
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although --out cannot be written")
+
+    monkeypatch.setattr(attnflow.models.load, "load_model", must_not_load)
+    (tmp_path / "runs").write_text("a file where the output folder should be")
+    code = main(["stats", *TINY, "--data", str(photo_folder), "--out", str(tmp_path / "runs" / "mae.parquet")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot create the folder" in err and len(err.splitlines()) == 1

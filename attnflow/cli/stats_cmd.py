@@ -121,6 +121,23 @@ def _init_distributed() -> tuple[int, int, str | None]:
     return dist.get_rank(), world, "cpu"
 
 
+def check_output_folder(out: Path) -> None:
+    """Create the folder of ``out`` now, so that an unwritable ``--out`` fails before the run, not after it.
+
+    Raises:
+        AttnflowError: when the folder cannot be created or written to.
+    """
+    folder = out.parent
+    if folder.exists() and not folder.is_dir():
+        raise AttnflowError(f"--out {out}: cannot create the folder {folder}: it is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AttnflowError(f"--out {out}: cannot create the folder {folder}: {err.strerror or err}") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AttnflowError(f"--out {out}: the folder {folder} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..collect import attention_stats, rank_state_path
     from ..data.images import DataError
@@ -131,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".parquet", ".csv"):
         out = out.with_suffix(".parquet")
+    check_output_folder(out)
     state = state_path_for(out)
     rank, world, dist_device = _init_distributed()
     leftovers = [p for p in (rank_state_path(state, r, world) for r in range(world)) if p.exists()]
