@@ -146,3 +146,13 @@ def test_env_folder_is_searched_first(tmp_path, monkeypatch):
          "classes": {"wnids": ["n01440764"]}}))
     monkeypatch.setenv("ATTNFLOW_MANIFESTS", str(tmp_path))
     assert load_manifest("imagenet-val").num_images == 2
+
+
+def test_split_file_that_is_not_text_or_not_a_file_is_one_data_error(tmp_path):
+    manifest = load_manifest("imagenet-10pct")
+    binary = tmp_path / "photo.jpg"
+    binary.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01")  # a JPEG header passed by mistake
+    with pytest.raises(DataError, match="photo.jpg: not a text file"):
+        manifest.split_entries(binary)
+    with pytest.raises(DataError, match="is a folder"):
+        manifest.split_entries(tmp_path)

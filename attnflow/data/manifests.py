@@ -201,9 +201,14 @@ class Manifest:
         spec = self.data.get("split_file") or {}
         if split_file is not None:
             path = Path(split_file)
+            if path.is_dir():
+                raise DataError(f"split file {path}: is a folder, not a file of image names")
             if not path.is_file():
                 raise DataError(f"split file {path}: no such file")
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise DataError(f"split file {path}: not a text file of image names ({err})") from err
         elif spec.get("file"):
             text = self._read_text(spec["file"])
         else:
