@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from attnflow.cli import main as cli_main
+from attnflow.errors import AttnflowError
 from attnflow.models.converters import CheckpointError
 from attnflow.models.load import WeightsUnavailableError, load_model, sha256_file, weights_cached
 from attnflow.models.registry import UnknownModelError, get_spec, list_specs
@@ -84,6 +85,19 @@ def test_unreadable_and_missing_files(tmp_path):
         load_model("dino-vit-s16", checkpoint=tmp_path / "nope.pth", img_size=64, **TINY)
 
 
+def test_a_folder_passed_as_checkpoint_says_so_and_names_the_weight_files_in_it(tmp_path):
+    mae_file(tmp_path / "ckpts" / "mae_pretrain_vit_base.pth")
+    (tmp_path / "ckpts" / "README.txt").write_text("notes")
+    with pytest.raises(CheckpointError) as err:
+        load_model("mae-vit-b16", checkpoint=tmp_path / "ckpts", img_size=64, **TINY)
+    msg = str(err.value)
+    assert "is a folder, not a weights file" in msg and "mae_pretrain_vit_base.pth" in msg
+    assert "README.txt" not in msg and "not found" not in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder.*holds no weight file"):
+        load_model("mae-vit-b16", checkpoint=tmp_path / "empty", img_size=64, **TINY)
+
+
 def test_checkpoint_key_that_is_absent(tmp_path):
     mae_file(tmp_path / "mae.pth")
     with pytest.raises(CheckpointError, match=r"no key 'target_encoder'; top-level keys: model"):
@@ -99,6 +113,33 @@ def test_unknown_preset_suggests_close_presets():
     assert "mae-vit-b16" in str(err.value)
     with pytest.raises(UnknownModelError, match="mocov3-vit-b16"):
         load_model("mocov3-vit-b", random_init=True)
+
+
+def test_preset_names_are_suggested_whatever_the_case():
+    with pytest.raises(UnknownModelError, match="did you mean mae-vit-b16"):
+        load_model("MAE-ViT-B16", random_init=True)
+    with pytest.raises(UnknownModelError, match="did you mean dinov2-vit-s14"):
+        get_spec("DINOv2-ViT-S14")
+
+
+@pytest.mark.parametrize("random_init", [True, False])
+def test_unknown_timm_pretrained_tag_is_an_unknown_model_that_suggests_the_tags(offline, random_init):
+    # timm knows the architecture but not the tag: one clear error (timm itself raises a RuntimeError)
+    with pytest.raises(UnknownModelError) as err:
+        load_model("vit_base_patch16_224.maee", random_init=random_init, img_size=64, **TINY)
+    msg = str(err.value)
+    assert "no pretrained tag 'maee' for vit_base_patch16_224" in msg and "vit_base_patch16_224.mae" in msg
+    assert not weights_cached("vit_base_patch16_224.mae")  # a valid tag is still a known name
+
+
+@pytest.mark.parametrize(("name", "img_size", "patch"), [
+    ("mae-vit-b16", 70, 16), ("dinov2-vit-s14", 230, 14), ("capi-vit-l14", 230, 14),
+    ("deit_tiny_patch16_224", 100, 16),
+])
+def test_img_size_that_is_not_a_multiple_of_the_patch_size_is_refused(name, img_size, patch):
+    # timm's patch embedding would floor the grid and silently drop the last img_size % patch pixels
+    with pytest.raises(AttnflowError, match=f"img_size {img_size} is not a multiple of the patch size {patch}"):
+        load_model(name, random_init=True, img_size=img_size, **TINY)
 
 
 def test_unknown_timm_name_suggests_close_timm_names():

@@ -95,6 +95,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         CheckpointError: the file does not exist or cannot be read.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(_directory_message(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
@@ -118,6 +120,17 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LenientPickle)
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+
+
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".pyth", ".ckpt", ".safetensors")
+
+
+def _directory_message(path: Path) -> str:
+    """The error for a folder passed as a checkpoint: names the weight files inside it, if any."""
+    inside = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    hint = f"; it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''}" if inside else \
+        "; it holds no weight file (.pth, .pth.tar, .pyth, .bin, .safetensors)"
+    return f"checkpoint {path} is a folder, not a weights file: pass the file itself{hint}"
 
 
 # ------------------------------------------------------------------------------------------------ caches

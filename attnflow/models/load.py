@@ -12,7 +12,6 @@ Where the weights come from, in order (unless ``random_init``):
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import logging
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import torch.nn as nn
 from ..errors import AttnflowError
 from . import files
 from .converters import CheckpointError, get_converter, load_converted
-from .registry import ModelSpec, UnknownModelError, find_spec, list_specs
+from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list_specs
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +57,39 @@ class _Weights:
 # ------------------------------------------------------------------------------------------------ names
 
 def known_arch(name: str) -> bool:
-    """Whether ``name`` is a timm architecture (``arch`` or ``arch.tag``) or one of :data:`CUSTOM_ARCHS`."""
+    """Whether ``name`` is a timm architecture (``arch``, or ``arch.tag`` with a tag timm knows) or one of
+    :data:`CUSTOM_ARCHS`."""
     import timm
 
-    return name in CUSTOM_ARCHS or timm.is_model(name)
+    if name in CUSTOM_ARCHS:
+        return True
+    if not timm.is_model(name):  # checks the architecture part only
+        return False
+    return "." not in name or _known_tag(name)
+
+
+def _known_tag(name: str) -> bool:
+    """Whether timm has a pretrained config for ``arch.tag``."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        return get_pretrained_cfg(name) is not None
+    except RuntimeError:  # timm: "Invalid pretrained tag (...) for ..."
+        return False
 
 
 def _unknown(name: str) -> UnknownModelError:
     import timm
 
+    arch, dot, tag = name.partition(".")
+    if dot and timm.is_model(arch):
+        tags = timm.list_pretrained(f"{arch}.*")
+        close = close_names(name, tags, n=5, cutoff=0.3) or tags[:5]
+        hint = f"; did you mean {', '.join(close)}?" if close else "; it has no pretrained tags"
+        return UnknownModelError(f"unknown model {name!r}: timm has no pretrained tag {tag!r} for {arch}{hint}")
     presets = [s.name for s in list_specs()]
-    close = difflib.get_close_matches(name, presets, n=5, cutoff=0.5)
-    close += [m for m in difflib.get_close_matches(name, timm.list_models() + list(CUSTOM_ARCHS), n=5, cutoff=0.6)
-              if m not in close]
+    close = close_names(name, presets)
+    close += [m for m in close_names(name, timm.list_models() + list(CUSTOM_ARCHS), cutoff=0.6) if m not in close]
     hint = f"; did you mean {', '.join(close[:6])}?" if close else ""
     return UnknownModelError(f"unknown model {name!r}: neither a preset nor a timm architecture{hint} "
                              f"(`attnflow models` lists the presets)")
@@ -95,7 +114,7 @@ def _build(spec: ModelSpec | None, arch: str, img_size: int, timm_kwargs: dict[s
         module_name, fn_name = CUSTOM_ARCHS[base].split(":")
         builder: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), fn_name)
         kwargs.pop("num_classes", None)
-        return builder(img_size=img_size, **kwargs)
+        return _check_img_size(builder(img_size=img_size, **kwargs), img_size, arch)
     import timm
 
     kwargs.setdefault("num_classes", 0)
@@ -108,9 +127,32 @@ def _build(spec: ModelSpec | None, arch: str, img_size: int, timm_kwargs: dict[s
         kwargs.setdefault("pretrained_cfg_overlay", overlay)
         arch = spec.hub_tag or arch
     try:
-        return timm.create_model(arch, pretrained=False, img_size=img_size, **kwargs)
+        model = timm.create_model(arch, pretrained=False, img_size=img_size, **kwargs)
     except TypeError as err:
         raise AttnflowError(f"cannot build {arch} with {kwargs}: {err}") from None
+    return _check_img_size(model, img_size, arch)
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+def _check_img_size(model: nn.Module, img_size: int | tuple[int, int], arch: str) -> nn.Module:
+    """``model`` itself; raises :class:`AttnflowError` when ``img_size`` is not a multiple of its patch size.
+
+    timm's patch embedding floors the grid (a 230 px ViT-B/16 sees 14x14 patches and silently ignores the
+    last 6 px), so such a resolution is refused unless the model pads its input (``dynamic_img_pad``).
+    """
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or getattr(embed, "dynamic_img_pad", False):
+        return model
+    for side, p in zip(_pair(img_size), _pair(patch)):
+        if side % p:
+            lower, upper = side // p * p, (side // p + 1) * p
+            raise AttnflowError(f"img_size {img_size} is not a multiple of the patch size {p} of {arch}: "
+                                f"use a multiple of {p}, e.g. {lower or upper} or {upper}")
+    return model
 
 
 def _has_cls(model: nn.Module) -> bool:
@@ -281,8 +323,9 @@ def _build_timm_pretrained(arch: str, img_size: int, timm_kwargs: dict[str, Any]
     kwargs = {"num_classes": 0, **timm_kwargs}
     overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": str(path)}
     try:
-        return timm.create_model(arch, pretrained=True, img_size=img_size, pretrained_cfg_overlay=overlay,
-                                 **kwargs)
+        model = timm.create_model(arch, pretrained=True, img_size=img_size, pretrained_cfg_overlay=overlay,
+                                  **kwargs)
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"timm could not load {path.name} into {arch}: {str(err).splitlines()[0]}") \
             from None
+    return _check_img_size(model, img_size, arch)

@@ -80,8 +80,8 @@ register(ModelSpec(
     name="ijepa-vit-h14", arch="vit_huge_patch14_gap_224", method="I-JEPA", family="MIM", size="H",
     patch_size=14, has_cls=False, hub_tag="vit_huge_patch14_gap_224.in1k_ijepa",
     url=f"{_FB}/ijepa/IN1K-vit.h.14-300e.pth.tar", converter="ijepa",
-    notes="no [cls] token; loads the context encoder ('encoder', as timm and CAPI do); the paper's "
-          "appendix evaluates the target encoder: pass checkpoint_key='target_encoder'"))
+    notes="no [cls] token; loads the context encoder ('encoder', as timm and CAPI do); the I-JEPA "
+          "paper (Appendix A.1) evaluates the target encoder: pass checkpoint_key='target_encoder'"))
 
 # -------------------------------------------------------------------------------------------- DINOv2
 for _size, _arch_size, _s in (("S", "small", "s"), ("B", "base", "b")):

@@ -105,6 +105,15 @@ def find_spec(name: str) -> ModelSpec | None:
     return _REGISTRY.get(name)
 
 
+def close_names(name: str, candidates: list[str], n: int = 5, cutoff: float = 0.5) -> list[str]:
+    """Up to ``n`` of ``candidates`` close to ``name``, best first, ignoring case (``MAE-ViT-B16`` finds
+    ``mae-vit-b16``)."""
+    by_lower: dict[str, str] = {}
+    for candidate in candidates:
+        by_lower.setdefault(candidate.lower(), candidate)
+    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=cutoff)]
+
+
 def get_spec(name: str) -> ModelSpec:
     """The preset called ``name``.
 
@@ -113,7 +122,7 @@ def get_spec(name: str) -> ModelSpec:
     """
     spec = find_spec(name)
     if spec is None:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+        close = close_names(name, list(_REGISTRY))
         hint = f"; did you mean {', '.join(close)}?" if close else "; run `attnflow models` to list presets"
         raise UnknownModelError(f"unknown model preset {name!r}{hint}")
     return spec
