@@ -10,6 +10,7 @@ model must equal the original one.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import types
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnflow.models.converters import CONVERTERS
+from attnflow.models.converters import CONVERTERS, CheckpointError
 from attnflow.models.load import load_model
 from attnflow.models.registry import list_specs
 
@@ -128,6 +129,37 @@ def test_mocov3_keeps_base_encoder_without_its_projector(tmp_path):
                            "optimizer": {"state": {}, "param_groups": []}, "scaler": {"scale": 1024.0}},
                 "vit-s-300ep.pth.tar")
     assert_loaded(load_model("mocov3-vit-s16", checkpoint=path, img_size=64, **TINY), base)
+
+
+def mocov3_table(grid: int, dim: int) -> torch.Tensor:
+    """MoCo-v3's fixed position table, written out from vits.py: a zero [cls] row, then for patch (i, j) of the
+    row-major grid ``[sin(i w_d)..., cos(i w_d)..., sin(j w_d)..., cos(j w_d)...]``, ``w_d = 10000^(-d/(dim/4))``
+    (``torch.meshgrid(grid_w, grid_h)`` with "ij" indexing: the first coordinate varies slowest)."""
+    q = dim // 4
+    rows = [[0.0] * dim]
+    for i in range(grid):
+        for j in range(grid):
+            rows.append([fn(x / 10000 ** (d / q)) for fn, x in ((math.sin, i), (math.cos, i), (math.sin, j),
+                                                                 (math.cos, j)) for d in range(q)])
+    return torch.tensor([rows])
+
+
+def test_mocov3_converted_file_with_the_fixed_position_table_loads(tmp_path):
+    # moco-v3 convert_to_deit.py output: {'model': encoder without the projector}, pos_embed never trained
+    sd = {**tiny_weights("mocov3-vit-b16"), "pos_embed": mocov3_table(4, 32)}
+    path = save(tmp_path, {"model": sd}, "vit-b-300ep-deit.pth")
+    assert_loaded(load_model("mocov3-vit-b16", checkpoint=path, img_size=64, **TINY), sd)
+    half = save(tmp_path, {"model": {k: v.to(torch.bfloat16) for k, v in sd.items()}}, "half.pth")
+    model = load_model("mocov3-vit-b16", checkpoint=half, img_size=64, **TINY)  # bf16 file: same table
+    torch.testing.assert_close(model.pos_embed.detach(), sd["pos_embed"], rtol=0, atol=1e-2)
+
+
+def test_a_dino_file_passed_as_mocov3_is_refused_not_run_with_12_heads(tmp_path):
+    # DINO ViT-S/16 (6 heads, learned position table) has exactly MoCo-v3 ViT-S's keys and shapes
+    sd = tiny_weights("dino-vit-s16")
+    with pytest.raises(CheckpointError, match="not MoCo-v3's fixed 2-D sin-cos table"):
+        load_model("mocov3-vit-s16", checkpoint=save(tmp_path, sd, "dino_deitsmall16_pretrain.pth"),
+                   img_size=64, **TINY)
 
 
 # ----------------------------------------------------------------------------------------------- iBOT

@@ -154,6 +154,40 @@ def convert_dino(checkpoint: Any, key: str | None = None) -> StateDict:
     return drop(sd, r"head\.")  # DINOHead projector of the full checkpoint
 
 
+def mocov3_sincos_pos_embed(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo-v3's fixed position table ``[1, 1 + grid**2, dim]``: a zero [cls] row, then per patch (row-major)
+    ``[sin(r w), cos(r w), sin(c w), cos(c w)]`` with ``w = temperature ** -(arange(dim/4) / (dim/4))``, ``r``
+    the patch row and ``c`` its column (moco-v3 ``vits.py``, ``build_2d_sincos_position_embedding``)."""
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # [dim/4]
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    out_r, out_c = rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega  # [grid**2, dim/4]
+    table = torch.cat([out_r.sin(), out_r.cos(), out_c.sin(), out_c.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), table])[None]
+
+
+def _check_mocov3_pos_embed(sd: StateDict, atol: float = 1e-2) -> None:
+    """Refuse a file whose ``pos_embed`` is not MoCo-v3's fixed sin-cos table (it is never trained).
+
+    A flat ViT file of another method (DINO, iBOT: learned position tables) has MoCo-v3's key names and
+    shapes, and MoCo-v3 ViT-S's 12 heads have the same parameter shapes as their 6, so only this table
+    tells such a file from a MoCo-v3 one. ``atol`` tolerates files stored in half precision.
+    """
+    pos = sd.get("pos_embed")
+    if pos is None or pos.ndim != 3 or pos.shape[-1] % 4:
+        return
+    grid = math.isqrt(pos.shape[1] - 1)
+    if grid * grid != pos.shape[1] - 1:
+        return  # not a [cls] row plus a square grid: the strict load names the shape mismatch
+    expected = mocov3_sincos_pos_embed(grid, pos.shape[-1])
+    if not torch.allclose(pos.float(), expected, rtol=0, atol=atol):
+        raise CheckpointError(
+            "MoCo-v3 checkpoint: pos_embed is not MoCo-v3's fixed 2-D sin-cos table, so this is not a MoCo-v3 "
+            "ViT (a DINO or iBOT file has the same keys and shapes, and would silently run with MoCo-v3 "
+            "ViT-S's 12 heads); pass the official vit-*-300ep.pth.tar or choose the file's own preset")
+
+
 @converter("mocov3", "MoCo-v3: {'state_dict': module.base_encoder.* (+ momentum_encoder, predictor)}")
 def convert_mocov3(checkpoint: Any, key: str | None = None) -> StateDict:
     sd = unwrap(checkpoint, ("state_dict", "model"), key, "MoCo-v3")
@@ -161,7 +195,9 @@ def convert_mocov3(checkpoint: Any, key: str | None = None) -> StateDict:
         if any(k.startswith(prefix) for k in sd):
             # the encoder's head is MoCo's 3-layer projector, not a classifier (main_lincls.py:177-189)
             return drop(keep_prefix(sd, prefix), r"head\.")
-    return strip_prefix(sd, "module.")  # already converted (e.g. convert_to_deit.py output)
+    sd = strip_prefix(sd, "module.")  # already converted (e.g. convert_to_deit.py output)
+    _check_mocov3_pos_embed(sd)
+    return sd
 
 
 @converter("ibot", "iBOT: {'state_dict': backbone} (checkpoint_teacher.pth), full {'teacher': backbone.*} "
