@@ -109,7 +109,8 @@ def test_stats_on_an_odd_folder_counts_every_image(tmp_path, photos, capsys):
 
 
 @pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--checkpoint-every", "0"), ("--limit", "0"),
-                                          ("--img-size", "0"), ("--limit", "-2"), ("--workers", "-1")])
+                                          ("--img-size", "0"), ("--limit", "-2"), ("--workers", "-1"),
+                                          ("--crop-pct", "0"), ("--crop-pct", "1.5")])
 def test_non_positive_numbers_give_one_line(photo_folder, tmp_path, capsys, option, value):
     args = [a for a in TINY if a not in ("--img-size", "32")] + ([] if option == "--img-size" else ["--img-size", "32"])
     with pytest.raises(SystemExit) as exit_info:

@@ -34,6 +34,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def crop_fraction(text: str) -> float:
+    """argparse type: a center-crop fraction in (0, 1] (the resize side is ``img_size / crop_pct``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds a model."""
     parser.add_argument("--checkpoint", metavar="PATH", help="local weights file in the model's official format")
@@ -73,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="image folder (recursive; class folders or flat files)")
     parser.add_argument("--out", required=True, help="output table, e.g. runs/mae-b16.parquet (+ .csv, .json)")
     add_model_arguments(parser)
-    parser.add_argument("--crop-pct", type=float, help="override the model's center-crop fraction")
+    parser.add_argument("--crop-pct", type=crop_fraction, help="override the model's center-crop fraction")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default min(8, CPUs))")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
