@@ -148,3 +148,22 @@ def test_aggregation_maps_of_a_saved_head(tmp_path):
     torch.testing.assert_close(maps, weights[:, 1:].reshape(2, 2, 2))  # row-major patch grid, [cls] left out
     with pytest.raises(AttnflowError, match="width"):
         aggregation_maps(tiny_model(img_size=32, embed_dim=64), loaded, images)
+
+
+def test_cache_of_another_model_with_the_same_name_is_refused(dataset, tmp_path):
+    model, ds = dataset
+    extract_tokens(TokenEncoder(model, amp="none"), ds, tmp_path / "c", info=INFO, batch_size=4, progress=False)
+    other = tiny_model(img_size=32)  # same name and info (e.g. another --checkpoint-key or --model-kw)
+    with torch.no_grad():
+        other.load_state_dict(model.state_dict())
+        other.blocks[1].mlp.fc2.bias.add_(1.0)
+    with pytest.raises(AttnflowError, match="differs in encoder"):
+        extract_tokens(TokenEncoder(other, amp="none"), ds, tmp_path / "c", info=INFO, batch_size=4,
+                       progress=False)
+    wider = tiny_model(img_size=32, embed_dim=64)
+    with pytest.raises(AttnflowError, match="differs in encoder"):
+        extract_tokens(TokenEncoder(wider, amp="none"), ds, tmp_path / "c", info=INFO, batch_size=4,
+                       progress=False)
+    same = tiny_model(img_size=32)
+    same.load_state_dict(model.state_dict())  # another instance with the same weights reuses the cache
+    extract_tokens(TokenEncoder(same, amp="none"), ds, tmp_path / "c", info=INFO, batch_size=4, progress=False)

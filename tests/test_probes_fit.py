@@ -81,3 +81,15 @@ def test_bad_inputs_give_one_line_errors():
         fit_heads((x, y), (x, y), ["abmlip"], epochs=1, batch_size=8)
     with pytest.raises(AttnflowError, match=r"\[cls\]"):
         fit_heads((x, y), (x, y), ["cls"], epochs=1, batch_size=8, has_cls=False)
+
+
+def test_one_class_and_resume_on_other_tokens_are_refused(tmp_path):
+    x, y = planted_tokens(40, patches=4, dim=8)
+    with pytest.raises(AttnflowError, match="at least 2"):  # one class: top-1 would be a meaningless 100
+        fit_heads((x, torch.zeros_like(y)), (x, torch.zeros_like(y)), ["avg"], epochs=1, batch_size=8)
+    ckpt = tmp_path / "ckpt.pt"
+    fit_heads((x, y), (x, y), ["avg"], epochs=1, batch_size=8, checkpoint=ckpt, device="cpu")
+    wider = torch.cat([x, x], dim=2)  # same run settings, tokens of another width
+    with pytest.raises(AttnflowError, match="differs in dim"):
+        fit_heads((wider, y), (wider, y), ["avg"], epochs=1, batch_size=8, checkpoint=ckpt, resume=True,
+                  device="cpu")

@@ -5,7 +5,8 @@ A cache directory holds::
     tokens.npy      [views, n, P + N, D]  bf16 (stored as uint16 bits) or fp16, memory-mapped
     labels.npy      [n] int64
     valid.npy       [n] bool (False for images that could not be read; they are skipped)
-    manifest.json   model, checkpoint sha256, dataset, transform, dtype, views, seed, block, layernorm, ...
+    manifest.json   model, checkpoint sha256, encoder fingerprint, dataset, transform, dtype, views, seed, block,
+                    layernorm, ...
     progress.json   batches completed per view (extraction resumes from here)
 
 Extraction is resumable: an interrupted run continues at the first unfinished batch when the manifest
@@ -35,8 +36,8 @@ from .sampler import BatchPlan
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": (torch.bfloat16, np.uint16), "fp16": (torch.float16, np.float16)}
-IDENTITY_KEYS = ("model", "checkpoint_sha256", "dataset", "split", "n", "transform", "dtype", "views", "seed",
-                 "block", "layernorm", "img_size")
+IDENTITY_KEYS = ("model", "checkpoint_sha256", "encoder", "dataset", "split", "n", "transform", "dtype", "views",
+                 "seed", "block", "layernorm", "img_size")
 """Manifest fields that must match for a cache to be reused or resumed."""
 
 
@@ -153,8 +154,9 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     n = len(dataset)  # type: ignore[arg-type]
-    manifest = {**info, "n": n, "dtype": dtype, "views": views, "seed": seed, "block": encoder.block,
-                "layernorm": encoder.layernorm, "has_cls": encoder.has_cls, "format": "attnflow-token-cache/1"}
+    manifest = {**info, "n": n, "dtype": dtype, "views": views, "seed": seed, "encoder": encoder.fingerprint,
+                "block": encoder.block, "layernorm": encoder.layernorm, "has_cls": encoder.has_cls,
+                "format": "attnflow-token-cache/1"}
     old = _read_json(root / "manifest.json")
     if old is not None:
         diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest.get(k)]

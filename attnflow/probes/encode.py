@@ -14,11 +14,28 @@ instead (what MAE's original linear probe does for [cls]); note that timm models
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import torch
 import torch.nn as nn
 
 from ..errors import AttnflowError
+
+
+def weights_fingerprint(model: nn.Module, samples: int = 256) -> str:
+    """A short hash of a model's architecture and weights, the same on any device.
+
+    It covers every state-dict entry's name, shape and dtype, and the exact bytes of up to ``samples`` evenly
+    strided values of each entry, so two models of one name but another ``--model-kw``, ``--checkpoint-key``
+    or weights file differ (at a cost of a few small host copies, not a pass over the weights).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        picked = flat[::max(1, flat.numel() // samples)][:samples].cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 class _Stop(Exception):
@@ -58,6 +75,11 @@ class TokenEncoder:
         if amp == "auto":
             amp = "bf16" if self.device.type == "cuda" else "none"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`weights_fingerprint` of the model (what token caches and probe checkpoints are tied to)."""
+        return weights_fingerprint(self.model)
 
     def _autocast(self):
         if self.amp_dtype is None:

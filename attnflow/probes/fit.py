@@ -28,6 +28,16 @@ def check_tokens(tokens: torch.Tensor, labels: torch.Tensor, what: str) -> None:
         raise AttnflowError(f"{what} labels must be [n] with n = {tokens.shape[0]}; got {tuple(labels.shape)}")
 
 
+def check_classes(num_classes: int, where: str) -> None:
+    """A probe needs at least two classes: with one, every prediction is right and top-1 is a meaningless 100.
+
+    Raises:
+        AttnflowError: fewer than two training classes.
+    """
+    if num_classes < 2:
+        raise AttnflowError(f"{where}: the training set has {num_classes} class(es); a probe needs at least 2")
+
+
 def resolve_lrs(lr: float | Sequence[float] | None, base_lr: float, batch_size: int) -> list[float]:
     """Absolute peak lrs: ``lr`` as given, else MAE's ``base_lr * batch_size / 256``."""
     if lr is None:
@@ -114,6 +124,7 @@ def fit_heads(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
         "cuda" if torch.cuda.is_available() else "cpu")
     yt, yv = yt.long(), yv.long()
     num_classes = num_classes or int(max(yt.max(), yv.max())) + 1
+    check_classes(num_classes, "fit_heads")
     world = current_world()
     plan = BatchPlan(len(yt), batch_size, accum_steps, world.size, world.rank, seed)
     bank = HeadBank(specs, resolve_lrs(lr, base_lr, batch_size), dim=xt.shape[2], num_classes=num_classes,
@@ -121,7 +132,8 @@ def fit_heads(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
                     head_init=head_init).to(device)
     broadcast_module(bank)
     fingerprint = {"heads": bank.names, "seed": seed, "epochs": epochs, "batch_size": batch_size,
-                   "accum_steps": accum_steps, "optimizer": optimizer, "n_train": len(yt)}
+                   "accum_steps": accum_steps, "optimizer": optimizer, "n_train": len(yt), "dim": xt.shape[2],
+                   "num_classes": num_classes, "has_cls": has_cls}
     rows = train_bank(bank, plan=plan, train_batches=tensor_batches(xt, yt, plan),
                       val_batches=eval_batches(xv, yv, 512),
                       schedule=Schedule(epochs, warmup_epochs, min_lr), device=device,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnflowError
+from .specs import DEFAULT_HEADS, parse_head_list
 
 TASKS: tuple[str, ...] = ("imagenet", "imagenet-1pct", "cub", "folder")
 
@@ -73,7 +74,7 @@ class ProbeConfig:
     """
 
     task: str = "imagenet"
-    heads: str = "cls,avg,abmilp,abmilp+cls"
+    heads: str = DEFAULT_HEADS
     optimizer: str = "lars"
     base_lr: float = 0.1
     lr: list[float] | None = None
@@ -202,6 +203,26 @@ def resolve_config(task: str, config_file: str | Path | None = None, **overrides
     if values.get("task", task) != task:
         raise AttnflowError(f"config says task {values['task']!r} but the run's task is {task!r}")
     config = ProbeConfig(**values)
+    check_config(config)
+    return config
+
+
+def check_config(config: ProbeConfig) -> None:
+    """Reject settings that could only fail (or silently do nothing) later, with one line each.
+
+    Raises:
+        AttnflowError: non-positive counts, epochs, learning rates or evaluation interval, no seeds, or a head
+            spec outside the grammar (checked here, before any model is loaded).
+    """
     if config.views < 1 or config.batch_size < 1 or config.micro_batch < 1 or (config.accum_steps or 1) < 1:
         raise AttnflowError("views, batch-size, micro-batch and accum-steps must be positive")
-    return config
+    if not config.seeds:
+        raise AttnflowError("no seeds to train; e.g. --seeds 3 (seeds 0, 1, 2) or --seeds 0,5")
+    if config.epochs is not None and config.epochs < 1:
+        raise AttnflowError(f"epochs must be at least 1, got {config.epochs}")
+    if config.eval_every < 1:
+        raise AttnflowError(f"eval-every must be at least 1, got {config.eval_every}")
+    bad_lrs = [x for x in config.peak_lrs() if not x > 0]
+    if bad_lrs:
+        raise AttnflowError(f"learning rates must be positive, got {', '.join(f'{x:g}' for x in bad_lrs)}")
+    parse_head_list(config.heads)

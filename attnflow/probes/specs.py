@@ -29,6 +29,12 @@ EXAMPLES: tuple[str, ...] = (
 
 SCORERS: tuple[str, ...] = ("linear", "mlp-tanh", "mlp-relu")
 
+DEFAULT_HEADS = "cls,avg,abmilp,abmilp+cls"
+"""The heads of Table 1 (paper Sec. 5.1): [cls], average pooling, AbMILP over patches and over [cls] + patches."""
+
+DEFAULT_HEADS_NO_CLS = "avg,abmilp"
+"""Table 1's heads for a model without [cls] (I-JEPA, CAPI): average pooling and AbMILP over the patches."""
+
 _ABMILP = re.compile(r"^(?P<sa>sa-)?abmilp(?P<cls>\+cls)?(?:-(?P<scorer>mlp-tanh|mlp-relu))?$")
 _AP = re.compile(r"^ap(?P<heads>[1-9][0-9]*)(?P<cls>\+cls)?$")
 
@@ -95,3 +101,15 @@ def parse_head_list(text: str | list[str] | tuple[str, ...]) -> list[HeadSpec]:
     if dupes:
         raise HeadSpecError(f"head spec(s) given twice: {', '.join(dupes)}")
     return specs
+
+
+def check_heads_fit(specs: list[HeadSpec], has_cls: bool) -> None:
+    """Raise one line naming every head that needs a [cls] token when the model has none.
+
+    Raises:
+        HeadSpecError: ``cls`` or a ``+cls`` head for a model without [cls].
+    """
+    needs = [s.name for s in specs if s.needs_cls]
+    if needs and not has_cls:
+        raise HeadSpecError(f"head(s) {', '.join(needs)} need a [cls] token, which this model lacks; "
+                            f"e.g. --heads {DEFAULT_HEADS_NO_CLS}")

@@ -20,13 +20,13 @@ from .bank import HeadBank
 from .cache import extract_tokens
 from .distributed import broadcast_module, init_from_env
 from .encode import TokenEncoder
-from .fit import RESULT_COLUMNS
+from .fit import RESULT_COLUMNS, check_classes
 from .imagedata import SeededDataset, image_loader
 from .loop import Batch, Schedule, train_bank
 from .outputs import safe_name, save_head, write_run_table
 from .protocols import ProbeConfig
 from .sampler import BatchPlan, shard_range
-from .specs import parse_head_list
+from .specs import check_heads_fit, parse_head_list
 from .tasks import TaskData
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
     broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for --random-init)
     specs = parse_head_list(config.heads)
+    check_heads_fit(specs, encoder.has_cls)  # before any (long) cache extraction
+    check_classes(data.num_classes, data.info["root"])
     epochs = config.resolved_epochs(model_size)
     accum = config.resolved_accum_steps(world.size)
     lrs = config.peak_lrs()
@@ -126,7 +128,8 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
         else:
             train_batches = image_train_batches(encoder, data.train, plan, seed, config.num_workers)
             val_batches = image_eval_batches(encoder, data.val, eval_size, config.num_workers, world.size, world.rank)
-        fingerprint = {"model": model_name, "checkpoint_sha256": model_info.get("sha256"), "task": config.task,
+        fingerprint = {"model": model_name, "checkpoint_sha256": model_info.get("sha256"),
+                       "encoder": encoder.fingerprint, "task": config.task,
                        "heads": bank.names, "seed": seed, "epochs": epochs, "batch_size": config.batch_size,
                        "accum_steps": accum, "world_size": world.size, "optimizer": config.optimizer,
                        "n_train": n_train, "block": config.block, "layernorm": config.layernorm}
