@@ -190,3 +190,63 @@ def test_table_renders_mean_and_std_over_seeds(tmp_path, capsys):
     assert r"Model & abmilp & avg \\" in tex and r"\textbf{71.6 $\pm$ 0.7}" in tex
     assert main(["table", str(tmp_path / "runs"), "--out", str(tmp_path / "t.xlsx")]) == 2
     assert "use .md, .tex or .csv" in capsys.readouterr().err
+
+
+def test_probe_reads_weights_under_checkpoint_key(cub, tmp_path, capsys):
+    from attnflow.models.load import load_model
+
+    model = load_model("vit_small_patch16_224", random_init=True, img_size=32, depth=2, embed_dim=32, num_heads=4,
+                       mlp_ratio=2.0)
+    weights = tmp_path / "ijepa-like.pth"
+    torch.save({"target_encoder": model.state_dict()}, weights)  # no weights under the format's default keys
+    args = [a for a in TINY if a != "--random-init"] + ["--checkpoint", str(weights)]
+    common = ["--task", "cub", "--data", str(cub), "--heads", "avg", "--seeds", "1", "--epochs", "1",
+              "--batch-size", "4", "--workers", "0", "--no-progress"]
+    assert main(["probe", *args, *common, "--out", str(tmp_path / "nokey")]) == 2
+    capsys.readouterr()
+    assert main(["probe", *args, "--checkpoint-key", "target_encoder", *common, "--out", str(tmp_path / "key")]) == 0
+    meta = json.loads((tmp_path / "key" / "results.json").read_text())
+    assert meta["model_info"]["checkpoint"] == str(weights)
+
+
+def folder_task(root: Path, photos: dict[str, np.ndarray], classes: int) -> Path:
+    """``root/train`` and ``root/val`` with ``classes`` class folders of 4 and 2 real photos."""
+    keys = sorted(photos)
+    for split, count in (("train", 4), ("val", 2)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(photos[keys[(c + i) % len(keys)]]).resize((40, 36)).save(folder / f"{i}.jpg")
+    return root
+
+
+def test_odd_probe_inputs_are_one_line_before_any_work(tmp_path, photos, capsys):
+    data = folder_task(tmp_path / "two", photos, classes=2)
+    base = ["probe", *TINY, "--task", "folder", "--data", str(data), "--epochs", "1", "--seeds", "1",
+            "--batch-size", "4", "--workers", "0", "--no-progress"]
+    (tmp_path / "afile").write_text("")
+    cases = {("--out", str(tmp_path / "afile")): "is a file",
+             ("--seeds", "0"): "no seeds", ("--eval-every", "0"): "eval-every", ("--lr", "0.1,-1"): "positive"}
+    for extra, message in cases.items():
+        out = [] if "--out" in extra else ["--out", str(tmp_path / "r")]
+        assert main([*base, *out, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    one = folder_task(tmp_path / "one", photos, classes=1)
+    assert main([*base, "--data", str(one), "--out", str(tmp_path / "r1")]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r1").exists()
+
+
+def test_model_without_cls_default_heads_and_early_refusal(tmp_path, photos, capsys):
+    data = folder_task(tmp_path / "two", photos, classes=2)
+    base = ["probe", *TINY, "--model-kw", "class_token=False", "--model-kw", "global_pool=avg", "--task", "folder",
+            "--data", str(data), "--epochs", "1", "--seeds", "1", "--batch-size", "4", "--workers", "0",
+            "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "run")]) == 0  # Table 1's heads for I-JEPA / CAPI
+    assert set(pd.read_parquet(tmp_path / "run" / "results.parquet")["head"]) == {"avg", "abmilp"}
+    capsys.readouterr()
+    assert main([*base, "--heads", "avg,cls", "--cache", "--out", str(tmp_path / "bad")]) == 2
+    assert "cls need a [cls] token" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "cache").exists()  # refused before extracting anything

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.load import load_model
     from ..models.registry import find_spec
     from ..probes.protocols import read_toml, resolve_config
+    from ..probes.specs import DEFAULT_HEADS_NO_CLS
     from ..probes.tasks import load_task
     from ..probes.train import probe_images
 
@@ -99,12 +100,19 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(task, args.config, **{k: getattr(args, k) for k in OVERRIDES if k != "amp"}, amp=amp,
                             img_size=args.img_size)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise AttnflowError(f"--out {out} is a file; the probe writes a run directory there")
     if not args.resume and any(out.glob("seed*/checkpoint.pt")):
         raise AttnflowError(f"{out} already holds a probe run; pass --resume to continue it or choose a new --out")
     model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
-                       img_size=args.img_size, **parse_model_kwargs(args.model_kw))
+                       img_size=args.img_size, checkpoint_key=args.checkpoint_key,
+                       **parse_model_kwargs(args.model_kw))
     if args.random_init:
         print("attnflow: --random-init: weights are random, the accuracies are meaningless", flush=True)
+    heads_chosen = args.heads is not None or (args.config and "heads" in read_toml(args.config))
+    if not heads_chosen and getattr(model, "cls_token", None) is None:
+        config.heads = DEFAULT_HEADS_NO_CLS
+        print(f"attnflow: {args.model} has no [cls] token: heads {DEFAULT_HEADS_NO_CLS}", flush=True)
     spec = find_spec(args.model)
     data = load_task(config, args.data, model)
     table = probe_images(model, data, config, out, model_name=args.model, model_size=spec.size if spec else None,
