@@ -202,3 +202,39 @@ def test_input_that_does_not_split_into_patches_is_a_clear_error(photos):
     model = tiny_model("vit_small_patch16_224", img_size=72)
     with pytest.raises(PlotError, match="multiple of 16"):
         model_maps(model, [Image.fromarray(photos["coffee"])], img_size=72)
+
+
+def _drawn_text_boxes(fig):
+    """``(text, window bbox)`` of every non-empty text the figure draws (titles, headers, corner notes)."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks = {t for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+             for tick in axis.get_major_ticks() + axis.get_minor_ticks() for t in (tick.label1, tick.label2)}
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in fig.findobj(Text)
+            if t.get_visible() and t.get_text().strip() and t not in ticks]
+
+
+@pytest.mark.parametrize("rows", ["images", "models"])
+def test_headers_of_a_paper_width_figure_do_not_overlap(rows):
+    """Five models x three map kinds at two-column width (16 narrow columns): no two texts may overlap, and
+    the figure with every text stays two columns wide."""
+    from attnflow.plot import DOUBLE_COLUMN
+
+    images = [np.full((64, 96, 3), 120, np.uint8)] * 2
+    maps = {name: [patch_maps(planted_attention(seed=s), layout()) for s in (0, 1)]
+            for name in ("mae", "dino", "ijepa", "dinov2", "mocov3")}
+    labels = {"mae": "MAE ViT-B/16 (random)", "dino": "DINO ViT-B/16 (random)", "ijepa": "I-JEPA ViT-H/14 (random)",
+              "dinov2": "DINOv2+reg4 ViT-S/14 (random)", "mocov3": "MoCo-v3 ViT-B/16 (random)"}
+    title = "RANDOM-INIT WEIGHTS - numbers are meaningless (mae-vit-b16, dino-vit-b16, ijepa-vit-h14, dinov2-reg4-vit-s14)"
+    fig = plot_attention_maps(images, maps, labels=labels, rows=rows, title=title)
+    assert fig.get_figwidth() <= DOUBLE_COLUMN + 1e-9
+    boxes = _drawn_text_boxes(fig)
+    assert {"input", "MoCo-v3 ViT-B/16 (random)"} <= {t for t, _ in boxes}
+    left = min([fig.bbox.x0] + [box.x0 for _, box in boxes])
+    right = max([fig.bbox.x1] + [box.x1 for _, box in boxes])
+    assert (right - left) / fig.dpi <= DOUBLE_COLUMN + 0.02  # what a tight bounding box saves
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            assert not box_a.overlaps(box_b), (a, b)

@@ -7,6 +7,7 @@ panel corner (the maximum is ln(N_patches)).
 
 from __future__ import annotations
 
+import textwrap
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -14,6 +15,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.text import Text
 
 from .maps import MAP_KINDS, PatchMaps, entropy, upsample
 from .style import DOUBLE_COLUMN, PlotError, paper_style
@@ -87,18 +89,29 @@ SHORT_KIND_LABELS: dict[str, str] = {
 }
 
 
-def _kind_title(kind: str) -> str:
+COMPACT_KIND_LABELS: dict[str, str] = {
+    "cls_mean": "[cls]\nmean",
+    "cls_min_entropy": "[cls]\nmin. H",
+    "central": "central\npatch",
+}
+"""Column headers for panels too narrow for :data:`SHORT_KIND_LABELS` (many models at paper width)."""
+
+MIN_HEADER_PT: float = 4.5
+"""Smallest font size headers shrink to before they switch to compact labels (or the title wraps)."""
+
+
+def _kind_title(kind: str, compact: bool = False) -> str:
     """Short two-line column header of a map kind."""
     if kind.startswith("cls_head:"):
         return f"[cls],\nhead {int(kind.split(':', 1)[1]) + 1}"
-    return SHORT_KIND_LABELS.get(kind, kind)
+    return (COMPACT_KIND_LABELS if compact else SHORT_KIND_LABELS).get(kind, kind)
 
 
 def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequence[PatchMaps]], *,
                         kinds: Sequence[str] = MAP_KINDS, labels: Mapping[str, str] | None = None,
                         rows: str = "images", overlay: bool = True, cmap: str = "inferno",
                         width: float = DOUBLE_COLUMN, max_cell: float = 1.3, show_entropy: bool = True,
-                        title: str | None = None) -> Figure:
+                        title: str | None = None, warning: bool = False) -> Figure:
     """Several models' maps on several images in one figure (the paper's Fig. 9).
 
     With ``rows="images"`` each row is an image: the input first, then one column per (model, kind). With
@@ -117,6 +130,7 @@ def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequenc
         max_cell: largest side of one panel in inches (few panels do not blow up to the full width).
         show_entropy: write each map's entropy in its corner.
         title: figure title.
+        warning: draw the title as a red, bold warning (e.g. the random-weights banner).
 
     Returns:
         The figure.
@@ -136,12 +150,13 @@ def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequenc
         fig, axes = plt.subplots(nr, nc, figsize=(cell * (nc + gap * (nc - 1)), cell * (nr + gap * (nr - 1))),
                                  squeeze=False,
                                  gridspec_kw=dict(wspace=gap, hspace=gap, left=0, right=1, bottom=0, top=1))
+        headers: list[tuple[Text, str]] = []  # (text, map kind) of each column header
         for i, image in enumerate(images):
             ax = axes[i, 0] if rows == "images" else axes[0, i]
             ax.imshow(_as_image(image))
             ax.set_axis_off()
             if i == 0:
-                _set_header(ax, "input", rows)
+                headers.append((_set_header(ax, "input", rows), "input"))
             for j, (model, kind) in enumerate(columns, start=1):
                 ax = axes[i, j] if rows == "images" else axes[j, i]
                 pm = maps[model][i]
@@ -155,16 +170,70 @@ def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequenc
                     if kind == "cls_min_entropy":
                         _corner_note(ax, f"head {pm.min_entropy_head + 1}")
                 if i == 0:
-                    _set_header(ax, _kind_title(kind), rows)
+                    headers.append((_set_header(ax, _kind_title(kind), rows), kind))
+        groups: list[tuple[Text, float]] = []
         for model in maps:
             group = [j for j, (m, _) in enumerate(columns, start=1) if m == model]
             first, last = (axes[0, group[0]], axes[0, group[-1]]) if rows == "images" else \
                 (axes[group[0], 0], axes[group[-1], 0])
-            _group_header(fig, first, last, labels.get(model, model), rows)
+            groups.append(_group_header(fig, first, last, labels.get(model, model), rows))
+        suptitle = None
         if title:
             top = 1.0 + (0.55 if rows == "images" else 0.05) / fig.get_figheight()
-            fig.suptitle(title, y=top, va="bottom")
+            style = {"color": "#c00000", "fontweight": "bold"} if warning else {}
+            suptitle = fig.suptitle(title, y=top, va="bottom", **style)
+        _fit_headers(fig, headers, groups, suptitle, cell_px=cell * (1 + gap) * fig.dpi)
     return fig
+
+
+def _text_length(text: Text, renderer) -> float:
+    """Extent in pixels of ``text`` along its direction (height for vertical text)."""
+    box = text.get_window_extent(renderer)
+    return box.height if round(text.get_rotation()) % 180 == 90 else box.width
+
+
+def _shrink_to_fit(items: Sequence[tuple[Text, float]], renderer, min_size: float) -> bool:
+    """Give ``items`` one common font size, the largest (down to ``min_size``) at which each text fits its room
+    (pixels); returns whether they fit."""
+    if not items:
+        return True
+    size = max(t.get_fontsize() for t, _ in items)
+    while True:
+        for t, _ in items:
+            t.set_fontsize(size)
+        if all(_text_length(t, renderer) <= room for t, room in items):
+            return True
+        if size <= min_size:
+            return False
+        size = max(min_size, size - 0.25)
+
+
+def _fit_headers(fig: Figure, headers: Sequence[tuple[Text, str]], groups: Sequence[tuple[Text, float]],
+                 suptitle: Text | None, cell_px: float) -> None:
+    """Keep neighbouring headers from overlapping when many narrow panels share a paper-width figure.
+
+    Column headers shrink together (then switch to :data:`COMPACT_KIND_LABELS`), model headers shrink together,
+    and a title wider than the figure shrinks, then wraps.
+    """
+    get_renderer = getattr(fig.canvas, "get_renderer", None)
+    if get_renderer is None:  # a backend without a renderer to measure text: leave the sizes as they are
+        return
+    renderer = get_renderer()
+    room = cell_px - 2.0
+    if not _shrink_to_fit([(t, room) for t, _ in headers], renderer, MIN_HEADER_PT):
+        for t, kind in headers:
+            t.set_text(_kind_title(kind, compact=True) if kind != "input" else kind)
+            t.set_fontsize(6)
+        _shrink_to_fit([(t, room) for t, _ in headers], renderer, MIN_HEADER_PT)
+    if not _shrink_to_fit(groups, renderer, MIN_HEADER_PT):
+        for t, span in groups:
+            t.set_text(textwrap.fill(t.get_text(), max(8, int(len(t.get_text()) * span / _text_length(t, renderer)))))
+    if suptitle is not None:
+        width = fig.get_figwidth() * fig.dpi
+        if not _shrink_to_fit([(suptitle, width)], renderer, 6.0):
+            chars = int(len(suptitle.get_text()) * width / _text_length(suptitle, renderer))
+            suptitle.set_text("\n".join(textwrap.fill(line, max(20, chars))
+                                        for line in suptitle.get_text().split("\n")))
 
 
 def _corner_note(ax: Axes, text: str) -> None:
@@ -172,29 +241,33 @@ def _corner_note(ax: Axes, text: str) -> None:
             bbox=dict(boxstyle="round,pad=0.15", facecolor="black", alpha=0.55, linewidth=0))
 
 
-def _set_header(ax: Axes, text: str, rows: str) -> None:
+def _set_header(ax: Axes, text: str, rows: str) -> Text:
     """Header of one panel: above it (rows = images) or left of it (rows = models)."""
     if rows == "images":
-        ax.set_title(text, fontsize=6, pad=2, linespacing=1.1)
-    else:
-        ax.text(-0.04, 0.5, text, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=6,
-                linespacing=1.1)
+        return ax.set_title(text, fontsize=6, pad=2, linespacing=1.1)
+    return ax.text(-0.04, 0.5, text, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=6,
+                   linespacing=1.1)
 
 
-def _group_header(fig: Figure, first: Axes, last: Axes, text: str, rows: str) -> None:
-    """A model's name centred over (or left of) the panels of its map kinds, with a rule under it."""
+def _group_header(fig: Figure, first: Axes, last: Axes, text: str, rows: str) -> tuple[Text, float]:
+    """A model's name centred over (or left of) the panels of its map kinds, with a rule under it.
+
+    Returns:
+        The text and the length in pixels of the rule it must fit.
+    """
     a, b = first.get_position(), last.get_position()
     if rows == "images":
         y = a.y1 + 0.33 / fig.get_figheight()
-        fig.text((a.x0 + b.x1) / 2, y, text, ha="center", va="bottom", fontsize=7, fontweight="bold")
+        header = fig.text((a.x0 + b.x1) / 2, y, text, ha="center", va="bottom", fontsize=7, fontweight="bold")
         fig.add_artist(plt.Line2D([a.x0 + 0.01, b.x1 - 0.01], [y - 0.02 / fig.get_figheight()] * 2,
                                   color="0.3", linewidth=0.6))
-    else:
-        x = a.x0 - 0.32 / fig.get_figwidth()
-        fig.text(x, (a.y1 + b.y0) / 2, text, ha="right", va="center", rotation=90, fontsize=7,
-                 fontweight="bold")
-        fig.add_artist(plt.Line2D([x + 0.02 / fig.get_figwidth()] * 2, [b.y0 + 0.01, a.y1 - 0.01],
-                                  color="0.3", linewidth=0.6))
+        return header, (b.x1 - a.x0 - 0.02) * fig.get_figwidth() * fig.dpi
+    x = a.x0 - 0.32 / fig.get_figwidth()
+    header = fig.text(x, (a.y1 + b.y0) / 2, text, ha="right", va="center", rotation=90, fontsize=7,
+                      fontweight="bold")
+    fig.add_artist(plt.Line2D([x + 0.02 / fig.get_figwidth()] * 2, [b.y0 + 0.01, a.y1 - 0.01],
+                              color="0.3", linewidth=0.6))
+    return header, (a.y1 - b.y0 - 0.02) * fig.get_figheight() * fig.dpi
 
 
 def plot_head_maps(image: np.ndarray, maps: PatchMaps, *, ncols: int = 6, overlay: bool = True,
