@@ -93,3 +93,25 @@ def test_maps_bad_input(photo_folder, tmp_path, capsys):
     assert main(["maps", "--model", "vit_small_patch16_224", "--images", str(empty), "--out",
                  str(tmp_path / "m.png")]) == 2
     assert "no image files" in capsys.readouterr().err
+
+
+def test_maps_random_banner_is_a_red_title_and_a_missing_block_one_line(photo_folder, tmp_path, capsys,
+                                                                          monkeypatch):
+    import matplotlib.colors
+
+    import attnflow.plot.style
+
+    saved = []
+    real = attnflow.plot.style.save_figure
+    monkeypatch.setattr(attnflow.plot.style, "save_figure", lambda fig, path, **kw: saved.append(fig) or
+                        real(fig, path, **kw))
+    base = ["maps", "--model", "vit_small_patch16_224", "--images", str(photo_folder), "--limit", "1",
+            "--random-init", "--img-size", "64", *TINY_KW, "--dpi", "60", "--out", str(tmp_path / "m.png")]
+    assert main(base) == 0
+    title = saved[0]._suptitle  # noqa: SLF001
+    assert "RANDOM-INIT" in title.get_text()
+    assert matplotlib.colors.to_hex(title.get_color()) == "#c00000" and title.get_fontweight() == "bold"
+    capsys.readouterr()
+    assert main(base + ["--block", "2"]) == 2  # TINY has 2 blocks: 0, 1 (or -1, -2)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "block 2 does not exist" in err

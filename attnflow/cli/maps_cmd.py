@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     title = f"{RANDOM_BANNER} ({', '.join(random)})" if random else None
     fig = plot_attention_maps(crops, maps, kinds=kinds, labels=labels, rows=args.rows,
-                              overlay=not args.side_by_side, title=title)
+                              overlay=not args.side_by_side, title=title, warning=bool(random))
     written = [save_figure(fig, out, dpi=args.dpi)]
     close(fig)
     if args.per_head:

@@ -114,11 +114,7 @@ def render_maps_figure(fig: FigureEntry, data: MapsData, out_dir: Path) -> list[
     if random:
         title = f"{RANDOM_INIT_BANNER} ({', '.join(random)})" + (f"\n{title}" if title else "")
     figure = plot_attention_maps(data.crops or [], {m: data.maps[m] for m in order}, kinds=fig.kinds or MAP_KINDS,
-                                 labels=labels, rows=fig.rows, overlay=fig.overlay, title=title)
-    if random:
-        if figure._suptitle is not None:  # noqa: SLF001  (matplotlib keeps the suptitle here)
-            figure._suptitle.set_color("#c00000")
-            figure._suptitle.set_fontweight("bold")
+                                 labels=labels, rows=fig.rows, overlay=fig.overlay, title=title, warning=bool(random))
     written = [save_figure(figure, out_dir / f"{fig.name}.{ext}", dpi=fig.dpi) for ext in fig.formats]
     close(figure)
     return written
