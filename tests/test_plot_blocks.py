@@ -240,3 +240,20 @@ def test_random_weights_are_stamped_on_figures():
     ax = plot_blocks(res, "cls_self", models=["rand"])
     assert [t.get_gid() for t in ax.texts] == ["banner"]
     assert not plot_blocks(res, "cls_self", models=["real"]).texts
+
+
+def test_size_grid_panel_without_data_shows_no_axis_numbers():
+    """A ViT-H without [cls] (I-JEPA) has no [cls] panel: it says "no data" and shows no 0..1 axis of its own,
+    and the panels that share its row keep their y ticks."""
+    res = make_result({"mae-b": {"size": "B", "method": "MAE", "family": "MIM"},
+                       "ijepa-h": {"size": "H", "method": "I-JEPA", "family": "MIM"}}, nan_cls=("ijepa-h",))
+    fig = plot_size_grid(res, metrics=["cls_self", "patch_self"])
+    fig.canvas.draw()
+    axes = np.array(fig.axes).reshape(2, 2)
+    empty = axes[0, 1]
+    assert [t.get_text() for t in empty.texts] == ["no data"]
+    assert not [t for t in empty.get_xticklabels() + empty.get_yticklabels() if t.get_visible() and t.get_text()]
+    assert not empty.get_lines()
+    row_ticks = [t.get_text() for t in axes[0, 0].get_yticklabels() if t.get_visible() and t.get_text()]
+    assert len(row_ticks) >= 2
+    assert [set(model_lines(ax)) for ax in axes[1]] == [{"mae-b"}, {"ijepa-h"}]

@@ -326,6 +326,8 @@ def plot_size_grid(data: DataLike, metrics: Sequence[str] | None = None, *, size
             has = set(result.frame.loc[(result.frame["metric"] == metric) & result.frame["mean"].notna(), "model"])
             if not any(m in has for m in in_size):
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                ax.tick_params(labelbottom=False, labelleft=False, length=0)  # its own 0..1 axis means nothing
+                ax.grid(False)
             else:
                 plot_blocks(result, metric, ax=ax, band=band, models=[m for m in in_size if m in has],
                             label_by="method", legend=False, ylabel="", banner=False)
