@@ -257,3 +257,22 @@ def test_size_grid_panel_without_data_shows_no_axis_numbers():
     row_ticks = [t.get_text() for t in axes[0, 0].get_yticklabels() if t.get_visible() and t.get_text()]
     assert len(row_ticks) >= 2
     assert [set(model_lines(ax)) for ax in axes[1]] == [{"mae-b"}, {"ijepa-h"}]
+
+
+def test_legend_of_many_models_fits_the_paper_width_in_balanced_rows():
+    """Nine models with long labels: the shared legend stays within the 6.9 in figure (a tight bounding box
+    would otherwise widen the saved file past two columns) and its rows are filled evenly."""
+    names = [f"{m} ViT-{s}/{p}" for m, s, p in [("DINOv2+reg4", "S", 14), ("MAE-FT", "B", 16), ("iBOT", "L", 16),
+                                                 ("MoCo-v3", "B", 16), ("I-JEPA", "H", 14), ("DINOv2+reg4", "B", 14),
+                                                 ("BEiT-v2", "B", 16), ("MaskFeat", "B", 16), ("SimMIM", "B", 16)]]
+    res = make_result({n: {"family": "JEA", "label": n} for n in names})
+    fig = plot_metrics(res)
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(fig.canvas.get_renderer())
+    assert box.width <= fig.bbox.width
+    n = len(legend.get_texts())
+    assert n == 10  # nine models and the bound
+    ncol = legend._ncols  # noqa: SLF001
+    rows = -(-n // ncol)
+    assert rows >= 2 and -(-n // rows) == ncol  # as few columns as give that many rows: no near-empty last row

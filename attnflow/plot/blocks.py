@@ -206,16 +206,33 @@ def _draw_bounds(ax: Axes, n_patches: list[int | None]) -> None:
         ax.axhline(entropy_bound(n), **BOUND_STYLE, label=f"max. entropy ln({n})", gid="bound")
 
 
+def _balanced_columns(n: int, max_cols: int) -> int:
+    """Columns for ``n`` legend entries in as few rows as ``max_cols`` allow, the rows filled evenly."""
+    rows = -(-n // max_cols)
+    return -(-n // rows)
+
+
 def _figure_legend(fig: Figure, axes: Sequence[Axes], ncol: int | None = None) -> None:
-    """One legend below all panels, with each label once (models first, bounds last)."""
+    """One legend below all panels, with each label once (models first, bounds last).
+
+    Without ``ncol``, up to 6 columns with evenly filled rows, fewer when the legend would be wider than the
+    figure (a tight bounding box would then widen the saved file past the paper's column width).
+    """
     seen: dict[str, Line2D] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
     labels = sorted(seen, key=lambda s: s.startswith("max. entropy"))
-    if labels:
-        fig.legend([seen[k] for k in labels], labels, loc="outside lower center",
-                   ncol=ncol or min(len(labels), 6))
+    if not labels:
+        return
+    get_renderer = getattr(fig.canvas, "get_renderer", None)
+    for max_cols in ([ncol] if ncol else range(min(len(labels), 6), 0, -1)):
+        legend = fig.legend([seen[k] for k in labels], labels, loc="outside lower center",
+                            ncol=_balanced_columns(len(labels), max_cols))
+        if ncol or max_cols == 1 or get_renderer is None or \
+                legend.get_window_extent(get_renderer()).width <= fig.bbox.width:
+            return
+        legend.remove()
 
 
 def _figure_banner(fig: Figure, result: Result, models: Sequence[str] | None, title: str | None) -> None:
