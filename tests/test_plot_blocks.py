@@ -156,6 +156,8 @@ def test_bad_names_are_one_clear_error():
     res = make_result(FAMILIES)
     with pytest.raises(PlotError, match="did you mean cls_patch_entropy"):
         plot_blocks(res, "cls_patch_entrop")
+    with pytest.raises(PlotError, match="did you mean cls_self"):  # case and dashes do not hide the match
+        plot_blocks(res, "CLS-Self")
     with pytest.raises(PlotError, match="did you mean mim"):
         plot_blocks(res, "cls_self", models=["mimm"])
     with pytest.raises(PlotError, match="band"):

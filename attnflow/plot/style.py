@@ -116,7 +116,7 @@ def check_metrics(requested: list[str] | tuple[str, ...], available: list[str]) 
     """Raise :class:`PlotError` naming close matches if a requested metric is not in the data."""
     for metric in requested:
         if metric not in available:
-            close = difflib.get_close_matches(metric, available, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(metric.lower().replace("-", "_"), available, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise PlotError(f"metric {metric!r} is not in the data (it has {', '.join(available)}){hint}")
 
