@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -69,8 +70,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_probe_cli_equals_one_process(tmp_path, photos):
-    """`torchrun --nproc_per_node=2 -m attnflow probe` (gloo, CPU) == the same command in one process."""
+@pytest.mark.parametrize("extra", [[], ["--cache", "--views", "2"]], ids=["images", "cache"])
+def test_torchrun_probe_cli_equals_one_process(tmp_path, photos, extra):
+    """`torchrun --nproc_per_node=2 -m attnflow probe` (gloo, CPU) == the same command in one process; with
+    ``--cache`` rank 0 extracts the tokens while rank 1 waits (both writing the same files crashed)."""
     import os
     import subprocess
     import sys
@@ -94,7 +97,7 @@ def test_torchrun_probe_cli_equals_one_process(tmp_path, photos):
     args = ["probe", "--model", "vit_small_patch16_224", "--checkpoint", str(weights), "--img-size", "32",
             *[f"--model-kw={k}={v}" for k, v in TINY.items()], "--task", "folder", "--data", str(root),
             "--heads", "cls,abmilp,ap2", "--seeds", "1", "--epochs", "2", "--batch-size", "8", "--accum-steps", "2",
-            "--lr", "1.0", "--warmup-epochs", "1", "--workers", "0", "--no-progress", "--device", "cpu"]
+            "--lr", "1.0", "--warmup-epochs", "1", "--workers", "0", "--no-progress", "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "attnflow", *args, "--out", str(tmp_path / "two")]
@@ -111,3 +114,8 @@ def test_torchrun_probe_cli_equals_one_process(tmp_path, photos):
     a, b = (load_head(tmp_path / d / "seed0" / "heads" / "abmilp.pt").state_dict() for d in ("two", "one"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    if extra:  # the two-process cache holds what one process extracts
+        for split in ("train", "val"):
+            two_tokens, one_tokens = ((tmp_path / d / "cache" / split / "tokens.npy").read_bytes()
+                                      for d in ("two", "one"))
+            assert two_tokens == one_tokens, split

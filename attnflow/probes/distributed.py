@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -95,6 +96,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if current_world().distributed:
         dist.all_reduce(t)
     return t
+
+
+def wait_for_main(timeout: timedelta = timedelta(hours=24)) -> None:
+    """A barrier for work that rank 0 does alone and that may take long (extracting a token cache).
+
+    It runs on a gloo group of its own with a long ``timeout``, so an NCCL run's default collective timeout
+    does not kill the waiting processes. No-op without a process group.
+    """
+    if current_world().distributed:
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
 
 def broadcast_module(module: torch.nn.Module) -> None:

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .bank import HeadBank
-from .cache import extract_tokens
-from .distributed import broadcast_module, init_from_env
+from .cache import TokenCache, extract_tokens
+from .distributed import broadcast_module, current_world, init_from_env, wait_for_main
 from .encode import TokenEncoder
 from .fit import RESULT_COLUMNS, check_classes
 from .imagedata import SeededDataset, image_loader
@@ -70,6 +70,22 @@ def image_eval_batches(encoder: TokenEncoder, dataset: Dataset, batch_size: int,
     return batches
 
 
+def _extract_caches(encoder: TokenEncoder, data: TaskData, config: ProbeConfig, root: Path, model_name: str,
+                    model_info: dict[str, Any], *, batch_size: int, progress: bool) -> tuple[TokenCache, TokenCache]:
+    """The train and val token caches under ``root``: rank 0 extracts them (or reuses complete ones) while the
+    other processes wait, then every process opens them (they share ``root``)."""
+    world = current_world()
+    if world.is_main:
+        ident = {"model": model_name, "checkpoint_sha256": model_info.get("sha256"), "img_size": config.img_size,
+                 "dataset": data.info["root"]}
+        for split, dataset, views in (("train", data.train, config.views), ("val", data.val, 1)):
+            extract_tokens(encoder, dataset, root / split, views=views, dtype=config.cache_dtype,
+                           info={**ident, "split": split, "transform": data.info[f"{split}_transform"]},
+                           batch_size=batch_size, num_workers=config.num_workers, progress=progress)
+    wait_for_main()
+    return TokenCache.open(root / "train"), TokenCache.open(root / "val")
+
+
 def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, out_dir: str | Path, *,
                  model_name: str, model_info: dict[str, Any] | None = None, model_size: str | None = None,
                  device: torch.device | None = None, resume: bool = False, progress: bool = True) -> pd.DataFrame:
@@ -104,16 +120,8 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     eval_size = min(config.micro_batch, 512)
     train_cache = val_cache = None
     if config.cache:
-        ident = {"model": model_name, "checkpoint_sha256": model_info.get("sha256"), "img_size": config.img_size,
-                 "dataset": data.info["root"]}
-        train_cache = extract_tokens(encoder, data.train, out / "cache" / "train", views=config.views,
-                                     info={**ident, "split": "train", "transform": data.info["train_transform"]},
-                                     dtype=config.cache_dtype, batch_size=eval_size, num_workers=config.num_workers,
-                                     progress=progress and world.is_main)
-        val_cache = extract_tokens(encoder, data.val, out / "cache" / "val", views=1,
-                                   info={**ident, "split": "val", "transform": data.info["val_transform"]},
-                                   dtype=config.cache_dtype, batch_size=eval_size, num_workers=config.num_workers,
-                                   progress=progress and world.is_main)
+        train_cache, val_cache = _extract_caches(encoder, data, config, out / "cache", model_name, model_info,
+                                                 batch_size=eval_size, progress=progress)
     frames = []
     for seed in config.seeds:
         n_train = len(train_cache.valid) if train_cache is not None else len(data.train)  # type: ignore[arg-type]
