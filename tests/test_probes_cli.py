@@ -175,7 +175,7 @@ def test_table_renders_mean_and_std_over_seeds(tmp_path, capsys):
     assert main(["table", str(tmp_path / "runs" / "probe-mae"), str(tmp_path / "runs" / "probe-capi"),
                  "--out", str(out)]) == 0
     text = out.read_text().splitlines()
-    assert text[0].startswith("| Model | cls | avg | abmilp |")
+    assert text[0].startswith("| Model | avg | cls | abmilp |")  # the paper's Table 1 column order
     mae_row = next(line for line in text if "MAE" in line or "mae" in line)
     # cls: mean 68.0, sample std 1.0; abmilp: mean 71.6, std of (71.0, 71.5, 72.3) = 0.656 -> 0.7 (best: bold)
     assert "68.0 ± 1.0" in mae_row and "**71.6 ± 0.7**" in mae_row
@@ -190,6 +190,8 @@ def test_table_renders_mean_and_std_over_seeds(tmp_path, capsys):
     assert r"Model & abmilp & avg \\" in tex and r"\textbf{71.6 $\pm$ 0.7}" in tex
     assert main(["table", str(tmp_path / "runs"), "--out", str(tmp_path / "t.xlsx")]) == 2
     assert "use .md, .tex or .csv" in capsys.readouterr().err
+    assert main(["table", str(tmp_path / "runs"), "--heads", "cls,abmlip"]) == 2  # not a silently dropped column
+    assert "no run has head 'abmlip'; did you mean abmilp?" in capsys.readouterr().err
 
 
 def test_probe_reads_weights_under_checkpoint_key(cub, tmp_path, capsys):

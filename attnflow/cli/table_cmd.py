@@ -28,13 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..errors import AttnflowError
     from ..probes.outputs import read_run_tables
-    from ..probes.summary import summarize, to_markdown, write_summary
+    from ..probes.summary import check_heads_present, summarize, to_markdown, write_summary
 
     frame = read_run_tables(args.runs)
     if args.task:
         frame = frame[frame["task"] == args.task]
     wanted = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads else None
     if wanted:
+        check_heads_present(frame, wanted)
         frame = frame[frame["head"].isin(wanted)]
     if frame.empty:
         raise AttnflowError("no rows left after --task/--heads filtering")

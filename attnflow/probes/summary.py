@@ -60,9 +60,30 @@ def summarize(frame: pd.DataFrame, *, value: str = "final", lr: str = "best") ->
     return stats.loc[:, list(SUMMARY_COLUMNS)].reset_index(drop=True)
 
 
+TABLE_ORDER: tuple[str, ...] = ("avg", *(h for h in EXAMPLES if h != "avg"))
+"""Default column order: the paper's Table 1 (average pooling, [cls], AbMILP, AbMILP + [cls]), then Tables 4
+and 6."""
+
+
 def _head_order(heads: list[str]) -> list[str]:
-    known = [h for h in EXAMPLES if h in heads]
+    known = [h for h in TABLE_ORDER if h in heads]
     return known + [h for h in heads if h not in known]
+
+
+def check_heads_present(frame: pd.DataFrame, wanted: list[str]) -> None:
+    """Raise one line when a requested head is in none of the runs (close names suggested).
+
+    Raises:
+        AttnflowError: a head of ``wanted`` that no row of ``frame`` has.
+    """
+    import difflib
+
+    present = list(dict.fromkeys(frame["head"]))
+    for head in wanted:
+        if head not in present:
+            close = difflib.get_close_matches(head, present, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else f"the runs have {', '.join(present)}"
+            raise AttnflowError(f"no run has head {head!r}; {hint}")
 
 
 def _label(model: str) -> str:
