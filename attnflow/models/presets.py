@@ -104,7 +104,7 @@ register(ModelSpec(
     url="https://drive.google.com/file/d/1dJn6GYkwMIcoP3zqOEyW1_iQfpBi8UOw",
     filename="simmim_pretrain__vit_base__img224__800ep.pth", converter="simmim",
     notes="only hosted on Google Drive: download it by hand and pass --checkpoint; the paper probes "
-          "SimMIM at block 8"))
+          "SimMIM at the 8th block (attnflow probe --block 7)"))
 
 # ----------------------------------------------------------------------------------------- MaskFeat
 register(ModelSpec(

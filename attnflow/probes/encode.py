@@ -1,8 +1,9 @@
 """Frozen-encoder token extraction: images -> last-block tokens ``[B, P + N, D]`` for the probe heads.
 
-The tokens are the output of one transformer block (the last by default; SimMIM's authors recommend block 8,
-paper footnote 6), read by a forward hook, so any timm ViT-family model works unmodified. Register and
-distillation tokens are dropped: the result is ``[cls] + patches`` (``P = 1``) or only patches (``P = 0``).
+The tokens are the output of one transformer block (the last by default; SimMIM's authors recommend the 8th,
+``block=7`` counted from 0, paper footnote 6), read by a forward hook, so any timm ViT-family model works
+unmodified. Register and distillation tokens are dropped: the result is ``[cls] + patches`` (``P = 1``) or only
+patches (``P = 0``).
 
 Final LayerNorm: the paper's numbers use the tokens *without* the encoder's final norm: the beyond_cls
 ``forward_features`` runs the blocks and returns the raw last-block output (``self.norm`` is never applied),
