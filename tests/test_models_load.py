@@ -7,6 +7,7 @@ No test touches the network: the ``offline`` fixture points every cache at a tem
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from pathlib import Path
 
@@ -327,3 +328,50 @@ def test_models_command_table_and_json(offline, capsys):
     assert {r["name"] for r in rows} == {s.name for s in list_specs() if s.family == "JEA"}
     moco = next(r for r in rows if r["name"] == "mocov3-vit-s16")
     assert moco["arch_kwargs"] == {"num_heads": 12} and moco["cached"] is False
+
+
+def _bicubic_by_hand(table: "np.ndarray", out_side: int, scale: float) -> "np.ndarray":
+    """Reference for ``F.interpolate(bicubic, scale_factor=scale, align_corners=False, antialias=False)``
+    on a ``[M, M, D]`` table, one output cell at a time: source ``(i + 0.5) / scale - 0.5``, Keys' cubic
+    kernel with ``A = -0.75``, indices clamped at the border."""
+    import numpy as np
+
+    def weight(x: float, a: float = -0.75) -> float:
+        x = abs(x)
+        if x <= 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+    side = table.shape[0]
+
+    def taps(i: int) -> list[tuple[int, float]]:
+        src = (i + 0.5) / scale - 0.5
+        base = math.floor(src)
+        return [(min(max(base + o, 0), side - 1), weight(src - (base + o))) for o in (-1, 0, 1, 2)]
+
+    out = np.zeros((out_side, out_side, table.shape[2]))
+    for r in range(out_side):
+        for c in range(out_side):
+            for (sr, wr) in taps(r):
+                for (sc, wc) in taps(c):
+                    out[r, c] += wr * wc * table[sr, sc]
+    return out
+
+
+def test_dinov2_file_is_resampled_by_dinov2s_own_rule(tmp_path):
+    """DINOv2 without registers interpolates its 37x37 table at run time with scale (16 + 0.1) / 37 and no
+    antialias (dinov2 ``interpolate_pos_encoding``); the preset's table at 224 px is exactly that one."""
+    sd = random_state(load_model("dinov2-vit-s14", random_init=True, img_size=518, **TINY))
+    assert sd["pos_embed"].shape == (1, 1 + 37 * 37, 32)
+    torch.save({**sd, "mask_token": torch.zeros(1, 32)}, tmp_path / "d.pth")  # the official flat layout
+    model = load_model("dinov2-vit-s14", checkpoint=tmp_path / "d.pth", img_size=224, **TINY)
+    pos = model.pos_embed.detach()
+    assert pos.shape == (1, 1 + 16 * 16, 32)
+    torch.testing.assert_close(pos[:, 0], sd["pos_embed"][:, 0], rtol=0, atol=0)  # the [cls] row is kept
+    table = sd["pos_embed"][0, 1:].reshape(37, 37, 32).double().numpy()
+    ref = torch.from_numpy(_bicubic_by_hand(table, 16, (16 + 0.1) / 37)).float().reshape(1, 256, 32)
+    torch.testing.assert_close(pos[:, 1:], ref, rtol=0, atol=1e-4)
+    # timm's own resampling (antialiased, to a size) gives a visibly different table
+    timm_ref = F.interpolate(sd["pos_embed"][:, 1:].reshape(1, 37, 37, 32).permute(0, 3, 1, 2), size=(16, 16),
+                             mode="bicubic", align_corners=False, antialias=True)
+    assert (pos[:, 1:] - timm_ref.permute(0, 2, 3, 1).reshape(1, 256, 32)).abs().max() > 0.1

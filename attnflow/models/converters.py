@@ -283,17 +283,48 @@ def convert_capi(checkpoint: Any, key: str | None = None) -> StateDict:
 
 # ------------------------------------------------------------------------------ adaptation and loading
 
-def adapt_state_dict(state_dict: StateDict, model: nn.Module) -> StateDict:
+DINOV2_INTERPOLATE_OFFSET = 0.1
+"""DINOv2's ``interpolate_offset`` for its models without registers (dinov2 ``hub/backbones.py``)."""
+
+
+def resample_pos_embed_dinov2(patch_table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resample a square patch position table as DINOv2's ``interpolate_pos_encoding`` does at run time.
+
+    Bicubic without antialias, with scale factors ``(grid + 0.1) / M`` instead of an output size (the
+    offset DINOv2 keeps for its models without registers), computed in fp32.
+
+    Args:
+        patch_table: ``[1, M * M, D]`` patch rows only (no prefix rows), row-major.
+        grid: ``(rows, cols)`` of the run's patch grid.
+
+    Returns:
+        ``[1, rows * cols, D]`` in the dtype of ``patch_table``.
+    """
+    side = math.isqrt(patch_table.shape[1])
+    dim = patch_table.shape[-1]
+    scale = tuple(float(g + DINOV2_INTERPOLATE_OFFSET) / side for g in grid)
+    image = patch_table.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)  # [1, D, M, M]
+    out = torch.nn.functional.interpolate(image, scale_factor=scale, mode="bicubic", antialias=False)
+    if tuple(out.shape[-2:]) != tuple(grid):
+        raise CheckpointError(f"DINOv2 resampling of a {side}x{side} position table gave a "
+                              f"{tuple(out.shape[-2:])} grid, not {tuple(grid)}")
+    return out.permute(0, 2, 3, 1).reshape(1, -1, dim).to(patch_table.dtype)
+
+
+def adapt_state_dict(state_dict: StateDict, model: nn.Module, *, pos_resample: str = "timm") -> StateDict:
     """Resample what depends on the input resolution to ``model``'s patch grid.
 
-    - ``pos_embed``: bicubic resampling of the patch rows (timm's ``resample_abs_pos_embed``); the rows of
-      prefix tokens are kept when the model stores them (``no_embed_class=False``).
+    - ``pos_embed``: bicubic resampling of the patch rows, by timm's ``resample_abs_pos_embed``
+      (``pos_resample="timm"``) or by DINOv2's run-time rule (``"dinov2"``, see
+      :func:`resample_pos_embed_dinov2`); the rows of prefix tokens are kept when the model stores them
+      (``no_embed_class=False``).
     - ``*relative_position_bias_table`` (BEiT family): timm's ``resize_rel_pos_bias_table`` to the model's
       window.
 
     Args:
         state_dict: converted state dict (timm key names).
         model: the model it will be loaded into.
+        pos_resample: ``"timm"`` or ``"dinov2"`` (a preset's ``pos_resample``).
 
     Returns:
         A new dict; tensors that need no change are shared, not copied.
@@ -313,9 +344,13 @@ def adapt_state_dict(state_dict: StateDict, model: nn.Module) -> StateDict:
                 f"pos_embed {tuple(pos.shape)} does not hold {num_prefix} prefix row(s) plus a square patch grid; "
                 f"the model expects {tuple(target.shape)}")
         grid = tuple(model.patch_embed.grid_size)
-        logger.info("resampling pos_embed from a %dx%d to a %dx%d patch grid", side, side, *grid)
-        out["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side],
-                                                  num_prefix_tokens=num_prefix, verbose=False)
+        logger.info("resampling pos_embed from a %dx%d to a %dx%d patch grid (%s)", side, side, *grid, pos_resample)
+        if pos_resample == "dinov2":
+            patches = resample_pos_embed_dinov2(pos[:, num_prefix:], grid)
+            out["pos_embed"] = torch.cat([pos[:, :num_prefix], patches], dim=1)
+        else:
+            out["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side],
+                                                      num_prefix_tokens=num_prefix, verbose=False)
     for key, value in state_dict.items():
         if not key.endswith("relative_position_bias_table"):
             continue
@@ -335,7 +370,7 @@ def _features_only(model: nn.Module) -> bool:
     return head is None or isinstance(head, nn.Identity)
 
 
-def load_converted(model: nn.Module, state_dict: StateDict, *, expected: str) -> None:
+def load_converted(model: nn.Module, state_dict: StateDict, *, expected: str, pos_resample: str = "timm") -> None:
     """Load ``state_dict`` into ``model`` strictly, after resolution adaptation.
 
     The only tolerated difference: ``head.*`` classifier keys in the file when the model is built without a
@@ -345,11 +380,12 @@ def load_converted(model: nn.Module, state_dict: StateDict, *, expected: str) ->
         model: target module (modified in place).
         state_dict: converted state dict (timm key names).
         expected: what was expected, for the error, e.g. ``"preset mocov3-vit-b16 (format mocov3)"``.
+        pos_resample: how the position table is resampled (:func:`adapt_state_dict`).
 
     Raises:
         CheckpointError: naming the first missing and unexpected keys and their counts, or shape mismatches.
     """
-    sd = adapt_state_dict(state_dict, model)
+    sd = adapt_state_dict(state_dict, model, pos_resample=pos_resample)
     if _features_only(model):
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     own = model.state_dict()

@@ -313,7 +313,8 @@ def _load_weights(model: nn.Module, weights: _Weights, spec: ModelSpec | None, a
     state = conv(raw, key=checkpoint_key)
     what = f"preset {spec.name} ({spec.arch})" if spec else f"timm model {arch}"
     load_converted(model, state, expected=f"{what}, read as format {conv.name!r} [{conv.description}] "
-                                          f"from {weights.path.name}")
+                                          f"from {weights.path.name}",
+                   pos_resample=spec.pos_resample if spec else "timm")
 
 
 def _build_timm_pretrained(arch: str, img_size: int, timm_kwargs: dict[str, Any], path: Path) -> nn.Module:

@@ -92,9 +92,10 @@ for _size, _arch_size, _s in (("S", "small", "s"), ("B", "base", "b")):
             method="DINOv2+reg4" if _reg else "DINOv2", family="JEA", size=_size, patch_size=14,
             hub_tag=f"{_arch}.lvd142m",
             url=f"{_FB}/dinov2/dinov2_vit{_s}14/dinov2_vit{_s}14{'_reg4' if _reg else ''}_pretrain.pth",
-            converter="dinov2",
+            converter="dinov2", pos_resample="timm" if _reg else "dinov2",
             notes="LVD-142M pretraining; built at the run's resolution (timm's default is 518 px), the "
-                  "position embedding is resampled" + ("; 4 register tokens" if _reg else "")))
+                  "position embedding is resampled by DINOv2's own rule for this model"
+                  + ("; 4 register tokens" if _reg else "")))
 
 # ------------------------------------------------------------------------------------------- SimMIM
 register(ModelSpec(

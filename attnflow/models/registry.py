@@ -16,6 +16,9 @@ from ..errors import AttnflowError
 FAMILIES: tuple[str, ...] = ("MIM", "JEA", "MIM+FT", "other")
 """Pre-training paradigm of a preset; plots colour models by it."""
 
+POS_RESAMPLE: tuple[str, ...] = ("timm", "dinov2")
+"""How a checkpoint's position table is resampled to the run's patch grid (``ModelSpec.pos_resample``)."""
+
 
 class UnknownModelError(AttnflowError, KeyError):
     """Raised for a model name that is neither a preset nor a timm architecture; the message suggests names."""
@@ -45,6 +48,11 @@ class ModelSpec:
         filename: name of the official file in the torch hub cache (``torch.hub.get_dir()/checkpoints/``);
             ``None`` means the last component of ``url``. Needed where several presets share a basename
             (iBOT's ``checkpoint_teacher.pth``) or the URL is a web page (SimMIM's Google Drive link).
+        pos_resample: one of :data:`POS_RESAMPLE`: how the position table is resampled when the run's grid
+            differs from the checkpoint's. ``"timm"``: bicubic with antialias to the grid size (timm's
+            ``resample_abs_pos_embed``). ``"dinov2"``: the rule the DINOv2 models without registers apply at
+            run time (bicubic without antialias, scale factor ``(grid + 0.1) / M``), so their tokens are
+            those of the authors' code.
     """
 
     name: str
@@ -61,10 +69,13 @@ class ModelSpec:
     label: str = ""
     notes: str = ""
     filename: str | None = None
+    pos_resample: str = "timm"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"{self.name}: family must be one of {FAMILIES}, got {self.family!r}")
+        if self.pos_resample not in POS_RESAMPLE:
+            raise ValueError(f"{self.name}: pos_resample must be one of {POS_RESAMPLE}, got {self.pos_resample!r}")
         if not self.label:
             object.__setattr__(self, "label", f"{self.method} ViT-{self.size}/{self.patch_size}")
 
