@@ -115,3 +115,25 @@ def test_maps_random_banner_is_a_red_title_and_a_missing_block_one_line(photo_fo
     assert main(base + ["--block", "2"]) == 2  # TINY has 2 blocks: 0, 1 (or -1, -2)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "block 2 does not exist" in err
+
+
+def test_maps_skips_corrupt_empty_and_oversized_images(photos, tmp_path, monkeypatch, caplog):
+    """Every unreadable kind is skipped with its reason, and the readable images are kept in order."""
+    from PIL import Image
+
+    from attnflow.cli.maps_cmd import load_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photos["rocket"]).resize((40, 40)).save(folder / "a_good.png")
+    Image.fromarray(photos["chelsea"]).resize((100, 100)).save(folder / "b_huge.png")  # 10,000 px
+    (folder / "c_empty.jpg").write_bytes(b"")
+    (folder / "d_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    Image.fromarray(photos["coffee"]).resize((30, 20)).save(folder / "e_good.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice this many pixels
+    with caplog.at_level("WARNING"):
+        paths, images = load_images(folder, None)
+    assert [p.name for p in paths] == ["a_good.png", "e_good.jpg"]
+    assert [im.size for im in images] == [(40, 40), (30, 20)]
+    text = caplog.text
+    assert "b_huge.png: too large" in text and "c_empty.jpg: empty file" in text and "d_corrupt.jpg" in text

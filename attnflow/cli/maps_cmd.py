@@ -50,20 +50,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def load_images(root: str | Path, limit: int | None):
     """Up to ``limit`` evenly spaced readable images under ``root`` as ``(paths, PIL images)``; unreadable
     files are skipped with a warning."""
-    from PIL import UnidentifiedImageError
-
-    from ..data.images import DataError, evenly_spaced, find_images, load_rgb
+    from ..data.images import BadImage, DataError, evenly_spaced, find_images, read_sample
 
     paths = find_images(root)
     if limit is not None and limit <= 0:
         raise AttnflowError(f"--limit must be positive, got {limit}")
     kept, images = [], []
     for i in evenly_spaced(len(paths), limit):
-        try:
-            images.append(load_rgb(paths[i]))
-            kept.append(paths[i])
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-            log.warning("skipping unreadable image %s: %s", paths[i], err)
+        sample = read_sample(paths[i], -1, i, None)  # a BadImage for empty, broken, undecodable, too large
+        if isinstance(sample, BadImage):
+            log.warning("skipping %s: %s", paths[i], sample.reason)
+            continue
+        images.append(sample[0])
+        kept.append(paths[i])
     if not images:
         raise DataError(f"{root}: none of the selected images could be read")
     return kept, images
