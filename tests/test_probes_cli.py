@@ -252,3 +252,20 @@ def test_model_without_cls_default_heads_and_early_refusal(tmp_path, photos, cap
     assert main([*base, "--heads", "avg,cls", "--cache", "--out", str(tmp_path / "bad")]) == 2
     assert "cls need a [cls] token" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "cache").exists()  # refused before extracting anything
+
+
+def test_table_keeps_runs_on_two_datasets_apart(tmp_path):
+    """Two `folder` runs of one model on different data roots are two tasks, not one average or one best lr."""
+    import json
+
+    for name, scores in (("flowers", [90.0, 92.0]), ("cars", [40.0, 44.0])):
+        run = tmp_path / "runs" / name
+        write_run(run, "mae-vit-b16", "folder", {"abmilp": scores})
+        (run / "results.json").write_text(json.dumps({"data": {"task": "folder", "root": f"/data/{name}"}}))
+    out = tmp_path / "t.csv"
+    assert main(["table", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    summary = pd.read_csv(out).set_index("task")
+    assert sorted(summary.index) == ["folder (cars)", "folder (flowers)"]
+    assert summary.loc["folder (flowers)", "mean"] == pytest.approx(91.0)
+    assert summary.loc["folder (cars)", "mean"] == pytest.approx(42.0)
+    assert (summary["n_seeds"] == 2).all()

@@ -96,9 +96,35 @@ def find_run_tables(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+def _data_root(table: Path) -> str:
+    """The dataset root a run recorded in its ``results.json`` sidecar, or ``""`` when there is none."""
+    sidecar = table.with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return ""
+    data = meta.get("data") if isinstance(meta, dict) else None
+    return str(data.get("root", "")) if isinstance(data, dict) else ""
+
+
+def _tell_datasets_apart(frame: pd.DataFrame) -> pd.DataFrame:
+    """Relabel a task that runs did on several dataset roots as ``task (folder name)``, one label per root,
+    so that ``attnflow table`` never averages seeds or picks a best lr across two datasets."""
+    for task, rows in frame.groupby("task", sort=False):
+        roots = [r for r in dict.fromkeys(rows["data_root"]) if r]
+        if len(roots) < 2:
+            continue
+        names = [Path(r).name for r in roots]
+        labels = dict(zip(roots, names if len(set(names)) == len(names) else roots))
+        mask = frame["task"] == task
+        frame.loc[mask, "task"] = [f"{task} ({labels[r]})" if r else task for r in frame.loc[mask, "data_root"]]
+    return frame
+
+
 def read_run_tables(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Concatenate the probe tables of many runs, with a ``run`` column (the run directory); a table without
-    ``model`` gets its directory name."""
+    """Concatenate the probe tables of many runs, with a ``run`` column (the run directory) and a
+    ``data_root`` column (from each run's JSON sidecar); a table without ``model`` gets its directory name.
+    A task run on several dataset roots (e.g. two ``folder`` datasets) is split into one task per root."""
     frames = []
     for table in find_run_tables(paths):
         frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table)
@@ -111,5 +137,5 @@ def read_run_tables(paths: Iterable[str | Path]) -> pd.DataFrame:
             frame = frame.assign(task="")
         if "lr" not in frame.columns:
             frame = frame.assign(lr=float("nan"))
-        frames.append(frame.assign(run=str(table.parent)))
-    return pd.concat(frames, ignore_index=True)
+        frames.append(frame.assign(run=str(table.parent), data_root=_data_root(table)))
+    return _tell_datasets_apart(pd.concat(frames, ignore_index=True))
