@@ -229,7 +229,8 @@ def test_odd_probe_inputs_are_one_line_before_any_work(tmp_path, photos, capsys)
             "--batch-size", "4", "--workers", "0", "--no-progress"]
     (tmp_path / "afile").write_text("")
     cases = {("--out", str(tmp_path / "afile")): "is a file",
-             ("--seeds", "0"): "no seeds", ("--eval-every", "0"): "eval-every", ("--lr", "0.1,-1"): "positive"}
+             ("--seeds", "0"): "no seeds", ("--eval-every", "0"): "eval-every", ("--lr", "0.1,-1"): "positive",
+             ("--split-file", str(tmp_path / "afile")): "imagenet-1pct only"}
     for extra, message in cases.items():
         out = [] if "--out" in extra else ["--out", str(tmp_path / "r")]
         assert main([*base, *out, *extra]) == 2, extra

@@ -211,8 +211,9 @@ def check_config(config: ProbeConfig) -> None:
     """Reject settings that could only fail (or silently do nothing) later, with one line each.
 
     Raises:
-        AttnflowError: non-positive counts, epochs, learning rates or evaluation interval, no seeds, or a head
-            spec outside the grammar (checked here, before any model is loaded).
+        AttnflowError: non-positive counts, epochs, learning rates or evaluation interval, no seeds, a split
+            file for a task other than imagenet-1pct, or a head spec outside the grammar (checked here, before
+            any model is loaded).
     """
     if config.views < 1 or config.batch_size < 1 or config.micro_batch < 1 or (config.accum_steps or 1) < 1:
         raise AttnflowError("views, batch-size, micro-batch and accum-steps must be positive")
@@ -225,4 +226,7 @@ def check_config(config: ProbeConfig) -> None:
     bad_lrs = [x for x in config.peak_lrs() if not x > 0]
     if bad_lrs:
         raise AttnflowError(f"learning rates must be positive, got {', '.join(f'{x:g}' for x in bad_lrs)}")
+    if config.split_file is not None and config.task != "imagenet-1pct":
+        raise AttnflowError(f"split-file applies to task imagenet-1pct only, not {config.task!r} "
+                            "(its train split is the dataset's own)")
     parse_head_list(config.heads)
