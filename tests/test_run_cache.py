@@ -318,3 +318,24 @@ def test_maps_figure_draws_the_configured_block(env, photo_folder, monkeypatch, 
         cls_row = _manual_block_attention(model, x, b)[0, :, 0, 1:].double()  # [H, patches]
         want = (cls_row.mean(0) / cls_row.mean(0).sum()).reshape(grid, grid).numpy()
         assert np.allclose(got.cls_mean, want, atol=1e-6) == should_match, b
+
+
+def test_titled_heads_figure_names_each_metric(tmp_path, monkeypatch):
+    """A `heads` figure writes one file per metric; a configured title must not hide which metric it is."""
+    import attnflow.plot.style
+    from attnflow.runner.config import FigureEntry
+    from attnflow.runner.figures import render_stats_figure
+    from test_plot_blocks import FAMILIES, make_result
+
+    titles = {}
+
+    def fake_save(fig, path, **kw):
+        titles[Path(path).stem] = fig.get_suptitle()
+        return []
+
+    monkeypatch.setattr(attnflow.plot.style, "save_figure", fake_save)
+    entry = FigureEntry(name="heads", kind="heads", title="ViT-B", metrics=("cls_self", "patch_self"),
+                        formats=("png",))
+    render_stats_figure(entry, make_result({"mim": FAMILIES["mim"]}), tmp_path)
+    assert titles == {"heads-cls_self": "ViT-B: [cls]-[cls] attention",
+                      "heads-patch_self": "ViT-B: patch-patch attention (self, relative)"}

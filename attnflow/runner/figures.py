@@ -73,7 +73,7 @@ def output_files(fig: FigureEntry, out_dir: Path, metrics: Sequence[str] | None 
 def render_stats_figure(fig: FigureEntry, result: Result, out_dir: Path) -> list[Path]:
     """Write one statistics figure (every kind but ``maps``) of ``result``; returns the written files."""
     from ..plot import block_figures, plot_blocks, plot_heads, plot_metrics, plot_size_grid
-    from ..plot.style import DOUBLE_COLUMN, PAPER_METRICS, close, save_figure
+    from ..plot.style import DOUBLE_COLUMN, PAPER_METRICS, close, metric_label, save_figure
 
     metrics = list(fig.metrics or [m for m in PAPER_METRICS if m in result.metrics] or result.metrics)
     if fig.kind == "set":
@@ -91,7 +91,9 @@ def render_stats_figure(fig: FigureEntry, result: Result, out_dir: Path) -> list
     elif fig.kind == "sizes":
         figures.append((fig.name, plot_size_grid(result, metrics, band=fig.band, width=width, title=fig.title)))
     elif fig.kind == "heads":
-        figures += [(f"{fig.name}-{m}", plot_heads(result, m, width=width, title=fig.title)) for m in metrics]
+        figures += [(f"{fig.name}-{m}", plot_heads(result, m, width=width,
+                                                   title=f"{fig.title}: {metric_label(m)}" if fig.title else None))
+                    for m in metrics]
     else:  # pragma: no cover  (validated by the config parser)
         raise ValueError(f"not a statistics figure: {fig.kind}")
     written = []
