@@ -137,3 +137,17 @@ def test_maps_skips_corrupt_empty_and_oversized_images(photos, tmp_path, monkeyp
     assert [im.size for im in images] == [(40, 40), (30, 20)]
     text = caplog.text
     assert "b_huge.png: too large" in text and "c_empty.jpg: empty file" in text and "d_corrupt.jpg" in text
+
+
+def test_maps_replaces_an_unreadable_chosen_image_by_the_next_readable_one(photos, tmp_path):
+    from PIL import Image
+
+    from attnflow.cli.maps_cmd import load_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(photos["rocket"]).resize((20 + i, 20)).save(folder / f"{i}.png")
+    (folder / "0.png").write_bytes(b"not a png")  # evenly spaced choice of 2 out of 5: files 0 and 4
+    paths, images = load_images(folder, 2)
+    assert [p.name for p in paths] == ["1.png", "4.png"] and [im.size for im in images] == [(21, 20), (24, 20)]
