@@ -86,6 +86,43 @@ def test_unreadable_and_missing_files(tmp_path):
         load_model("dino-vit-s16", checkpoint=tmp_path / "nope.pth", img_size=64, **TINY)
 
 
+def test_file_format_is_read_from_the_content_not_the_suffix(tmp_path):
+    """safetensors (8-byte little-endian header length, then a JSON object), a torch zip (``PK``) and a legacy
+    pickle (``\\x80``) each load whatever their file name says."""
+    from safetensors.torch import save_file
+
+    sd = random_state(load_model("dino-vit-s16", random_init=True, img_size=64, **TINY), seed=5)
+    save_file(sd, str(tmp_path / "dino.pth"))                      # safetensors behind a torch suffix
+    torch.save(sd, tmp_path / "dino.safetensors")                  # torch zip behind a safetensors suffix
+    torch.save(sd, tmp_path / "dino_legacy", _use_new_zipfile_serialization=False)  # no suffix at all
+    assert (tmp_path / "dino.pth").read_bytes()[8:9] == b"{"
+    assert (tmp_path / "dino.safetensors").read_bytes()[:2] == b"PK"
+    assert (tmp_path / "dino_legacy").read_bytes()[:1] == b"\x80"
+    for name in ("dino.pth", "dino.safetensors", "dino_legacy"):
+        model = load_model("dino-vit-s16", checkpoint=tmp_path / name, img_size=64, **TINY)
+        for key, value in sd.items():
+            assert torch.equal(model.state_dict()[key], value), (name, key)
+
+
+def test_a_truncated_safetensors_file_is_named_as_such(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"cls_token": torch.zeros(1, 1, 32)}, str(tmp_path / "weights.bin"))
+    data = (tmp_path / "weights.bin").read_bytes()
+    (tmp_path / "weights.bin").write_bytes(data[:-16])  # tensor bytes cut off, header intact
+    with pytest.raises(CheckpointError, match=r"cannot read safetensors file .*weights\.bin"):
+        load_model("dino-vit-s16", checkpoint=tmp_path / "weights.bin", img_size=64, **TINY)
+
+
+def test_a_web_page_saved_as_the_checkpoint_is_named_as_such(tmp_path):
+    (tmp_path / "simmim.pth").write_text("<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning")
+    with pytest.raises(CheckpointError) as err:
+        load_model("simmim-vit-b16", checkpoint=tmp_path / "simmim.pth", img_size=64, **TINY)
+    msg = str(err.value)
+    assert "cannot read checkpoint" in msg and "not a torch.save or safetensors file" in msg
+    assert "HTML page" in msg and "\n" not in msg
+
+
 def test_a_folder_passed_as_checkpoint_says_so_and_names_the_weight_files_in_it(tmp_path):
     mae_file(tmp_path / "ckpts" / "mae_pretrain_vit_base.pth")
     (tmp_path / "ckpts" / "README.txt").write_text("notes")

@@ -85,7 +85,8 @@ class _LenientPickle:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """The object stored in a checkpoint file (``.safetensors``, or any ``torch.save`` file).
+    """The object stored in a checkpoint file: safetensors, or any ``torch.save`` file (zip or legacy pickle),
+    recognised by its content (:func:`file_format`), not its name.
 
     ``torch.load(weights_only=True)`` is tried first. Official files that also pickle configuration objects
     (DINO's ``argparse.Namespace``, SlowFast/SimMIM yacs configs) are then read with full unpickling, where
@@ -99,7 +100,10 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise CheckpointError(_directory_message(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
+    fmt = file_format(path)
+    if fmt == "unknown":
+        raise CheckpointError(f"cannot read checkpoint {path}: {_not_weights(path)}")
+    if fmt == "safetensors":
         from safetensors.torch import load_file
 
         try:
@@ -107,7 +111,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         except Exception as err:  # noqa: BLE001  (any decode error is a bad file)
             raise CheckpointError(f"cannot read safetensors file {path}: {err}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         first_error = f"e.g. {found.group(1)}" if found else type(err).__name__
@@ -117,9 +121,47 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     logger.warning("%s holds Python objects besides tensors (%s); reading it with full unpickling. "
                    "Only load checkpoints you trust.", path.name, first_error)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LenientPickle)
+        return _torch_load(path, weights_only=False, pickle_module=_LenientPickle)
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+
+
+def _torch_load(path: Path, **kwargs: Any) -> Any:
+    """``torch.load`` on CPU from an open file, so that the content decides the format, never the name
+    (``torch.load`` reads any path ending in ``.safetensors`` as safetensors)."""
+    with open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", **kwargs)
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """The format of a weights file from its first bytes, whatever its name: ``"safetensors"``, ``"torch-zip"``
+    (``torch.save`` since torch 1.6), ``"pickle"`` (legacy ``torch.save``) or ``"unknown"``.
+
+    A safetensors file starts with its header length (8 bytes, little-endian) followed by that many bytes of
+    JSON, an object (``{``); a zip archive starts with ``PK``; a pickle of protocol 2 or later with ``\\x80``.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if head[:2] == b"PK":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    return "unknown"
+
+
+def _not_weights(path: Path) -> str:
+    """Why a file of unknown format is not a checkpoint: its first bytes, and whether it is a web page."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "the file is empty"
+    page = b"<html" in head.lower() or head.lstrip().lower().startswith(b"<!doctype")
+    hint = ("; it is an HTML page (a download page or an error page?), not the weights: download the file "
+            "itself" if page else "")
+    return f"not a torch.save or safetensors file (it starts with {head[:16]!r}){hint}"
 
 
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".pyth", ".ckpt", ".safetensors")
