@@ -336,3 +336,71 @@ ROUND_TRIP_TESTS = {
 def test_every_converter_has_a_round_trip_test():
     missing = set(CONVERTERS) - set(ROUND_TRIP_TESTS)
     assert not missing, f"converters without a round-trip test: {missing}"
+
+
+# ----------------------------------------------------------------- official files given to a bare timm name
+
+def fit_error(name: str, path: Path, img_size: int = 64) -> str:
+    """The one-line error of loading ``path`` into ``name`` (which must fail on its keys)."""
+    with pytest.raises(CheckpointError) as err:
+        load_model(name, checkpoint=path, img_size=img_size, **TINY)
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_official_dinov2_file_given_the_timm_name_names_the_preset(tmp_path):
+    sd = tiny_weights("dinov2-vit-s14", img_size=56)
+    path = save(tmp_path, {**sd, "mask_token": torch.randn(1, 32)}, "dinov2_vits14_pretrain.pth")
+    msg = fit_error("vit_small_patch14_dinov2", path, img_size=56)
+    assert "unexpected key(s): mask_token" in msg
+    assert "--model dinov2-vit-s14" in msg
+    for other in ("dinov2-vit-b14", "dinov2-reg4-vit-s14", "dinov2-reg4-vit-b14"):
+        assert other not in msg
+    assert_loaded(load_model("dinov2-vit-s14", checkpoint=path, img_size=56, **TINY), sd)
+
+
+def test_official_dinov2_registers_file_names_only_the_register_presets(tmp_path):
+    sd = tiny_weights("dinov2-vit-s14", img_size=56)
+    path = save(tmp_path, {**sd, "mask_token": torch.randn(1, 32), "register_tokens": torch.randn(1, 4, 32)})
+    msg = fit_error("vit_small_patch14_dinov2", path, img_size=56)
+    assert "dinov2-reg4-vit-s14" in msg and "dinov2-reg4-vit-b14" in msg
+    assert " dinov2-vit-s14" not in msg and "dinov2-vit-b14" not in msg
+
+
+def test_official_mocov3_file_given_the_timm_name_names_the_preset_of_that_size(tmp_path):
+    base = tiny_weights("mocov3-vit-b16")
+    state = {**prefixed(base, "module.base_encoder."), **prefixed(base, "module.momentum_encoder.")}
+    path = save(tmp_path, {"epoch": 300, "state_dict": state}, "vit-b-300ep.pth.tar")
+    msg = fit_error("vit_base_patch16_224", path)
+    assert "--model mocov3-vit-b16" in msg and "mocov3-vit-s16" not in msg
+
+
+def test_official_ijepa_file_given_the_timm_name_names_the_preset(tmp_path):
+    context = tiny_weights("ijepa-vit-h14", img_size=56)
+    path = save(tmp_path, {"encoder": prefixed(context, "module."), "target_encoder": prefixed(context, "module."),
+                           "predictor": {"module.mask_token": torch.randn(1, 1, 16)}, "epoch": 300})
+    assert "--model ijepa-vit-h14" in fit_error("vit_huge_patch14_gap_224", path, img_size=56)
+
+
+def test_full_dino_checkpoint_given_the_timm_name_names_dino_and_ibot(tmp_path):
+    # DINO's and iBOT's full checkpoints share the {'teacher': {'backbone.*', 'head.*'}} layout
+    sd = tiny_weights("dino-vit-s16")
+    path = save(tmp_path, {"teacher": prefixed(sd, "backbone."), "student": prefixed(sd, "module.backbone."),
+                           "epoch": 100})
+    msg = fit_error("vit_small_patch16_224", path)
+    assert "dino-vit-s16" in msg and "ibot-vit-s16" in msg
+    assert "dino-vit-b16" not in msg and "ibot-vit-b16" not in msg
+
+
+def test_official_file_given_another_preset_names_the_right_one(tmp_path):
+    base = tiny_weights("mocov3-vit-b16")
+    path = save(tmp_path, {"state_dict": prefixed(base, "module.base_encoder.")})
+    assert "--model mocov3-vit-b16" in fit_error("mae-vit-b16", path)
+
+
+def test_a_plain_timm_file_that_does_not_fit_suggests_no_preset(tmp_path):
+    sd = tiny_weights("dino-vit-s16")
+    sd["blocks.0.attn.qkv_weight"] = sd.pop("blocks.0.attn.qkv.weight")
+    msg = fit_error("vit_small_patch16_224", save(tmp_path, {"model": sd}))
+    assert "missing key(s): blocks.0.attn.qkv.weight" in msg and "--model" not in msg

@@ -287,6 +287,40 @@ DINOV2_INTERPOLATE_OFFSET = 0.1
 """DINOv2's ``interpolate_offset`` for its models without registers (dinov2 ``hub/backbones.py``)."""
 
 
+# ------------------------------------------------------------------------------------- recognising a file
+
+OFFICIAL_LAYOUTS: tuple[tuple[str, str | None, str], ...] = (
+    ("dinov2", None, r"mask_token$|register_tokens$"),
+    ("mocov3", "state_dict", r"module\.base_encoder\."),
+    ("dino", "teacher", r"(module\.)?backbone\."),
+    ("ibot", "teacher", r"(module\.)?backbone\."),
+    ("ijepa", "encoder", r"module\."),
+    ("ijepa", "target_encoder", r"module\."),
+    ("beitv2", "model", r"lm_head\.|cls_pt_layers\."),
+    ("beitv2", "module", r"lm_head\.|cls_pt_layers\."),
+    ("simmim", "model", r"encoder\.|decoder\."),
+    ("maskfeat", "model_state", r"pred_head\."),
+    ("capi", None, r"backbone\.encoder\.blocks\."),
+)
+"""Distinctive marks of official files, ``(converter, top-level key (None: a flat file), regex that one of
+the keys under it matches)`` (``shared/checkpoints.md``): used to name the right preset when a file does not
+fit the model it was given to."""
+
+
+def official_formats(checkpoint: Any) -> list[str]:
+    """Names of the converters whose official layout ``checkpoint`` shows (:data:`OFFICIAL_LAYOUTS`), e.g.
+    ``["dinov2"]`` for a flat dict holding ``mask_token``, ``["dino", "ibot"]`` for a full DINO checkpoint."""
+    if not isinstance(checkpoint, Mapping):
+        return []
+    found: list[str] = []
+    for name, top, pattern in OFFICIAL_LAYOUTS:
+        inner = checkpoint if top is None else checkpoint.get(top)
+        if name not in found and isinstance(inner, Mapping) and \
+                any(isinstance(k, str) and re.match(pattern, k) for k in inner):
+            found.append(name)
+    return found
+
+
 def resample_pos_embed_dinov2(patch_table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Resample a square patch position table as DINOv2's ``interpolate_pos_encoding`` does at run time.
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..errors import AttnflowError
 from . import files
-from .converters import CheckpointError, get_converter, load_converted
+from .converters import CheckpointError, get_converter, load_converted, official_formats
 from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list_specs
 
 logger = logging.getLogger(__name__)
@@ -310,11 +310,32 @@ def _load_weights(model: nn.Module, weights: _Weights, spec: ModelSpec | None, a
                   checkpoint_key: str | None) -> None:
     conv = get_converter(weights.converter)
     raw = files.read_checkpoint(weights.path)
-    state = conv(raw, key=checkpoint_key)
     what = f"preset {spec.name} ({spec.arch})" if spec else f"timm model {arch}"
-    load_converted(model, state, expected=f"{what}, read as format {conv.name!r} [{conv.description}] "
-                                          f"from {weights.path.name}",
-                   pos_resample=spec.pos_resample if spec else "timm")
+    try:
+        state = conv(raw, key=checkpoint_key)
+        load_converted(model, state, expected=f"{what}, read as format {conv.name!r} [{conv.description}] "
+                                              f"from {weights.path.name}",
+                       pos_resample=spec.pos_resample if spec else "timm")
+    except CheckpointError as err:
+        names = [] if spec is not None and spec.converter in official_formats(raw) else _presets_for(raw, arch)
+        if not names:
+            raise
+        use = f"--model {names[0]}" if len(names) == 1 else "--model with one of them"
+        raise CheckpointError(f"{err}; the file has the official layout of {', '.join(names)}: use {use}") \
+            from None
+
+
+def _presets_for(checkpoint: Any, arch: str) -> list[str]:
+    """The presets whose official file layout ``checkpoint`` has (:func:`official_formats`); only those of
+    architecture ``arch`` when there are any. A DINOv2 file picks the presets with registers iff it holds
+    ``register_tokens``."""
+    formats = official_formats(checkpoint)
+    specs = [s for s in list_specs() if s.converter in formats]
+    if "dinov2" in formats:
+        registers = "register_tokens" in checkpoint
+        specs = [s for s in specs if s.converter != "dinov2" or ("reg4" in s.arch) == registers]
+    same_arch = [s for s in specs if s.arch == arch.split(".", 1)[0]]
+    return [s.name for s in same_arch or specs]
 
 
 def _build_timm_pretrained(arch: str, img_size: int, timm_kwargs: dict[str, Any], path: Path) -> nn.Module:
