@@ -404,3 +404,26 @@ def test_a_plain_timm_file_that_does_not_fit_suggests_no_preset(tmp_path):
     sd["blocks.0.attn.qkv_weight"] = sd.pop("blocks.0.attn.qkv.weight")
     msg = fit_error("vit_small_patch16_224", save(tmp_path, {"model": sd}))
     assert "missing key(s): blocks.0.attn.qkv.weight" in msg and "--model" not in msg
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ({"cls_token": 0, "mask_token": 0, "blocks.0.ls1.gamma": 0}, ["dinov2"]),
+    ({"epoch": 1, "state_dict": {"module.base_encoder.cls_token": 0, "module.predictor.0.weight": 0}}, ["mocov3"]),
+    ({"teacher": {"backbone.cls_token": 0, "head.last_layer.weight": 0}}, ["dino", "ibot"]),
+    ({"encoder": {"module.pos_embed": 0}, "predictor": {}}, ["ijepa"]),
+    ({"target_encoder": {"module.pos_embed": 0}}, ["ijepa"]),
+    ({"model": {"cls_token": 0, "lm_head.weight": 0, "cls_pt_layers.0.norm1.weight": 0}}, ["beitv2"]),
+    ({"module": {"cls_token": 0, "cls_pt_layers.0.norm1.weight": 0}}, ["beitv2"]),
+    ({"model": {"encoder.cls_token": 0, "decoder.0.weight": 0}, "config": {}}, ["simmim"]),
+    ({"model_state": {"cls_token": 0, "pred_head.transforms.0.0.weight": 0}}, ["maskfeat"]),
+    ({"backbone.registers": 0, "backbone.encoder.blocks.0.residual1.norm.weight": 0}, ["capi"]),
+    # layouts the generic timm converter reads as they are: nothing to suggest
+    ({"model": {"cls_token": 0, "blocks.0.norm1.weight": 0, "norm.weight": 0}}, []),
+    ({"model": {"cls_token": 0, "decoder_embed.weight": 0, "mask_token": 0}}, []),  # MAE's visualisation file
+    ({"cls_token": 0, "blocks.0.norm1.weight": 0}, []),
+    ([0, 1], []),
+])
+def test_official_formats_recognise_each_layout(layout, expected):
+    from attnflow.models.converters import official_formats
+
+    assert official_formats(layout) == expected
