@@ -265,6 +265,69 @@ def test_bare_timm_name_with_cached_hub_weights_uses_timms_loader(offline):
     assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
 
 
+@pytest.fixture()
+def fake_network(monkeypatch):
+    """A fresh probe cache and sockets that record their ``connect`` calls instead of connecting."""
+    import socket
+
+    from attnflow.models import files
+
+    monkeypatch.setattr(files, "_REACHABLE", {})
+    calls: list[tuple[object, float | None]] = []
+
+    def connect(self, address):
+        calls.append((address, self.gettimeout()))
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return calls
+
+
+def test_network_probe_gives_up_within_its_timeout_when_dns_hangs(monkeypatch, fake_network):
+    import socket
+    import time
+
+    from attnflow.models import files
+
+    def slow_dns(*args, **kwargs):
+        time.sleep(10)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_dns)
+    start = time.monotonic()
+    assert files.reachable("https://slow-dns.example/file.pth", timeout=0.5) is False
+    assert time.monotonic() - start < 1.5
+    assert fake_network == []  # never got as far as connecting
+
+
+def test_network_probe_connects_to_the_resolved_address_within_what_is_left(monkeypatch, fake_network):
+    import socket
+    import time
+
+    from attnflow.models import files
+
+    def dns(host, port, *args, **kwargs):
+        assert (host, port) == ("weights.example", 443)
+        time.sleep(0.2)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.7", 443))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    assert files.reachable("https://weights.example/ckpt.pth", timeout=1.0) is True
+    (address, timeout), = fake_network
+    assert address == ("192.0.2.7", 443) and 0 < timeout <= 0.8 + 1e-6
+
+
+def test_network_probe_says_offline_when_dns_fails(monkeypatch, fake_network):
+    import socket
+
+    from attnflow.models import files
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert files.reachable("http://weights.example/ckpt.pth", timeout=1.0) is False and fake_network == []
+
+
 def test_sha256_file(tmp_path):
     (tmp_path / "f").write_bytes(b"attnflow" * 1000)
     assert sha256_file(tmp_path / "f") == hashlib.sha256(b"attnflow" * 1000).hexdigest()

@@ -22,6 +22,8 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -221,7 +223,8 @@ _REACHABLE: dict[str, bool] = {}
 
 
 def reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds (cached per process).
+    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds in all, name lookup
+    included (cached per process).
 
     Checked before any download so that a machine without network fails in seconds, not after the
     retries and back-off of the HTTP clients.
@@ -233,12 +236,60 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
     key = f"{host}:{port}"
     if key not in _REACHABLE:
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            _connect(host, port, time.monotonic() + timeout)
             _REACHABLE[key] = True
         except OSError as err:
             logger.info("%s is not reachable: %s", key, err)
             _REACHABLE[key] = False
     return _REACHABLE[key]
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[tuple[Any, ...]]:
+    """``socket.getaddrinfo`` for a TCP connection, given up after ``timeout`` seconds.
+
+    The lookup runs in a daemon thread (``getaddrinfo`` itself has no timeout), which is left behind if it
+    hangs.
+
+    Raises:
+        OSError: the lookup failed, or ``TimeoutError`` when it took longer than ``timeout``.
+    """
+    answer: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as err:
+            answer.append(err)
+
+    thread = threading.Thread(target=lookup, name=f"attnflow-dns-{host}", daemon=True)
+    thread.start()
+    thread.join(max(timeout, 0.0))
+    if not answer:
+        raise TimeoutError(f"name lookup of {host} took more than {timeout:.1f} s")
+    if isinstance(answer[0], OSError):
+        raise answer[0]
+    return answer[0]
+
+
+def _connect(host: str, port: int, deadline: float) -> None:
+    """Open and close a TCP connection to ``host:port`` before ``deadline`` (``time.monotonic()``).
+
+    Raises:
+        OSError: no address of ``host`` accepted a connection in time.
+    """
+    error: OSError = TimeoutError(f"no address of {host} answered in time")
+    for family, kind, proto, _, address in _resolve(host, port, deadline - time.monotonic()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(left)
+                sock.connect(address)
+            return
+        except OSError as err:
+            error = err
+    raise error
 
 def hf_download(repo_id: str, filename: str | None = None) -> Path | None:
     """Download a hub file with short timeouts; ``None`` when offline or unreachable (the reason is logged)."""
