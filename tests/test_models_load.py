@@ -430,6 +430,62 @@ def test_models_command_table_and_json(offline, capsys):
     assert moco["arch_kwargs"] == {"num_heads": 12} and moco["cached"] is False
 
 
+def test_models_name_shows_where_to_get_the_file_and_where_to_put_it(offline, capsys):
+    """What a user needs to fetch weights on a machine with internet and copy them to an offline one."""
+    assert cli_main(["models", "mocov3-vit-s16"]) == 0
+    out = capsys.readouterr().out
+    url = "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar"
+    target = offline / "torch" / "hub" / "checkpoints" / "vit-s-300ep.pth.tar"  # $TORCH_HOME/hub/checkpoints
+    assert url in out and str(target) in out
+    assert f"curl -L -o {target} {url}" in out
+    assert "not cached" in out and "--checkpoint" in out
+    assert "12 heads" in out  # the preset's notes
+    assert "vit_small_patch16_224" in out and "mocov3" in out
+
+
+def test_models_name_uses_the_presets_own_cache_name_and_says_when_cached(offline, capsys):
+    # iBOT's URL ends in checkpoint_teacher.pth for every size: the cache name is the preset's own
+    target = offline / "torch" / "hub" / "checkpoints" / "ibot_vitb_16_checkpoint_teacher.pth"
+    assert cli_main(["models", "ibot-vit-b16", "ibot-vit-s16"]) == 0
+    out = capsys.readouterr().out
+    assert f"curl -L -o {target} https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/" \
+           f"vitb_16/checkpoint_teacher.pth" in out
+    assert "ibot_vits_16_checkpoint_teacher.pth" in out
+    target.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}}, target)
+    assert cli_main(["models", "ibot-vit-b16"]) == 0
+    out = capsys.readouterr().out
+    assert f"cached: {target}" in out and "curl" not in out
+
+
+def test_models_name_for_a_file_without_a_direct_link_and_for_timm_hosted_weights(offline, capsys):
+    assert cli_main(["models", "simmim-vit-b16"]) == 0
+    out = capsys.readouterr().out
+    assert "https://drive.google.com/file/d/1dJn6GYkwMIcoP3zqOEyW1_iQfpBi8UOw" in out and "curl" not in out
+    assert str(offline / "torch" / "hub" / "checkpoints" / "simmim_pretrain__vit_base__img224__800ep.pth") in out
+    assert cli_main(["models", "dino-vit-b16"]) == 0
+    out = capsys.readouterr().out
+    assert "hf-hub:timm/vit_base_patch16_224.dino" in out  # timm's copy, the alternative to the authors' file
+    assert "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth" in out
+
+
+def test_models_name_unknown_is_one_line_with_suggestions(offline, capsys):
+    assert cli_main(["models", "mocov3-vit-b"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "mocov3-vit-b16" in err
+
+
+def test_models_json_has_the_cache_path(offline, capsys):
+    assert cli_main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["mae-vit-b16"]["cache_path"] == str(offline / "torch" / "hub" / "checkpoints" /
+                                                     "mae_pretrain_vit_base.pth")
+    assert rows["mae-vit-b16"]["cached_path"] is None
+    assert cli_main(["models", "--json", "capi-vit-l14"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["name"] == "capi-vit-l14" and row["cache_path"].endswith("/hub/checkpoints/capi_vitl14_in1k.pth")
+
+
 def _bicubic_by_hand(table: "np.ndarray", out_side: int, scale: float) -> "np.ndarray":
     """Reference for ``F.interpolate(bicubic, scale_factor=scale, align_corners=False, antialias=False)``
     on a ``[M, M, D]`` table, one output cell at a time: source ``(i + 0.5) / scale - 0.5``, Keys' cubic

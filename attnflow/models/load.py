@@ -29,8 +29,8 @@ from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WeightsUnavailableError", "cached_weights_path", "load_model", "weights_cached", "sha256_file",
-           "known_arch"]
+__all__ = ["WeightsUnavailableError", "cached_weights_path", "hub_repo", "known_arch", "load_model",
+           "official_cache_path", "sha256_file", "weights_cached"]
 
 sha256_file = files.sha256_file
 
@@ -196,6 +196,17 @@ def _find_weights(spec: ModelSpec | None, arch: str, *, download: bool) -> _Weig
     if url and filename and (path := files.url_download(url, filename)):
         return _Weights(path, url_converter, url)
     return None
+
+
+def hub_repo(spec: ModelSpec) -> str | None:
+    """The Hugging Face repo where timm hosts the weights of ``spec`` (from its ``hub_tag``), or ``None``."""
+    return _hub_ids(spec, spec.arch)[0]
+
+
+def official_cache_path(spec: ModelSpec) -> Path | None:
+    """Where the authors' file of ``spec`` is looked for (``torch.hub.get_dir()/checkpoints/<file>``), or
+    ``None`` without an official file. A file copied there by hand is used with no ``--checkpoint``."""
+    return files.torch_hub_checkpoint_dir() / spec.cache_filename if spec.cache_filename else None
 
 
 def cached_weights_path(name: str) -> Path | None:
