@@ -35,6 +35,7 @@ def offline(tmp_path, monkeypatch) -> Path:
         raise AssertionError("a test tried to open a network connection")
 
     monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     return tmp_path
 
 
@@ -52,6 +53,7 @@ def tiny_demo(tmp_path_factory) -> tuple[Path, str]:
         mp.delenv("ATTNFLOW_OFFLINE", raising=False)
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
+        mp.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
             assert main(["demo", "--out", str(root / "demo"), "--limit", "3", *TINY_ARGS]) == 0
@@ -166,6 +168,8 @@ def test_network_is_probed_once_and_never_used_for_downloads(tmp_path, monkeypat
 
     monkeypatch.setattr(model_files, "reachable", unreachable)
     monkeypatch.setattr(socket, "create_connection",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("network used")))
+    monkeypatch.setattr(socket.socket, "connect",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("network used")))
     stdout = demo(capsys, tmp_path / "demo", "--limit", "2")
     assert probes == ["https://huggingface.co"]
