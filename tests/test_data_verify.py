@@ -299,3 +299,50 @@ def test_real_cub_manifest_flags_wrong_totals(tmp_path, jpegs):
     assert "images.txt lists 6 images, expected 11,788" in report.problems
     assert "train/test split has 3/3 images, expected 5,994/5,794" in report.problems
     assert any(p.startswith("classes.txt differs from the manifest's 200 classes") for p in report.problems)
+
+
+# --- names that differ only in case; --split-file where it does not apply ----------------------------------------
+
+
+def test_name_differing_only_in_case_or_jpg_is_reported_as_such(tmp_path, val_manifest, jpegs, capsys):
+    root = tmp_path / "val"
+    root.mkdir()
+    for i in (1, 3, 4, 6):
+        (root / val_name(i)).write_bytes(jpegs[i])
+    jpg = val_name(5).replace(".JPEG", ".jpg")  # ILSVRC2012_val_00000005.jpg
+    lower = val_name(2).lower()  # ilsvrc2012_val_00000002.jpeg
+    (root / jpg).write_bytes(jpegs[5])
+    (root / lower).write_bytes(jpegs[2])
+    (root / "ILSVRC2012_val_00000007.jpg").write_bytes(jpegs[0])  # not in the manifest (6 images): extra
+    report = verify_dataset(val_manifest, root, progress=False)
+    assert report.spelled_differently == [(jpg, val_name(5)), (lower, val_name(2))]  # sorted by found path
+    assert report.missing == [] and report.n_missing == 0
+    assert report.extra == ["ILSVRC2012_val_00000007.jpg"]
+    assert report.found == 4 and report.decoded == 6  # the differently spelled files are decoded too
+    assert not report.ok
+    assert main(["data", "verify", str(val_manifest), "--root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert (f"2 names differ from the manifest only in case or .jpg/.jpeg (rename to the expected names): "
+            f"{jpg} (expected {val_name(5)}), {lower} (expected {val_name(2)})") in out
+    assert "missing" not in out and "1 extra: ILSVRC2012_val_00000007.jpg" in out
+
+
+def test_case_differences_in_class_folders(tmp_path, val_manifest, jpegs):
+    root = tmp_path / "val"
+    make_class_folder_val(root, jpegs, wrong_folder_for_4=False)
+    src = root / VAL_LABELS[1] / val_name(2)
+    src.rename(src.with_name(val_name(2).upper()))  # ILSVRC2012_VAL_00000002.JPEG
+    report = verify_dataset(val_manifest, root, check_images=False, progress=False)
+    assert report.spelled_differently == [(f"{A}/{val_name(2).upper()}", f"{A}/{val_name(2)}")]
+    assert (report.n_missing, report.extra, report.misplaced) == (0, [], [])
+
+
+@pytest.mark.parametrize("name", ["imagenet-val", "imagenet-train", "cub-200-2011"])
+def test_split_file_where_it_does_not_apply_is_an_error(tmp_path, capsys, name):
+    split = tmp_path / "split.txt"
+    split.write_text(f"{A}_1.JPEG\n")
+    with pytest.raises(DataError, match="imagenet-10pct, imagenet-1pct"):
+        verify_dataset(name, tmp_path, split_file=split, progress=False)
+    assert main(["data", "verify", name, "--root", str(tmp_path), "--split-file", str(split)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--split-file does not apply to {name}" in err, err

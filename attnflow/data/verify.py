@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .cub import read_index
 from .images import DataError, evenly_spaced
-from .manifests import Manifest, load_manifest
+from .manifests import Manifest, list_manifests, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class VerifyReport:
         n_missing: number of absent images (``len(missing)`` when names are known, else ``expected - found``).
         extra: files present that the dataset does not contain (ignoring known index/ground-truth files).
         misplaced: ``(found path, expected path)`` for images in the wrong folder (wrong class).
+        spelled_differently: ``(found path, expected path)`` for images whose path differs from the expected
+            one only in upper/lower case or in ``.jpg`` for ``.jpeg`` (``ILSVRC2012_val_00000008.jpg`` for
+            ``ILSVRC2012_val_00000008.JPEG``): counted here, neither missing nor extra.
         corrupt: ``(path, reason)`` for empty files and files PIL cannot fully decode.
         decoded: number of images fully decoded (0 with ``check_images=False``).
         class_counts: images found per class (wnid or CUB folder).
@@ -63,6 +66,7 @@ class VerifyReport:
     n_missing: int = 0
     extra: list[str] = field(default_factory=list)
     misplaced: list[tuple[str, str]] = field(default_factory=list)
+    spelled_differently: list[tuple[str, str]] = field(default_factory=list)
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     decoded: int = 0
     class_counts: dict[str, int] = field(default_factory=dict)
@@ -72,8 +76,9 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        """Complete and clean: nothing missing, misplaced or corrupt and no structural problem (extras are fine)."""
-        return not (self.n_missing or self.misplaced or self.corrupt or self.problems)
+        """Complete and clean: nothing missing, misplaced, spelled in another case or corrupt, and no structural
+        problem (extras are fine)."""
+        return not (self.n_missing or self.misplaced or self.spelled_differently or self.corrupt or self.problems)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists) with ``ok`` added."""
@@ -94,6 +99,11 @@ class VerifyReport:
         if self.misplaced:
             lines.append(f"{len(self.misplaced):,} misplaced: "
                          + first([f"{got} (expected {want})" for got, want in self.misplaced]))
+        if self.spelled_differently:
+            n = len(self.spelled_differently)
+            lines.append(f"{n:,} name{' differs' if n == 1 else 's differ'} from the manifest only in case or "
+                         ".jpg/.jpeg (rename to the expected names): "
+                         + first([f"{got} (expected {want})" for got, want in self.spelled_differently]))
         if self.extra:
             lines.append(f"{len(self.extra):,} extra: {first(self.extra)}")
         if self.corrupt:
@@ -167,18 +177,39 @@ def _decode_error(path: Path) -> str | None:
     return None
 
 
+def _spelling_key(rel: str) -> str:
+    """``rel`` in lower case with a ``.jpeg`` extension written ``.jpg``: equal keys are the same image spelled
+    differently (``ILSVRC2012_val_00000008.jpg`` and ``ILSVRC2012_val_00000008.JPEG``)."""
+    key = rel.casefold()
+    return key[:-5] + ".jpg" if key.endswith(".jpeg") else key
+
+
 def _match(report: VerifyReport, expected: dict[str, str | None], files: dict[str, int], aux: set[str],
            ) -> dict[str, int]:
-    """Fill found/missing/misplaced/extra/class_counts; return ``path -> size`` of the files to decode."""
+    """Fill found/missing/misplaced/spelled_differently/extra/class_counts; return ``path -> size`` of the files
+    to decode.
+
+    An unexpected file whose name is an absent image's name is misplaced; one whose path has the same
+    :func:`_spelling_key` as an absent image's path is spelled differently; the others are extra.
+    """
     present = {rel: files[rel] for rel in expected if rel in files}
     absent = {PurePosixPath(rel).name: rel for rel in expected if rel not in files}
     to_check = dict(present)
+    leftover = []
     for rel in sorted(set(files) - set(expected)):
         name = PurePosixPath(rel).name
         if name in absent:
             report.misplaced.append((rel, absent.pop(name)))
             to_check[rel] = files[rel]
-        elif name not in aux:
+        else:
+            leftover.append(rel)
+    folded = {_spelling_key(rel): name for name, rel in absent.items()}
+    for rel in leftover:
+        name = folded.get(_spelling_key(rel))
+        if name is not None and name in absent:
+            report.spelled_differently.append((rel, absent.pop(name)))
+            to_check[rel] = files[rel]
+        elif PurePosixPath(rel).name not in aux:
             report.extra.append(rel)
     report.missing = sorted(absent.values())
     report.n_missing = len(report.missing)
@@ -349,6 +380,18 @@ def _scan_cub(manifest: Manifest, root: Path, progress: bool) -> tuple[VerifyRep
     return report, to_check
 
 
+def _subset_manifests() -> list[str]:
+    """Names of the available manifests of kind ``imagenet-subset`` (the ones a split file applies to)."""
+    names = []
+    for name in list_manifests():
+        try:
+            if load_manifest(name).kind == "imagenet-subset":
+                names.append(name)
+        except DataError:  # a broken manifest elsewhere must not hide this message
+            continue
+    return names
+
+
 def verify_dataset(name: str | Path | Manifest, root: str | Path, *, check_images: bool = True,
                    limit: int | None = None, split_file: str | Path | None = None, workers: int | None = None,
                    progress: bool = True) -> VerifyReport:
@@ -369,9 +412,14 @@ def verify_dataset(name: str | Path | Manifest, root: str | Path, *, check_image
 
     Raises:
         UnknownManifestError: for an unknown manifest name.
-        DataError: when ``root`` is not a folder or a needed split file is not available.
+        DataError: when ``root`` is not a folder, a needed split file is not available, or ``split_file`` is
+            given for a manifest that is not a subset.
     """
     manifest = name if isinstance(name, Manifest) else load_manifest(name)
+    if split_file is not None and manifest.kind != "imagenet-subset":
+        kind = f" ({manifest.kind})" if manifest.kind != manifest.name else ""
+        raise DataError(f"--split-file does not apply to {manifest.name}{kind}; it applies to the "
+                        f"subset manifests: {', '.join(_subset_manifests()) or 'none found'}")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder (the --root of {manifest.name})")
