@@ -49,13 +49,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``amp`` in ``auto|bf16|fp16|fp32|none`` (``auto``: bf16 on a GPU that has it)."""
+    """Autocast dtype for ``amp`` in ``auto|bf16|fp16|fp32|none`` (``auto``: bf16 on a GPU that has it).
+
+    Raises:
+        AttnflowError: an unknown ``amp``, or bf16/fp16 on CPU (whose autocast rounds the softmax).
+    """
     if amp == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
     if amp not in AMP_DTYPES:
         raise AttnflowError(f"amp must be one of auto, {', '.join(AMP_DTYPES)}; got {amp!r}")
+    if AMP_DTYPES[amp] is not None and device.type == "cpu":
+        # CUDA autocast runs softmax in fp32; CPU autocast runs timm's softmax in bf16/fp16, which would
+        # round every attention map the statistics are computed from
+        raise AttnflowError(f"amp {amp} is not supported on CPU: torch's CPU autocast computes the attention "
+                            "softmax in low precision; use --amp fp32 (the CPU default)")
     return AMP_DTYPES[amp]
 
 
@@ -159,8 +168,8 @@ def attention_stats(
             ``(images, labels)`` tuples.
         batch_size: images per forward (folder/Dataset input).
         device: ``"cuda"``, ``"cpu"``, ...; autodetected when ``None``.
-        amp: ``auto`` (bf16 on a GPU that has it, else fp32), ``bf16``, ``fp16``, ``fp32``. Autocast only:
-            the softmax and the statistics stay fp32, accumulation is float64.
+        amp: ``auto`` (bf16 on a GPU that has it, else fp32), ``bf16``, ``fp16`` (CUDA only), ``fp32``.
+            Autocast only: the softmax and the statistics stay fp32, accumulation is float64.
         num_workers: DataLoader workers (folder/Dataset input); default ``min(8, cpu_count)``.
         img_size: crop size for folder input (the model must be built at this resolution).
         crop_pct: center-crop fraction for folder input (default: the model's own).
