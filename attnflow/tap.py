@@ -54,7 +54,8 @@ class TokenLayout:
         num_prefix: number of non-patch tokens in front ([cls], registers, distillation token).
         has_cls: whether token 0 is a [cls] token.
         grid: patch grid ``(gh, gw)``; ``n_patches = gh * gw``.
-        patch_size: patch size in pixels ``(ph, pw)``.
+        patch_size: input pixels per patch token ``(ph, pw)``: the patch size, or for hybrid models (CNN stem,
+            e.g. ``vit_small_r26_s32_224``) the stem's stride times it.
     """
 
     num_prefix: int
@@ -107,6 +108,39 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
         return value, value
     a, b = tuple(value)
     return int(a), int(b)
+
+
+def patch_embedding(model: nn.Module) -> nn.Module:
+    """The module that turns the image into patch tokens: timm's ``patch_embed`` (``embeds`` in NaFlexViT).
+
+    Raises:
+        UnsupportedModelError: the model has neither, so the patch grid of a forward cannot be known.
+    """
+    for name in ("patch_embed", "embeds"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no `patch_embed`: attnflow cannot tell where its patch tokens are")
+
+
+def token_stride(embed: nn.Module) -> tuple[int, int]:
+    """Input pixels per patch token ``(sh, sw)``: the patch size, times the backbone's reduction for hybrid
+    (CNN stem) embeddings, from timm's ``feat_ratio``."""
+    ratio = getattr(embed, "feat_ratio", None)
+    if callable(ratio):
+        return _pair(ratio(as_scalar=False))
+    return _pair(getattr(embed, "patch_size", 1))
+
+
+def token_grid(embed: nn.Module, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """Patch grid ``(gh, gw)`` of an ``image_hw`` input, from timm's ``dynamic_feat_size`` when the embedding
+    has it (hybrid backbones, dynamic padding), else the input size over :func:`token_stride`."""
+    feat_size = getattr(embed, "dynamic_feat_size", None)
+    if callable(feat_size):
+        return _pair(feat_size(image_hw))
+    sh, sw = token_stride(embed)
+    return image_hw[0] // sh, image_hw[1] // sw
 
 
 def model_blocks(model: nn.Module) -> list[nn.Module]:
@@ -184,9 +218,10 @@ class AttentionTap:
         self._pending_q: dict[int, torch.Tensor] = {}
         self.num_prefix = model_num_prefix(model)
         self.has_cls = model_has_cls(model)
-        patch_embed = getattr(model, "patch_embed", None)
-        self.patch_size = _pair(getattr(patch_embed, "patch_size", 1))
+        self._embed = patch_embedding(model)
+        self.patch_size = token_stride(self._embed)  # input pixels per token (hybrid: times the CNN's stride)
         self.layout: TokenLayout | None = None
+        self._tokens: dict[int, int] = {}  # tokens entering each hooked block's attention, this forward
         self._maps: dict[int, torch.Tensor] = {}
         self._fired: dict[int, int] = {}
         self._handles: list[RemovableHandle] = []
@@ -196,19 +231,31 @@ class AttentionTap:
     # ------------------------------------------------------------------ hooks
     def _on_patch_embed(self, module: nn.Module, args: tuple) -> None:
         """Start of a forward: reset the per-forward bookkeeping and read the patch grid from the input."""
-        x = args[0]
-        ph, pw = self.patch_size
-        grid = (x.shape[-2] // ph, x.shape[-1] // pw)
+        x = args[0]  # [B, 3, H, W]
+        grid = token_grid(self._embed, (int(x.shape[-2]), int(x.shape[-1])))
         self.layout = TokenLayout(self.num_prefix, self.has_cls, grid, self.patch_size)
         self._fired = {b: 0 for b in self.block_indices}
         self._maps = {}
 
-    def _make_attn_hook(self, index: int) -> Callable:
+    def _make_token_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get("x")
+            if isinstance(x, torch.Tensor) and x.dim() == 3:
+                self._tokens[index] = x.shape[1]  # x: [B, N, C]
+            else:
+                self._tokens.pop(index, None)
+        return hook
+
+    def _make_attn_hook(self, index: int, heads: int | None) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             attn = args[0]  # [B, H, N, N], post-softmax
-            if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+            tokens = self._tokens.get(index, attn.shape[-1])
+            if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] != tokens \
+                    or (heads is not None and attn.shape[1] != heads):
                 raise UnsupportedModelError(
-                    f"block {index}: attn_drop received shape {tuple(attn.shape)}, not [B, H, N, N]")
+                    f"block {index}: attn_drop received shape {tuple(attn.shape)}, not one post-softmax map "
+                    f"per head [B, {heads}, {tokens}, {tokens}] (e.g. differential, cross-covariance or "
+                    "windowed attention); attnflow cannot measure this model")
             self._fired[index] = self._fired.get(index, 0) + 1
             if self.callback is not None:
                 self.callback(index, attn)
@@ -257,10 +304,11 @@ class AttentionTap:
                     continue
                 self._saved_fused.append((attn, attn.fused_attn))
                 attn.fused_attn = False
-                self._handles.append(attn.attn_drop.register_forward_pre_hook(self._make_attn_hook(i)))
-            patch_embed = getattr(self.model, "patch_embed", None)
-            if isinstance(patch_embed, nn.Module):
-                self._handles.append(patch_embed.register_forward_pre_hook(self._on_patch_embed))
+                self._handles.append(attn.register_forward_pre_hook(self._make_token_hook(i), with_kwargs=True))
+                heads = getattr(attn, "num_heads", None)
+                self._handles.append(attn.attn_drop.register_forward_pre_hook(
+                    self._make_attn_hook(i, int(heads) if isinstance(heads, int) else None)))
+            self._handles.append(self._embed.register_forward_pre_hook(self._on_patch_embed))
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
             self._handles.append(self.model.register_forward_hook(self._on_model_end))
         except BaseException:
