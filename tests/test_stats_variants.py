@@ -20,7 +20,7 @@ from attnflow.errors import AttnflowError
 from attnflow.metrics import METRICS
 from attnflow.tap import AttentionTap, UnsupportedModelError
 from brute_force import brute_force_metrics
-from conftest import TINY, tiny_model
+from conftest import tiny_model
 
 
 def _sharpen(model: torch.nn.Module, factor: float = 25.0) -> torch.nn.Module:
