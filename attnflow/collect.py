@@ -29,6 +29,7 @@ from .metrics import METRICS, attention_metrics, attention_metrics_from_logits, 
 from .provenance import run_provenance
 from .reducers import StatsReducer
 from .result import Result
+from .runstate import RunState, images_fingerprint, rank_state_path, run_fingerprint
 from .tap import AttentionTap, QueryKey, TokenLayout, model_blocks, model_has_cls
 
 log = logging.getLogger(__name__)
@@ -95,41 +96,6 @@ def _as_batch(item: Any) -> ImageBatch:
     return ImageBatch(images, torch.full((n,), -1), torch.full((n,), -1), [])
 
 
-def rank_state_path(path: Path, rank: int, world: int) -> Path:
-    """The state file of one process: ``path`` itself, or ``STEM.rank{rank}SUFFIX`` under torch.distributed."""
-    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-
-
-class _StateFile:
-    """Periodic, atomic save of the loop's state so that an interrupted run can resume."""
-
-    def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
-        self.path = path
-        self.fingerprint = fingerprint
-
-    def load(self) -> dict[str, Any] | None:
-        if self.path is None or not self.path.exists():
-            return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
-            raise AttnflowError(
-                f"{self.path} belongs to a different run ({state.get('fingerprint')}); "
-                f"this run is {self.fingerprint}. Delete it or drop --resume")
-        return state
-
-    def save(self, state: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
-        os.replace(tmp, self.path)
-
-    def remove(self) -> None:
-        if self.path is not None and self.path.exists():
-            self.path.unlink()
-
-
 def _model_name(model: nn.Module, model_name: str | None) -> str:
     """The ``model`` column: given name, else the preset, else the timm architecture, else the class name."""
     info = getattr(model, "attnflow_info", None) or {}
@@ -157,6 +123,7 @@ def attention_stats(
     meta: dict[str, Any] | None = None,
     fast_qk: bool | None = None,
     qk_kernel: str = "auto",
+    keep_state: bool = False,
     _after_batch: Callable[[int], None] | None = None,
 ) -> Result:
     """Per-(block, head) attention statistics of ``model`` over ``data``.
@@ -177,7 +144,9 @@ def attention_stats(
         model_name: value of the ``model`` column; default the preset or timm architecture name.
         state_path: file for periodic state; with ``resume=True`` an interrupted run continues from it.
         checkpoint_every: batches between state saves.
-        resume: continue from ``state_path`` if it exists.
+        resume: continue from ``state_path`` if it exists (its run must have had the same model, weights,
+            images, resolution, crop and autocast dtype; the batch size may differ). A run that fails or is
+            interrupted keeps the state of its last full batch when it made progress, and removes it otherwise.
         progress: show a tqdm progress bar (rank 0 only).
         compile: ``torch.compile`` the statistics function; default: on for CUDA or runs of 50+ batches.
         meta: extra provenance merged into ``Result.meta``.
@@ -188,6 +157,8 @@ def attention_stats(
         qk_kernel: how ``fast_qk`` blocks turn queries and keys into metrics: ``auto`` (the Triton kernel of
             :mod:`attnflow.kernels.qk_metrics` on CUDA, checked against torch on each new shape, with a
             warning and the torch route if it fails or disagrees), ``triton`` or ``torch``.
+        keep_state: leave the state of the finished run in ``state_path`` (for the caller to remove once the
+            result is safely written; a resume from it returns the same result at once).
 
     Returns:
         :class:`~attnflow.result.Result` with ``mean``/``std`` over images per (block, head, metric).
@@ -195,6 +166,7 @@ def attention_stats(
     Raises:
         DataError: empty folder, non-image path, no readable image at all.
         AttnflowError: a ``batch_size`` or ``checkpoint_every`` below 1.
+        StateFileError, StateMismatchError: with ``resume``, an unreadable state or one of another run.
         InputShapeError: images that do not fit the model's resolution.
     """
     for arg, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
@@ -216,9 +188,13 @@ def attention_stats(
         and hasattr(data, "__len__")
     n_items = len(data) if is_dataset else None  # type: ignore[arg-type]
 
-    fingerprint = {"model": name, "n_items": n_items, "world": world, "rank": rank,
-                   "batch_size": batch_size if is_dataset else None}
-    state_file = _StateFile(rank_state_path(Path(state_path), rank, world) if state_path else None, fingerprint)
+    state_file = RunState(rank_state_path(Path(state_path), rank, world) if state_path else None, {})
+    if state_file.path is not None:
+        folder = isinstance(data, ImageFolderDataset)
+        state_file.fingerprint = run_fingerprint(
+            model, name, n_items=n_items, world=world, rank=rank, amp=amp_dtype,
+            images=images_fingerprint(data.paths, data.root) if folder else None,
+            img_size=img_size if folder else None, crop_pct=crop_pct if folder else None)
     saved = state_file.load() if resume else None
     done_items = saved["done_items"] if saved else 0      # dataset positions (or batches) consumed
     n_images = saved["n_images"] if saved else 0
@@ -241,7 +217,7 @@ def attention_stats(
     qk_route = QKRoute(qk_kernel, device, qk_torch_fn, metrics_from_qk) if fast_qk else None
     distances: dict[tuple, torch.Tensor] = {}
     pending: list[tuple[int, torch.Tensor]] = []  # this batch's [B, H, M] values, applied once it completes
-    layout_seen: list[TokenLayout] = []
+    layout_seen: list[TokenLayout] = [TokenLayout(*saved["layout"])] if saved and saved.get("layout") else []
 
     def on_attention(block: int, attn: torch.Tensor | QueryKey) -> None:
         layout = tap.layout
@@ -267,7 +243,10 @@ def attention_stats(
     n_batches = 0
 
     def snapshot() -> dict[str, Any]:
-        return {"done_items": done_items, "n_images": n_images, "bad": bad, "reducer": reducer.state_dict()}
+        layout = layout_seen[0] if layout_seen else None
+        return {"done_items": done_items, "n_images": n_images, "bad": bad, "reducer": reducer.state_dict(),
+                "layout": (layout.num_prefix, layout.has_cls, layout.grid, layout.patch_size) if layout else None,
+                "seconds": (saved or {}).get("seconds", 0.0) + time.perf_counter() - start}
 
     try:
         with AttentionTap(model, callback=on_attention, fast_qk=fast_qk) as tap, torch.inference_mode(), autocast:
@@ -286,21 +265,20 @@ def attention_stats(
                 n_batches += 1
                 bar.update((batch.images.shape[0] + len(batch.bad)) if is_dataset else 1)
                 if state_file.path is not None and n_batches % checkpoint_every == 0:
-                    state_file.save(snapshot())   # (the snapshot copies the state to the host: a device sync)
+                    state_file.try_save(snapshot())   # (the snapshot copies the state to the host: a device sync)
                 if _after_batch is not None:
                     _after_batch(n_batches)
-    except KeyboardInterrupt:
-        if state_file.path is not None:
-            state_file.save(snapshot())  # the last completed batch; the interrupted one is redone
-            log.warning("interrupted after %d images; state saved to %s (resume with --resume)",
-                        n_images, state_file.path)
+    except BaseException as err:
+        _keep_progress(state_file, snapshot() if done_items else None, n_images, err)
         raise
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
+    final = snapshot() if keep_state and state_file.path is not None else None  # before the all-reduce
 
     n_images, bad = _gather(reducer, n_images, bad, world)
     if n_images == 0:
+        state_file.remove()  # every file was unreadable: nothing to resume
         raise DataError(f"no readable image in the data ({len(bad)} skipped"
                         + (f", e.g. {bad[0][0]}: {bad[0][1]}" if bad else "") + ")")
     layout = layout_seen[0] if layout_seen else None
@@ -320,14 +298,31 @@ def attention_stats(
         "batch_size": batch_size if is_dataset else None,
         "limit": limit,
         "crop_pct": crop_pct,
-        "seconds": round(elapsed, 3),
+        "seconds": round(elapsed + ((saved or {}).get("seconds", 0.0)), 3),
         "resumed": saved is not None,
         "fast_qk_blocks": len(tap.fast_blocks),
         "qk_kernel": (qk_route.name if qk_route and tap.fast_blocks else None),
         "qk_kernel_fallback": qk_route.fallback_reason if qk_route else None,
     } | (meta or {})
-    state_file.remove()
+    if final is not None:
+        state_file.save(final)
+    else:
+        state_file.remove()
     return Result(reducer.to_frame(name), run_meta)
+
+
+def _keep_progress(state_file: RunState, state: dict[str, Any] | None, n_images: int, err: BaseException) -> None:
+    """After a failed or interrupted loop: save ``state`` (the last completed batch; the failed one is redone)
+    when there is progress to resume, else remove the state file, so a plain rerun need not ask for --resume."""
+    if state_file.path is None:
+        return
+    if state is None:
+        state_file.remove()
+        return
+    what = "interrupted" if isinstance(err, KeyboardInterrupt) else f"failed ({type(err).__name__})"
+    if state_file.try_save(state):
+        log.warning("%s after %d images; state saved to %s: rerun with --resume to continue (after fixing the "
+                    "cause), or delete it to start over", what, n_images, state_file.path)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,0 +1,166 @@
+"""The resumable state of an :func:`~attnflow.collect.attention_stats` run.
+
+A run saves its state (images done, skipped files, the reducer's sums) every few batches, when it is
+interrupted, and when it fails after some progress; it removes the file when it ends with nothing worth
+resuming. The state carries a fingerprint of everything that changes the numbers (model, weights, images,
+resolution, crop, autocast dtype, number of processes): a resume with other options is refused with a line
+that names them. The batch size, device, workers and q/k route may change: they give the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import AttnflowError
+
+log = logging.getLogger(__name__)
+
+OPTIONS: dict[str, str] = {
+    "model": "--model",
+    "weights": "the weights (--checkpoint, --checkpoint-key, --model-kw, or --img-size through the position "
+               "table)",
+    "images": "the image files (--data, --limit)",
+    "n_items": "the number of images (--data, --limit)",
+    "img_size": "--img-size",
+    "crop_pct": "--crop-pct",
+    "amp": "--amp",
+    "world": "the number of processes (torchrun --nproc_per_node)",
+    "rank": "the process rank",
+}
+"""Fingerprint keys and the options a user changes them with (in the order a mismatch names them)."""
+
+
+class StateFileError(AttnflowError):
+    """A state file that cannot be read (truncated, not a state file)."""
+
+
+class StateMismatchError(AttnflowError):
+    """A state file written by a run with other options than the one that would resume from it."""
+
+
+def rank_state_path(path: Path, rank: int, world: int) -> Path:
+    """The state file of one process: ``path`` itself, or ``STEM.rank{rank}SUFFIX`` under torch.distributed."""
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def state_files(path: Path) -> list[Path]:
+    """The state files that exist for ``path``, of a one-process run and of torchrun runs of any size."""
+    ranks = sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}")) if path.parent.is_dir() else []
+    return ([path] if path.exists() else []) + ranks
+
+
+def images_fingerprint(paths: list[Path], root: Path) -> str:
+    """A short hash of the image files of a run, relative to ``root``: the same files moved elsewhere (a copy on
+    a local disk) keep it; another folder or another ``--limit`` changes it."""
+    digest = hashlib.sha256()
+    for p in paths:
+        try:
+            rel = p.relative_to(root)
+        except ValueError:
+            rel = Path(p.name)
+        digest.update(rel.as_posix().encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(model: nn.Module, name: str, *, n_items: int | None, images: str | None,
+                    img_size: int | None, crop_pct: float | None, amp: torch.dtype | None,
+                    world: int, rank: int) -> dict[str, Any]:
+    """What must not change between an interrupted and a resumed run (see :data:`OPTIONS`)."""
+    from .probes.encode import weights_fingerprint
+
+    return {"model": name, "weights": weights_fingerprint(model), "images": images, "n_items": n_items,
+            "img_size": img_size, "crop_pct": crop_pct, "amp": str(amp).replace("torch.", "") if amp else "float32",
+            "world": world, "rank": rank}
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One phrase per differing key, e.g. ``--crop-pct 0.875 (now 0.5)``."""
+    keys = [k for k in OPTIONS if k in saved or k in current] + sorted((set(saved) | set(current)) - set(OPTIONS))
+    out = []
+    for key in keys:
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        label = OPTIONS.get(key, key)
+        out.append(f"{label} differ" if key in ("weights", "images") else f"{label} {old} (now {new})")
+    return out
+
+
+class RunState:
+    """The state file of one process: atomic saves, checked loads.
+
+    Args:
+        path: the file (``None``: no state is kept).
+        fingerprint: :func:`run_fingerprint` of this run.
+    """
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+
+    @property
+    def _tmp(self) -> Path | None:
+        return self.path.with_name(self.path.name + ".tmp") if self.path is not None else None
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or ``None`` when there is none.
+
+        Raises:
+            StateFileError: the file is unreadable (truncated, not a state file).
+            StateMismatchError: the file belongs to a run with other options.
+        """
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any failure to unpickle means the file is unusable
+            raise StateFileError(f"the state file {self.path} is unreadable ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else 'no detail'}); delete {self.path} "
+                                 "to start over") from err
+        if not isinstance(state, dict) or not {"fingerprint", "done_items", "reducer"} <= set(state):
+            raise StateFileError(f"{self.path} is not an attnflow state file; delete {self.path} to start over")
+        if state["fingerprint"] != self.fingerprint:
+            diff = _differences(state["fingerprint"], self.fingerprint)
+            raise StateMismatchError(f"cannot resume from {self.path}: it belongs to a different run: "
+                                     f"{'; '.join(diff)}. Resume with the interrupted run's options, or delete "
+                                     f"{self.path} to start over")
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` atomically: a temporary file, flushed to disk, then renamed over the old one (a run
+        killed while writing leaves the previous state intact)."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({**state, "fingerprint": self.fingerprint}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def try_save(self, state: dict[str, Any]) -> bool:
+        """:meth:`save`, logging instead of raising when the disk refuses (the run itself can go on)."""
+        try:
+            self.save(state)
+        except OSError as err:
+            log.warning("could not save the run's state to %s: %s", self.path, err.strerror or err)
+            return False
+        return True
+
+    def remove(self) -> None:
+        """Delete the state file (and a temporary file a killed save left)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self._tmp.unlink(missing_ok=True)
