@@ -150,6 +150,19 @@ def test_aggregation_maps_of_a_saved_head(tmp_path):
         aggregation_maps(tiny_model(img_size=32, embed_dim=64), loaded, images)
 
 
+def test_aggregation_maps_of_a_hybrid_vit_lie_on_the_cnn_stems_grid():
+    """A ResNet stem with stride 32 then 1-pixel patches: a 64 px image gives a 2x2 token grid, not 64x64."""
+    from attnflow.probes.heads import build_head
+    from attnflow.probes.maps import aggregation_maps
+    from attnflow.probes.specs import parse_head_spec
+
+    model = tiny_model("vit_small_r26_s32_224", img_size=64)
+    head = build_head(parse_head_spec("abmilp"), 32, 3, True, seed=0)
+    maps = aggregation_maps(model, head, torch.randn(2, 3, 64, 64), block=-1, layernorm=False)
+    assert maps.shape == (2, 2, 2)
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(2))
+
+
 def test_cache_of_another_model_with_the_same_name_is_refused(dataset, tmp_path):
     model, ds = dataset
     extract_tokens(TokenEncoder(model, amp="none"), ds, tmp_path / "c", info=INFO, batch_size=4, progress=False)

@@ -17,12 +17,14 @@ from .heads import ProbeHead
 
 
 def patch_grid(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
-    """The patch grid ``(h, w)`` of ``model`` for images of this size."""
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch is None:
-        raise AttnflowError(f"{type(model).__name__} has no patch_embed.patch_size")
-    ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    return images.shape[-2] // ph, images.shape[-1] // pw
+    """The patch grid ``(h, w)`` of ``model`` for images ``[B, 3, H, W]`` of this size (hybrid CNN stems and
+    NaFlexViT included: the same rule as the statistics' tap)."""
+    from ..tap import UnsupportedModelError, patch_embedding, token_grid
+
+    try:
+        return token_grid(patch_embedding(model), (images.shape[-2], images.shape[-1]))
+    except UnsupportedModelError as err:
+        raise AttnflowError(str(err)) from None
 
 
 @torch.no_grad()
