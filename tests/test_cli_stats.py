@@ -1,6 +1,7 @@
 """`attnflow stats` end to end: good, corrupt and empty files; exit codes and messages; kill + resume; torchrun."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -119,3 +120,106 @@ def test_torchrun_cli_equals_one_process(photo_folder, tmp_path):
     # std of a nearly constant metric is ill-conditioned: compare it on the scale of the metric (1e-6)
     scale = np.abs(one.frame["mean"].to_numpy())
     assert (np.abs(two.frame["std"].to_numpy() - one.frame["std"].to_numpy()) <= 1e-6 * scale + 1e-9).all()
+
+
+# --- long runs: leftover state, output errors, signals ------------------------------------------------------------
+
+TINY4 = [*TINY, "--model-kw", "embed_dim=32", "--model-kw", "num_heads=4"]
+
+
+def test_only_unreadable_files_then_plain_rerun_gives_the_same_error(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"img_{i}.jpg").write_bytes(b"garbage")
+    args = ["stats", *TINY4, "--checkpoint-every", "1", "--data", str(bad), "--out", str(tmp_path / "o.parquet")]
+    for _ in range(2):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "no readable image" in err and "--resume" not in err, err
+    assert not list(tmp_path.glob("o.state*"))
+
+
+def test_leftover_state_message_says_what_to_do(photo_folder, tmp_path, capsys):
+    state = tmp_path / "o.state.pt"
+    state.write_bytes(b"x")
+    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(tmp_path / "o.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and f"delete {state}" in err and len(err.splitlines()) == 1, err
+
+
+def test_leftover_state_of_a_torchrun_run(photo_folder, tmp_path, capsys):
+    ranks = [tmp_path / "o.state.rank0.pt", tmp_path / "o.state.rank1.pt"]
+    for p in ranks:
+        p.write_bytes(b"x")
+    args = ["stats", *TINY4, "--data", str(photo_folder), "--out", str(tmp_path / "o.parquet")]
+    assert main(args) == 2  # a one-process run must not ignore the files of a 2-process run
+    err = capsys.readouterr().err
+    assert f"delete {ranks[0]} {ranks[1]}" in err and "--resume" in err, err
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "2 processes" in err and "--nproc_per_node=2" in err and len(err.splitlines()) == 1, err
+    assert all(p.exists() for p in ranks)
+
+
+def test_resume_of_a_finished_run_is_refused(photo_folder, tmp_path, capsys):
+    out = tmp_path / "o.parquet"
+    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = out.read_bytes()
+    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "drop --resume" in err, err
+    assert out.read_bytes() == before
+
+
+def test_full_disk_on_output_keeps_the_state(photo_folder, tmp_path, capsys, monkeypatch):
+    import errno
+
+    full = tmp_path / "full.parquet"
+    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(full)]) == 0
+    out = tmp_path / "o.parquet"
+    real_write = Result.write
+
+    def disk_full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(Result, "write", disk_full)
+    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    state = tmp_path / "o.state.pt"
+    assert "No space left on device" in err and "--resume" in err and str(state) in err, err
+    assert len(err.splitlines()) == 1 and state.exists()
+    monkeypatch.setattr(Result, "write", real_write)
+    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(out), "--resume"]) == 0
+    assert not state.exists()
+    got, want = Result.read(out), Result.read(full)
+    pd.testing.assert_frame_equal(got.frame, want.frame, check_exact=False, rtol=1e-12)
+    assert got.meta["images_used"] == want.meta["images_used"] and got.meta["resolution"] == [64, 64]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_state_and_resume_equals_uninterrupted(photo_folder, tmp_path, sig):
+    """Ctrl-C, or the SIGTERM of a cluster's time limit or torchrun, saves the state; exit code 130."""
+    data = _many_photos(photo_folder, tmp_path / "many", 120)
+    args = [a for a in TINY if a != "--no-progress"] + ["--batch-size", "1", "--checkpoint-every", "1000",
+                                                       "--data", str(data)]
+    out = tmp_path / "o.parquet"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:  # the progress bar (stderr) says when some images are done
+        proc = subprocess.Popen([sys.executable, "-m", "attnflow", "stats", *args, "--out", str(out)],
+                                stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline and not re.search(r"\b[1-9]\d*/120\b", log.read_text()):
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    text = log.read_text()
+    if out.exists():
+        pytest.skip("the run finished before the signal")
+    assert proc.returncode == 130, text[-2000:]
+    assert "interrupted" in text and (tmp_path / "o.state.pt").exists(), text[-2000:]
+    assert main(["stats", *args, "--out", str(out), "--resume"]) == 0
+    assert main(["stats", *args, "--out", str(tmp_path / "full.parquet")]) == 0
+    got, want = Result.read(out), Result.read(tmp_path / "full.parquet")
+    assert got.meta["resumed"] and got.meta["images_used"] == want.meta["images_used"] == 120
+    pd.testing.assert_frame_equal(got.frame, want.frame, check_exact=False, rtol=1e-10)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import AttnflowError
 from ..kernels import QK_KERNELS
@@ -149,8 +151,88 @@ def check_output_folder(out: Path) -> None:
         raise AttnflowError(f"--out {out}: the folder {folder} is not writable")
 
 
+class OutputWriteError(AttnflowError):
+    """The finished statistics could not be written (full disk, quota, permissions); their state is kept."""
+
+
+def check_state_files(out: Path, state: Path, world: int, resume: bool) -> None:
+    """Refuse to start over a leftover state, or to resume one of another number of processes or none at all.
+
+    Raises:
+        AttnflowError: a leftover state without ``--resume``; with ``--resume``, state files of a run with
+            another number of processes, or a finished ``out`` and no state left.
+    """
+    from ..runstate import rank_state_path, state_files
+
+    found = state_files(state)
+    listed = " ".join(str(p) for p in found)
+    if found and not resume:
+        raise AttnflowError(f"an interrupted run left {listed}: rerun with --resume (and its options) to continue "
+                            f"it, or delete {listed} to start over")
+    mine = {rank_state_path(state, r, world) for r in range(world)}
+    if resume and found and not set(found) <= mine:
+        ranks = [p for p in found if p != state]
+        other = (f"{len(ranks)} processes (torchrun --nproc_per_node={len(ranks)})" if ranks and state not in found
+                 else "one process (no torchrun)" if not ranks else "one process and by torchrun")
+        raise AttnflowError(f"{listed} {'was' if len(found) == 1 else 'were'} written by {other}, this run has "
+                            f"{world}: resume with the same number of processes, or delete {listed} to start over")
+    if resume and not found and out.exists():
+        raise AttnflowError(f"--resume: nothing to resume, {out} is finished (no state file {state} is left); "
+                            "drop --resume to compute it again")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (a cluster's time limit or preemption, torchrun stopping its workers) like Ctrl-C, so the
+    run saves its state before it exits."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_and_release(result: Any, out: Path, state: Path, rank: int, world: int) -> Path | None:
+    """Write the result (rank 0), then remove every process's state once the outputs are safely on disk.
+
+    Raises:
+        OutputWriteError: the outputs could not be written; the state files are kept for ``--resume``.
+    """
+    from ..runstate import RunState, rank_state_path
+
+    path, error = None, None
+    if rank == 0:
+        try:
+            path = result.write(out)
+        except OSError as err:
+            error = err
+    if world > 1:
+        import torch.distributed as dist
+
+        flags: list[Any] = [None] * world
+        dist.all_gather_object(flags, error is None)
+        written = all(flags)
+    else:
+        written = error is None
+    if written:
+        RunState(rank_state_path(state, rank, world), {}).remove()
+        return path
+    if rank == 0:
+        raise OutputWriteError(f"cannot write {out}: {getattr(error, 'strerror', None) or error}; the finished "
+                               f"statistics are kept in {state}: make room and rerun with --resume (it only "
+                               "writes the outputs)") from error
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..collect import attention_stats, rank_state_path
+    from ..collect import attention_stats
     from ..data.images import DataError
     from ..models.load import load_model
 
@@ -162,30 +244,28 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(out)
     state = state_path_for(out)
     rank, world, dist_device = _init_distributed()
-    leftovers = [p for p in (rank_state_path(state, r, world) for r in range(world)) if p.exists()]
-    if not args.resume and leftovers:
-        raise AttnflowError(f"an interrupted run left {leftovers[0]}; pass --resume to continue it, "
-                            "or delete the file to start over")
+    check_state_files(out, state, world, args.resume)
     model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
                        img_size=args.img_size, checkpoint_key=args.checkpoint_key,
                        **parse_model_kwargs(args.model_kw))
     if args.random_init and rank == 0:
         print("attnflow: --random-init: weights are random, the statistics are meaningless", flush=True)
     try:
-        result = attention_stats(
-            model, Path(args.data), batch_size=args.batch_size, device=args.device or dist_device,
-            amp=args.amp, num_workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,
-            limit=args.limit, model_name=args.model, state_path=state, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, progress=not args.no_progress, compile=args.compile,
-            fast_qk=args.fast_qk, qk_kernel=args.qk_kernel)
+        with sigterm_as_interrupt():
+            result = attention_stats(
+                model, Path(args.data), batch_size=args.batch_size, device=args.device or dist_device,
+                amp=args.amp, num_workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,
+                limit=args.limit, model_name=args.model, state_path=state, checkpoint_every=args.checkpoint_every,
+                resume=args.resume, progress=not args.no_progress, compile=args.compile,
+                fast_qk=args.fast_qk, qk_kernel=args.qk_kernel, keep_state=True)
+            path = _write_and_release(result, out, state, rank, world)
     finally:
         if world > 1:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if rank != 0:
+    if rank != 0 or path is None:
         return 0
-    path = result.write(out)
     meta = result.meta
     L, H = result.frame["block"].nunique(), result.frame["head"].nunique()
     print(f"wrote {path} (+ .csv, .json): {L} blocks x {H} heads x {len(result.metrics)} metrics "
