@@ -89,7 +89,8 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if old == new:
             continue
         label = OPTIONS.get(key, key)
-        out.append(f"{label} differ" if key in ("weights", "images") else f"{label} {old} (now {new})")
+        shown = ["the default" if v is None else v for v in (old, new)]
+        out.append(f"{label} differ" if key in ("weights", "images") else f"{label} {shown[0]} (now {shown[1]})")
     return out
 
 

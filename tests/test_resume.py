@@ -94,7 +94,7 @@ def _interrupted_state(photo_folder, tmp_path, model=None, **kw):
 
 
 @pytest.mark.parametrize("change,option", [
-    (dict(crop_pct=0.5), "--crop-pct"),
+    (dict(crop_pct=0.5), "--crop-pct the default (now 0.5)"),
     (dict(limit=5), "--data, --limit"),
     (dict(model=tiny_model(seed=1)), "weights"),              # same architecture, other weights
     (dict(model=tiny_model(depth=3)), "weights"),             # another --model-kw
