@@ -162,14 +162,18 @@ def test_leftover_state_of_a_torchrun_run(photo_folder, tmp_path, capsys):
     assert all(p.exists() for p in ranks)
 
 
-def test_resume_of_a_finished_run_is_refused(photo_folder, tmp_path, capsys):
+def test_resume_of_a_finished_run_does_nothing(photo_folder, tmp_path, capsys, monkeypatch):
+    """A requeued job that always passes --resume ends cleanly once its run is complete, loading nothing."""
+    import attnflow.models.load
+
     out = tmp_path / "o.parquet"
     assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(out)]) == 0
     capsys.readouterr()
     before = out.read_bytes()
-    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(out), "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "nothing to resume" in err and "drop --resume" in err, err
+    monkeypatch.setattr(attnflow.models.load, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to resume" in printed and "drop --resume" in printed, printed
     assert out.read_bytes() == before
 
 

@@ -155,12 +155,12 @@ class OutputWriteError(AttnflowError):
     """The finished statistics could not be written (full disk, quota, permissions); their state is kept."""
 
 
-def check_state_files(out: Path, state: Path, world: int, resume: bool) -> None:
-    """Refuse to start over a leftover state, or to resume one of another number of processes or none at all.
+def check_state_files(state: Path, world: int, resume: bool) -> None:
+    """Refuse to start over a leftover state, or to resume one of another number of processes.
 
     Raises:
         AttnflowError: a leftover state without ``--resume``; with ``--resume``, state files of a run with
-            another number of processes, or a finished ``out`` and no state left.
+            another number of processes.
     """
     from ..runstate import rank_state_path, state_files
 
@@ -176,9 +176,6 @@ def check_state_files(out: Path, state: Path, world: int, resume: bool) -> None:
                  else "one process (no torchrun)" if not ranks else "one process and by torchrun")
         raise AttnflowError(f"{listed} {'was' if len(found) == 1 else 'were'} written by {other}, this run has "
                             f"{world}: resume with the same number of processes, or delete {listed} to start over")
-    if resume and not found and out.exists():
-        raise AttnflowError(f"--resume: nothing to resume, {out} is finished (no state file {state} is left); "
-                            "drop --resume to compute it again")
 
 
 @contextlib.contextmanager
@@ -235,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
     from ..collect import attention_stats
     from ..data.images import DataError
     from ..models.load import load_model
+    from ..runstate import state_files
 
     if not Path(args.data).exists():  # before loading a model, which can take a minute
         raise DataError(f"{args.data}: no such file or folder")
@@ -243,8 +241,14 @@ def run(args: argparse.Namespace) -> int:
         out = out.with_suffix(".parquet")
     check_output_folder(out)
     state = state_path_for(out)
+    if args.resume and out.exists() and not state_files(state):
+        # a requeued job that always passes --resume: its run is complete, so there is nothing to do
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"attnflow: nothing to resume: {out} is complete and no state is left "
+                  "(drop --resume to compute it again)")
+        return 0
     rank, world, dist_device = _init_distributed()
-    check_state_files(out, state, world, args.resume)
+    check_state_files(state, world, args.resume)
     model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
                        img_size=args.img_size, checkpoint_key=args.checkpoint_key,
                        **parse_model_kwargs(args.model_kw))
