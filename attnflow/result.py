@@ -12,6 +12,7 @@ A result is a long-form :class:`pandas.DataFrame` with exactly the columns of :d
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -82,15 +83,30 @@ class Result:
 
     # ------------------------------------------------------------------- I/O
     def write(self, path: str | Path) -> Path:
-        """Write ``path`` (.parquet), the sibling .csv and the .json sidecar; returns the parquet path."""
+        """Write ``path`` (.parquet), the sibling .csv and the .json sidecar; returns the parquet path.
+
+        Each file is written under a temporary name and then moved into place (the parquet last), so a failed
+        write (full disk) leaves the previous files, or none, never a truncated table.
+        """
         path = Path(path)
         if path.suffix not in (".parquet", ".csv"):
             path = path.with_suffix(path.suffix + ".parquet") if path.suffix else path.with_suffix(".parquet")
         path.parent.mkdir(parents=True, exist_ok=True)
         parquet = path.with_suffix(".parquet")
-        self.frame.to_parquet(parquet, index=False)
-        self.frame.to_csv(path.with_suffix(".csv"), index=False)
-        sidecar_path(parquet).write_text(json.dumps(_jsonable(self.meta), indent=2, sort_keys=True))
+        writers = {sidecar_path(parquet): lambda p: p.write_text(json.dumps(_jsonable(self.meta), indent=2,
+                                                                            sort_keys=True)),
+                   path.with_suffix(".csv"): lambda p: self.frame.to_csv(p, index=False),
+                   parquet: lambda p: self.frame.to_parquet(p, index=False)}
+        temps = {final: final.with_name(f".{final.name}.tmp") for final in writers}
+        try:
+            for final, write in writers.items():
+                write(temps[final])
+        except BaseException:
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+            raise
+        for final, temp in temps.items():  # the parquet last: it marks a complete result
+            os.replace(temp, final)
         return parquet
 
     @classmethod

@@ -34,3 +34,22 @@ def test_concat_and_per_block():
 def test_missing_columns_rejected():
     with pytest.raises(ValueError, match="lacks columns"):
         Result(pd.DataFrame({"model": ["a"]}))
+
+
+def test_a_failed_write_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    import errno
+
+    old = Result(_frame("old"), {"model": "old"})
+    path = old.write(tmp_path / "run.parquet")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(self, target, *args, **kwargs):
+        open(target, "wb").write(b"PAR1 half a table")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        Result(_frame("new"), {"model": "new"}).write(path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file, nothing truncated
+    monkeypatch.undo()
+    assert set(Result.read(path).frame["model"]) == {"old"}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -339,3 +340,29 @@ def test_titled_heads_figure_names_each_metric(tmp_path, monkeypatch):
     render_stats_figure(entry, make_result({"mim": FAMILIES["mim"]}), tmp_path)
     assert titles == {"heads-cls_self": "ViT-B: [cls]-[cls] attention",
                       "heads-patch_self": "ViT-B: patch-patch attention (self, relative)"}
+
+
+def test_full_disk_keeps_the_finished_statistics_for_the_next_run(env, photo_folder, calls, capsys, monkeypatch):
+    import errno
+    import shutil
+
+    cfg_path = write_config(env, photo_folder, figures="")
+    runs = env / "runs" / "tiny"
+    assert run(capsys, str(cfg_path))[0] == 0  # an uninterrupted run, for reference
+    reference = Result.read(next(runs.rglob("tiny-rand*.parquet")))
+    shutil.rmtree(runs)
+    real_write = Result.write
+
+    def disk_full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Result, "write", disk_full)
+    code = main(["run", str(cfg_path), "--no-progress"])
+    err = capsys.readouterr().err
+    states = sorted(runs.rglob("*.state.pt"))
+    assert code == 2 and "No space left on device" in err and len(states) == 1 and states[0].name in err, err
+    monkeypatch.setattr(Result, "write", real_write)
+    assert run(capsys, str(cfg_path))[0] == 0 and not list(runs.rglob("*.state.pt"))
+    assert calls.count("tiny-rand") == 3  # reference, full disk, then a resume of the finished state
+    stored = Result.read(next(runs.rglob("tiny-rand*.parquet")))
+    pd.testing.assert_frame_equal(stored.frame, reference.frame, check_exact=False, rtol=1e-12)

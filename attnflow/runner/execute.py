@@ -261,8 +261,8 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
                 progress=progress, compile=compile,
                 meta={"analysis_key": key, "analysis": cfg.name, "img_size": cfg.img_size,
                       **dict(job.entry.display)},
-                **(stats_kwargs or {}))
-            path = result.write(plan.result_path(job))
+                keep_state=True, **(stats_kwargs or {}))
+            path = _write_result(result, plan.result_path(job), plan.state_path(job))
             outcome.results[job.entry.id] = path
             outcome.computed.append(job.entry.id)
             echo(f"wrote {path} ({result.meta['images_used']} images, {result.meta['seconds']:.1f} s)")
@@ -288,6 +288,25 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
 class _MapsInput:
     images: list[Any]
     maps_data: MapsData
+
+
+def _write_result(result: Result, path: Path, state: Path) -> Path:
+    """Write ``result``, then remove its resumable state; when the write fails (full disk, quota) the state is
+    kept, so the next ``attnflow run`` only writes the outputs.
+
+    Raises:
+        AttnflowError: the outputs could not be written (names the kept state file).
+    """
+    from ..errors import AttnflowError
+    from ..runstate import RunState
+
+    try:
+        written = result.write(path)
+    except OSError as err:
+        raise AttnflowError(f"cannot write {path}: {err.strerror or err}; the finished statistics are kept in "
+                            f"{state}: make room and rerun (it only writes the outputs)") from err
+    RunState(state, {}).remove()
+    return written
 
 
 def _maps_images(root: Path | None, limit: int) -> _MapsInput:
