@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .data.images import DataError, ImageBatch, ImageFolderDataset, collate_skip_bad
+from .data.images import DataError, ImageBatch, ImageFolderDataset, collate_skip_bad, evenly_spaced
 from .data.transforms import eval_transform
 from .errors import AttnflowError
 from .kernels.route import QKRoute
@@ -30,7 +30,7 @@ from .provenance import run_provenance
 from .reducers import StatsReducer
 from .result import Result
 from .runstate import RunState, images_fingerprint, rank_state_path, run_fingerprint
-from .tap import AttentionTap, QueryKey, TokenLayout, model_blocks, model_has_cls
+from .tap import AttentionTap, QueryKey, TokenLayout, model_blocks, model_has_cls, patch_embedding
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +131,19 @@ def attention_stats(
     Args:
         model: a timm ViT-family model (see :class:`~attnflow.tap.AttentionTap`); used unmodified.
         data: a folder of images (path), a ``Dataset`` (items ``(image, label[, index])`` or ``BadImage``),
-            a ``DataLoader``, or any iterable of normalised image tensors ``[B, 3, H, W]`` or
-            ``(images, labels)`` tuples.
-        batch_size: images per forward (folder/Dataset input).
+            a ``DataLoader``, any iterable of image tensors ``[B, 3, H, W]`` (or ``[3, H, W]``) or
+            ``(images, labels)`` tuples, or one tensor ``[B, 3, H, W]`` (split into ``batch_size`` batches) or
+            ``[3, H, W]``. Tensors must be float and normalised as the model expects (e.g. by
+            :func:`~attnflow.data.transforms.eval_transform`); other float dtypes are cast to the model's.
+        batch_size: images per forward (folder, Dataset or single-tensor input).
         device: ``"cuda"``, ``"cpu"``, ...; autodetected when ``None``.
         amp: ``auto`` (bf16 on a GPU that has it, else fp32), ``bf16``, ``fp16`` (CUDA only), ``fp32``.
             Autocast only: the softmax and the statistics stay fp32, accumulation is float64.
         num_workers: DataLoader workers (folder/Dataset input); default ``min(8, cpu_count)``.
         img_size: crop size for folder input (the model must be built at this resolution).
         crop_pct: center-crop fraction for folder input (default: the model's own).
-        limit: use ``limit`` evenly spaced images of a folder (deterministic subset).
+        limit: use ``limit`` evenly spaced images of a folder or ``Dataset`` (deterministic subset), or the
+            first ``limit`` images of any other iterable.
         model_name: value of the ``model`` column; default the preset or timm architecture name.
         state_path: file for periodic state; with ``resume=True`` an interrupted run continues from it.
         checkpoint_every: batches between state saves.
@@ -163,11 +166,16 @@ def attention_stats(
     Returns:
         :class:`~attnflow.result.Result` with ``mean``/``std`` over images per (block, head, metric).
 
+    The model is measured in eval mode (no dropout) and moved to ``device``; each module's train/eval mode
+    is restored afterwards. A first batch without negative values, for a model trained on mean-subtracted
+    images, logs a warning (images not normalised?).
+
     Raises:
         DataError: empty folder, non-image path, no readable image at all.
         AttnflowError: a ``batch_size`` or ``checkpoint_every`` below 1.
         StateFileError, StateMismatchError: with ``resume``, an unreadable state or one of another run.
-        InputShapeError: images that do not fit the model's resolution.
+        InputShapeError: images that do not fit the model's resolution, whose channels are not dimension 1,
+            or that are not floating point (e.g. uint8 pixels).
     """
     for arg, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         if value < 1:
@@ -176,7 +184,7 @@ def attention_stats(
     amp_dtype = resolve_amp(amp, device)
     rank, world = _dist_info()
     name = _model_name(model, model_name)
-    model = model.to(device).eval()
+    model = model.to(device)
     blocks = model_blocks(model)
     n_blocks = len(blocks)
 
@@ -184,8 +192,12 @@ def attention_stats(
     if isinstance(data, (str, Path)):
         dataset_root = str(data)
         data = ImageFolderDataset(data, transform=eval_transform(model, img_size, crop_pct), limit=limit)
+    elif isinstance(data, torch.Tensor):  # one image [3, H, W] or a batch [B, 3, H, W]
+        data = list((data.unsqueeze(0) if data.dim() == 3 else data).split(batch_size))
     is_dataset = isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
         and hasattr(data, "__len__")
+    if limit is not None and dataset_root is None:
+        data = Subset(data, evenly_spaced(len(data), limit)) if is_dataset else _first_images(data, limit)
     n_items = len(data) if is_dataset else None  # type: ignore[arg-type]
 
     state_file = RunState(rank_state_path(Path(state_path), rank, world) if state_path else None, {})
@@ -241,6 +253,9 @@ def attention_stats(
                desc=f"attention stats {name}", disable=not progress or rank != 0, dynamic_ncols=True)
     start = time.perf_counter()
     n_batches = 0
+    prepare = _ImageCheck(model, device)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
 
     def snapshot() -> dict[str, Any]:
         layout = layout_seen[0] if layout_seen else None
@@ -253,7 +268,7 @@ def attention_stats(
             for batch in batches:
                 pending.clear()
                 if batch.images.numel():
-                    _forward(model, batch.images.to(device, non_blocking=True), tap.patch_size)
+                    _forward(model, prepare(batch.images), tap.patch_size)
                 # the batch is complete: only now does the state move on, so it is always consistent
                 if pending:
                     reducer.update_blocks([block for block, _ in pending], torch.stack([v for _, v in pending]))
@@ -273,6 +288,8 @@ def attention_stats(
         raise
     finally:
         bar.close()
+        for module, training in modes:
+            module.training = training
     elapsed = time.perf_counter() - start
     final = snapshot() if keep_state and state_file.path is not None else None  # before the all-reduce
 
@@ -341,6 +358,59 @@ def metrics_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: 
     (:func:`~attnflow.metrics.attention_metrics_from_logits`).
     """
     return attention_metrics_from_logits((q * scale) @ k.transpose(-2, -1), num_prefix, has_cls, distances)
+
+
+def _first_images(data: Iterable, limit: int) -> Iterator[ImageBatch]:
+    """The first ``limit`` images of an iterable of batches (the last batch cut short)."""
+    if limit <= 0:
+        raise DataError(f"limit must be positive, got {limit}")
+    left = limit
+    for item in data:
+        batch = _as_batch(item)
+        n = batch.images.shape[0]
+        if n > left:
+            batch = ImageBatch(batch.images[:left], batch.labels[:left], batch.indices[:left], batch.bad)
+        yield batch
+        left -= batch.images.shape[0]
+        if left <= 0:
+            return
+
+
+class _ImageCheck:
+    """Checks a batch ``[B, C, H, W]`` against the model and moves it to the device in the model's dtype.
+
+    Raises:
+        InputShapeError: integer images (raw pixels), or channels that are not dimension 1.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        param = next(model.parameters(), None)
+        self.device, self.dtype = device, (param.dtype if param is not None else torch.float32)
+        convs = (m for m in patch_embedding(model).modules() if isinstance(m, nn.Conv2d))
+        self.channels: int | None = next((conv.in_channels for conv in convs), None)
+        mean = (getattr(model, "pretrained_cfg", None) or {}).get("mean")
+        self.check_range = bool(mean) and any(m > 0 for m in mean)  # normalised images then go below 0
+        self.mean_std = (mean, (getattr(model, "pretrained_cfg", None) or {}).get("std"))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        shape = tuple(images.shape)
+        if not images.is_floating_point():
+            raise InputShapeError(f"images are {str(images.dtype).replace('torch.', '')} {list(shape)} (raw pixels?): "
+                                  "attention_stats needs float images normalised as the model expects, e.g. "
+                                  "by attnflow.eval_transform(model)")
+        if self.channels is not None and (images.dim() != 4 or shape[1] != self.channels):
+            hint = " (channels last? use images.permute(0, 3, 1, 2))" if shape[-1] == self.channels else ""
+            raise InputShapeError(f"images must be [B, {self.channels}, H, W] ({self.channels} channels); got "
+                                  f"{list(shape)}{hint}")
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        if self.check_range:
+            self.check_range = False  # the first batch only: one device sync per run
+            low, high = images.aminmax()
+            if low >= 0:
+                log.warning("the first batch has no negative value (range [%.3g, %.3g]): are the images normalised? "
+                            "The model expects mean %s, std %s, e.g. by attnflow.eval_transform(model)",
+                            float(low), float(high), *self.mean_std)
+        return images
 
 
 def _forward(model: nn.Module, images: torch.Tensor, patch_size: tuple[int, int]) -> None:

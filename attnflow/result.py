@@ -11,6 +11,7 @@ A result is a long-form :class:`pandas.DataFrame` with exactly the columns of :d
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,11 +21,17 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from .errors import AttnflowError
+
 COLUMNS: tuple[str, ...] = ("model", "block", "head", "metric", "mean", "std", "count")
 """Columns of every result table, in order."""
 
 _DTYPES = {"model": "string", "block": "int64", "head": "int64", "metric": "string",
            "mean": "float64", "std": "float64", "count": "int64"}
+
+
+class ResultError(AttnflowError, ValueError):
+    """A result table that cannot be built, combined or queried as asked."""
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -49,7 +56,7 @@ class Result:
     def __post_init__(self) -> None:
         missing = [c for c in COLUMNS if c not in self.frame.columns]
         if missing:
-            raise ValueError(f"result table lacks columns {missing}; expected {list(COLUMNS)}")
+            raise ResultError(f"result table lacks columns {missing}; expected {list(COLUMNS)}")
         self.frame = self.frame.loc[:, list(COLUMNS)].astype(_DTYPES).reset_index(drop=True)
 
     # ------------------------------------------------------------------ views
@@ -68,7 +75,15 @@ class Result:
         return list(dict.fromkeys(self.frame["metric"].tolist()))
 
     def per_block(self, metric: str) -> pd.DataFrame:
-        """Mean over heads of one metric: columns ``model, block, value`` (NaN rows dropped)."""
+        """Mean over heads of one metric: columns ``model, block, value`` (NaN rows dropped).
+
+        Raises:
+            ResultError: ``metric`` is not in the table (the message names close ones).
+        """
+        if metric not in self.metrics:
+            close = difflib.get_close_matches(metric, self.metrics, n=3, cutoff=0.5)
+            raise ResultError(f"no metric {metric!r} in this result" + (f"; did you mean {', '.join(close)}?" if close
+                                                                        else f"; it has {', '.join(self.metrics)}"))
         sub = self.frame[self.frame["metric"] == metric]
         out = sub.groupby(["model", "block"], sort=False)["mean"].mean().reset_index()
         return out.rename(columns={"mean": "value"}).dropna(subset=["value"])
@@ -127,10 +142,25 @@ class Result:
 
     @classmethod
     def concat(cls, results: Iterable["Result"]) -> "Result":
-        """Stack several runs into one result for plotting; provenance goes to ``meta['runs']``."""
+        """Stack several runs into one result for plotting; provenance goes to ``meta['runs']``.
+
+        Runs may differ in blocks, heads and metrics. Each model may come from one result only.
+
+        Raises:
+            ResultError: no results, or a model name in more than one of them (its rows would be averaged
+                together by every plot).
+        """
         results = list(results)
         if not results:
-            raise ValueError("nothing to concatenate")
+            raise ResultError("nothing to concatenate")
+        seen: dict[str, int] = {}
+        for i, r in enumerate(results):
+            for model in r.models:
+                if model in seen:
+                    raise ResultError(f"model {model!r} is in results {seen[model]} and {i}: give the runs "
+                                      "distinct names (attention_stats(..., model_name=...), or set "
+                                      "result.frame['model'])")
+                seen[model] = i
         runs: list[dict[str, Any]] = []
         for r in results:
             runs.extend(r.meta.get("runs", [r.meta]))

@@ -44,6 +44,10 @@ class HookNotFiredError(AttnflowError, RuntimeError):
     """A hooked block did not report its attention map exactly once during a forward pass."""
 
 
+class BlockIndexError(AttnflowError, IndexError):
+    """A block index outside the model's blocks."""
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """Where the tokens of a forward pass are.
@@ -209,7 +213,8 @@ class AttentionTap:
         idx = list(range(n)) if blocks is None else [b + n if b < 0 else b for b in blocks]
         bad = [b for b in idx if not 0 <= b < n]
         if bad:
-            raise IndexError(f"block indices {bad} out of range for a model with {n} blocks")
+            raise BlockIndexError(f"block indices {bad} out of range for a model with {n} blocks "
+                                  f"(0..{n - 1}, or -{n}..-1 from the end)")
         self.block_indices: list[int] = sorted(set(idx))
         self._blocks = all_blocks
         self.callback = callback
@@ -334,8 +339,12 @@ class AttentionTap:
         """Check that every hooked block fired exactly once in the last forward.
 
         Raises:
-            HookNotFiredError: naming the blocks that did not fire (or fired more than once).
+            HookNotFiredError: naming the blocks that did not fire (or fired more than once), or saying that
+                no forward pass ran under the tap.
         """
+        if self.layout is None:
+            raise HookNotFiredError("no forward pass has run under this tap: call the model inside "
+                                    "`with AttentionTap(model) as tap:`")
         silent = [b for b in self.block_indices if self._fired.get(b, 0) == 0]
         repeated = [b for b in self.block_indices if self._fired.get(b, 0) > 1]
         if silent:
