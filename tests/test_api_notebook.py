@@ -157,3 +157,20 @@ def test_per_block_of_an_unknown_metric_names_close_ones():
 def test_concat_refuses_the_same_model_twice():
     with pytest.raises(AttnflowError, match="'a'.*model_name"):
         Result.concat([_result("a", 2, ["cls_self"]), _result("a", 2, ["cls_self"])])
+
+
+def test_aggregation_maps_of_one_image_and_load_head_of_a_foreign_file(model, images, tmp_path):
+    from attnflow.probes import aggregation_maps, load_head, save_head
+    from attnflow.probes.heads import ProbeHead
+    from attnflow.probes.specs import parse_head_spec
+
+    torch.manual_seed(0)
+    head = ProbeHead(parse_head_spec("abmilp"), 32, 3, True)
+    head = load_head(save_head(tmp_path / "abmilp.pt", head, {"block": -1, "layernorm": False}))
+    batch = aggregation_maps(model, head, images[:2])  # [2, 4, 4]
+    single = aggregation_maps(model, head, images[1])  # [3, H, W] -> [4, 4]
+    assert batch.shape == (2, 4, 4) and single.shape == (4, 4)
+    torch.testing.assert_close(single, batch[1], rtol=1e-5, atol=1e-7)
+    (tmp_path / "notes.pt").write_text("not a head")
+    with pytest.raises(AttnflowError, match="not a saved attnflow probe head"):
+        load_head(tmp_path / "notes.pt")

@@ -35,14 +35,16 @@ def aggregation_maps(model: nn.Module, head: ProbeHead, images: torch.Tensor, *,
     Args:
         model: the frozen encoder the head was trained on.
         head: a trained head (e.g. from :func:`attnflow.probes.outputs.load_head`).
-        images: ``[B, 3, H, W]``, normalised as for the model.
+        images: ``[B, 3, H, W]`` (or one image ``[3, H, W]``), normalised as for the model.
         block, layernorm: token extraction; default: what the head was trained with (``head.meta``).
         device: where to run (default: the head's device).
 
     Returns:
-        ``[B, H / patch, W / patch]`` float32 weights (for ``+cls`` heads the [cls] share is left out, so the
-        map sums to ``1 - s_cls``).
+        ``[B, H / patch, W / patch]`` float32 weights (``[H / patch, W / patch]`` for one image; for ``+cls``
+        heads the [cls] share is left out, so the map sums to ``1 - s_cls``).
     """
+    if images.dim() == 3:
+        return aggregation_maps(model, head, images.unsqueeze(0), block=block, layernorm=layernorm, device=device)[0]
     meta = getattr(head, "meta", {}) or {}
     device = torch.device(device) if device is not None else next(head.parameters()).device
     encoder = TokenEncoder(model, block=meta.get("block", -1) if block is None else block,

@@ -50,7 +50,11 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Pro
     path = Path(path)
     if not path.is_file():
         raise AttnflowError(f"no saved head at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # not a torch file at all (text, truncated download, ...)
+        raise AttnflowError(f"{path} is not a saved attnflow probe head ({type(err).__name__}: "
+                            f"{(str(err).splitlines() or [''])[0]})") from None
     if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
         raise AttnflowError(f"{path} is not a saved attnflow probe head")
     head = ProbeHead(parse_head_spec(state["spec"]), state["dim"], state["num_classes"], state["has_cls"])
