@@ -106,7 +106,8 @@ def test_channels_last_memory_format_works_but_channels_last_layout_is_an_error(
 
 
 def test_unnormalised_images_warn_once(model, images, caplog):
-    raw = images * torch.tensor([0.229, 0.224, 0.225])[:, None, None] + torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std, mean = torch.tensor([0.229, 0.224, 0.225]), torch.tensor([0.485, 0.456, 0.406])
+    raw = images * std[:, None, None] + mean[:, None, None]
     with caplog.at_level(logging.WARNING, logger="attnflow"):
         _stats(model, [raw[:3], raw[3:]])  # ToTensor() without Normalize: values in [0, 1]
     warnings = [r.getMessage() for r in caplog.records if "normalis" in r.getMessage()]

@@ -6,7 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from ..result import Result
 from .blocks import model_sizes, plot_blocks, plot_metrics, plot_size_grid
@@ -69,7 +71,8 @@ def block_figures(data: DataLike, out_dir: str | Path, *, stem: str = "", metric
 def maps_figure(models: Mapping[str, torch.nn.Module], images: Sequence[Any], *,
                 labels: Mapping[str, str] | None = None, img_size: int = 224, crop_pct: float = 0.875,
                 kinds: Sequence[str] = MAP_KINDS, rows: str = "images", overlay: bool = True,
-                block: int | None = None, title: str | None = None):
+                block: int | None = None, title: str | None = None
+                ) -> tuple[Figure, list[np.ndarray], dict[str, list[PatchMaps]]]:
     """Per-image maps (Fig. 9) of several loaded models on PIL images, in one figure.
 
     Args:
@@ -81,7 +84,8 @@ def maps_figure(models: Mapping[str, torch.nn.Module], images: Sequence[Any], *,
         block: 0-based block (default: the last).
 
     Returns:
-        ``(figure, crops, maps)`` with ``maps[name]`` one :class:`PatchMaps` per image.
+        ``(figure, crops, maps)``: uint8 ``[img_size, img_size, 3]`` crops, ``maps[name]`` one
+        :class:`PatchMaps` per image.
     """
     crops = None
     maps: dict[str, list[PatchMaps]] = {}
