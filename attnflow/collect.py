@@ -293,12 +293,13 @@ def attention_stats(
     elapsed = time.perf_counter() - start
     final = snapshot() if keep_state and state_file.path is not None else None  # before the all-reduce
 
-    n_images, bad = _gather(reducer, n_images, bad, world)
+    n_images, bad, layout = _gather(reducer, n_images, bad, layout_seen[0] if layout_seen else None, world)
+    if world > 1 and isinstance(data, ImageFolderDataset):
+        bad = _in_folder_order(bad, data.paths)
     if n_images == 0:
         state_file.remove()  # every file was unreadable: nothing to resume
         raise DataError(f"no readable image in the data ({len(bad)} skipped"
                         + (f", e.g. {bad[0][0]}: {bad[0][1]}" if bad else "") + ")")
-    layout = layout_seen[0] if layout_seen else None
     run_meta = run_provenance(model, name) | {
         "dataset_root": dataset_root,
         "images_used": n_images,
@@ -452,16 +453,24 @@ def _batches(data: Any, is_dataset: bool, rank: int, world: int, done: int, batc
     return gen(), total
 
 
-def _gather(reducer: StatsReducer, n_images: int, bad: list[tuple[str, str]],
-            world: int) -> tuple[int, list[tuple[str, str]]]:
-    """Sum the reducer and image counts over processes; collect every process's skipped files."""
+def _gather(reducer: StatsReducer, n_images: int, bad: list[tuple[str, str]], layout: TokenLayout | None,
+            world: int) -> tuple[int, list[tuple[str, str]], TokenLayout | None]:
+    """Sum the reducer and image counts over processes; collect every process's skipped files, and the token
+    layout of any process that read an image (this one's shard may hold only unreadable files)."""
     if world == 1:
-        return n_images, bad
+        return n_images, bad, layout
     import torch.distributed as dist
 
     reducer.all_reduce()
     count = torch.tensor([n_images], dtype=torch.int64, device=reducer.sum.device)
     dist.all_reduce(count)
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, bad)
-    return int(count.item()), [b for part in gathered for b in part]
+    dist.all_gather_object(gathered, (bad, layout))
+    layouts = [part_layout for _, part_layout in gathered if part_layout is not None]
+    return int(count.item()), [b for part, _ in gathered for b in part], layout or next(iter(layouts), None)
+
+
+def _in_folder_order(bad: list[tuple[str, str]], paths: list[Path]) -> list[tuple[str, str]]:
+    """Skipped files in the folder's order (as one process lists them), not grouped by process."""
+    position = {str(path): i for i, path in enumerate(paths)}
+    return sorted(bad, key=lambda item: position.get(item[0], len(position)))
