@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import os
 import signal
+import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -196,6 +198,36 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_REPORTED = "attnflow/error_reported"
+"""Store key rank 0 sets once it has printed an error that every process met (see :func:`reported_by_rank0`)."""
+
+
+@contextlib.contextmanager
+def reported_by_rank0(errors: tuple[type[AttnflowError], ...] = (AttnflowError,),
+                      wait: timedelta = timedelta(seconds=60)) -> Iterator[None]:
+    """Around work whose ``errors`` every torchrun process meets alike (the same arguments and files, or a
+    result they share), so that the line is printed once: rank 0 prints it and exits 2; the other ranks wait
+    (at most ``wait``) until it has, then exit 2 silently: exiting first, they would have torchrun stop rank 0
+    before it prints. Without a process group the error goes through (the CLI prints it)."""
+    try:
+        yield
+    except errors as err:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        store = dist.distributed_c10d._get_default_store()
+        if dist.get_rank() == 0:
+            print(f"attnflow stats: error: {err}", file=sys.stderr, flush=True)
+            store.set(_REPORTED, "1")
+        else:
+            try:
+                store.wait([_REPORTED], wait)
+            except RuntimeError:  # rank 0 did not meet this error (or is gone): report it here
+                print(f"attnflow stats: error (rank {dist.get_rank()}): {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def _write_and_release(result: Any, out: Path, state: Path, rank: int, world: int) -> Path | None:
     """Write the result (rank 0), then remove every process's state once the outputs are safely on disk.
 
@@ -234,28 +266,30 @@ def run(args: argparse.Namespace) -> int:
     from ..models.load import load_model
     from ..runstate import state_files
 
-    if not Path(args.data).exists():  # before loading a model, which can take a minute
-        raise DataError(f"{args.data}: no such file or folder")
-    out = Path(args.out)
-    if out.suffix not in (".parquet", ".csv"):
-        out = out.with_suffix(".parquet")
-    check_output_folder(out)
-    state = state_path_for(out)
-    if args.resume and out.exists() and not state_files(state):
-        # a requeued job that always passes --resume: its run is complete, so there is nothing to do
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"attnflow: nothing to resume: {out} is complete and no state is left "
-                  "(drop --resume to compute it again)")
-        return 0
     rank, world, dist_device = _init_distributed()
-    check_state_files(state, world, args.resume)
-    model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
-                       img_size=args.img_size, checkpoint_key=args.checkpoint_key,
-                       **parse_model_kwargs(args.model_kw))
-    if args.random_init and rank == 0:
-        print("attnflow: --random-init: weights are random, the statistics are meaningless", flush=True)
     try:
-        with sigterm_as_interrupt():
+        with reported_by_rank0():  # the same arguments and files in every process
+            if not Path(args.data).exists():  # before loading a model, which can take a minute
+                raise DataError(f"{args.data}: no such file or folder")
+            out = Path(args.out)
+            if out.suffix not in (".parquet", ".csv"):
+                out = out.with_suffix(".parquet")
+            check_output_folder(out)
+            state = state_path_for(out)
+            if args.resume and out.exists() and not state_files(state):
+                # a requeued job that always passes --resume: its run is complete, so there is nothing to do
+                if rank == 0:
+                    print(f"attnflow: nothing to resume: {out} is complete and no state is left "
+                          "(drop --resume to compute it again)")
+                return 0
+            check_state_files(state, world, args.resume)
+            model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
+                               img_size=args.img_size, checkpoint_key=args.checkpoint_key,
+                               **parse_model_kwargs(args.model_kw))
+        if args.random_init and rank == 0:
+            print("attnflow: --random-init: weights are random, the statistics are meaningless", flush=True)
+        # a folder's DataError (empty folder; no readable image in any process) is the same in every process
+        with sigterm_as_interrupt(), reported_by_rank0((DataError,)):
             result = attention_stats(
                 model, Path(args.data), batch_size=args.batch_size, device=args.device or dist_device,
                 amp=args.amp, num_workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,
