@@ -70,10 +70,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("extra", [[], ["--cache", "--views", "2"]], ids=["images", "cache"])
+@pytest.mark.parametrize("extra", [[], ["--cache", "--views", "2"]], ids=["images-unreadable", "cache"])
 def test_torchrun_probe_cli_equals_one_process(tmp_path, photos, extra):
     """`torchrun --nproc_per_node=2 -m attnflow probe` (gloo, CPU) == the same command in one process; with
-    ``--cache`` rank 0 extracts the tokens while rank 1 waits (both writing the same files crashed)."""
+    ``--cache`` rank 0 extracts the tokens while rank 1 waits (both writing the same files crashed). Without the
+    cache two training images per class are empty files: rank 1's first micro-batch shard is all unreadable (its
+    placeholder tokens had no patch, and avg pooling divided by zero)."""
     import os
     import subprocess
     import sys
@@ -90,13 +92,17 @@ def test_torchrun_probe_cli_equals_one_process(tmp_path, photos, extra):
         for c, name in enumerate(sorted(photos)[:2]):
             (root / split / f"c{c}").mkdir(parents=True)
             for i in range(per_class):
+                path = root / split / f"c{c}" / f"{i}.jpg"
+                if split == "train" and i < 2 and not extra:
+                    path.write_bytes(b"")
+                    continue
                 img = photos[name][i * 20:, i * 10:]
-                Image.fromarray(img).resize((40, 40)).save(root / split / f"c{c}" / f"{i}.jpg")
+                Image.fromarray(img).resize((40, 40)).save(path)
     weights = tmp_path / "tiny.pth"
     torch.save(tiny_model(img_size=32).state_dict(), weights)
     args = ["probe", "--model", "vit_small_patch16_224", "--checkpoint", str(weights), "--img-size", "32",
             *[f"--model-kw={k}={v}" for k, v in TINY.items()], "--task", "folder", "--data", str(root),
-            "--heads", "cls,abmilp,ap2", "--seeds", "1", "--epochs", "2", "--batch-size", "8", "--accum-steps", "2",
+            "--heads", "cls,avg,abmilp,ap2", "--seeds", "1", "--epochs", "2", "--batch-size", "8", "--accum-steps", "2",
             "--lr", "1.0", "--warmup-epochs", "1", "--workers", "0", "--no-progress", "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

@@ -33,9 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def _encode(encoder: TokenEncoder, images: torch.Tensor, shape: list) -> torch.Tensor:
-    """Tokens of a batch; an empty batch (every image unreadable) gives ``[0, T, D]``."""
+    """Tokens of a batch; an empty batch (every image unreadable) gives ``[0, T, D]``.
+
+    Before the first readable batch ``T`` is unknown, and the empty batch gets one patch token (after [cls]):
+    no head has parameters that depend on ``T``, but pooling needs a patch. (Under torchrun an empty shard of a
+    micro-batch still goes through the heads: their BatchNorm statistics and gradients are summed over processes.)
+    """
     if images.numel() == 0:
-        return torch.zeros(0, *shape[1:]) if shape else torch.zeros(0, 1, encoder.dim)
+        return torch.zeros(0, *shape[1:]) if shape else torch.zeros(0, int(encoder.has_cls) + 1, encoder.dim)
     tokens = encoder(images)
     shape[:] = list(tokens.shape)
     return tokens
