@@ -2,8 +2,9 @@
 
 Device autodetection, bf16/fp16 autocast on GPU (the softmax stays fp32), ``inference_mode``, DataLoader
 workers, a tqdm progress bar, periodic state files so that an interrupted run resumes to the same numbers,
-and ``torch.distributed`` sharding (each process takes every ``world_size``-th image; the reducer state is
-summed with ``all_reduce`` at the end).
+and ``torch.distributed`` sharding (each process takes every ``world_size``-th image of a folder or Dataset, or
+every ``world_size``-th batch of a DataLoader or iterable that every process iterates in full; a DataLoader with a
+``DistributedSampler`` is used as it is; the reducer state is summed with ``all_reduce`` at the end).
 """
 
 from __future__ import annotations
@@ -445,12 +446,31 @@ def _batches(data: Any, is_dataset: bool, rank: int, world: int, done: int, batc
                             persistent_workers=False)
         return iter(loader), total
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    if world > 1 and not _sharded_loader(data):
+        # every process iterates the same batches: each takes every world-th one, so each image counts once
+        total = len(range(rank, total, world)) if total is not None else None
+    else:
+        rank, world = 0, 1
 
     def gen() -> Iterator[ImageBatch]:
         for i, item in enumerate(data):
-            if i >= done:
+            if i % world == rank and i // world >= done:
                 yield _as_batch(item)
     return gen(), total
+
+
+def _sharded_loader(data: Any) -> bool:
+    """Whether ``data`` is a DataLoader that gives each process its own shard (a ``DistributedSampler``)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = getattr(getattr(data, "batch_sampler", None), "sampler", getattr(data, "sampler", None))
+    if not (isinstance(data, DataLoader) and isinstance(sampler, DistributedSampler)):
+        return False
+    repeated = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+    if repeated > 0:
+        log.warning("the DataLoader's DistributedSampler repeats %d image(s) to even out the shards, and they are "
+                    "counted twice: pass its Dataset instead (sharded without repeats)", repeated)
+    return True
 
 
 def _gather(reducer: StatsReducer, n_images: int, bad: list[tuple[str, str]], layout: TokenLayout | None,

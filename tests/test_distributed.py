@@ -44,6 +44,23 @@ def test_torchrun_two_processes_equal_one(photo_folder, tmp_path):
     assert (np.abs(two.frame["std"].to_numpy() - one.frame["std"].to_numpy()) <= 1e-6 * scale + 1e-9).all()
 
 
+
+def test_torchrun_dataloader_and_batches_equal_one(photo_folder, tmp_path):
+    """A plain DataLoader or list of batches, which every process iterates in full, counts each image once:
+    the processes take turns by batch (they summed every image once per process: 2 x the count)."""
+    (photo_folder / "ILSVRC2012_val_00000099.JPEG").write_bytes(b"")
+    out = tmp_path / "dist.parquet"
+    proc = _torchrun(2, [str(photo_folder), str(out), "loader", "batches"], script="dist_worker.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = attention_stats(tiny_model(seed=0), photo_folder, img_size=64, batch_size=2, device="cpu",
+                          num_workers=0, progress=False)
+    for kind in ("loader", "batches"):
+        two = Result.read(tmp_path / f"dist-{kind}.parquet")
+        assert two.meta["images_used"] == one.meta["images_used"] == 7, kind
+        assert two.meta["skipped"] == one.meta["skipped"], kind
+        np.testing.assert_array_equal(two.frame["count"], one.frame["count"])
+        np.testing.assert_allclose(two.frame["mean"], one.frame["mean"], rtol=1e-6, atol=1e-9)
+
 # --- `attnflow stats` under torchrun: uneven shards, corrupt files, failures --------------------------------------
 
 TINY = ["--model", "vit_small_patch16_224", "--random-init", "--model-kw", "depth=2", "--model-kw", "embed_dim=32",
