@@ -198,6 +198,9 @@ def attention_stats(
     is_dataset = isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
         and hasattr(data, "__len__")
     if limit is not None and dataset_root is None:
+        if isinstance(getattr(data, "sampler", None), torch.utils.data.distributed.DistributedSampler):
+            raise AttnflowError("limit does not apply to a DataLoader with a DistributedSampler (each process "
+                                "would cut its own shard): pass its Dataset, or a torch Subset of it")
         data = Subset(data, evenly_spaced(len(data), limit)) if is_dataset else _first_images(data, limit)
     n_items = len(data) if is_dataset else None  # type: ignore[arg-type]
 

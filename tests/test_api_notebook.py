@@ -175,3 +175,14 @@ def test_aggregation_maps_of_one_image_and_load_head_of_a_foreign_file(model, im
     (tmp_path / "notes.pt").write_text("not a head")
     with pytest.raises(AttnflowError, match="not a saved attnflow probe head"):
         load_head(tmp_path / "notes.pt")
+
+
+def test_limit_with_a_distributed_sampler_loader_is_refused():
+    """Each process would cut its own shard (and batches would be sharded twice): one clear line instead."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = TensorDataset(torch.randn(6, 3, 32, 32), torch.zeros(6, dtype=torch.long))
+    loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    with pytest.raises(AttnflowError, match="DistributedSampler"):
+        attnflow.attention_stats(tiny_model(img_size=32), loader, limit=2, progress=False, device="cpu")
