@@ -227,3 +227,15 @@ def test_signal_saves_state_and_resume_equals_uninterrupted(photo_folder, tmp_pa
     got, want = Result.read(out), Result.read(tmp_path / "full.parquet")
     assert got.meta["resumed"] and got.meta["images_used"] == want.meta["images_used"] == 120
     pd.testing.assert_frame_equal(got.frame, want.frame, check_exact=False, rtol=1e-10)
+
+
+def test_name_sets_the_model_column_so_two_datasets_plot_as_two_lines(photo_folder, tmp_path):
+    from attnflow.result import Result
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(a), "--limit", "2"]) == 0
+    assert main(["stats", *TINY4, "--data", str(photo_folder), "--out", str(b), "--limit", "3",
+                 "--name", "tiny-cub"]) == 0
+    assert set(Result.read(b).frame["model"]) == {"tiny-cub"}
+    both = Result.concat([Result.read(a), Result.read(b)])  # one model name per run: no clash
+    assert set(both.frame["model"]) == {"vit_small_patch16_224", "tiny-cub"}

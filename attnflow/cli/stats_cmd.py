@@ -87,6 +87,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="preset (see `attnflow models`) or timm architecture")
     parser.add_argument("--data", required=True, help="image folder (recursive; class folders or flat files)")
     parser.add_argument("--out", required=True, help="output table, e.g. runs/mae-b16.parquet (+ .csv, .json)")
+    parser.add_argument("--name", help="the run's name in the table's model column and in plot legends "
+                                       "(default: --model), e.g. mae-b16-cub for a second dataset")
     add_model_arguments(parser)
     parser.add_argument("--crop-pct", type=crop_fraction, help="override the model's center-crop fraction")
     parser.add_argument("--batch-size", type=positive_int, default=64)
@@ -293,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
             result = attention_stats(
                 model, Path(args.data), batch_size=args.batch_size, device=args.device or dist_device,
                 amp=args.amp, num_workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,
-                limit=args.limit, model_name=args.model, state_path=state, checkpoint_every=args.checkpoint_every,
+                limit=args.limit, model_name=args.name or args.model, state_path=state, checkpoint_every=args.checkpoint_every,
                 resume=args.resume, progress=not args.no_progress, compile=args.compile,
                 fast_qk=args.fast_qk, qk_kernel=args.qk_kernel, keep_state=True)
             path = _write_and_release(result, out, state, rank, world)
