@@ -198,7 +198,7 @@ def attention_stats(
     is_dataset = isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
         and hasattr(data, "__len__")
     if limit is not None and dataset_root is None:
-        if isinstance(getattr(data, "sampler", None), torch.utils.data.distributed.DistributedSampler):
+        if _distributed_sampler(data) is not None:
             raise AttnflowError("limit does not apply to a DataLoader with a DistributedSampler (each process "
                                 "would cut its own shard): pass its Dataset, or a torch Subset of it")
         data = Subset(data, evenly_spaced(len(data), limit)) if is_dataset else _first_images(data, limit)
@@ -462,12 +462,18 @@ def _batches(data: Any, is_dataset: bool, rank: int, world: int, done: int, batc
     return gen(), total
 
 
-def _sharded_loader(data: Any) -> bool:
-    """Whether ``data`` is a DataLoader that gives each process its own shard (a ``DistributedSampler``)."""
+def _distributed_sampler(data: Any) -> Any:
+    """The ``DistributedSampler`` of a DataLoader that gives each process its own shard, else ``None``."""
     from torch.utils.data.distributed import DistributedSampler
 
     sampler = getattr(getattr(data, "batch_sampler", None), "sampler", getattr(data, "sampler", None))
-    if not (isinstance(data, DataLoader) and isinstance(sampler, DistributedSampler)):
+    return sampler if isinstance(data, DataLoader) and isinstance(sampler, DistributedSampler) else None
+
+
+def _sharded_loader(data: Any) -> bool:
+    """Whether ``data`` is a DataLoader with a ``DistributedSampler``; warns when its padding repeats images."""
+    sampler = _distributed_sampler(data)
+    if sampler is None:
         return False
     repeated = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
     if repeated > 0:

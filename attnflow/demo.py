@@ -17,7 +17,6 @@ import contextlib
 import html
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,12 +91,7 @@ def network_available(timeout: float = 3.0) -> bool:
 
     if files.offline():
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    answer: list[bool] = []
-    probe = threading.Thread(target=lambda: answer.append(files.reachable(endpoint, timeout)), daemon=True)
-    probe.start()
-    probe.join(timeout + 0.5)
-    return bool(answer and answer[0])
+    return files.reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)  # DNS included
 
 
 @contextlib.contextmanager

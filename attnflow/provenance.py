@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import functools
 import platform
 from importlib import metadata
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 _PACKAGES = ("attnflow", "torch", "torchvision", "timm", "numpy", "pandas")
@@ -45,3 +47,19 @@ def run_provenance(model: nn.Module, name: str) -> dict[str, Any]:
         "versions": package_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def weights_fingerprint(model: nn.Module, samples: int = 256) -> str:
+    """A short hash of a model's architecture and weights, the same on any device.
+
+    It covers every state-dict entry's name, shape and dtype, and the exact bytes of up to ``samples`` evenly
+    strided values of each entry, so two models of one name but another ``--model-kw``, ``--checkpoint-key``
+    or weights file differ (at a cost of a few small host copies, not a pass over the weights).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        picked = flat[::max(1, flat.numel() // samples)][:samples].cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b"")
+    return digest.hexdigest()[:16]

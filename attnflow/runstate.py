@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AttnflowError
+from .provenance import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ def run_fingerprint(model: nn.Module, name: str, *, n_items: int | None, images:
                     img_size: int | None, crop_pct: float | None, amp: torch.dtype | None,
                     world: int, rank: int) -> dict[str, Any]:
     """What must not change between an interrupted and a resumed run (see :data:`OPTIONS`)."""
-    from .probes.encode import weights_fingerprint
-
     return {"model": name, "weights": weights_fingerprint(model), "images": images, "n_items": n_items,
             "img_size": img_size, "crop_pct": crop_pct, "amp": str(amp).replace("torch.", "") if amp else "float32",
             "world": world, "rank": rank}

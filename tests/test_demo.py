@@ -186,7 +186,9 @@ def test_the_network_probe_never_waits_longer_than_its_timeout(monkeypatch):
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ATTNFLOW_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(model_files, "reachable", lambda url, timeout=3.0: time.sleep(30) or True)  # hanging DNS
+    monkeypatch.setattr(model_files, "_REACHABLE", {})  # no answer cached by an earlier test
+    monkeypatch.setenv("HF_ENDPOINT", "https://hanging-dns.example")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(30) or [])  # a name lookup that hangs
     start = time.perf_counter()
     assert network_available(timeout=0.2) is False
     assert time.perf_counter() - start < 2.0

@@ -15,28 +15,12 @@ instead (what MAE's original linear probe does for [cls]); note that timm models
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import torch
 import torch.nn as nn
 
 from ..errors import AttnflowError
-
-
-def weights_fingerprint(model: nn.Module, samples: int = 256) -> str:
-    """A short hash of a model's architecture and weights, the same on any device.
-
-    It covers every state-dict entry's name, shape and dtype, and the exact bytes of up to ``samples`` evenly
-    strided values of each entry, so two models of one name but another ``--model-kw``, ``--checkpoint-key``
-    or weights file differ (at a cost of a few small host copies, not a pass over the weights).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        picked = flat[::max(1, flat.numel() // samples)][:samples].cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b"")
-    return digest.hexdigest()[:16]
+from ..provenance import weights_fingerprint
 
 
 class _Stop(Exception):
