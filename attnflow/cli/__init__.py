@@ -14,7 +14,8 @@ import sys
 
 from ..errors import AttnflowError
 
-COMMANDS: tuple[str, ...] = ("stats", "models", "data", "plot", "maps", "run", "demo", "probe", "table")
+COMMANDS: tuple[str, ...] = ("stats", "models", "data", "plot", "maps", "run", "demo", "probe", "table", "aggregate",
+                             "localize")
 """Sub-commands in the order ``attnflow --help`` lists them."""
 
 
