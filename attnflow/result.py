@@ -34,6 +34,10 @@ class ResultError(AttnflowError, ValueError):
     """A result table that cannot be built, combined or queried as asked."""
 
 
+class ResultNotFoundError(AttnflowError, FileNotFoundError):
+    """No result file at the given path."""
+
+
 def sidecar_path(path: str | Path) -> Path:
     """The JSON provenance file that belongs to a ``.parquet`` / ``.csv`` result path."""
     return Path(path).with_suffix(".json")
@@ -57,7 +61,11 @@ class Result:
         missing = [c for c in COLUMNS if c not in self.frame.columns]
         if missing:
             raise ResultError(f"result table lacks columns {missing}; expected {list(COLUMNS)}")
-        self.frame = self.frame.loc[:, list(COLUMNS)].astype(_DTYPES).reset_index(drop=True)
+        try:
+            self.frame = self.frame.loc[:, list(COLUMNS)].astype(_DTYPES).reset_index(drop=True)
+        except (TypeError, ValueError) as err:  # e.g. text in the block column
+            raise ResultError(f"result table has a column of the wrong type ({err}); expected "
+                              f"{', '.join(f'{c}: {t}' for c, t in _DTYPES.items())}") from None
 
     # ------------------------------------------------------------------ views
     def to_frame(self) -> pd.DataFrame:
@@ -126,19 +134,37 @@ class Result:
 
     @classmethod
     def read(cls, path: str | Path) -> "Result":
-        """Read a result written by :meth:`write` (``.parquet`` or ``.csv``; the sidecar is optional)."""
+        """Read a result written by :meth:`write` (``.parquet`` or ``.csv``; the sidecar is optional).
+
+        Raises:
+            ResultNotFoundError: no file at ``path``.
+            ResultError: not a ``.parquet``/``.csv`` file, an unreadable table or sidecar, or a table without
+                the columns of :data:`COLUMNS`; the message names the file.
+        """
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"no result at {path}")
-        if path.suffix == ".csv":
-            frame = pd.read_csv(path)
-        elif path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        else:
-            raise ValueError(f"{path}: a result is a .parquet or .csv file")
+            hint = ""
+            if path.suffix not in (".parquet", ".csv"):
+                found = [p.name for p in (path.with_suffix(".parquet"), path.with_suffix(".csv")) if p.exists()]
+                hint = f"; did you mean {found[0]}?" if found else ""
+            raise ResultNotFoundError(f"no result at {path}{hint}")
+        if path.suffix not in (".parquet", ".csv"):
+            raise ResultError(f"{path}: a result is a .parquet or .csv file")
+        try:
+            frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        except (OSError, ValueError, UnicodeDecodeError) as err:  # truncated parquet, binary CSV, empty file
+            raise ResultError(f"{path}: not a readable result table ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from err
         side = sidecar_path(path)
-        meta = json.loads(side.read_text()) if side.exists() else {}
-        return cls(frame, meta)
+        try:
+            meta = json.loads(side.read_text()) if side.exists() else {}
+        except (OSError, ValueError) as err:
+            raise ResultError(f"{side}: the provenance sidecar is not valid JSON ({err}); delete or repair it "
+                              "to read the table alone") from err
+        try:
+            return cls(frame, meta)
+        except ResultError as err:
+            raise ResultError(f"{path}: {err}") from None
 
     @classmethod
     def concat(cls, results: Iterable["Result"]) -> "Result":

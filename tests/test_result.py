@@ -53,3 +53,31 @@ def test_a_failed_write_leaves_the_previous_files_whole(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file, nothing truncated
     monkeypatch.undo()
     assert set(Result.read(path).frame["model"]) == {"old"}
+
+
+def test_read_names_the_file_for_every_kind_of_bad_input(tmp_path):
+    from attnflow.errors import AttnflowError
+    from attnflow.result import ResultNotFoundError
+
+    good = Result(_frame("a"), {"model": "a"}).write(tmp_path / "run.parquet")
+    with pytest.raises(ResultNotFoundError, match=r"did you mean run\.parquet") as missing:
+        Result.read(tmp_path / "run")  # the name without its suffix
+    assert isinstance(missing.value, FileNotFoundError)  # callers catching the builtin still do
+
+    truncated = tmp_path / "cut.parquet"
+    truncated.write_bytes(good.read_bytes()[:40])
+    binary = tmp_path / "img.csv"
+    binary.write_bytes(b"\xff\xd8\xff\xe0 not text")
+    wrong_type = tmp_path / "typed.csv"
+    frame = _frame("a").astype({"block": "string"})
+    frame.loc[0, "block"] = "last"
+    frame.to_csv(wrong_type, index=False)
+    bad_sidecar = tmp_path / "side.parquet"
+    bad_sidecar.write_bytes(good.read_bytes())
+    bad_sidecar.with_suffix(".json").write_text("{not json")
+    for path, phrase in [(truncated, "not a readable result table"), (binary, "not a readable result table"),
+                         (wrong_type, "wrong type"), (bad_sidecar, "sidecar is not valid JSON"),
+                         (tmp_path / "run.json", "a .parquet or .csv")]:
+        with pytest.raises(AttnflowError, match=phrase) as err:
+            Result.read(path)
+        assert path.name in str(err.value) or path.with_suffix(".json").name in str(err.value)
