@@ -27,7 +27,7 @@ OPTIONS: dict[str, str] = {
     "model": "--model",
     "weights": "the weights (--checkpoint, --checkpoint-key, --model-kw, or --img-size through the position "
                "table)",
-    "images": "the image files (--data, --limit)",
+    "images": "the image files (--data, --limit, or files replaced under the same names)",
     "n_items": "the number of images (--data, --limit)",
     "img_size": "--img-size",
     "crop_pct": "--crop-pct",
@@ -58,15 +58,24 @@ def state_files(path: Path) -> list[Path]:
 
 
 def images_fingerprint(paths: list[Path], root: Path) -> str:
-    """A short hash of the image files of a run, relative to ``root``: the same files moved elsewhere (a copy on
-    a local disk) keep it; another folder or another ``--limit`` changes it."""
+    """A short hash of the image files of a run: their names relative to ``root`` and their sizes in bytes.
+
+    The same files moved elsewhere (a copy on a local disk) keep it; another folder, another ``--limit``, or
+    files replaced by other images under the same names (which almost always changes their sizes) change it.
+    Contents are not hashed: reading ImageNet-val twice to resume would cost as much as the run. A file that
+    cannot be stat'ed (a broken link) counts with size -1, as the run skips it.
+    """
     digest = hashlib.sha256()
     for p in paths:
         try:
             rel = p.relative_to(root)
         except ValueError:
             rel = Path(p.name)
-        digest.update(rel.as_posix().encode() + b"\0")
+        try:
+            size = p.stat().st_size
+        except OSError:
+            size = -1
+        digest.update(rel.as_posix().encode() + b"\0" + str(size).encode() + b"\0")
     return digest.hexdigest()[:16]
 
 

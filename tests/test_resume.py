@@ -198,3 +198,14 @@ def test_sigkill_while_writing_the_state_keeps_the_previous_one(photo_folder, tm
     resumed = attention_stats(model, photo_folder, batch_size=1, state_path=state, resume=True, **KW)
     _same(resumed, attention_stats(model, photo_folder, batch_size=1, **KW))
     assert not list(tmp_path.glob("s.state.pt*")), "neither the state nor its temporary file is left"
+
+
+def test_resume_refuses_a_folder_whose_images_were_replaced_under_the_same_names(photo_folder, tmp_path):
+    state = _interrupted_state(photo_folder, tmp_path)
+    first, second = sorted(photo_folder.iterdir())[:2]
+    a, b = first.read_bytes(), second.read_bytes()
+    assert len(a) != len(b)
+    first.write_bytes(b)  # another photo under the old name: a resume would mix two datasets
+    second.write_bytes(a)
+    with pytest.raises(AttnflowError, match="files replaced under the same names"):
+        attention_stats(tiny_model(), photo_folder, batch_size=2, state_path=state, resume=True, **KW)
