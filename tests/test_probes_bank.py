@@ -52,3 +52,39 @@ def test_losses_are_per_entry_cross_entropy_sums():
         logits = entry.head(x)
         manual = sum(-torch.log_softmax(logits[i], 0)[y[i]] for i in range(5))
         torch.testing.assert_close(loss, manual)
+
+
+def test_micro_batches_with_fewer_than_two_readable_images_are_left_out(caplog):
+    """A micro-batch of 0 or 1 readable images (the rest corrupt) cannot be batch-normalised: training leaves it
+    out, a step without samples does not move the heads, and the rest trains as written out by hand below."""
+    import copy
+    import logging
+
+    from attnflow.probes.loop import Schedule, train_bank
+    from attnflow.probes.sampler import BatchPlan
+
+    tokens, labels = planted_tokens(12, seed=0, patches=4, dim=8)
+    a, b, c = (tokens[:4], labels[:4]), (tokens[4:8], labels[4:8]), (tokens[8:], labels[8:])
+    single, empty = (tokens[:1], labels[:1]), (tokens[:0], labels[:0])
+    # 3 steps of 2 micro-batches: [a, single], [empty, single] (nothing to learn from), [b, c]
+    micro = [a, single, empty, single, b, c]
+    bank = HeadBank(parse_head_list("cls,abmilp"), [0.5], dim=8, num_classes=int(labels.max()) + 1,
+                    has_cls=True, optimizer="sgd", seed=0)
+    ref = copy.deepcopy(bank)
+    plan = BatchPlan(12, batch_size=4, accum_steps=2)
+    assert plan.steps_per_epoch == 3
+    with caplog.at_level(logging.WARNING, logger="attnflow.probes.loop"):
+        train_bank(bank, plan=plan, train_batches=lambda epoch: iter(micro), val_batches=lambda: [c],
+                   schedule=Schedule(epochs=1), device=torch.device("cpu"), progress=False)
+    assert "2 readable image(s) left out" in caplog.text
+
+    # the reference, by hand: step 0 learns from a alone, step 1 changes nothing, step 2 learns from b and c
+    ref.train()
+    for step, batches in ((0, [a]), (2, [b, c])):
+        ref.schedule(step / 3, epochs=1, warmup_epochs=0.0)
+        ref.zero_grad()
+        for x, y in batches:
+            ref.losses(x, y).sum().backward()
+        ref.finish_step(sum(len(y) for _, y in batches), torch.device("cpu"))
+    for p, q in zip(bank.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)

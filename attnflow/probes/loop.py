@@ -117,7 +117,7 @@ def train_bank(bank: HeadBank, *, plan: BatchPlan, train_batches: Callable[[int]
         bank.train()
         loss_sum = torch.zeros(len(bank.entries), dtype=torch.float64, device=device)
         seen = torch.zeros(1, dtype=torch.float64, device=device)
-        micro, local_count = 0, 0
+        micro, local_count, skipped = 0, 0, 0
         for tokens, labels in train_batches(epoch):
             step = micro // accum
             if micro % accum == 0:
@@ -125,18 +125,28 @@ def train_bank(bank: HeadBank, *, plan: BatchPlan, train_batches: Callable[[int]
                               min_lr=schedule.min_lr)
                 bank.zero_grad()
                 local_count = 0
-            tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            losses = bank.losses(tokens, labels)  # [entries]
-            losses.sum().backward()
-            loss_sum += losses.detach().double()
-            local_count += labels.numel()
-            seen += labels.numel()
+            if not world.distributed and labels.numel() < 2:
+                # BatchNorm needs two samples: a micro-batch whose images were (almost) all unreadable is left
+                # out; a step left without samples does not update the heads. (Under torchrun the statistics
+                # span every process's shard, so a short shard still takes part.)
+                skipped += labels.numel()
+            else:
+                tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                losses = bank.losses(tokens, labels)  # [entries]
+                losses.sum().backward()
+                loss_sum += losses.detach().double()
+                local_count += labels.numel()
+                seen += labels.numel()
             micro += 1
             if micro % accum == 0:
-                bank.finish_step(local_count, device)
+                if local_count or world.distributed:
+                    bank.finish_step(local_count, device)
                 bar.update(1)
         if micro != steps * accum:
             raise RuntimeError(f"epoch {epoch} produced {micro} micro-batches; the plan has {steps * accum}")
+        if skipped:
+            log.warning("epoch %d: %d readable image(s) left out of training, in micro-batches with fewer than 2 "
+                        "readable images (BatchNorm needs 2)", epoch + 1, skipped)
         all_reduce_sum(loss_sum)
         all_reduce_sum(seen)
         train_loss = (loss_sum / seen.clamp_min(1)).cpu().tolist()

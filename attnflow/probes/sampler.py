@@ -52,7 +52,7 @@ class BatchPlan:
             raise AttnflowError("batch size and accumulation steps must be positive")
         if self.n < self.batch_size:
             raise AttnflowError(f"batch size {self.batch_size} is larger than the {self.n} training samples; "
-                                "lower --batch-size")
+                                "lower the batch size (--batch-size, or batch_size= in Python)")
         if self.batch_size < max(2 * self.accum_steps, self.accum_steps * self.world_size):
             raise AttnflowError(f"batch size {self.batch_size} is too small for {self.accum_steps} accumulation "
                                 f"steps on {self.world_size} processes (a micro-batch needs 2 samples and one "
