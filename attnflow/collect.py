@@ -87,7 +87,7 @@ def _as_batch(item: Any) -> ImageBatch:
     elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
         images = item[0]
     elif isinstance(item, dict) and isinstance(item.get("image", item.get("images")), torch.Tensor):
-        images = item.get("image", item.get("images"))
+        images = item["image"] if "image" in item else item["images"]
     else:
         raise DataError(f"cannot read a batch of type {type(item).__name__}: expected an image tensor "
                         "[B, 3, H, W], an (images, labels) tuple, or a dict with 'image'")
@@ -190,26 +190,27 @@ def attention_stats(
     n_blocks = len(blocks)
 
     dataset_root: str | None = None
+    source: Any = data  # a Dataset, DataLoader or iterable of batches from here on
     if isinstance(data, (str, Path)):
         dataset_root = str(data)
-        data = ImageFolderDataset(data, transform=eval_transform(model, img_size, crop_pct), limit=limit)
+        source = ImageFolderDataset(data, transform=eval_transform(model, img_size, crop_pct), limit=limit)
     elif isinstance(data, torch.Tensor):  # one image [3, H, W] or a batch [B, 3, H, W]
-        data = list((data.unsqueeze(0) if data.dim() == 3 else data).split(batch_size))
-    is_dataset = isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
-        and hasattr(data, "__len__")
+        source = list((data.unsqueeze(0) if data.dim() == 3 else data).split(batch_size))
+    is_dataset = isinstance(source, Dataset) and not isinstance(source, torch.utils.data.IterableDataset) \
+        and hasattr(source, "__len__")
     if limit is not None and dataset_root is None:
-        if _distributed_sampler(data) is not None:
+        if _distributed_sampler(source) is not None:
             raise AttnflowError("limit does not apply to a DataLoader with a DistributedSampler (each process "
                                 "would cut its own shard): pass its Dataset, or a torch Subset of it")
-        data = Subset(data, evenly_spaced(len(data), limit)) if is_dataset else _first_images(data, limit)
-    n_items = len(data) if is_dataset else None  # type: ignore[arg-type]
+        source = Subset(source, evenly_spaced(len(source), limit)) if is_dataset else _first_images(source, limit)
+    n_items = len(source) if is_dataset else None
 
     state_file = RunState(rank_state_path(Path(state_path), rank, world) if state_path else None, {})
     if state_file.path is not None:
-        folder = isinstance(data, ImageFolderDataset)
+        folder = isinstance(source, ImageFolderDataset)
         state_file.fingerprint = run_fingerprint(
             model, name, n_items=n_items, world=world, rank=rank, amp=amp_dtype,
-            images=images_fingerprint(data.paths, data.root) if folder else None,
+            images=images_fingerprint(source.paths, source.root) if folder else None,
             img_size=img_size if folder else None, crop_pct=crop_pct if folder else None)
     saved = state_file.load() if resume else None
     done_items = saved["done_items"] if saved else 0      # dataset positions (or batches) consumed
@@ -218,7 +219,7 @@ def attention_stats(
     if saved:
         log.info("resuming %s from %s: %d images done", name, state_file.path, n_images)
 
-    batches, total = _batches(data, is_dataset, rank, world, done_items, batch_size, num_workers, device)
+    batches, total = _batches(source, is_dataset, rank, world, done_items, batch_size, num_workers, device)
     has_cls = model_has_cls(model)
     valid = valid_metrics(has_cls)
     reducer = StatsReducer(n_blocks, _num_heads(blocks), METRICS, valid=valid, device=device)
@@ -247,6 +248,7 @@ def attention_stats(
             distances[key] = _patch_distances(layout.grid, layout.patch_size, str(device_))
             layout_seen.append(layout)
         if isinstance(attn, QueryKey):
+            assert qk_route is not None  # the tap hands over queries and keys only with fast_qk
             values = qk_route(attn.q, attn.k, attn.scale, layout.num_prefix, layout.has_cls, distances[key])
         else:
             values = metric_fn(attn, layout.num_prefix, layout.has_cls, distances[key])
@@ -298,8 +300,8 @@ def attention_stats(
     final = snapshot() if keep_state and state_file.path is not None else None  # before the all-reduce
 
     n_images, bad, layout = _gather(reducer, n_images, bad, layout_seen[0] if layout_seen else None, world)
-    if world > 1 and isinstance(data, ImageFolderDataset):
-        bad = _in_folder_order(bad, data.paths)
+    if world > 1 and isinstance(source, ImageFolderDataset):
+        bad = _in_folder_order(bad, source.paths)
     if n_images == 0:
         state_file.remove()  # every file was unreadable: nothing to resume
         raise DataError(f"no readable image in the data ({len(bad)} skipped"
@@ -394,7 +396,7 @@ class _ImageCheck:
         convs = (m for m in patch_embedding(model).modules() if isinstance(m, nn.Conv2d))
         self.channels: int | None = next((conv.in_channels for conv in convs), None)
         mean = (getattr(model, "pretrained_cfg", None) or {}).get("mean")
-        self.check_range = bool(mean) and any(m > 0 for m in mean)  # normalised images then go below 0
+        self.check_range = bool(mean) and any(m > 0 for m in mean or ())  # normalised images then go below 0
         self.mean_std = (mean, (getattr(model, "pretrained_cfg", None) or {}).get("std"))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -440,6 +442,7 @@ def _num_heads(blocks: list[nn.Module]) -> int:
 def _batches(data: Any, is_dataset: bool, rank: int, world: int, done: int, batch_size: int,
              num_workers: int | None, device: torch.device) -> tuple[Iterator[ImageBatch], int | None]:
     """The batches still to process, and the total count for the progress bar."""
+    total: int | None
     if is_dataset:
         indices = list(range(rank, len(data), world))
         total = len(indices)
@@ -448,7 +451,7 @@ def _batches(data: Any, is_dataset: bool, rank: int, world: int, done: int, batc
                             num_workers=workers, collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
                             persistent_workers=False)
         return iter(loader), total
-    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    total = len(data) if hasattr(data, "__len__") else None
     if world > 1 and not _sharded_loader(data):
         # every process iterates the same batches: each takes every world-th one, so each image counts once
         total = len(range(rank, total, world)) if total is not None else None

@@ -114,9 +114,10 @@ class RunState:
         self.path = path
         self.fingerprint = fingerprint
 
-    @property
-    def _tmp(self) -> Path | None:
-        return self.path.with_name(self.path.name + ".tmp") if self.path is not None else None
+    @staticmethod
+    def _tmp(path: Path) -> Path:
+        """The temporary file a save writes first."""
+        return path.with_name(path.name + ".tmp")
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or ``None`` when there is none.
@@ -148,7 +149,7 @@ class RunState:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp
+        tmp = self._tmp(self.path)
         try:
             with open(tmp, "wb") as f:
                 torch.save({**state, "fingerprint": self.fingerprint}, f)
@@ -172,4 +173,4 @@ class RunState:
         """Delete the state file (and a temporary file a killed save left)."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
-            self._tmp.unlink(missing_ok=True)
+            self._tmp(self.path).unlink(missing_ok=True)

@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,8 +32,9 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import AttnflowError
 
-AttentionCallback = Callable[[int, torch.Tensor], None]
-"""``callback(block_index, attn)`` with ``attn`` of shape ``[B, H, N, N]``."""
+AttentionCallback = Callable[[int, "torch.Tensor | QueryKey"], None]
+"""``callback(block_index, attn)`` with ``attn`` of shape ``[B, H, N, N]`` (a :class:`QueryKey` for the blocks of
+the ``fast_qk`` route)."""
 
 
 class UnsupportedModelError(AttnflowError):
@@ -105,6 +106,12 @@ def supports_fast_qk(attn: nn.Module) -> bool:
             and isinstance(getattr(attn, "k_norm", None), nn.Module)
             and isinstance(getattr(attn, "scale", None), float)
             and getattr(attn, "gate", None) is None)
+
+
+def _attention(block: nn.Module) -> Any:
+    """``block.attn``, typed loosely: timm attention classes differ in their attributes (``fused_attn``,
+    ``q_norm``, ``attn_drop``), which the callers check."""
+    return block.attn
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -219,7 +226,7 @@ class AttentionTap:
         self._blocks = all_blocks
         self.callback = callback
         self.fast_blocks: set[int] = {b for b in self.block_indices
-                                      if fast_qk and callback is not None and supports_fast_qk(all_blocks[b].attn)}
+                                      if fast_qk and callback is not None and supports_fast_qk(_attention(all_blocks[b]))}
         self._pending_q: dict[int, torch.Tensor] = {}
         self.num_prefix = model_num_prefix(model)
         self.has_cls = model_has_cls(model)
@@ -230,7 +237,7 @@ class AttentionTap:
         self._maps: dict[int, torch.Tensor] = {}
         self._fired: dict[int, int] = {}
         self._handles: list[RemovableHandle] = []
-        self._saved_fused: list[tuple[nn.Module, bool]] = []
+        self._saved_fused: list[tuple[Any, bool]] = []
         self._active = False
 
     # ------------------------------------------------------------------ hooks
@@ -273,11 +280,12 @@ class AttentionTap:
             self._pending_q[index] = output  # [B, H, N, d]
         return hook
 
-    def _make_k_hook(self, index: int, attn: nn.Module) -> Callable:
+    def _make_k_hook(self, index: int, attn: Any) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             q = self._pending_q.pop(index)
             self._fired[index] = self._fired.get(index, 0) + 1
-            self.callback(index, QueryKey(q, output, attn.scale))  # type: ignore[misc]
+            assert self.callback is not None  # fast blocks exist only with a callback
+            self.callback(index, QueryKey(q, output, float(attn.scale)))
         return hook
 
     def _make_mask_check(self, index: int) -> Callable:
@@ -300,7 +308,7 @@ class AttentionTap:
             raise RuntimeError("AttentionTap is already active")
         try:
             for i in self.block_indices:
-                attn = self._blocks[i].attn
+                attn = _attention(self._blocks[i])
                 if i in self.fast_blocks:  # keeps its fused attention; the map is rebuilt from q and k
                     self._handles.append(attn.q_norm.register_forward_hook(self._make_q_hook(i)))
                     self._handles.append(attn.k_norm.register_forward_hook(self._make_k_hook(i, attn)))
