@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import AttnflowError
+from .aggregate_cmd import add_reference_arguments, load_reference
 from .stats_cmd import add_model_arguments, parse_model_kwargs
 
 
@@ -38,7 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--heads", help="comma-separated head specs: cls, avg, abmilp, abmilp+cls, abmilp-mlp-tanh, "
                                         "abmilp-mlp-relu, sa-abmilp, ap1, ap12 (default cls,avg,abmilp,abmilp+cls)")
     parser.add_argument("--config", metavar="TOML", help="TOML file of probe settings (flags override it)")
+    parser.add_argument("--aggregation", metavar="SOURCE",
+                        help="fixed (non-trainable) aggregation of the patch tokens, paper Table 5: cls_mean, "
+                             "cls_min_entropy, central or reference:<model-name>; trains the cls head on "
+                             "sum_i w_i x_i (the only head that applies)")
     add_model_arguments(parser)
+    add_reference_arguments(parser)
     group = parser.add_argument_group("protocol overrides (default: the task's preset)")
     group.add_argument("--seeds", type=_seeds, help="number of seeds (3 -> 0,1,2) or a list 0,5,7")
     group.add_argument("--epochs", type=int, help="epochs (preset: 90; 50 for ViT-L/H on ImageNet)")
@@ -80,7 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "accum_steps", "lr", "base_lr", "optimizer", "momentum",
              "weight_decay", "warmup_epochs", "min_lr", "layernorm", "block", "train_aug", "crop_pct", "head_init",
-             "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp", "num_workers")
+             "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp", "num_workers", "aggregation")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,8 +103,15 @@ def run(args: argparse.Namespace) -> int:
     if not task:
         raise AttnflowError("say which task: --task imagenet|imagenet-1pct|cub|folder (or task = ... in --config)")
     amp = {"fp32": "none"}.get(args.amp, args.amp)
-    config = resolve_config(task, args.config, **{k: getattr(args, k) for k in OVERRIDES if k != "amp"}, amp=amp,
-                            img_size=args.img_size)
+    toml = read_toml(args.config) if args.config else {}
+    heads_chosen = args.heads is not None or "heads" in toml
+    overrides = {k: getattr(args, k) for k in OVERRIDES if k != "amp"}
+    if (args.aggregation or toml.get("aggregation")) and not heads_chosen:
+        overrides["heads"] = "cls"  # the only head that reads the one fixed-weight token
+    config = resolve_config(task, args.config, **overrides, amp=amp, img_size=args.img_size)
+    ref_opts = args.reference_checkpoint or args.reference_random_init or args.reference_model_kw
+    if ref_opts and not (config.aggregation or "").startswith("reference:"):
+        raise AttnflowError("--reference-* options apply to --aggregation reference:<model-name> only")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; the probe writes a run directory there")
@@ -109,15 +122,24 @@ def run(args: argparse.Namespace) -> int:
                        **parse_model_kwargs(args.model_kw))
     if args.random_init:
         print("attnflow: --random-init: weights are random, the accuracies are meaningless", flush=True)
-    heads_chosen = args.heads is not None or (args.config and "heads" in read_toml(args.config))
-    if not heads_chosen and getattr(model, "cls_token", None) is None:
+    reference = None
+    if config.aggregation is not None:
+        from ..probes.fixed import parse_source
+
+        source = parse_source(config.aggregation)
+        if source.kind == "reference" and source.target:
+            from ..probes.fixed_encode import check_reference
+
+            reference = load_reference(args, source.target)
+            check_reference(model, reference, args.img_size, model_name=args.model, reference_name=source.target)
+    elif not heads_chosen and getattr(model, "cls_token", None) is None:
         config.heads = DEFAULT_HEADS_NO_CLS
         print(f"attnflow: {args.model} has no [cls] token: heads {DEFAULT_HEADS_NO_CLS}", flush=True)
     spec = find_spec(args.model)
     data = load_task(config, args.data, model)
     table = probe_images(model, data, config, out, model_name=args.model, model_size=spec.size if spec else None,
                          device=torch.device(args.device) if args.device else None, resume=args.resume,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, reference=reference)
     last = table[table["epoch"] == table.groupby(["seed"])["epoch"].transform("max")]
     summary = last.groupby(["head", "lr"], sort=False)["top1"].agg(["mean", "std"]).reset_index()
     for row in summary.itertuples():

@@ -34,6 +34,11 @@ _EXPORTS: dict[str, str] = {
     "TokenCache": "attnflow.probes.cache",
     "probe_images": "attnflow.probes.train",
     "aggregation_maps": "attnflow.probes.maps",
+    "fixed_aggregation_features": "attnflow.probes.fixed_encode",
+    "FixedAggregationEncoder": "attnflow.probes.fixed_encode",
+    "aggregation_vectors": "attnflow.probes.fixed",
+    "AggregationStats": "attnflow.probes.fixed_stats",
+    "aggregation_statistics": "attnflow.probes.fixed_loop",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -71,6 +71,9 @@ class ProbeConfig:
         eval_every: evaluate every N epochs (and after the last).
         split_file: ImageNet-1% split file (one ``CLASS/FILE`` or file name per line).
         limit: use at most this many training and validation images (quick checks).
+        aggregation: a fixed, non-trainable aggregation of the patch tokens (paper Table 5): ``cls_mean``,
+            ``cls_min_entropy``, ``central`` or ``reference:<model-name>``; the encoder then gives one token
+            ``sum_i w_i x_i`` per image and only the ``cls`` head applies (see :mod:`attnflow.probes.fixed`).
     """
 
     task: str = "imagenet"
@@ -102,6 +105,7 @@ class ProbeConfig:
     eval_every: int = 1
     split_file: str | None = None
     limit: int | None = None
+    aggregation: str | None = None
 
     def peak_lrs(self) -> list[float]:
         """Absolute peak learning rates."""
@@ -229,4 +233,13 @@ def check_config(config: ProbeConfig) -> None:
     if config.split_file is not None and config.task != "imagenet-1pct":
         raise AttnflowError(f"split-file applies to task imagenet-1pct only, not {config.task!r} "
                             "(its train split is the dataset's own)")
-    parse_head_list(config.heads)
+    specs = parse_head_list(config.heads)
+    if config.aggregation is not None:
+        from .fixed import parse_source
+
+        parse_source(config.aggregation)
+        others = [s.name for s in specs if s.kind != "cls"]
+        if others:
+            raise AttnflowError(f"--aggregation {config.aggregation} gives one fixed-weight token per image: only the "
+                                f"cls head reads it, not {', '.join(others)}; use --heads cls (the default with "
+                                "--aggregation)")

@@ -93,7 +93,8 @@ def _extract_caches(encoder: TokenEncoder, data: TaskData, config: ProbeConfig, 
 
 def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, out_dir: str | Path, *,
                  model_name: str, model_info: dict[str, Any] | None = None, model_size: str | None = None,
-                 device: torch.device | None = None, resume: bool = False, progress: bool = True) -> pd.DataFrame:
+                 device: torch.device | None = None, resume: bool = False, progress: bool = True,
+                 reference: torch.nn.Module | None = None) -> pd.DataFrame:
     """Train the configured heads on a frozen encoder for every seed; write the run directory.
 
     Args:
@@ -107,6 +108,7 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
         device: default CUDA when available; under torchrun ``cuda:LOCAL_RANK``.
         resume: continue interrupted seeds from their per-epoch checkpoints.
         progress: show progress bars.
+        reference: the reference model of a ``reference:<name>`` aggregation (``config.aggregation``).
 
     Returns:
         The run table (columns ``model, task`` + :data:`attnflow.probes.fit.RESULT_COLUMNS`).
@@ -114,7 +116,19 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     out = Path(out_dir)
     world, device = init_from_env(device)
     model_info = dict(model_info or getattr(model, "attnflow_info", {}) or {})
-    encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
+    encoder: TokenEncoder
+    aggregation: dict[str, Any] | None = None  # provenance of a fixed aggregation
+    if config.aggregation is not None:  # one fixed-weight token per image (paper Table 5)
+        from .fixed_encode import FixedAggregationEncoder
+
+        encoder = FixedAggregationEncoder(model, config.aggregation, reference=reference, block=config.block,
+                                          layernorm=config.layernorm, amp=config.amp, device=device,
+                                          model_name=model_name)
+        if encoder.reference is not None:
+            broadcast_module(encoder.reference)
+        aggregation = encoder.describe()
+    else:
+        encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
     broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for --random-init)
     specs = parse_head_list(config.heads)
     check_heads_fit(specs, encoder.has_cls)  # before any (long) cache extraction
@@ -146,6 +160,8 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
                        "heads": bank.names, "seed": seed, "epochs": epochs, "batch_size": config.batch_size,
                        "accum_steps": accum, "world_size": world.size, "optimizer": config.optimizer,
                        "n_train": n_train, "block": config.block, "layernorm": config.layernorm}
+        if config.aggregation is not None:
+            fingerprint["aggregation"] = config.aggregation
         seed_dir = out / f"seed{seed}"
         rows = train_bank(bank, plan=plan, train_batches=train_batches, val_batches=val_batches,
                           schedule=Schedule(epochs, config.warmup_epochs, config.min_lr, config.eval_every),
@@ -160,14 +176,19 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
                 save_head(seed_dir / "heads" / f"{safe_name(entry.name)}.pt", entry.head,
                           meta={"model": model_name, "task": config.task, "seed": seed, "lr": entry.lr,
                                 "epochs": epochs, "top1": float(acc["top1"].iloc[0]) if len(acc) else None,
-                                "block": config.block, "layernorm": config.layernorm})
+                                "block": config.block, "layernorm": config.layernorm,
+                                **({"aggregation": config.aggregation} if aggregation else {})})
     table = pd.concat(frames, ignore_index=True).assign(model=model_name, task=config.task)
     table = table.loc[:, ["model", "task", *RESULT_COLUMNS]]
+    if aggregation is not None:  # the cls head read the fixed-weight token: name the column after the source
+        table["head"] = f"fixed:{config.aggregation}"
     if world.is_main:
         meta = {"model": model_name, "model_info": model_info, "data": data.info, "config": config.to_dict(),
                 "epochs": epochs, "accum_steps": accum, "world_size": world.size, "lrs": lrs,
                 "has_cls": encoder.has_cls, "dim": encoder.dim, "device": str(device),
                 "cache": str(out / "cache") if config.cache else None}
+        if aggregation is not None:
+            meta["aggregation"] = aggregation
         write_run_table(table, meta, out)
         log.info("wrote %s", out / "results.parquet")
     return table

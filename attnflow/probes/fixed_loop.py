@@ -1,0 +1,210 @@
+"""The dataset loop of ``attnflow aggregate``: entropy and pairwise KL of fixed aggregation vectors.
+
+One forward of the model (and one of the reference) per batch, every source's vectors from it, a streaming
+:class:`attnflow.probes.fixed_stats.AggregationStats`; unreadable images are skipped and counted. Under
+``torch.distributed`` each process reads every ``world``-th image and the statistics are summed, so N
+processes give what one gives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from ..data.images import DataError, ImageFolderDataset, collate_skip_bad
+from ..data.transforms import eval_transform
+from ..provenance import run_provenance
+from .fixed import HEAD_PREFIX, SOURCES, AggregationError, Source, model_label, parse_source, source_label
+from .fixed_encode import AggregationCapture, check_head, head_vectors
+from .fixed_stats import Q_FLOOR, AggregationStats
+from .heads import ProbeHead
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AggregationResult:
+    """Statistics of fixed aggregation vectors over a dataset.
+
+    Attributes:
+        frame: tidy table, columns :data:`attnflow.probes.fixed_stats.STATS_COLUMNS`.
+        meta: provenance (model, reference, head, data, images used and skipped, labels of the sources).
+    """
+
+    frame: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.meta.get("sources", []))
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Source -> the paper's Table 5 name."""
+        return dict(self.meta.get("labels", {}))
+
+    def write(self, path: str | Path) -> Path:
+        """Write ``path`` (.parquet), the sibling .csv and the .json sidecar; each file is moved into place
+        after it is complete (the parquet last)."""
+        path = Path(path)
+        parquet = path if path.suffix == ".parquet" else path.with_name(path.name + ".parquet")
+        parquet.parent.mkdir(parents=True, exist_ok=True)
+        writers = {parquet.with_suffix(".json"): lambda p: p.write_text(json.dumps(self.meta, indent=2,
+                                                                                   default=str)),
+                   parquet.with_suffix(".csv"): lambda p: self.frame.to_csv(p, index=False),
+                   parquet: lambda p: self.frame.to_parquet(p, index=False)}
+        temps = {final: final.with_name(f".{final.name}.tmp") for final in writers}
+        try:
+            for final, write in writers.items():
+                write(temps[final])
+        except BaseException:
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+            raise
+        for final, temp in temps.items():
+            os.replace(temp, final)
+        return parquet
+
+
+def default_sources(has_cls: bool, reference_name: str | None = None, head: ProbeHead | None = None) -> list[str]:
+    """Every source that fits: the model's own (the [cls] ones only with [cls]), the reference's, the head's."""
+    out = [s for s in SOURCES if has_cls or s == "central"]
+    if reference_name is not None:
+        out.append(f"reference:{reference_name}")
+    if head is not None:
+        out.append(f"{HEAD_PREFIX}{head.spec.name}")
+    return out
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(items: list, world: int) -> list:
+    if world == 1:
+        return items
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, model_name: str = "model",
+                           reference: nn.Module | None = None, reference_name: str | None = None,
+                           head: ProbeHead | None = None, head_path: str | None = None,
+                           sources: Sequence[str] | None = None, batch_size: int = 64,
+                           device: torch.device | str | None = None, amp: str = "auto", num_workers: int = 0,
+                           img_size: int = 224, crop_pct: float | None = None, limit: int | None = None,
+                           progress: bool = True) -> AggregationResult:
+    """Mean entropy of every source's aggregation vectors and mean KL divergence of every ordered pair.
+
+    Args:
+        model: the aggregated timm ViT (e.g. MAE ViT-B/16).
+        data: an image folder (read with the model's eval transform at ``img_size`` / ``crop_pct``) or a
+            dataset of ``(image, label, index)`` items normalised for ``model`` (:class:`attnflow.data.BadImage`
+            items are skipped and counted).
+        model_name: the ``model`` column and the label stem (a preset name gives ``MAE``).
+        reference: a reference model (e.g. DINO ViT-B/16) with a [cls] token and the same patch grid.
+        reference_name: its name (source ``reference:<name>``).
+        head: a trained selective-aggregation head (its weights become source ``head:<spec>``); its tokens
+            are read as it was trained (``head.meta`` block and layernorm).
+        head_path: the head's file, for provenance.
+        sources: the sources to compare (default: :func:`default_sources`).
+        batch_size, device, amp, num_workers: the loop (device default: CUDA when available).
+        img_size, crop_pct: the eval transform for a folder.
+        limit: use ``limit`` evenly spaced images of a folder.
+        progress: tqdm bar (main process).
+
+    Returns:
+        The :class:`AggregationResult`.
+
+    Raises:
+        AggregationError: a source that does not fit, a head of another model, a reference of another grid.
+        DataError: no readable image.
+    """
+    rank, world = _world()
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                         else "cpu")
+    meta_head = (getattr(head, "meta", {}) or {}) if head is not None else {}
+    capture = AggregationCapture(model, reference=reference, block=meta_head.get("block", -1),
+                                 layernorm=meta_head.get("layernorm", False), amp=amp, device=device,
+                                 model_name=model_name, reference_name=reference_name or "the reference")
+    has_cls = capture.encoder.has_cls
+    if head is not None:
+        check_head(head, capture, head_path or "the head")
+        head = head.to(device).eval()
+    names = list(sources) if sources is not None else default_sources(has_cls, reference_name if reference is not None
+                                                                       else None, head)
+    parsed: list[Source] = [parse_source(s, allow_head=True) for s in names]
+    for src in parsed:
+        if src.kind == "reference" and reference is None:
+            raise AggregationError(f"source {src.name} needs a reference model")
+        if src.kind == "head" and head is None:
+            raise AggregationError(f"source {src.name} needs a trained head")
+        if src.needs_cls and not has_cls:
+            raise AggregationError(f"source {src.name} needs a [cls] token and {model_name} has none")
+    if isinstance(data, (str, Path)):
+        folder = ImageFolderDataset(data, eval_transform(model, img_size=img_size, crop_pct=crop_pct), limit=limit)
+        dataset: Dataset = folder
+        data_info: dict[str, Any] = {"root": str(data), "n_found": folder.n_found, "limit": limit,
+                                     "transform": repr(folder.transform)}
+    else:
+        dataset, data_info = data, {"dataset": type(data).__name__}
+    n_total = len(dataset)  # type: ignore[arg-type]
+    shard = Subset(dataset, list(range(rank, n_total, world))) if world > 1 else dataset
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_bad,
+                        pin_memory=device.type == "cuda")
+    stats = AggregationStats([s.name for s in parsed], device=device)
+    skipped: list[tuple[str, str]] = []
+    layout = None
+    for batch in tqdm(loader, desc="aggregate", unit="batch", disable=not (progress and rank == 0)):
+        skipped.extend(batch.bad)
+        for path, reason in batch.bad:
+            log.warning("skipping %s: %s", path, reason)
+        if batch.images.numel() == 0:
+            continue
+        captured = capture.capture(batch.images)
+        layout = captured.layout
+        vectors = {s.name: (head_vectors(head, captured, dtype=torch.float64) if s.kind == "head"  # type: ignore[arg-type]
+                            else capture.vectors(captured, s, dtype=torch.float64)) for s in parsed}
+        stats.update(vectors)
+    stats.all_reduce()
+    skipped = _gather(skipped, world)
+    layouts = _gather([layout] if layout is not None else [], world)
+    if int(stats.count) == 0:
+        raise DataError(f"no readable image among {n_total} ({len(skipped)} unreadable)")
+    label = model_label(model, model_name)
+    ref_label = model_label(reference, reference_name) if reference is not None else None
+    layout = layouts[0]
+    meta = {
+        **run_provenance(model, model_name),
+        "analysis": "fixed token aggregation (Beyond [cls], Appendix C.2, Table 5 / Fig. 7)",
+        "sources": [s.name for s in parsed],
+        "labels": {s.name: source_label(s, label, ref_label) for s in parsed},
+        "reference": ({**run_provenance(reference, reference_name or "reference"),
+                       "renormalized": capture.renormalized} if reference is not None else None),
+        "head": ({"path": head_path, "spec": head.spec.name, "meta": meta_head} if head is not None else None),
+        "token_block": capture.encoder.block, "attention_block": len(model.blocks) - 1,  # type: ignore[arg-type]
+        "layernorm": capture.encoder.layernorm,
+        "data": data_info, "img_size": img_size, "crop_pct": crop_pct,
+        "grid": list(layout.grid), "n_patches": layout.n_patches,
+        "images_used": int(stats.count), "images_skipped": len(skipped),
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "q_floor": Q_FLOOR, "world_size": world, "amp": amp, "device": str(device),
+    }
+    return AggregationResult(stats.to_frame(model_name), meta)

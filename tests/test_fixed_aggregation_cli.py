@@ -1,0 +1,148 @@
+"""`attnflow aggregate` end to end on tiny random-init models and real photos (one corrupt file), checked
+against per-image maps, a head's own scores and brute-force entropy / KL loops."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.collections import QuadMesh
+
+from attnflow.cli import main
+from attnflow.data.images import ImageFolderDataset
+from attnflow.data.transforms import eval_transform
+from attnflow.models.load import load_model
+from attnflow.plot import patch_maps
+from attnflow.plot.kld import plot_kld_heatmap
+from attnflow.probes.encode import TokenEncoder
+from attnflow.probes.fixed_stats import Q_FLOOR
+from attnflow.probes.heads import ProbeHead
+from attnflow.probes.outputs import save_head
+from attnflow.probes.specs import parse_head_spec
+from attnflow.tap import AttentionTap
+from probe_data import one_thread  # noqa: F401  (autouse fixture)
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+KW = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0)
+MAIN = ["--model", "vit_small_patch16_224.dino", "--random-init", "--img-size", "64",
+        *[x for k, v in KW.items() for x in ("--model-kw", f"{k}={v}")]]
+REF_KW = dict(depth=1, embed_dim=48, num_heads=3)
+REF = ["--reference", "vit_base_patch16_224.augreg_in21k", "--reference-random-init",
+       *[x for k, v in REF_KW.items() for x in ("--reference-model-kw", f"{k}={v}")]]
+
+
+@pytest.fixture()
+def head_file(tmp_path: Path) -> Path:
+    torch.manual_seed(5)
+    head = ProbeHead(parse_head_spec("abmilp"), dim=32, num_classes=3, has_cls=True)
+    with torch.no_grad():
+        head.pool.scorer.weight.mul_(20)  # peaked weights
+    return save_head(tmp_path / "abmilp.pt", head, meta={"block": -1, "layernorm": False})
+
+
+def brute_entropy(p: list[float]) -> float:
+    s = sum(p)
+    return -sum(x / s * math.log(x / s) for x in p if x > 0)
+
+
+def brute_kl(p: list[float], q: list[float]) -> float:
+    sp, sq = sum(p), sum(q)
+    return sum(a / sp * (math.log(a / sp) - math.log(max(c / sq, Q_FLOOR))) for a, c in zip(p, q) if a > 0)
+
+
+def test_aggregate_end_to_end_matches_brute_force(photo_folder, tmp_path, head_file, capsys):
+    (photo_folder / "ILSVRC2012_val_00000099.JPEG").write_bytes(b"not a jpeg")
+    out = tmp_path / "agg"
+    assert main(["aggregate", *MAIN, *REF, "--head", str(head_file), "--data", str(photo_folder), "--out", str(out),
+                 "--batch-size", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Average DINO [cls] token attention" in printed and "AbMILP" in printed and "skipped 1" in printed
+    frame = pd.read_parquet(out / "aggregation.parquet")
+    pd.testing.assert_frame_equal(frame, pd.read_csv(out / "aggregation.csv", keep_default_na=False),
+                                  check_dtype=False)
+    meta = json.loads((out / "aggregation.json").read_text())
+    sources = ["cls_mean", "cls_min_entropy", "central", "reference:vit_base_patch16_224.augreg_in21k",
+               "head:abmilp"]
+    assert meta["sources"] == sources and meta["images_skipped"] == 1 and meta["n_patches"] == 16
+    assert meta["labels"]["cls_mean"] == "Average DINO [cls] token attention"  # the .dino tag's method
+    assert meta["reference"]["renormalized"] is True  # ImageNet mean/std -> the reference's 0.5/0.5
+    assert (out / "kld.pdf").stat().st_size > 0 and (out / "kld.png").stat().st_size > 0
+
+    # brute force: each model run on its own, one image at a time, every vector from patch_maps / the head
+    model = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
+    ref = load_model("vit_base_patch16_224.augreg_in21k", random_init=True, img_size=64, **REF_KW)
+    from attnflow.probes.outputs import load_head
+
+    head = load_head(head_file)
+    main_data = ImageFolderDataset(photo_folder, eval_transform(model, img_size=64))
+    vectors: dict[str, list[list[float]]] = {s: [] for s in sources}
+    for i in range(len(main_data)):
+        item = main_data[i]
+        if not isinstance(item, tuple):
+            continue
+        x = item[0][None]
+        with AttentionTap(model, blocks=[-1]) as tap, torch.no_grad():
+            model(x)
+            maps = patch_maps(tap.maps[0][0], tap.layout)
+        for s in sources[:3]:
+            vectors[s].append(getattr(maps, s).reshape(-1).tolist())
+        pixels = x * IMAGENET_STD + IMAGENET_MEAN  # the crop's pixels, normalised by hand for the reference
+        with AttentionTap(ref, blocks=[-1]) as tap, torch.no_grad():
+            ref((pixels - 0.5) / 0.5)
+            vectors[sources[3]].append(patch_maps(tap.maps[0][0], tap.layout).cls_mean.reshape(-1).tolist())
+        tokens = TokenEncoder(model)(x)
+        vectors["head:abmilp"].append(head.scores(tokens)[0, 1:].tolist())
+    assert len(vectors["cls_mean"]) == 7 == meta["images_used"]
+    ent = frame[frame.metric == "entropy"].set_index("source")["mean"]
+    kld = frame[frame.metric == "kld"].set_index(["source", "target"])["mean"]
+    for s in sources:
+        assert ent[s] == pytest.approx(np.mean([brute_entropy(v) for v in vectors[s]]), abs=2e-6), s
+        for t in sources:
+            want = np.mean([brute_kl(p, q) for p, q in zip(vectors[s], vectors[t])])
+            assert kld[(s, t)] == pytest.approx(want, rel=1e-3, abs=2e-6), (s, t)
+    assert ent["head:abmilp"] < math.log(16) - 0.1  # the peaked head is far from uniform
+
+
+def test_heatmap_draws_the_matrix_in_source_order():
+    rows = [{"metric": "kld", "source": s, "target": t, "mean": float(10 * i + j)}
+            for i, s in enumerate("abc") for j, t in enumerate("abc")]
+    frame = pd.DataFrame(rows + [{"metric": "entropy", "source": "a", "target": "", "mean": 9.0}])
+    ax = plot_kld_heatmap(frame, labels={"a": "Average MAE [cls] token attention"}, sources=["c", "a", "b"])
+    mesh = next(c for c in ax.collections if isinstance(c, QuadMesh))
+    np.testing.assert_array_equal(np.asarray(mesh.get_array()).reshape(3, 3),
+                                  [[22, 20, 21], [2, 0, 1], [12, 10, 11]])
+    assert [t.get_text().replace("\n", " ") for t in ax.get_yticklabels()] == [
+        "c", "Average MAE [cls] token attention", "b"]
+
+
+def test_aggregate_error_lines(photo_folder, tmp_path, capsys):
+    def run(*extra: str) -> str:
+        assert main(["aggregate", *MAIN, "--data", str(photo_folder), "--out", str(tmp_path / "o"), "--no-progress",
+                     *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    assert "did you mean cls_mean" in run("--sources", "cls_mean,cls_maen")
+    assert "sees a 8x8 patch grid where vit_small_patch16_224.dino sees 4x4" in run(
+        "--reference", "vit_small_patch16_224", "--reference-random-init", "--reference-model-kw", "patch_size=8",
+        "--reference-model-kw", "depth=1", "--reference-model-kw", "embed_dim=32", "--reference-model-kw", "num_heads=4")
+    wide = save_head(tmp_path / "wide.pt", ProbeHead(parse_head_spec("abmilp"), 48, 3, True))
+    assert "trained on tokens of width 48" in run("--head", str(wide))
+    cls_head = save_head(tmp_path / "cls.pt", ProbeHead(parse_head_spec("cls"), 32, 3, True))
+    assert "is a 'cls' head" in run("--head", str(cls_head))
+    assert "needs a reference model" in run("--sources", "central,reference:dino-vit-b16")
+    assert "need --reference MODEL" in run("--reference-random-init")
+    assert "rounds the softmax" in run("--amp", "bf16", "--device", "cpu")
+    assert "no such file or folder" in main_missing(tmp_path, capsys)
+
+
+def main_missing(tmp_path: Path, capsys) -> str:
+    assert main(["aggregate", *MAIN, "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    return capsys.readouterr().err
