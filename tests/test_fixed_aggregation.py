@@ -4,7 +4,6 @@ softmax loops and brute-force entropy / KL loops."""
 from __future__ import annotations
 
 import math
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +16,7 @@ from attnflow.probes.fixed import (AggregationError, aggregation_vectors, parse_
 from attnflow.probes.fixed_stats import Q_FLOOR, AggregationStats, kld_matrix, pairwise_kl
 from attnflow.tap import AttentionTap
 from conftest import tiny_model
+from probe_data import one_thread  # noqa: F401  (autouse fixture: the workers use one thread too)
 
 GRID = (3, 5)  # not square: catches row/column mix-ups
 
@@ -53,7 +53,8 @@ def test_sources_match_hand_loops_with_registers():
     probs, attn = hand_softmax_attention(b, h, n)
     lay = layout(prefix)
     centre = prefix + (GRID[0] // 2) * GRID[1] + GRID[1] // 2
-    got = {s: aggregation_vectors(attn, lay, s, dtype=torch.float64) for s in ("cls_mean", "cls_min_entropy", "central")}
+    got = {s: aggregation_vectors(attn, lay, s, dtype=torch.float64)
+           for s in ("cls_mean", "cls_min_entropy", "central")}
     for i in range(b):
         for src, query in (("cls_mean", 0), ("central", centre)):
             row = [sum(probs[i][k][query][prefix + j] for k in range(h)) / h for j in range(n - prefix)]
@@ -167,7 +168,8 @@ def test_stats_table_matches_brute_force_and_streaming_equals_one_pass():
             want = np.mean([brute_kl(v[s, i].tolist(), v[t, i].tolist()) for i in range(10)])
             assert matrix.iloc[s, t] == pytest.approx(want, rel=1e-12)
     kld = frame[frame.metric == "kld"].set_index(["source", "target"])
-    assert kld.loc[("central", "cls_mean"), "q_zero_images"] == 1 and kld.loc[("cls_mean", "central"), "q_zero_images"] == 1
+    assert kld.loc[("central", "cls_mean"), "q_zero_images"] == 1
+    assert kld.loc[("cls_mean", "central"), "q_zero_images"] == 1
     assert (frame["count"] == 10).all()
     # streaming in uneven batches (a dict per batch, an empty batch too) == one pass; merge of halves == whole
     stream = AggregationStats(names)
@@ -190,30 +192,35 @@ def test_stats_table_matches_brute_force_and_streaming_equals_one_pass():
         stream.merge(AggregationStats(["cls_mean"]))
 
 
-def _dist_worker(rank: int, world: int, init: str, v: torch.Tensor, names: list, out: str) -> None:
+def _dist_worker(rank: int, world: int, init: str, folder: str, out: str) -> None:
     import torch.distributed as dist
 
+    from attnflow.probes.fixed_loop import aggregation_statistics
+
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    stats = AggregationStats(names)
-    stats.update(v[:, rank::world])  # each process its share of the images
-    stats.all_reduce()
-    if rank == 0:
-        torch.save(stats.state_dict(), out)
-    dist.destroy_process_group()
+    try:
+        result = aggregation_statistics(tiny_model(img_size=64), folder, img_size=64, batch_size=1, progress=False)
+        if rank == 0:
+            torch.save((result.frame, result.meta), out)
+    finally:
+        dist.destroy_process_group()
 
 
-def test_all_reduce_of_two_processes_equals_one(tmp_path):
+def test_two_processes_give_what_one_gives(photo_folder, tmp_path):
+    """Sharding by image, all_reduce of the sums and the skipped list gathered: 2 gloo processes == one."""
     import torch.multiprocessing as mp
 
-    names = ["cls_mean", "central"]
-    v = random_vectors(2, 7, 5, seed=3, zeros=False)
-    out = str(tmp_path / "state.pt")
-    mp.spawn(_dist_worker, args=(2, f"file://{tmp_path / 'init'}", v, names, out), nprocs=2, join=True)
-    merged = AggregationStats(names)
-    merged.load_state_dict(torch.load(out))
-    one = AggregationStats(names)
-    one.update(v)
-    assert int(merged.count) == 7
-    np.testing.assert_allclose(merged.compute()["kld"], one.compute()["kld"], rtol=1e-12)
-    np.testing.assert_allclose(merged.compute()["entropy"], one.compute()["entropy"], rtol=1e-12)
-    assert os.path.exists(out)
+    from attnflow.probes.fixed_loop import aggregation_statistics
+
+    (photo_folder / "ILSVRC2012_val_00000050.JPEG").write_bytes(b"")  # unreadable, in process 1's share
+    out = str(tmp_path / "two.pt")
+    mp.spawn(_dist_worker, args=(2, f"file://{tmp_path / 'init'}", str(photo_folder), out), nprocs=2, join=True)
+    frame, meta = torch.load(out, weights_only=False)
+    # batch 1 and one thread in both runs: the same per-image forward, so the sums must agree exactly
+    one = aggregation_statistics(tiny_model(img_size=64), photo_folder, img_size=64, batch_size=1, progress=False)
+    assert meta["images_used"] == one.meta["images_used"] == 7 and meta["world_size"] == 2
+    assert [s["path"] for s in meta["skipped"]] == [s["path"] for s in one.meta["skipped"]]
+    assert len(meta["skipped"]) == 1
+    np.testing.assert_allclose(frame["mean"], one.frame["mean"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(frame["std"], one.frame["std"], rtol=1e-6, atol=1e-9)

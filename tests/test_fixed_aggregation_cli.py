@@ -132,7 +132,8 @@ def test_aggregate_error_lines(photo_folder, tmp_path, capsys):
     assert "did you mean cls_mean" in run("--sources", "cls_mean,cls_maen")
     assert "sees a 8x8 patch grid where vit_small_patch16_224.dino sees 4x4" in run(
         "--reference", "vit_small_patch16_224", "--reference-random-init", "--reference-model-kw", "patch_size=8",
-        "--reference-model-kw", "depth=1", "--reference-model-kw", "embed_dim=32", "--reference-model-kw", "num_heads=4")
+        "--reference-model-kw", "depth=1", "--reference-model-kw", "embed_dim=32",
+        "--reference-model-kw", "num_heads=4")
     wide = save_head(tmp_path / "wide.pt", ProbeHead(parse_head_spec("abmilp"), 48, 3, True))
     assert "trained on tokens of width 48" in run("--head", str(wide))
     cls_head = save_head(tmp_path / "cls.pt", ProbeHead(parse_head_spec("cls"), 32, 3, True))

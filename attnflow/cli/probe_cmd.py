@@ -86,7 +86,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "accum_steps", "lr", "base_lr", "optimizer", "momentum",
              "weight_decay", "warmup_epochs", "min_lr", "layernorm", "block", "train_aug", "crop_pct", "head_init",
-             "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp", "num_workers", "aggregation")
+             "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp", "num_workers",
+             "aggregation")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -58,7 +58,8 @@ def plot_kld_heatmap(data: pd.DataFrame, *, labels: Mapping[str, str] | None = N
         with paper_style():
             _, ax = plt.subplots(figsize=(side, 0.8 * side), layout="constrained")
     top = float(np.nanmax(shown.to_numpy()))
-    sns.heatmap(shown, ax=ax, cmap=cmap, vmin=0.0, vmax=top or 1.0, annot=annot, fmt=".2f" if top >= 0.05 else ".1e", square=True, cbar=cbar, cbar_kws={"label": "mean KLD"} if cbar else None,
+    sns.heatmap(shown, ax=ax, cmap=cmap, vmin=0.0, vmax=top or 1.0, annot=annot, fmt=".2f" if top >= 0.05 else ".1e",
+                square=True, cbar=cbar, cbar_kws={"label": "mean KLD"} if cbar else None,
                 annot_kws={"fontsize": 6}, linewidths=0.5, linecolor="white")
     ax.set_xlabel("q")
     ax.set_ylabel("p   (KL(p || q))")

@@ -180,8 +180,10 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
             continue
         captured = capture.capture(batch.images)
         layout = captured.layout
-        vectors = {s.name: (head_vectors(head, captured, dtype=torch.float64) if s.kind == "head"  # type: ignore[arg-type]
-                            else capture.vectors(captured, s, dtype=torch.float64)) for s in parsed}
+        vectors = {s.name: capture.vectors(captured, s, dtype=torch.float64) for s in parsed if s.kind != "head"}
+        if head is not None:
+            vectors.update({s.name: head_vectors(head, captured, dtype=torch.float64) for s in parsed
+                            if s.kind == "head"})
         stats.update(vectors)
     stats.all_reduce()
     skipped = _gather(skipped, world)
