@@ -106,6 +106,7 @@ def wait_for_main(timeout: timedelta = timedelta(hours=24)) -> None:
     """
     if current_world().distributed:
         group = dist.new_group(backend="gloo", timeout=timeout)
+        assert isinstance(group, dist.ProcessGroup)  # every process is a member of the new group
         dist.barrier(group=group)
         dist.destroy_process_group(group)
 

@@ -15,6 +15,7 @@ instead (what MAE's original linear probe does for [cls]); note that timm models
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -81,18 +82,19 @@ class TokenEncoder:
             if not self.last:
                 raise _Stop
 
-        handle = self.model.blocks[self.block].register_forward_hook(hook)
+        model: Any = self.model  # a timm ViT: blocks, forward_features and norm (checked in __init__)
+        handle = model.blocks[self.block].register_forward_hook(hook)
         try:
             with self._autocast():
                 try:
-                    self.model.forward_features(images.to(self.device, non_blocking=True))
+                    model.forward_features(images.to(self.device, non_blocking=True))
                 except _Stop:
                     pass
                 if not captured:
                     raise AttnflowError(f"block {self.block} did not run in the model's forward_features")
                 x = captured[0]
                 if self.layernorm:
-                    x = self.model.norm(x)
+                    x = model.norm(x)
         finally:
             handle.remove()
         x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim == 4 else x  # NHWC models -> tokens

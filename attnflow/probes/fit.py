@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -42,7 +43,9 @@ def resolve_lrs(lr: float | Sequence[float] | None, base_lr: float, batch_size: 
     """Absolute peak lrs: ``lr`` as given, else MAE's ``base_lr * batch_size / 256``."""
     if lr is None:
         return [base_lr * batch_size / 256]
-    return [float(x) for x in (lr if isinstance(lr, (list, tuple)) else [lr])]
+    if isinstance(lr, (int, float)) or isinstance(lr, numbers.Real):  # numpy scalars are numbers.Real
+        return [float(lr)]
+    return [float(x) for x in lr]
 
 
 def tensor_batches(tokens: torch.Tensor, labels: torch.Tensor, plan: BatchPlan

@@ -106,7 +106,7 @@ def train_bank(bank: HeadBank, *, plan: BatchPlan, train_batches: Callable[[int]
     """
     fingerprint = fingerprint or {}
     world = current_world()
-    start, history = 0, []
+    start, history = 0, list[dict]()
     if resume and checkpoint is not None and checkpoint.exists():
         start, history = _load_checkpoint(bank, checkpoint, fingerprint)
         log.info("resumed from %s after epoch %d", checkpoint, start)

@@ -54,9 +54,12 @@ class ProbeBatchNorm(nn.BatchNorm1d):
         var = _world_sum((centred * centred).sum(dim=0)) / count  # biased, [D]
         if x.shape[0] < 2 and count.numel() and not _distributed():
             raise ValueError("batch normalisation needs at least 2 samples per training batch")
+        running_mean, running_var, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        assert running_mean is not None and running_var is not None and tracked is not None  # track_running_stats
+        momentum = float(self.momentum if self.momentum is not None else 0.1)
         with torch.no_grad():  # no host sync: the unbiased factor n / (n - 1) stays on the device
-            self.num_batches_tracked.add_(1)
+            tracked.add_(1)
             unbiased = var.detach() * (count / (count - 1).clamp_min(1))
-            self.running_mean.mul_(1 - self.momentum).add_(mean.detach(), alpha=self.momentum)
-            self.running_var.mul_(1 - self.momentum).add_(unbiased, alpha=self.momentum)
+            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
         return centred * torch.rsqrt(var + self.eps)

@@ -54,6 +54,8 @@ def load_task(config: ProbeConfig, root: str | Path, model: nn.Module) -> TaskDa
     augment = config.train_aug == "rrc-flip" and not (config.cache and config.views == 1)
     train_tf = train_transform(model, config.img_size, config.rrc_scale) if augment else val_tf
     limit = config.limit
+    train: Dataset
+    val: Dataset
     if config.task == "cub":
         from ..data.cub import CUB200
 
