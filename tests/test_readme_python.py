@@ -15,6 +15,12 @@ SUBSTITUTIONS = {  # README text -> offline stand-in; each must still be in the 
         'attnflow.load_model("mocov3-vit-b16", random_init=True, depth=2, embed_dim=32, num_heads=4)',
     'attnflow.attention_stats(model, "/data/imagenet/val")':
         'attnflow.attention_stats(model, PHOTOS, num_workers=0, progress=False)',
+    'attnflow.load_model("mae-vit-b16", checkpoint="mae_pretrain_vit_base.pth")':
+        'attnflow.load_model("mae-vit-b16", random_init=True, depth=2, embed_dim=32, num_heads=4)',
+    'attnflow.load_model("dino-vit-b16", checkpoint="dino_vitbase16_pretrain.pth")':
+        'attnflow.load_model("dino-vit-b16", random_init=True, depth=1, embed_dim=48, num_heads=4)',
+    'aggregation_statistics(mae, "/data/imagenet/val"': 'aggregation_statistics(mae, PHOTOS, progress=False',
+    'head=load_head("runs/probe-mae/seed0/heads/abmilp.pt")': 'head=None',
 }
 
 
@@ -24,7 +30,7 @@ def python_blocks() -> list[str]:
 
 def test_readme_python_blocks_run(photo_folder, tmp_path, monkeypatch):
     blocks = python_blocks()
-    assert len(blocks) == 2, "README's Python blocks changed: update this test"
+    assert len(blocks) == 3, "README's Python blocks changed: update this test"
     code = "\n".join(blocks)
     for old, new in SUBSTITUTIONS.items():
         assert old in code, f"README no longer has {old!r}: update this test"
@@ -49,3 +55,7 @@ def test_readme_python_blocks_run(photo_folder, tmp_path, monkeypatch):
     assert [tuple(m.shape) for m in env["maps"]] == [(2, 4, 197, 197)] * 2  # [B, H, N, N] per block
     assert env["tap"].layout.grid == (14, 14) and env["tap"].layout.num_prefix == 1
     assert set(env["table"]["head"]) == {"cls", "avg", "abmilp"} and (env["table"]["epoch"] == 30).all()
+    assert tuple(env["features"].shape) == (2, 32) and tuple(env["weights"].shape) == (2, 196)  # [B, D], [B, P]
+    torch.testing.assert_close(env["weights"].sum(1), torch.ones(2))
+    agg = env["agg"].frame
+    assert set(agg["metric"]) == {"entropy", "kld"} and (agg["count"] == len(list(photo_folder.iterdir()))).all()
