@@ -228,6 +228,8 @@ class ImageNetTrain(ImageFolder):
     ``dataset[i]`` is ``(image, label, i)`` or a :class:`BadImage`; ``classes`` always lists all 1000 wnids.
     """
 
+    samples: list[tuple[str, int]]  # (path, class index), as ImageFolder builds it
+
     def __init__(self, root: str | Path, transform: Callable | None = None, limit: int | None = None,
                  manifest: str | Manifest = "imagenet-train") -> None:
         self._wnids = imagenet_wnids(manifest)

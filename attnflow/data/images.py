@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import numpy as np
 import torch
@@ -162,9 +162,10 @@ class ImageFolderDataset(Dataset):
         folders = [p.parent.relative_to(base).parts[0] if p.parent != base else None for p in paths]
         self.classes: list[str] = sorted({f for f in folders if f is not None})
         index = {c: i for i, c in enumerate(self.classes)}
+        labels = [-1 if folder is None else index[folder] for folder in folders]
         keep = evenly_spaced(len(paths), limit)
         self.paths: list[Path] = [paths[i] for i in keep]
-        self.labels: list[int] = [-1 if folders[i] is None else index[folders[i]] for i in keep]
+        self.labels: list[int] = [labels[i] for i in keep]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -174,9 +175,21 @@ class ImageFolderDataset(Dataset):
         return read_sample(self.paths[i], self.labels[i], i, self.transform)
 
 
+@overload
+def read_sample(path: Path, label: int, index: int, transform: None) -> tuple[Image.Image, int, int] | BadImage: ...
+
+
+@overload
 def read_sample(path: Path, label: int, index: int,
-                transform: Callable | None) -> tuple[torch.Tensor, int, int] | BadImage:
-    """``(transform(image), label, index)``, or a :class:`BadImage` for an empty or undecodable file."""
+                transform: Callable | None) -> tuple[Any, int, int] | BadImage: ...
+
+
+def read_sample(path: Path, label: int, index: int,
+                transform: Callable | None) -> tuple[Any, int, int] | BadImage:
+    """``(transform(image), label, index)``, or a :class:`BadImage` for an empty or undecodable file.
+
+    Without a transform the first item is the RGB PIL image itself.
+    """
     try:
         if path.is_symlink() and not path.exists():
             return BadImage(str(path), f"broken link: {os.readlink(path)} does not exist")

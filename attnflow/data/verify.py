@@ -15,7 +15,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Mapping
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -184,7 +184,7 @@ def _spelling_key(rel: str) -> str:
     return key[:-5] + ".jpg" if key.endswith(".jpeg") else key
 
 
-def _match(report: VerifyReport, expected: dict[str, str | None], files: dict[str, int], aux: set[str],
+def _match(report: VerifyReport, expected: Mapping[str, str | None], files: dict[str, int], aux: set[str],
            ) -> dict[str, int]:
     """Fill found/missing/misplaced/spelled_differently/extra/class_counts; return ``path -> size`` of the files
     to decode.
@@ -205,16 +205,16 @@ def _match(report: VerifyReport, expected: dict[str, str | None], files: dict[st
             leftover.append(rel)
     folded = {_spelling_key(rel): name for name, rel in absent.items()}
     for rel in leftover:
-        name = folded.get(_spelling_key(rel))
-        if name is not None and name in absent:
-            report.spelled_differently.append((rel, absent.pop(name)))
+        absent_name = folded.get(_spelling_key(rel))
+        if absent_name is not None and absent_name in absent:
+            report.spelled_differently.append((rel, absent.pop(absent_name)))
             to_check[rel] = files[rel]
         elif PurePosixPath(rel).name not in aux:
             report.extra.append(rel)
     report.missing = sorted(absent.values())
     report.n_missing = len(report.missing)
     report.found = len(present)
-    counts = collections.Counter(expected[rel] for rel in present if expected[rel] is not None)
+    counts = collections.Counter(cls for rel in present if (cls := expected[rel]) is not None)
     report.class_counts = dict(sorted(counts.items()))
     return to_check
 
@@ -322,6 +322,12 @@ def _scan_subset(manifest: Manifest, root: Path, split_file: str | Path | None,
     return report, to_check
 
 
+def _class_of(class_ids: dict[int, str], label: str) -> str | None:
+    """The class name ``class_ids`` gives the id written ``label``; ``None`` when it is no listed integer."""
+    class_id = _as_int(label)
+    return None if class_id is None else class_ids.get(class_id)
+
+
 def _as_int(text: str) -> int | None:
     try:
         return int(text)
@@ -362,7 +368,7 @@ def _scan_cub(manifest: Manifest, root: Path, progress: bool) -> tuple[VerifyRep
         if "image_class_labels.txt" not in absent:
             labels = read_index(root / "image_class_labels.txt", report.problems)
             wrong = sorted(i for i, rel in images.items()
-                           if class_ids.get(_as_int(labels.get(i, ""))) != rel.split("/")[0])
+                           if _class_of(class_ids, labels.get(i, "")) != rel.split("/")[0])
             if wrong:
                 report.problems.append(f"{len(wrong)} images whose class id in image_class_labels.txt disagrees "
                                        f"with their folder (first ids: {', '.join(map(str, wrong[:5]))})")
