@@ -59,7 +59,7 @@ def valid_metrics(has_cls: bool) -> torch.Tensor:
     return torch.tensor([has_cls or m not in CLS_METRICS for m in METRICS])
 
 
-def patch_distances(grid: tuple[int, int], patch_size: tuple[int, int],
+def patch_distances(grid: tuple[int, int], patch_size: tuple[float, float],
                     device: torch.device | str | None = None) -> torch.Tensor:
     """Euclidean distances between patch centres, in input pixels.
 

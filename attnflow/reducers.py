@@ -8,7 +8,7 @@ processes combine with one ``all_reduce`` per state tensor. Nothing is copied to
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,9 @@ import torch
 
 from .metrics import METRICS
 from .result import COLUMNS
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 _STATE = ("sum", "sumsq", "count")
 
@@ -87,7 +90,7 @@ class StatsReducer:
             getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
         return self
 
-    def all_reduce(self, group: object | None = None) -> "StatsReducer":
+    def all_reduce(self, group: ProcessGroup | None = None) -> "StatsReducer":
         """Sum the state over all ``torch.distributed`` processes (no-op when not initialised)."""
         import torch.distributed as dist
 

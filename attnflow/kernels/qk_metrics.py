@@ -539,12 +539,12 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
     geometry = grid_geometry(distances)
     if distances_from_grid and geometry is None:
         raise ValueError("distances_from_grid=True needs a patch_distances matrix; these distances are not one")
-    from_grid = geometry is not None and distances_from_grid is not False
     # distances computed from a table of patch centres, or read from a padded copy of the matrix; the one
     # not used is replaced by any fp32 tensor
-    dist = shares if from_grid else _padded_distances(distances, num_prefix, q.device)
-    centres = _patch_centres(distances, geometry, q.device) if from_grid else shares
-    grid_w = geometry[0] if from_grid else 0
+    if geometry is not None and distances_from_grid is not False:
+        dist, centres, grid_w = shares, _patch_centres(distances, geometry, q.device), geometry[0]
+    else:
+        dist, centres, grid_w = _padded_distances(distances, num_prefix, q.device), shares, 0
     args = (q, k, dist, centres, shares, dist.stride(0), centres.stride(0), shares.stride(1), *q.stride(),
             *k.stride(), H, N, num_prefix, n_patch, float(scale), grid_w)
     flags = {"HEAD_DIM": d, "BLOCK_D": _block_d(d), "ROUND": q.dtype != torch.float32,

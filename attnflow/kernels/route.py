@@ -79,8 +79,9 @@ class QKRoute:
             reference = self.reference_fn(q[:n], k[:n], *args)
             problem = disagreement(values[:n], reference)
             _CHECKED[key] = f"the Triton kernel disagrees with torch ({problem})" if problem else None
-        if _CHECKED[key] is not None:
-            return self._fall_back(_CHECKED[key], q, k, args)
+        failure = _CHECKED[key]
+        if failure is not None:
+            return self._fall_back(failure, q, k, args)
         return values
 
     def _fall_back(self, reason: str, q: torch.Tensor, k: torch.Tensor, args: tuple) -> torch.Tensor:
