@@ -172,6 +172,23 @@ def test_ax_is_used_and_returned():
     assert len(model_lines(a2)) == 3 and not a1.get_lines()
 
 
+def test_axes_on_a_sub_figure_get_ticks_for_their_own_width():
+    """Axes of a sub-figure have their position in sub-figure fractions. Ticks need 0.25 in each: an axes 1 in
+    wide takes 4, so 8 blocks get 1, 3, 6 (the 2 in that the same fraction of the whole figure would give fit
+    all 8 ticks)."""
+    import matplotlib.pyplot as plt
+
+    res = make_result(FAMILIES, n_blocks=8)
+    fig = plt.figure(figsize=(8, 3))
+    left, right = fig.subfigures(1, 2, wspace=0)
+    narrow = right.add_axes((0.1, 0.1, 0.25, 0.8))        # 0.25 of a 4 in sub-figure: 1 in
+    assert plot_blocks(res, "cls_self", ax=narrow, band="none") is narrow
+    assert list(narrow.get_xticks()) == [1, 3, 6]
+    wide = left.add_axes((0.1, 0.1, 0.8, 0.8))            # 3.2 in: 12 ticks fit
+    plot_blocks(res, "cls_self", ax=wide, band="none")
+    assert list(wide.get_xticks()) == list(range(1, 9))
+
+
 def test_block_ticks():
     assert block_ticks(12, 12) == list(range(1, 13))
     assert block_ticks(12, 6) == [1, 3, 6, 9, 12]

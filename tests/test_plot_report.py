@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from attnflow.plot import block_figures, maps_figure
+from attnflow.plot import PlotError, block_figures, maps_figure
 from conftest import tiny_model
 from test_plot_blocks import make_result
 
@@ -33,3 +34,8 @@ def test_maps_figure_runs_models_on_photos(photos):
     assert maps["a"][0].has_cls and not maps["b"][0].has_cls
     assert np.isclose(maps["b"][1].central.sum(), 1.0)
     assert len(fig.axes) == 2 * (1 + 2 * 3)
+
+
+def test_maps_figure_without_models_is_one_clear_error(photos):
+    with pytest.raises(PlotError, match="at least one model"):
+        maps_figure({}, [Image.fromarray(photos["chelsea"])], img_size=64)

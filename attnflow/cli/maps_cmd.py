@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         spec = find_spec(name)
         labels[name] = spec.label if spec else name
         del model
+    assert crops is not None  # --model is required, so the loop above ran at least once
     for kind in kinds:  # head indices can only be checked against a model
         maps[args.model[0]][0].get(kind)
 

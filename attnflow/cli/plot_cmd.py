@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     from ..plot import PAPER_METRICS, METRIC_LABELS, plot_blocks, plot_heads, plot_metrics, plot_size_grid
-    from ..plot.style import SAVE_FORMATS, check_metrics, close, save_figure
+    from ..plot.style import SAVE_FORMATS, check_metrics, close, root_figure, save_figure
 
     out = Path(args.out)
     if out.suffix.lower().lstrip(".") not in SAVE_FORMATS:
@@ -105,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.by_size:
         fig = plot_size_grid(result, metrics, width=width, title=args.title, **common)
     elif len(metrics) == 1:
-        ax = plot_blocks(result, metrics[0], title=args.title, **common)
-        fig = ax.figure
+        fig = root_figure(plot_blocks(result, metrics[0], title=args.title, **common))
         fig.set_size_inches(width, fig.get_figheight())
     else:
         fig = plot_metrics(result, metrics, width=width, title=args.title, **common)

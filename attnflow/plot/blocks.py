@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
+from matplotlib.artist import Artist
 
 from ..result import Result
 from .info import SIZE_ORDER, DataLike, ModelInfo, as_result, entropy_bound, model_info, random_init_models
@@ -46,7 +46,7 @@ SHORT_YLABELS: dict[str, str] = {
 """Y-axis labels of multi-panel figures, whose panel titles carry the metric name."""
 
 _DASHES: tuple[str, ...] = ("-", "--", ":", "-.")
-BOUND_STYLE = dict(color="0.35", linestyle=(0, (4, 2)), linewidth=0.8, zorder=1)
+BOUND_STYLE: dict[str, Any] = dict(color="0.35", linestyle=(0, (4, 2)), linewidth=0.8, zorder=1)
 """Style of the ln(N_patches) bound line."""
 
 
@@ -106,7 +106,10 @@ def block_ticks(n_blocks: int, max_ticks: int = 12) -> list[int]:
 
 
 def _ax_width_in(ax: Axes) -> float:
-    return ax.get_position().width * ax.figure.get_figwidth()
+    """Width of ``ax`` in inches; its position is a fraction of its figure or sub-figure."""
+    fig = ax.figure
+    fig_width = fig.get_figwidth() if isinstance(fig, Figure) else fig.bbox.width / fig.dpi
+    return ax.get_position().width * fig_width
 
 
 def plot_blocks(data: DataLike, metric: str, *, ax: Axes | None = None, band: str = "heads",
@@ -218,7 +221,7 @@ def _figure_legend(fig: Figure, axes: Sequence[Axes], ncol: int | None = None) -
     Without ``ncol``, up to 6 columns with evenly filled rows, fewer when the legend would be wider than the
     figure (a tight bounding box would then widen the saved file past the paper's column width).
     """
-    seen: dict[str, Line2D] = {}
+    seen: dict[str, Artist] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
@@ -279,7 +282,7 @@ def plot_metrics(data: DataLike, metrics: Sequence[str] | None = None, *, band: 
                         ylabel=SHORT_YLABELS.get(metric, ""), title=panel_title(metric), banner=False)
         for ax in flat[len(metrics):]:
             ax.remove()
-        _figure_legend(fig, flat[:len(metrics)])
+        _figure_legend(fig, list(flat[:len(metrics)]))
         _figure_banner(fig, result, models, title)
     return fig
 

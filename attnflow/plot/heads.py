@@ -96,8 +96,8 @@ def plot_heads(data: DataLike, metric: str, *, models: Sequence[str] | None = No
     values = sub[sub["model"].isin(chosen)]["mean"].to_numpy()
     vmin, vmax = float(values.min()), float(values.max())
     if metric in ENTROPY_METRICS:
-        bounds = [model_info(result, m).n_patches for m in chosen]
-        if all(bounds):
+        bounds = [n for m in chosen if (n := model_info(result, m).n_patches)]
+        if len(bounds) == len(chosen):
             vmax = max(vmax, max(entropy_bound(n) for n in bounds))
     ncols = ncols or min(len(chosen), 5)
     nrows = -(-len(chosen) // ncols)

@@ -144,7 +144,7 @@ def model_info(result: Result, model: str) -> ModelInfo:
     if spec is not None:
         family, method, size, label = spec.family, spec.method, spec.size, spec.label
     else:
-        family = meta.get("family") if meta.get("family") in FAMILY_PALETTES else "other"
+        family = str(meta["family"]) if meta.get("family") in FAMILY_PALETTES else "other"
         method = str(meta.get("method") or model)
         size = str(meta.get("size") or size_from_name(model))
         label = str(meta.get("label") or model)

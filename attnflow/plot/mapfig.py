@@ -168,6 +168,7 @@ def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequenc
                     draw_map(image, grid, ax=ax, overlay=overlay, cmap=cmap, show_entropy=show_entropy,
                              mark=pm.central_patch if kind == "central" else None)
                     if kind == "cls_min_entropy":
+                        assert pm.min_entropy_head is not None  # set with the [cls] maps, which this one is
                         _corner_note(ax, f"head {pm.min_entropy_head + 1}")
                 if i == 0:
                     headers.append((_set_header(ax, _kind_title(kind), rows), kind))
@@ -197,7 +198,7 @@ def _shrink_to_fit(items: Sequence[tuple[Text, float]], renderer, min_size: floa
     (pixels); returns whether they fit."""
     if not items:
         return True
-    size = max(t.get_fontsize() for t, _ in items)
+    size = max(float(t.get_fontsize()) for t, _ in items)  # points: Text keeps its size as a number
     while True:
         for t, _ in items:
             t.set_fontsize(size)
@@ -286,9 +287,10 @@ def plot_head_maps(image: np.ndarray, maps: PatchMaps, *, ncols: int = 6, overla
     Returns:
         The figure (one axes per head, in head order, then unused axes removed).
     """
-    if not maps.has_cls:
+    cls_heads = maps.cls_heads
+    if not maps.has_cls or cls_heads is None:
         raise PlotError("per-head [cls] maps need a model with a [cls] token")
-    n_heads = len(maps.cls_heads)
+    n_heads = len(cls_heads)
     ncols = min(ncols, n_heads)
     nrows = -(-n_heads // ncols)
     cell = width / ncols
@@ -298,7 +300,7 @@ def plot_head_maps(image: np.ndarray, maps: PatchMaps, *, ncols: int = 6, overla
         flat = axes.ravel()
         for h in range(n_heads):
             ax = flat[h]
-            draw_map(image, maps.cls_heads[h], ax=ax, overlay=overlay, cmap=cmap)
+            draw_map(image, cls_heads[h], ax=ax, overlay=overlay, cmap=cmap)
             best = h == maps.min_entropy_head
             ax.set_title(f"head {h + 1}" + (" (lowest H)" if best else ""), fontsize=6, pad=2,
                          color="#c00000" if best else "black")

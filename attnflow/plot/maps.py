@@ -182,6 +182,7 @@ def capture_maps(model: torch.nn.Module, images: torch.Tensor, *, block: int | N
         model(images)
         attn = tap.maps[0].float().cpu()                                         # [B, H, N, N]
         layout = tap.layout
+    assert layout is not None  # tap.maps verified that a forward ran, and a forward sets the layout
     (gh, gw), (ph, pw) = layout.grid, layout.patch_size
     h, w = images.shape[-2:]
     if (gh * ph, gw * pw) != (h, w):

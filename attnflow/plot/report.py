@@ -16,7 +16,7 @@ from .heads import plot_heads
 from .info import DataLike, as_result
 from .mapfig import plot_attention_maps
 from .maps import MAP_KINDS, PatchMaps, model_maps
-from .style import PAPER_METRICS, close, save_figure
+from .style import PAPER_METRICS, PlotError, close, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,13 @@ def maps_figure(models: Mapping[str, torch.nn.Module], images: Sequence[Any], *,
         ``(figure, crops, maps)``: uint8 ``[img_size, img_size, 3]`` crops, ``maps[name]`` one
         :class:`PatchMaps` per image.
     """
-    crops = None
+    if not models:
+        raise PlotError("maps_figure needs at least one model")
+    crops: list[np.ndarray] | None = None
     maps: dict[str, list[PatchMaps]] = {}
     for name, model in models.items():
         model_crops, maps[name] = model_maps(model, images, img_size=img_size, crop_pct=crop_pct, block=block)
         crops = crops if crops is not None else model_crops
+    assert crops is not None  # set by the first of the (at least one) models
     fig = plot_attention_maps(crops, maps, kinds=kinds, labels=labels, rows=rows, overlay=overlay, title=title)
     return fig, crops, maps

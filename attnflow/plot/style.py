@@ -10,13 +10,17 @@ import contextlib
 import difflib
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import AttnflowError
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ SAVE_FORMATS: tuple[str, ...] = ("pdf", "png", "svg", "eps")
 FONT_SIZE: float = 7.0
 """Base font size (pt) of every figure."""
 
-_RC: dict[str, object] = {
+_RC: dict[RcKeyType, Any] = {
     "font.size": FONT_SIZE,
     "axes.titlesize": FONT_SIZE + 1,
     "axes.labelsize": FONT_SIZE,
@@ -159,6 +163,18 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 300) -> Path:
         fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.02, metadata=metadata)
     log.debug("wrote %s", path)
     return path
+
+
+def root_figure(ax: Axes) -> Figure:
+    """The top-level :class:`~matplotlib.figure.Figure` holding ``ax`` (through any sub-figures).
+
+    Raises:
+        PlotError: ``ax`` is on no figure (it was removed).
+    """
+    fig = ax.get_figure(root=True)
+    if fig is None:
+        raise PlotError("the axes are on no figure")
+    return fig
 
 
 def close(fig: Figure) -> None:

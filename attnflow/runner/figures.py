@@ -73,7 +73,7 @@ def output_files(fig: FigureEntry, out_dir: Path, metrics: Sequence[str] | None 
 def render_stats_figure(fig: FigureEntry, result: Result, out_dir: Path) -> list[Path]:
     """Write one statistics figure (every kind but ``maps``) of ``result``; returns the written files."""
     from ..plot import block_figures, plot_blocks, plot_heads, plot_metrics, plot_size_grid
-    from ..plot.style import DOUBLE_COLUMN, PAPER_METRICS, close, metric_label, save_figure
+    from ..plot.style import DOUBLE_COLUMN, PAPER_METRICS, close, metric_label, root_figure, save_figure
 
     metrics = list(fig.metrics or [m for m in PAPER_METRICS if m in result.metrics] or result.metrics)
     if fig.kind == "set":
@@ -84,10 +84,10 @@ def render_stats_figure(fig: FigureEntry, result: Result, out_dir: Path) -> list
     if fig.kind == "panel":
         figures.append((fig.name, plot_metrics(result, metrics, band=fig.band, width=width, title=fig.title)))
     elif fig.kind == "metric":
-        ax = plot_blocks(result, metrics[0], band=fig.band, title=fig.title)
+        figure = root_figure(plot_blocks(result, metrics[0], band=fig.band, title=fig.title))
         if fig.width:
-            ax.figure.set_size_inches(fig.width, ax.figure.get_figheight())
-        figures.append((fig.name, ax.figure))
+            figure.set_size_inches(fig.width, figure.get_figheight())
+        figures.append((fig.name, figure))
     elif fig.kind == "sizes":
         figures.append((fig.name, plot_size_grid(result, metrics, band=fig.band, width=width, title=fig.title)))
     elif fig.kind == "heads":
