@@ -265,6 +265,22 @@ def test_bare_timm_name_with_cached_hub_weights_uses_timms_loader(offline):
     assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
 
 
+def test_timm_url_given_as_a_url_and_file_name_pair_is_looked_up_under_that_name(offline, monkeypatch):
+    """timm's pretrained configs may give ``url`` as ``(url, cache file name)``; the file is that name."""
+    import timm.models
+    from timm.models import PretrainedCfg
+
+    from attnflow.models.load import cached_weights_path
+
+    cfg = PretrainedCfg(url=("https://example.org/get?id=7", "vit_pair_weights.pth"))
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda *args, **kwargs: cfg)
+    assert cached_weights_path("vit_small_patch16_224") is None
+    path = offline / "torch" / "hub" / "checkpoints" / "vit_pair_weights.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"weights")
+    assert cached_weights_path("vit_small_patch16_224") == path
+
+
 @pytest.fixture()
 def fake_network(monkeypatch):
     """A fresh probe cache and sockets that record their ``connect`` calls instead of connecting."""

@@ -185,7 +185,9 @@ class CapiEncoder(nn.Module):
         """CAPI's initialisation: xavier-uniform linears and patch projection, registers N(0, 0.02)."""
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        bias = self.patch_embed.proj.bias
+        assert bias is not None  # the PatchEmbed above is built with bias=True
+        nn.init.zeros_(bias)
         nn.init.normal_(self.reg_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):

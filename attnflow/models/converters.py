@@ -251,7 +251,8 @@ def convert_dinov2(checkpoint: Any, key: str | None = None) -> StateDict:
     if "mask_token" in sd or "register_tokens" in sd:
         # drops mask_token; with registers: reg_token <- register_tokens and the [cls] row of pos_embed is
         # folded into cls_token, because timm's reg4 models have no_embed_class=True
-        sd = _convert_dinov2(dict(sd), model=None)  # the model argument is unused by timm
+        # timm annotates the model argument but never reads it
+        sd = _convert_dinov2(dict(sd), model=None)  # type: ignore[arg-type]
     return sd
 
 
@@ -377,7 +378,8 @@ def adapt_state_dict(state_dict: StateDict, model: nn.Module, *, pos_resample: s
             raise CheckpointError(
                 f"pos_embed {tuple(pos.shape)} does not hold {num_prefix} prefix row(s) plus a square patch grid; "
                 f"the model expects {tuple(target.shape)}")
-        grid = tuple(model.patch_embed.grid_size)
+        patch_embed: Any = model.patch_embed  # timm PatchEmbed (the model has an absolute pos_embed)
+        grid = tuple(patch_embed.grid_size)
         logger.info("resampling pos_embed from a %dx%d to a %dx%d patch grid (%s)", side, side, *grid, pos_resample)
         if pos_resample == "dinov2":
             patches = resample_pos_embed_dinov2(pos[:, num_prefix:], grid)
@@ -394,7 +396,8 @@ def adapt_state_dict(state_dict: StateDict, model: nn.Module, *, pos_resample: s
             continue  # not in the model: reported as unexpected by load_converted
         table = getattr(module, "relative_position_bias_table", None)
         if isinstance(table, torch.Tensor) and table.shape != value.shape and value.shape[-1] == table.shape[-1]:
-            out[key] = resize_rel_pos_bias_table(value, new_window_size=module.window_size,
+            window_size: Any = module.window_size  # (rows, cols) of timm's relative-position attention
+            out[key] = resize_rel_pos_bias_table(value, new_window_size=window_size,
                                                  new_bias_shape=table.shape)
     return out
 

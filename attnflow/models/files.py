@@ -309,7 +309,7 @@ def hf_download(repo_id: str, filename: str | None = None) -> Path | None:
 
 def is_direct_url(url: str | None) -> bool:
     """Whether ``url`` points at a file (Google Drive pages need a browser and are not direct)."""
-    return bool(url) and url.startswith(("http://", "https://")) and "drive.google.com" not in url
+    return url is not None and url.startswith(("http://", "https://")) and "drive.google.com" not in url
 
 
 def url_download(url: str, filename: str) -> Path | None:

@@ -161,8 +161,9 @@ def _has_cls(model: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------------------------ weights
 
-def _hub_ids(spec: ModelSpec | None, arch: str) -> tuple[str | None, str | None, str | None]:
-    """``(hf_hub_id, hf_hub_filename, url)`` of the timm pretrained config of ``spec.hub_tag`` or ``arch``."""
+def _hub_ids(spec: ModelSpec | None, arch: str) -> tuple[str | None, str | None, str | tuple[str, str] | None]:
+    """``(hf_hub_id, hf_hub_filename, url)`` of the timm pretrained config of ``spec.hub_tag`` or ``arch``; timm
+    may give ``url`` as a ``(url, cache file name)`` pair."""
     from timm.models import get_pretrained_cfg
 
     tag = spec.hub_tag if spec is not None else arch
@@ -179,6 +180,8 @@ def _url_and_file(spec: ModelSpec | None, arch: str) -> tuple[str | None, str | 
     if spec is not None:
         return spec.url, spec.cache_filename, spec.converter
     _, _, url = _hub_ids(None, arch)
+    if isinstance(url, tuple):  # timm's (url, cache file name) form
+        return url[0], url[1], "timm-arch"
     return url, (url.split("?", 1)[0].rsplit("/", 1)[-1] if url else None), "timm-arch"
 
 
@@ -301,7 +304,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
             _load_weights(model, weights, spec, arch, checkpoint_key)
     sha = files.sha256_file(weights.path) if weights is not None else None
     model.eval()
-    model.attnflow_info = {
+    info: dict[str, Any] = {
         "preset": spec.name if spec else None,
         "arch": arch,
         "checkpoint": str(weights.path) if weights else None,
@@ -314,6 +317,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         "family": spec.family if spec else "other",
         "label": spec.label if spec else arch,
     }
+    setattr(model, "attnflow_info", info)  # a plain attribute, not a parameter or sub-module
     return model
 
 
