@@ -40,8 +40,8 @@ def _photo_sources() -> list[tuple[str, Callable[[], Any]]]:
     from PIL import Image
 
     def grace_hopper() -> Any:
-        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-            return np.asarray(Image.open(f).convert("RGB"))
+        with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+            return np.asarray(img.convert("RGB"))
 
     sources: list[tuple[str, Callable[[], Any]]] = [
         ("astronaut", skimage.data.astronaut), ("chelsea", skimage.data.chelsea), ("coffee", skimage.data.coffee),
@@ -195,8 +195,8 @@ def run_demo(out_dir: str | Path = "attnflow-demo", *, device: str | None = None
 
     start = time.perf_counter()
     out = Path(out_dir)
-    checkpoints = {k: Path(v) for k, v in (checkpoints or {}).items()}
-    unknown = [m for m in checkpoints if m not in models]
+    checkpoint_paths = {k: Path(v) for k, v in (checkpoints or {}).items()}
+    unknown = [m for m in checkpoint_paths if m not in models]
     if unknown:
         from .errors import AttnflowError
 
@@ -204,7 +204,7 @@ def run_demo(out_dir: str | Path = "attnflow-demo", *, device: str | None = None
                             f"({', '.join(models)})")
     photos = write_photos(out / "photos", limit)
     echo(f"attnflow demo: {len(photos)} photos -> {out / 'photos'}")
-    weights, no_network = _choose_weights(models, checkpoints, random_init, offline, img_size, model_kw, echo)
+    weights, no_network = _choose_weights(models, checkpoint_paths, random_init, offline, img_size, model_kw, echo)
     random = [m for m in models if weights[m] == "random-init"]
     why = ("--random-init was given" if random_init else
            "no pretrained weights in the local caches, and " + ("the network is off or unreachable" if no_network
@@ -219,7 +219,7 @@ def run_demo(out_dir: str | Path = "attnflow-demo", *, device: str | None = None
         "data": {"root": str(out / "photos"), "img_size": img_size, "crop_pct": 0.875,
                  "batch_size": batch_size, "workers": 0},
         "models": [{"name": m, "random_init": weights[m] == "random-init", "model_kw": dict(model_kw or {}),
-                    **({"checkpoint": str(checkpoints[m])} if m in checkpoints else {})} for m in models],
+                    **({"checkpoint": str(checkpoint_paths[m])} if m in checkpoint_paths else {})} for m in models],
         "figures": [
             {"name": "blocks", "kind": "set", "formats": ["png", "pdf"]},
             {"name": "heads", "kind": "heads", "formats": ["png"],

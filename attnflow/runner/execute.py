@@ -168,8 +168,9 @@ def plan_run(cfg: AnalysisConfig) -> Plan:
     """
     from ..data.images import find_images
 
-    root_ok = cfg.data_root is not None and cfg.data_root.exists()
-    n_files = len(find_images(cfg.data_root)) if root_ok else None
+    data_root = cfg.data_root if cfg.data_root is not None and cfg.data_root.exists() else None
+    root_ok = data_root is not None
+    n_files = len(find_images(data_root)) if data_root is not None else None
     shas = ShaCache(cfg.run_dir / "stats" / "sha256.json")
     stats_ids = {e.id for e in cfg.stats_models()}
     jobs = []
@@ -207,10 +208,11 @@ def load_entry(entry: ModelEntry, img_size: int) -> torch.nn.Module:
         return load_model(entry.name, checkpoint=entry.checkpoint, img_size=img_size,
                           checkpoint_key=entry.checkpoint_key, **dict(entry.model_kw))
     model = load_model(entry.name, random_init=True, img_size=img_size, **dict(entry.model_kw))
-    if callable(getattr(model, "init_weights", None)):
+    init_weights = getattr(model, "init_weights", None)
+    if callable(init_weights):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(entry.id.encode()))
-            model.init_weights()
+            init_weights()
     return model.eval()
 
 
@@ -252,6 +254,9 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
         model = load_entry(job.entry, cfg.img_size).to(dev)
         info = getattr(model, "attnflow_info", {}) or {}
         if job.compute:
+            if cfg.data_root is None:  # plan_run refuses such a plan
+                raise ConfigError(f"{cfg.name}: no data root to compute the statistics of {job.entry.id} on: "
+                                  "pass --data DIR")
             echo(f"computing {job.entry.id} over {cfg.data_root} ...")
             key = job.key.to_json() | {"weights": f"sha256:{info['sha256']}" if info.get("sha256") else "random-init"}
             result = attention_stats(
