@@ -3,7 +3,6 @@ without [cls] is scored through its head, curves of disjoint runs merge to the c
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
