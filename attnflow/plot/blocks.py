@@ -108,7 +108,7 @@ def block_ticks(n_blocks: int, max_ticks: int = 12) -> list[int]:
 def _ax_width_in(ax: Axes) -> float:
     """Width of ``ax`` in inches; its position is a fraction of its figure or sub-figure."""
     fig = ax.figure
-    fig_width = fig.get_figwidth() if isinstance(fig, Figure) else fig.bbox.width / fig.dpi
+    fig_width = fig.get_figwidth() if isinstance(fig, Figure) else fig.bbox.width / fig.figure.dpi
     return ax.get_position().width * fig_width
 
 

@@ -166,15 +166,8 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 300) -> Path:
 
 
 def root_figure(ax: Axes) -> Figure:
-    """The top-level :class:`~matplotlib.figure.Figure` holding ``ax`` (through any sub-figures).
-
-    Raises:
-        PlotError: ``ax`` is on no figure (it was removed).
-    """
-    fig = ax.get_figure(root=True)
-    if fig is None:
-        raise PlotError("the axes are on no figure")
-    return fig
+    """The top-level :class:`~matplotlib.figure.Figure` holding ``ax`` (through any sub-figures)."""
+    return ax.figure.figure  # the .figure of a figure or sub-figure is the root (matplotlib 3.7 to 3.11)
 
 
 def close(fig: Figure) -> None:
