@@ -21,6 +21,8 @@ SUBSTITUTIONS = {  # README text -> offline stand-in; each must still be in the 
         'attnflow.load_model("dino-vit-b16", random_init=True, depth=1, embed_dim=48, num_heads=4)',
     'aggregation_statistics(mae, "/data/imagenet/val"': 'aggregation_statistics(mae, PHOTOS, progress=False',
     'head=load_head("runs/probe-mae/seed0/heads/abmilp.pt")': 'head=None',
+    'read_boxes("/data/imagenet/LOC_val_solution.csv")': 'read_boxes(BOXES)',
+    'localize(mae, "/data/imagenet/val", truth,': 'localize(mae, PHOTOS, truth, progress=False,',
 }
 
 
@@ -30,7 +32,7 @@ def python_blocks() -> list[str]:
 
 def test_readme_python_blocks_run(photo_folder, tmp_path, monkeypatch):
     blocks = python_blocks()
-    assert len(blocks) == 3, "README's Python blocks changed: update this test"
+    assert len(blocks) == 4, "README's Python blocks changed: update this test"
     code = "\n".join(blocks)
     for old, new in SUBSTITUTIONS.items():
         assert old in code, f"README no longer has {old!r}: update this test"
@@ -43,7 +45,9 @@ def test_readme_python_blocks_run(photo_folder, tmp_path, monkeypatch):
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(photo_folder.iterdir())[:2]])
     g = torch.Generator().manual_seed(0)
     labels, val_labels = torch.arange(256) % 4, torch.arange(64) % 4
-    env = {"PHOTOS": str(photo_folder), "images": images,
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("".join(f"{p.name},10,10,100,100\n" for p in sorted(photo_folder.iterdir())))
+    env = {"PHOTOS": str(photo_folder), "BOXES": str(boxes), "images": images,
            "tokens": torch.randn(256, 5, 8, generator=g), "labels": labels,
            "val_tokens": torch.randn(64, 5, 8, generator=g), "val_labels": val_labels}
     exec(compile(code, str(README), "exec"), env)
@@ -59,3 +63,6 @@ def test_readme_python_blocks_run(photo_folder, tmp_path, monkeypatch):
     torch.testing.assert_close(env["weights"].sum(1), torch.ones(2))
     agg = env["agg"].frame
     assert set(agg["metric"]) == {"entropy", "kld"} and (agg["count"] == len(list(photo_folder.iterdir()))).all()
+    scores = env["loc"].max_box_acc_v2()
+    assert set(scores) == {"cls_mean"} and 0 <= scores["cls_mean"] <= 100
+    assert env["loc"].frame["images"].unique().tolist() == [len(list(photo_folder.iterdir()))]
