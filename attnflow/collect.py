@@ -478,7 +478,7 @@ def _sharded_loader(data: Any) -> bool:
     sampler = _distributed_sampler(data)
     if sampler is None:
         return False
-    repeated = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+    repeated = sampler.total_size - len(sampler.dataset)
     if repeated > 0:
         log.warning("the DataLoader's DistributedSampler repeats %d image(s) to even out the shards, and they are "
                     "counted twice: pass its Dataset instead (sharded without repeats)", repeated)

@@ -153,7 +153,7 @@ class BoxAccuracy:
         self.cam_curve_interval = float(cam_curve_interval)
         self.thresholds = cam_thresholds(self.cam_curve_interval)
         self.holes = holes
-        self.hits = np.zeros((len(ious), len(self.thresholds)), dtype=np.int64)      # [D, T]
+        self.hits: np.ndarray = np.zeros((len(ious), len(self.thresholds)), dtype=np.int64)      # [D, T]
         self.count = 0
 
     def hits_of(self, scoremap: np.ndarray, gt: np.ndarray) -> np.ndarray:

@@ -218,7 +218,7 @@ class FixedAggregationEncoder(TokenEncoder):
         self.has_cls = True  # the one output token is read by the `cls` head
         self.reference = self.capturer.reference
 
-    @property  # type: ignore[override]
+    @property
     def fingerprint(self) -> str:
         """Ties caches and checkpoints to the model's weights, the source and the reference's weights."""
         parts = [self.capturer.encoder.fingerprint, self.source.name,

@@ -26,9 +26,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover  (Python 3.10: tomli is a dependency there)
+    import tomli as tomllib
 
 from ..errors import AttnflowError
 from .specs import DEFAULT_HEADS, parse_head_list
@@ -146,21 +152,9 @@ def _unknown(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> Attnfl
     return AttnflowError(f"unknown {kind} {name!r}{hint}")
 
 
-def _toml_module():
-    try:
-        import tomllib  # Python >= 3.11
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise AttnflowError("reading --config needs Python >= 3.11 or `pip install tomli`") from None
-    return tomllib
-
-
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Probe settings from a TOML file (top-level keys, or the ``[probe]`` table); dashes become underscores."""
     path = Path(path)
-    tomllib = _toml_module()
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
