@@ -65,7 +65,9 @@ def test_plot_missing_or_unreadable_result(tmp_path, capsys):
     bad = tmp_path / "bad.parquet"
     bad.write_text("not parquet")
     assert main(["plot", str(bad), "--out", str(tmp_path / "x.png")]) == 2
-    assert "cannot read a result" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a readable result table" in err and "cannot read a result" not in err  # no double wrapping
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_maps_end_to_end_on_tiny_random_models(photo_folder, tmp_path, capsys):

@@ -65,6 +65,8 @@ def read_results(items: list[str]):
     for path in result_paths(items):
         try:
             results.append(Result.read(path))
+        except AttnflowError:  # already one line naming the file
+            raise
         except (OSError, ValueError, KeyError) as err:
             raise AttnflowError(f"{path}: cannot read a result table ({err})") from err
     return Result.concat(results)
