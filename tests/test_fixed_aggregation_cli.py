@@ -139,6 +139,9 @@ def test_aggregate_error_lines(photo_folder, tmp_path, capsys):
     cls_head = save_head(tmp_path / "cls.pt", ProbeHead(parse_head_spec("cls"), 32, 3, True))
     assert "is a 'cls' head" in run("--head", str(cls_head))
     assert "needs a reference model" in run("--sources", "central,reference:dino-vit-b16")
+    # a reference: source must name the model given as --reference (it was computed with that one, mislabelled)
+    assert "reference:dino-vit-b16 names dino-vit-b16 but --reference is" in run(
+        *REF, "--sources", "central,reference:dino-vit-b16")
     assert "need --reference MODEL" in run("--reference-random-init")
     assert "rounds the softmax" in run("--amp", "bf16", "--device", "cpu")
     assert "no such file or folder" in main_missing(tmp_path, capsys)
@@ -147,3 +150,14 @@ def test_aggregate_error_lines(photo_folder, tmp_path, capsys):
 def main_missing(tmp_path: Path, capsys) -> str:
     assert main(["aggregate", *MAIN, "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     return capsys.readouterr().err
+
+
+def test_reference_source_must_name_the_reference_model(photo_folder):
+    from attnflow.probes.fixed import AggregationError
+    from attnflow.probes.fixed_loop import aggregation_statistics
+
+    model = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
+    reference = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
+    with pytest.raises(AggregationError, match="names dino-vit-b16 but --reference is dino-vit-s16"):
+        aggregation_statistics(model, photo_folder, reference=reference, reference_name="dino-vit-s16",
+                               sources=["reference:dino-vit-b16"], progress=False)

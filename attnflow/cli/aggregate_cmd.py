@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from ..probes.distributed import init_from_env
     from ..probes.fixed import parse_source
     from ..probes.fixed_encode import check_reference
-    from ..probes.fixed_loop import aggregation_statistics
+    from ..probes.fixed_loop import aggregation_statistics, reference_mismatch
     from ..probes.outputs import load_head
 
     if not Path(args.data).exists():  # before loading a model, which can take a minute
@@ -86,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
         raise AttnflowError(f"--amp {args.amp} on the CPU rounds the softmax; use --amp none (or auto) on the CPU")
     sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
     for text in sources or []:
-        parse_source(text, allow_head=True)  # an unknown name fails before any model is built
+        source = parse_source(text, allow_head=True)  # an unknown name fails before any model is built
+        if source.kind == "reference" and args.reference and source.target != args.reference:
+            raise AttnflowError(reference_mismatch(source, args.reference))
     ref_opts = args.reference_checkpoint or args.reference_random_init or args.reference_model_kw
     if ref_opts and not args.reference:
         raise AttnflowError("--reference-* options need --reference MODEL")

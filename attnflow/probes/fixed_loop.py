@@ -86,6 +86,12 @@ def default_sources(has_cls: bool, reference_name: str | None = None, head: Prob
     return out
 
 
+def reference_mismatch(source: Source, reference_name: str) -> str:
+    """The error line for a ``reference:<name>`` source that names another model than the reference given."""
+    return (f"source {source.name} names {source.target} but --reference is {reference_name}: its vectors would "
+            f"be {reference_name}'s; use reference:{reference_name}")
+
+
 def _world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -154,6 +160,8 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
     for src in parsed:
         if src.kind == "reference" and reference is None:
             raise AggregationError(f"source {src.name} needs a reference model")
+        if src.kind == "reference" and reference_name is not None and src.target != reference_name:
+            raise AggregationError(reference_mismatch(src, reference_name))
         if src.kind == "head" and head is None:
             raise AggregationError(f"source {src.name} needs a trained head")
         if src.needs_cls and not has_cls:
