@@ -136,6 +136,9 @@ def test_aggregate_error_lines(photo_folder, tmp_path, capsys):
         "--reference-model-kw", "num_heads=4")
     wide = save_head(tmp_path / "wide.pt", ProbeHead(parse_head_spec("abmilp"), 48, 3, True))
     assert "trained on tokens of width 48" in run("--head", str(wide))
+    foreign = save_head(tmp_path / "foreign.pt", ProbeHead(parse_head_spec("abmilp"), 32, 3, True),
+                        meta={"model": "mae-vit-b16", "block": -1, "layernorm": False})
+    assert "foreign.pt was trained on mae-vit-b16, not on vit_small_patch16_224.dino" in run("--head", str(foreign))
     cls_head = save_head(tmp_path / "cls.pt", ProbeHead(parse_head_spec("cls"), 32, 3, True))
     assert "is a 'cls' head" in run("--head", str(cls_head))
     assert "needs a reference model" in run("--sources", "central,reference:dino-vit-b16")
@@ -161,3 +164,13 @@ def test_reference_source_must_name_the_reference_model(photo_folder):
     with pytest.raises(AggregationError, match="names dino-vit-b16 but --reference is dino-vit-s16"):
         aggregation_statistics(model, photo_folder, reference=reference, reference_name="dino-vit-s16",
                                sources=["reference:dino-vit-b16"], progress=False)
+
+
+def test_a_head_of_the_same_model_under_its_preset_name_is_accepted():
+    from attnflow.probes.fixed_encode import AggregationCapture, check_head
+
+    capture = AggregationCapture(load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW))
+    head = ProbeHead(parse_head_spec("abmilp"), 32, 3, True)
+    for name in ("dino-vit-s16", "vit_small_patch16_224.dino"):  # the preset and its timm hub tag: one model
+        head.meta = {"model": name}
+        check_head(head, capture)

@@ -155,3 +155,7 @@ def test_error_lines(photo_folder, tmp_path, capsys):
     assert "no [cls] token" in error_line(capsys)
     assert main([*base, "--boxes", str(good), "--img-size", "72"]) == 2
     assert "multiple of 16" in error_line(capsys)
+    foreign = save_head(tmp_path / "foreign.pt", ProbeHead(parse_head_spec("abmilp"), 32, 3, True),
+                        meta={"model": "mae-vit-b16", "block": -1, "layernorm": False})
+    assert main([*base, "--boxes", str(good), "--head", str(foreign)]) == 2
+    assert f"{foreign} was trained on mae-vit-b16, not on {ARCH}" in error_line(capsys)

@@ -159,7 +159,10 @@ class AggregationCapture:
 
 
 def check_head(head: ProbeHead, capture: AggregationCapture, path: str = "the head") -> None:
-    """Refuse a head whose weights are not an aggregation over this model's patch tokens, in one line."""
+    """Refuse a head whose weights are not an aggregation over this model's patch tokens, in one line: a head of
+    a fixed aggregation or a ``cls`` head, a head saved for another model (``head.meta["model"]`` against the
+    model's ``attnflow_info`` preset or architecture; a preset and its timm hub tag are the same model), or one
+    of another token width."""
     meta = getattr(head, "meta", {}) or {}
     if meta.get("aggregation"):
         raise AggregationError(f"{path} was trained on the fixed aggregation {meta['aggregation']}, not on the "
@@ -167,10 +170,25 @@ def check_head(head: ProbeHead, capture: AggregationCapture, path: str = "the he
     if head.spec.kind == "cls":
         raise AggregationError(f"{path} is a 'cls' head: its weights sit on [cls], not on the patches; pass an "
                                "AbMILP or attentive-probing head")
+    trained_on = meta.get("model")
+    info = getattr(capture.model, "attnflow_info", None) or {}
+    this = info.get("preset") or info.get("arch")
+    if trained_on and this and _model_identity(str(trained_on)) != _model_identity(str(this)):
+        raise AggregationError(f"{path} was trained on {trained_on}, not on {capture.model_name} ({this}): a head's "
+                               "weights only mean something on the tokens of the model it was trained on")
     enc = capture.encoder
     if head.has_cls != enc.has_cls or head.dim != enc.dim:
         raise AggregationError(f"{path} was trained on tokens of width {head.dim} (has_cls={head.has_cls}); this "
                                f"model gives width {enc.dim} (has_cls={enc.has_cls})")
+
+
+def _model_identity(name: str) -> str:
+    """A preset's name for a preset or its timm hub tag (``vit_base_patch16_224.mae`` -> ``mae-vit-b16``), else the
+    name itself."""
+    from ..models.registry import find_spec, list_specs
+
+    spec = find_spec(name) or next((s for s in list_specs() if s.hub_tag == name), None)
+    return spec.name if spec is not None else name
 
 
 @torch.no_grad()
