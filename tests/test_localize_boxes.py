@@ -110,6 +110,21 @@ def test_xml_folder_and_archive(tmp_path):
     check_boxes(truth, with_sizes=True)
 
 
+def test_one_xml_file(tmp_path):
+    """One annotation file (detected by its .xml name or its leading '<', or forced) gives its own boxes."""
+    (name, ((w, h), boxes)), = [(k, v) for k, v in TRUTH.items() if len(v[1]) > 1][:1]
+    text = XML.format(name=name, w=w, h=h, objects="".join(OBJECT.format(*b) for b in boxes))
+    (tmp_path / f"{name}.xml").write_text(text)
+    (tmp_path / "annotation.txt").write_text(text)
+    for path, fmt in ((tmp_path / f"{name}.xml", "auto"), (tmp_path / f"{name}.xml", "xml"),
+                      (tmp_path / "annotation.txt", "auto")):
+        truth = read_boxes(path, fmt)
+        key = name if path.suffix == ".xml" else "annotation"
+        assert truth.format == "xml" and list(truth.boxes) == [key]
+        np.testing.assert_array_equal(truth.boxes[key], np.asarray(boxes, dtype=np.float64))
+        assert truth.size_of(key) == (w, h)
+
+
 def test_kaggle_wsol_and_csv(tmp_path):
     truth = read_boxes(write_kaggle(tmp_path / "LOC_val_solution.csv"))
     assert truth.format == "kaggle"
@@ -209,6 +224,12 @@ def test_bad_folders_archives_and_xml(tmp_path):
     with pytest.raises(BoxFileError, match="not a readable tar archive") as err:
         read_boxes(tmp_path / "fake.tgz")
     one_line(err)
+    long_line = "a.jpg," + ",".join(["1"] * 200)
+    (tmp_path / "long.csv").write_text(long_line + "\n")
+    with pytest.raises(BoxFileError, match="line 1: expected 'path,x1,y1,x2,y2'") as err:
+        read_boxes(tmp_path / "long.csv")
+    text = one_line(err)
+    assert text.endswith("...'") and len(text) < len(str(tmp_path / "long.csv")) + 200  # the line is cut short
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(BoxFileError, match="not a text file"):
         read_boxes(tmp_path / "binary.csv")

@@ -4,7 +4,8 @@
 format      what it is
 ==========  ==========================================================================================
 ``xml``     the official ``ILSVRC2012_bbox_val_v3.tgz`` (the archive itself, or extracted:
-            ``val/ILSVRC2012_val_00000001.xml``; also Kaggle's ``ILSVRC/Annotations/CLS-LOC/val``):
+            ``val/ILSVRC2012_val_00000001.xml``, or one such file; also Kaggle's
+            ``ILSVRC/Annotations/CLS-LOC/val``):
             PASCAL-VOC files with the image's ``<size>`` and one ``<object><bndbox>`` per object
 ``kaggle``  Kaggle's ``LOC_val_solution.csv``: ``ImageId,PredictionString`` with
             ``"n01751748 111 108 441 193 n01751748 ..."`` (groups of wnid x_min y_min x_max y_max)
@@ -169,7 +170,7 @@ def detect_format(path: Path) -> str:
         raise BoxFileError(f"{path}: a boxes folder must hold ILSVRC .xml annotations (or val/*.xml) or "
                            "wsolevaluation metadata (localization.txt)")
     name = path.name.lower()
-    if name.endswith(_ARCHIVES):
+    if name.endswith(_ARCHIVES) or _is_xml_file(path):
         return "xml"
     if name == "localization.txt":
         return "wsol"
@@ -177,6 +178,14 @@ def detect_format(path: Path) -> str:
     if [c.strip() for c in first.split(",")][:2] == ["ImageId", "PredictionString"]:
         return "kaggle"
     return "csv"
+
+
+def _is_xml_file(path: Path) -> bool:
+    """A single annotation file: a ``.xml`` name, or text that starts with ``<``."""
+    if path.suffix.lower() == ".xml":
+        return True
+    with path.open("rb") as f:
+        return f.read(256).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
 
 
 def _first_line(path: Path) -> str:
@@ -240,6 +249,9 @@ def _xml_sources(path: Path) -> Iterator[tuple[str, str, bytes]]:
         for file in sorted(folder.glob("*.xml")):
             yield str(file), file.stem, file.read_bytes()
         return
+    if not path.name.lower().endswith(_ARCHIVES) and _is_xml_file(path):  # one annotation file
+        yield str(path), path.stem, path.read_bytes()
+        return
     try:
         with tarfile.open(path) as tar:
             members = [m for m in tar if m.isfile() and m.name.lower().endswith(".xml")]
@@ -262,7 +274,8 @@ def _xml_int(node: ET.Element, tag: str, where: str) -> float:
 
 
 def read_xml_boxes(path: str | Path) -> GroundTruth:
-    """Boxes of the official ILSVRC bbox XML annotations (a folder, ``val/`` under it, or the .tgz itself)."""
+    """Boxes of the official ILSVRC bbox XML annotations (a folder, ``val/`` under it, the .tgz itself, or one
+    ``.xml`` file)."""
     path = Path(path)
     boxes: dict[str, list[list[float]]] = {}
     sizes: dict[str, tuple[int, int]] = {}
@@ -373,13 +386,18 @@ def read_csv_boxes(path: str | Path) -> GroundTruth:
         parts = [c.strip() for c in row]
         if len(parts) not in (5, 7):
             raise BoxFileError(f"{where}: expected 'path,x1,y1,x2,y2' (optionally ',width,height'), got "
-                               f"{','.join(parts)!r}")
+                               f"{_shorten(','.join(parts))!r}")
         if not parts[0]:
             raise BoxFileError(f"{where}: empty path")
         boxes.setdefault(parts[0], []).append(_box(parts[1:5], where))
         if len(parts) == 7:
             sizes[parts[0]] = _size(_number(parts[5], where, "width"), _number(parts[6], where, "height"), where)
     return _finish(boxes, sizes, set(), path, "csv")
+
+
+def _shorten(text: str, width: int = 80) -> str:
+    """``text`` cut to ``width`` characters (``...`` at the end) for an error line."""
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _is_number(text: str) -> bool:
