@@ -33,7 +33,8 @@ def _package_versions() -> dict[str, str | None]:
 
 
 def run_provenance(model: nn.Module, name: str) -> dict[str, Any]:
-    """Model preset, architecture, checkpoint path and sha256, software versions and a UTC timestamp."""
+    """Model preset, architecture, architecture overrides (``model_kw``), checkpoint path, key and sha256, software
+    versions and a UTC timestamp."""
     info = dict(getattr(model, "attnflow_info", None) or {})
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return {
@@ -44,6 +45,8 @@ def run_provenance(model: nn.Module, name: str) -> dict[str, Any]:
         "checkpoint_sha256": info.get("sha256"),
         "weights_source": info.get("source"),
         "random_init": info.get("random_init"),
+        "model_kw": info.get("model_kw") or {},
+        "checkpoint_key": info.get("checkpoint_key"),
         "versions": package_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -547,3 +547,23 @@ def test_dinov2_file_is_resampled_by_dinov2s_own_rule(tmp_path):
     timm_ref = F.interpolate(sd["pos_embed"][:, 1:].reshape(1, 37, 37, 32).permute(0, 3, 1, 2), size=(16, 16),
                              mode="bicubic", align_corners=False, antialias=True)
     assert (pos[:, 1:] - timm_ref.permute(0, 2, 3, 1).reshape(1, 256, 32)).abs().max() > 0.1
+
+
+def test_provenance_records_the_architecture_overrides_and_checkpoint_key():
+    """Two runs of one preset with other --model-kw are other models: the sidecar must say which one ran."""
+    import json
+
+    import torch.nn as nn
+
+    from attnflow.collect import attention_stats
+    from attnflow.provenance import run_provenance
+
+    model = load_model("mae-vit-b16", random_init=True, img_size=64, depth=2, embed_dim=32, num_heads=4,
+                       act_layer=nn.GELU)
+    prov = run_provenance(model, "mae-vit-b16")
+    assert prov["model_kw"] == {"depth": 2, "embed_dim": 32, "num_heads": 4, "act_layer": repr(nn.GELU)}
+    assert prov["checkpoint_key"] is None
+    json.dumps(prov)  # a class given as an override is stored by its repr
+    images = torch.randn(2, 3, 64, 64)
+    result = attention_stats(model, images, device="cpu", progress=False)
+    assert result.meta["model_kw"]["depth"] == 2

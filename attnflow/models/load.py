@@ -273,7 +273,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
 
     Returns:
         The model, features only (``num_classes=0``), with ``model.attnflow_info``: ``preset, arch,
-        checkpoint, sha256, source, random_init, img_size, has_cls`` (plus ``converter, family, label``).
+        checkpoint, sha256, source, random_init, img_size, has_cls`` (plus ``converter, family, label``, and the
+        ``model_kw`` overrides and ``checkpoint_key`` it was built with).
 
     Raises:
         UnknownModelError: unknown name (with close matches).
@@ -316,6 +317,9 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         "converter": weights.converter if weights else None,
         "family": spec.family if spec else "other",
         "label": spec.label if spec else arch,
+        "model_kw": {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+                     for k, v in timm_kwargs.items()},
+        "checkpoint_key": checkpoint_key,
     }
     setattr(model, "attnflow_info", info)  # a plain attribute, not a parameter or sub-module
     return model
