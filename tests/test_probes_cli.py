@@ -270,3 +270,25 @@ def test_table_keeps_runs_on_two_datasets_apart(tmp_path):
     assert summary.loc["folder (flowers)", "mean"] == pytest.approx(91.0)
     assert summary.loc["folder (cars)", "mean"] == pytest.approx(42.0)
     assert (summary["n_seeds"] == 2).all()
+
+
+def test_table_bolds_the_best_per_task_and_every_head_tied_as_printed():
+    import pandas as pd
+
+    from attnflow.probes.summary import to_latex, to_markdown
+
+    summary = pd.DataFrame({
+        "model": ["mae-vit-b16"] * 5,
+        "task": ["imagenet", "imagenet", "imagenet", "cub", "cub"],
+        "head": ["cls", "abmilp", "fixed:cls_mean", "cls", "abmilp"],
+        "lr": [0.1] * 5,
+        "mean": [68.0, 71.62, 71.58, 40.0, 39.0],   # 71.62 and 71.58 both print as 71.6
+        "std": [float("nan")] * 5,
+        "n_seeds": [1] * 5,
+    })
+    md = to_markdown(summary)
+    row = md.splitlines()[2]
+    # ImageNet: the two heads printed as 71.6 are both best; CUB is compared on its own (40.0 beats 39.0 there,
+    # although an ImageNet head is higher)
+    assert row.count("**71.6**") == 2 and "**40.0**" in row and "**68.0**" not in row and "**39.0**" not in row
+    assert to_latex(summary).count(r"\textbf{") == 3

@@ -97,10 +97,12 @@ def _label(model: str) -> str:
 
 
 def pivot(summary: pd.DataFrame, digits: int = 1, heads: list[str] | None = None
-          ) -> tuple[list[str], list[str], list[list[str]], list[int]]:
-    """Header, row labels, formatted cells and the column of each row's best mean (-1: none).
+          ) -> tuple[list[str], list[str], list[list[str]], list[set[int]]]:
+    """Header, row labels, formatted cells and, per row, the columns of its best mean in each task.
 
-    Columns are the heads in ``heads`` order (default: the paper's order, then others) per task.
+    Columns are the heads in ``heads`` order (default: the paper's order, then others) per task. The best of a
+    row is taken per task (an ImageNet and a CUB column are not compared), on the means as printed: heads tied
+    at ``digits`` decimals are all best, as a reader of the table sees them.
     """
     tasks = list(dict.fromkeys(summary["task"]))
     columns = []
@@ -112,18 +114,23 @@ def pivot(summary: pd.DataFrame, digits: int = 1, heads: list[str] | None = None
     models = list(dict.fromkeys(summary["model"]))
     cells, best = [], []
     for model in models:
-        row, means = [], []
+        row: list[str] = []
+        means: list[float | None] = []
         for task, head in columns:
             hit = summary[(summary["model"] == model) & (summary["task"] == task) & (summary["head"] == head)]
             if hit.empty:
                 row.append("–")
-                means.append(float("-inf"))
+                means.append(None)
                 continue
             mean, std = float(hit["mean"].iloc[0]), hit["std"].iloc[0]
             row.append(f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {float(std):.{digits}f}"))
-            means.append(mean)
+            means.append(round(mean, digits))
         cells.append(row)
-        best.append(max(range(len(means)), key=means.__getitem__) if any(m > float("-inf") for m in means) else -1)
+        top: dict[str, float] = {}
+        for (task, _), m in zip(columns, means):
+            if m is not None:
+                top[task] = max(top.get(task, m), m)
+        best.append({i for i, ((task, _), m) in enumerate(zip(columns, means)) if m is not None and m == top[task]})
     return header, [_label(m) for m in models], cells, best
 
 
@@ -132,7 +139,7 @@ def to_markdown(summary: pd.DataFrame, digits: int = 1, heads: list[str] | None 
     header, rows, cells, best = pivot(summary, digits, heads)
     lines = ["| Model | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
     for label, row, b in zip(rows, cells, best):
-        shown = [f"**{c}**" if i == b else c for i, c in enumerate(row)]
+        shown = [f"**{c}**" if i in b else c for i, c in enumerate(row)]
         lines.append(f"| {label} | " + " | ".join(shown) + " |")
     return "\n".join(lines) + "\n"
 
@@ -149,7 +156,7 @@ def to_latex(summary: pd.DataFrame, digits: int = 1, heads: list[str] | None = N
              "Model & " + " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
     for label, row, b in zip(rows, cells, best):
         shown = [c.replace("±", r"$\pm$").replace("–", "--") for c in row]
-        shown = [rf"\textbf{{{c}}}" if i == b else c for i, c in enumerate(shown)]
+        shown = [rf"\textbf{{{c}}}" if i in b else c for i, c in enumerate(shown)]
         lines.append(f"{_tex(label)} & " + " & ".join(shown) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
