@@ -148,6 +148,10 @@ def test_aggregate_error_lines(photo_folder, tmp_path, capsys):
     assert "need --reference MODEL" in run("--reference-random-init")
     assert "rounds the softmax" in run("--amp", "bf16", "--device", "cpu")
     assert "no such file or folder" in main_missing(tmp_path, capsys)
+    # a source that needs --reference or --head is refused before any model is loaded (here: a missing file)
+    missing = ["--checkpoint", str(tmp_path / "not-downloaded.pth")]
+    assert "add --reference dino-vit-b16" in run(*missing, "--sources", "reference:dino-vit-b16")
+    assert "needs a trained head: add --head PATH" in run(*missing, "--sources", "head:abmilp")
 
 
 def main_missing(tmp_path: Path, capsys) -> str:

@@ -89,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         source = parse_source(text, allow_head=True)  # an unknown name fails before any model is built
         if source.kind == "reference" and args.reference and source.target != args.reference:
             raise AttnflowError(reference_mismatch(source, args.reference))
+        if source.kind == "reference" and not args.reference:
+            raise AttnflowError(f"source {source.name} needs a reference model: add --reference {source.target}")
+        if source.kind == "head" and not args.head:
+            raise AttnflowError(f"source {source.name} needs a trained head: add --head PATH")
     ref_opts = args.reference_checkpoint or args.reference_random_init or args.reference_model_kw
     if ref_opts and not args.reference:
         raise AttnflowError("--reference-* options need --reference MODEL")
