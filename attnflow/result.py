@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,6 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from .atomic import write_atomically
 from .errors import AttnflowError
 
 COLUMNS: tuple[str, ...] = ("model", "block", "head", "metric", "mean", "std", "count")
@@ -120,16 +120,7 @@ class Result:
                                                                             sort_keys=True)),
                    path.with_suffix(".csv"): lambda p: self.frame.to_csv(p, index=False),
                    parquet: lambda p: self.frame.to_parquet(p, index=False)}
-        temps = {final: final.with_name(f".{final.name}.tmp") for final in writers}
-        try:
-            for final, write in writers.items():
-                write(temps[final])
-        except BaseException:
-            for temp in temps.values():
-                temp.unlink(missing_ok=True)
-            raise
-        for final, temp in temps.items():  # the parquet last: it marks a complete result
-            os.replace(temp, final)
+        write_atomically(writers)  # the parquet last: it marks a complete result
         return parquet
 
     @classmethod

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import AttnflowError
-from .stats_cmd import add_model_arguments, crop_fraction, non_negative_int, parse_model_kwargs, positive_int
+from .stats_cmd import (add_model_arguments, check_data_and_amp, crop_fraction, non_negative_int, parse_model_kwargs,
+                        positive_int)
 
 TABLE = "aggregation"
 """Stem of the table written into ``--out``."""
@@ -69,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from matplotlib.figure import Figure
 
-    from ..data.images import DataError
     from ..models.load import load_model
     from ..plot.kld import plot_kld_heatmap
     from ..plot.style import close, paper_style, save_figure
@@ -79,11 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from ..probes.fixed_loop import aggregation_statistics, reference_mismatch
     from ..probes.outputs import load_head
 
-    if not Path(args.data).exists():  # before loading a model, which can take a minute
-        raise DataError(f"{args.data}: no such file or folder")
-    run_on = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.amp in ("bf16", "fp16") and not run_on.startswith("cuda"):
-        raise AttnflowError(f"--amp {args.amp} on the CPU rounds the softmax; use --amp none (or auto) on the CPU")
+    check_data_and_amp(args.data, args.amp, args.device)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
     for text in sources or []:
         source = parse_source(text, allow_head=True)  # an unknown name fails before any model is built

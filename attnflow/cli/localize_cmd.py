@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnflowError
-from .stats_cmd import add_model_arguments, non_negative_int, parse_model_kwargs, positive_int
+from .stats_cmd import add_model_arguments, check_data_and_amp, non_negative_int, parse_model_kwargs, positive_int
 
 EXAMPLES = "examples"
 """Stem of the example figure written into ``--out``."""
@@ -84,18 +84,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.images import DataError
     from ..localize.boxes import read_boxes
     from ..localize.evaluate import localize
     from ..models.load import load_model
     from ..probes.distributed import init_from_env
     from ..probes.outputs import load_head
 
-    if not Path(args.data).exists():  # before loading a model, which can take a minute
-        raise DataError(f"{args.data}: no such file or folder")
-    run_on = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.amp in ("bf16", "fp16") and not run_on.startswith("cuda"):
-        raise AttnflowError(f"--amp {args.amp} on the CPU rounds the attention; use --amp none (or auto) on the CPU")
+    check_data_and_amp(args.data, args.amp, args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; localize writes a directory there")

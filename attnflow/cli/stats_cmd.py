@@ -78,6 +78,20 @@ def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def check_data_and_amp(data: str, amp: str, device: str | None) -> None:
+    """Fail fast, before a model is loaded (which can take a minute): a missing ``--data``, and ``--amp bf16/fp16``
+    on the CPU, whose autocast would round the softmax."""
+    import torch
+
+    from ..data.images import DataError
+
+    if not Path(data).exists():
+        raise DataError(f"{data}: no such file or folder")
+    run_on = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if amp in ("bf16", "fp16") and not run_on.startswith("cuda"):
+        raise AttnflowError(f"--amp {amp} on the CPU rounds the softmax; use --amp none (or auto) on the CPU")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "stats", help="attention statistics of a model over an image folder",

@@ -15,7 +15,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..data.images import DataError
+from ..probes.distributed import current_world, gather_objects
 from ..probes.fixed_encode import AggregationCapture, check_head
 from ..probes.heads import ProbeHead
 from ..provenance import run_provenance
@@ -38,24 +39,6 @@ log = logging.getLogger(__name__)
 PROTOCOL = ("wsolevaluation BoxEvaluator, multi_contour_eval (MaxBoxAccV2): whole image resized to a square, "
             "score map bicubic-resized to it, min-max normalised, uint8, mask = map > int(t * max), every "
             "contour's box (outer and hole contours, OpenCV RETR_TREE), best IoU over ground-truth boxes")
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(items: list, world: int) -> list:
-    if world == 1:
-        return items
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
 
 
 class MapCapture:
@@ -127,7 +110,8 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
         BoxFileError: no image of the folder has a box.
         DataError: no readable image.
     """
-    rank, world = _world()
+    world_info = current_world()
+    rank, world = world_info.rank, world_info.size
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                          else "cpu")
     capture = MapCapture(model, head, head_path=head_path, amp=amp, device=device, model_name=model_name)
@@ -167,8 +151,8 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
         drain(keep=0)
     for acc in accs.values():
         acc.all_reduce()
-    skipped = _gather(skipped, world)
-    differ = _gather([(check.differ, check.aspect, check.first)], world)
+    skipped = gather_objects(skipped)
+    differ = gather_objects([(check.differ, check.aspect, check.first)])
     used = next(iter(accs.values())).count
     if used == 0:
         raise DataError(f"no readable image among {len(dataset)} ({len(skipped)} unreadable)")

@@ -15,7 +15,6 @@ integer hit counts, so curves of separate runs over disjoint images add up exact
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from ..atomic import write_atomically
 from .metric import BoxAccuracy, LocalizationError
 
 TABLE = "localization"
@@ -140,12 +140,5 @@ class LocalizationResult:
             out / f"{TABLE}.json": lambda p: p.write_text(json.dumps(self.meta, indent=2, default=str)),
             out / f"{TABLE}.csv": lambda p: self.frame.to_csv(p, index=False),
             out / f"{TABLE}.parquet": lambda p: self.frame.to_parquet(p, index=False)}
-        for final, write in writers.items():
-            temp = final.with_name(f".{final.name}.tmp")
-            try:
-                write(temp)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
-            os.replace(temp, final)
+        write_atomically(writers)
         return out / f"{TABLE}.parquet"

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -41,6 +43,19 @@ def current_world() -> World:
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
     return World()
+
+
+def gather_objects(items: list) -> list:
+    """Every process's ``items`` concatenated in rank order (``items`` itself without a process group).
+
+    For small picklable lists (skipped files, token layouts), through :func:`torch.distributed.all_gather_object`.
+    """
+    world = current_world()
+    if not world.distributed:
+        return items
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
 
 
 def init_from_env(device: torch.device | None = None) -> tuple[World, torch.device]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,9 +20,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ..atomic import write_atomically
 from ..data.images import DataError, ImageFolderDataset, collate_skip_bad
 from ..data.transforms import eval_transform
 from ..provenance import run_provenance
+from .distributed import current_world, gather_objects
 from .fixed import HEAD_PREFIX, SOURCES, AggregationError, Source, model_label, parse_source, source_label
 from .fixed_encode import AggregationCapture, check_head, head_vectors
 from .fixed_stats import Q_FLOOR, AggregationStats
@@ -63,16 +64,7 @@ class AggregationResult:
                                                                                    default=str)),
                    parquet.with_suffix(".csv"): lambda p: self.frame.to_csv(p, index=False),
                    parquet: lambda p: self.frame.to_parquet(p, index=False)}
-        temps = {final: final.with_name(f".{final.name}.tmp") for final in writers}
-        try:
-            for final, write in writers.items():
-                write(temps[final])
-        except BaseException:
-            for temp in temps.values():
-                temp.unlink(missing_ok=True)
-            raise
-        for final, temp in temps.items():
-            os.replace(temp, final)
+        write_atomically(writers)
         return parquet
 
 
@@ -90,24 +82,6 @@ def reference_mismatch(source: Source, reference_name: str) -> str:
     """The error line for a ``reference:<name>`` source that names another model than the reference given."""
     return (f"source {source.name} names {source.target} but --reference is {reference_name}: its vectors would "
             f"be {reference_name}'s; use reference:{reference_name}")
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(items: list, world: int) -> list:
-    if world == 1:
-        return items
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
 
 
 def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, model_name: str = "model",
@@ -143,7 +117,8 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
         AggregationError: a source that does not fit, a head of another model, a reference of another grid.
         DataError: no readable image.
     """
-    rank, world = _world()
+    world_info = current_world()
+    rank, world = world_info.rank, world_info.size
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                          else "cpu")
     meta_head = (getattr(head, "meta", {}) or {}) if head is not None else {}
@@ -194,8 +169,8 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
                             if s.kind == "head"})
         stats.update(vectors)
     stats.all_reduce()
-    skipped = _gather(skipped, world)
-    layouts = _gather([layout] if layout is not None else [], world)
+    skipped = gather_objects(skipped)
+    layouts = gather_objects([layout] if layout is not None else [])
     if int(stats.count) == 0:
         raise DataError(f"no readable image among {n_total} ({len(skipped)} unreadable)")
     label = model_label(model, model_name)
