@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 _STATE = ("sum", "sumsq", "count")
 
 
+def mean_std(total: np.ndarray, squares: np.ndarray, count: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over samples (ddof=1) from float64 sums, sums of squares and counts (broadcast together).
+
+    NaN where the count is 0 (mean and std) or 1 (std); a variance that rounding makes slightly negative is 0.
+    """
+    n = np.asarray(count)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, total / n, np.nan)
+        var = np.where(n > 1, (squares - n * mean * mean) / (n - 1), np.nan)
+    return mean, np.sqrt(np.clip(var, 0.0, None))
+
+
 class StatsReducer:
     """Running statistics of ``[B, H, M]`` metric batches for each of ``n_blocks`` blocks.
 
@@ -122,11 +134,9 @@ class StatsReducer:
 
         Missing metrics (count 0) are NaN; std is NaN when only one image contributed.
         """
-        s, sq, n = self.sum.cpu().numpy(), self.sumsq.cpu().numpy(), self.count.cpu().numpy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(n > 0, s / n, np.nan)
-            var = np.where(n > 1, (sq - n * mean * mean) / (n - 1), np.nan)
-        return {"mean": mean, "std": np.sqrt(np.clip(var, 0.0, None)), "count": n}
+        n = self.count.cpu().numpy()
+        mean, std = mean_std(self.sum.cpu().numpy(), self.sumsq.cpu().numpy(), n)
+        return {"mean": mean, "std": std, "count": n}
 
     def to_frame(self, model: str) -> pd.DataFrame:
         """Tidy table with columns :data:`attnflow.result.COLUMNS` (block and head 0-based)."""

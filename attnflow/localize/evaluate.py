@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import DataError
 from ..probes.distributed import current_world, gather_objects
-from ..probes.fixed_encode import AggregationCapture, check_head
+from ..probes.fixed_encode import AggregationCapture, check_head, head_vectors
 from ..probes.heads import ProbeHead
 from ..provenance import run_provenance
 from .boxes import GroundTruth
@@ -32,7 +32,7 @@ from .data import LocalizationImages, SizeCheck, collate_sized, gt_boxes, match_
 from .examples import collect_examples
 from .metric import CAM_CURVE_INTERVAL, IOU_THRESHOLDS, BoxAccuracy, LocalizationError
 from .result import LocalizationResult, curve_frame, summary_frame
-from .scoremaps import CLS_SOURCE, HEAD_SOURCE_PREFIX, cls_attention_maps, head_maps, quantize_scoremaps, source_label
+from .scoremaps import CLS_SOURCE, HEAD_SOURCE_PREFIX, cls_attention_maps, quantize_scoremaps, source_label
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class MapCapture:
         if CLS_SOURCE in self.sources:
             maps[CLS_SOURCE] = cls_attention_maps(captured.attn, captured.layout)
         if self.head is not None:
-            maps[self.sources[-1]] = head_maps(self.head, captured.tokens, grid)
+            maps[self.sources[-1]] = head_vectors(self.head, captured).reshape(-1, *grid)
         return maps
 
 

@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from ..probes.fixed import aggregation_vectors
-from ..probes.heads import ProbeHead
-from .metric import LocalizationError
 
 CLS_SOURCE = "cls_mean"
 """Source name of the [cls] attention map (the last block's [cls] row, mean over heads, over the patches)."""
@@ -87,19 +85,3 @@ def cls_attention_maps(attn: torch.Tensor, layout: Any) -> torch.Tensor:
     """
     gh, gw = layout.grid
     return aggregation_vectors(attn, layout, "cls_mean").reshape(-1, gh, gw)
-
-
-def head_maps(head: ProbeHead, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A trained head's aggregation weights over the patches as a map (``+cls`` heads lose their [cls] share and
-    are renormalised; min-max normalisation makes the scale irrelevant anyway).
-
-    Shape:
-        tokens ``[B, P + N, D]`` -> ``[B, gh, gw]`` float32.
-    """
-    with torch.no_grad():
-        weights = head.scores(tokens.float())[:, int(head.has_cls):].to(torch.float64)      # [B, N]
-    weights = (weights / weights.sum(dim=1, keepdim=True)).float()
-    gh, gw = grid
-    if weights.shape[1] != gh * gw:
-        raise LocalizationError(f"{weights.shape[1]} patch tokens do not fill the {gh}x{gw} patch grid")
-    return weights.reshape(-1, gh, gw)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
+from ..probes.fixed_stats import kld_matrix
 from .style import SINGLE_COLUMN, PlotError, paper_style
 
 
@@ -41,8 +42,8 @@ def plot_kld_heatmap(data: pd.DataFrame, *, labels: Mapping[str, str] | None = N
         rows = data[data["metric"] == "kld"]
         if rows.empty:
             raise PlotError("the table has no kld rows (metric == 'kld')")
-        order = list(sources) if sources is not None else list(dict.fromkeys(rows["source"]))
-        matrix = rows.pivot(index="source", columns="target", values="mean")
+        matrix = kld_matrix(rows)
+        order = list(sources) if sources is not None else list(matrix.index)
     else:
         matrix = data
         order = list(sources) if sources is not None else list(matrix.index)

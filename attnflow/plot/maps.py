@@ -126,18 +126,21 @@ def patch_maps(attn: torch.Tensor | np.ndarray, layout: Any) -> PatchMaps:
     if a.ndim != 3 or a.shape[1:] != (n, n):
         raise PlotError(f"attention of shape {tuple(a.shape)} does not match the token layout "
                         f"({num_prefix} prefix + {gh}x{gw} patches = [H, {n}, {n}])")
-    patches = slice(num_prefix, n)
-    r, c = gh // 2, gw // 2
-    central_row = a[:, num_prefix + r * gw + c, patches].mean(axis=0)          # [P]
-    central = (central_row / central_row.sum()).reshape(gh, gw)
+    from ..probes.fixed import aggregation_vectors  # the rules of the maps, shared with the fixed aggregations
+
+    one = torch.from_numpy(a)[None]                                              # [1, H, N, N]
+
+    def rule(kind: str) -> np.ndarray:
+        return aggregation_vectors(one, layout, kind, dtype=torch.float64)[0].numpy().reshape(gh, gw)
+
+    central_patch = (gh // 2, gw // 2)
     if not has_cls:
-        return PatchMaps(grid=(gh, gw), central_patch=(r, c), central=central)
-    cls_rows = a[:, 0, patches]                                                  # [H, P]
+        return PatchMaps(grid=(gh, gw), central_patch=central_patch, central=rule("central"))
+    cls_rows = a[:, 0, num_prefix:n]                                             # [H, P]
     heads = cls_rows / cls_rows.sum(axis=1, keepdims=True)
-    mean_row = cls_rows.mean(axis=0)
     ent = entropy(cls_rows, axis=1)
-    return PatchMaps(grid=(gh, gw), central_patch=(r, c), central=central,
-                     cls_heads=heads.reshape(-1, gh, gw), cls_mean=(mean_row / mean_row.sum()).reshape(gh, gw),
+    return PatchMaps(grid=(gh, gw), central_patch=central_patch, central=rule("central"),
+                     cls_heads=heads.reshape(-1, gh, gw), cls_mean=rule("cls_mean"),
                      cls_entropy=ent, min_entropy_head=int(np.argmin(ent)))
 
 

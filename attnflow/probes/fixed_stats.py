@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..reducers import mean_std
 from .fixed import AggregationError, row_entropy
 
 Q_FLOOR: float = float(torch.finfo(torch.float32).tiny)
@@ -132,17 +133,8 @@ class AggregationStats:
         """Host arrays: ``entropy`` / ``entropy_std`` ``[S]``, ``kld`` / ``kld_std`` / ``q_zero`` ``[S, S]``
         (row = p, column = q), ``count``. NaN without images (std: with fewer than two)."""
         n = int(self.count)
-
-        def mean_std(total: torch.Tensor, squares: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            s, sq = total.cpu().numpy(), squares.cpu().numpy()
-            if n == 0:
-                return np.full_like(s, np.nan), np.full_like(s, np.nan)
-            mean = s / n
-            var = (sq - n * mean * mean) / (n - 1) if n > 1 else np.full_like(s, np.nan)
-            return mean, np.sqrt(np.clip(var, 0.0, None))
-
-        ent, ent_std = mean_std(self.ent_sum, self.ent_sumsq)
-        kld, kld_std = mean_std(self.kld_sum, self.kld_sumsq)
+        ent, ent_std = mean_std(self.ent_sum.cpu().numpy(), self.ent_sumsq.cpu().numpy(), n)
+        kld, kld_std = mean_std(self.kld_sum.cpu().numpy(), self.kld_sumsq.cpu().numpy(), n)
         return {"entropy": ent, "entropy_std": ent_std, "kld": kld, "kld_std": kld_std,
                 "q_zero": self.q_zero.cpu().numpy(), "count": np.int64(n)}
 
