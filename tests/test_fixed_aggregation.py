@@ -68,7 +68,7 @@ def test_sources_match_hand_loops_with_registers():
         np.testing.assert_allclose(v.sum(1).numpy(), 1.0, atol=1e-12)
 
 
-def test_batched_sources_equal_patch_maps_of_a_real_model(photos):
+def test_sources_of_a_real_model_by_hand_and_in_patch_maps(photos):
     model = tiny_model(img_size=64, reg_tokens=2)  # [cls] + 2 registers
     images = torch.stack([torch.as_tensor(np.array(photos[k][:64, :64]), dtype=torch.float32).permute(2, 0, 1)
                           / 255 - 0.5 for k in sorted(photos)[:4]])
@@ -76,12 +76,21 @@ def test_batched_sources_equal_patch_maps_of_a_real_model(photos):
         model(images)
         attn, lay = tap.maps[0], tap.layout
     assert lay.num_prefix == 3
+    a = attn.double().numpy()                                   # [4, H, 19, 19]: [cls], 2 registers, 4x4 patches
+    centre = 3 + 2 * 4 + 2                                      # patch (row 2, col 2) of the 4x4 grid
     for src in ("cls_mean", "cls_min_entropy", "central"):
         vec = aggregation_vectors(attn, lay, src)
         assert vec.dtype == torch.float32 and vec.shape == (4, 16)
         for i in range(4):
-            want = getattr(patch_maps(attn[i], lay), src).reshape(-1)
-            np.testing.assert_allclose(vec[i].numpy(), want, rtol=1e-6, atol=1e-7)
+            if src == "cls_min_entropy":  # written out: the head whose renormalised [cls] row is least spread
+                rows = a[i, :, 0, 3:] / a[i, :, 0, 3:].sum(axis=1, keepdims=True)
+                row = rows[np.argmin(-(rows * np.log(rows)).sum(axis=1))]
+            else:
+                row = a[i, :, 0 if src == "cls_mean" else centre, 3:].mean(axis=0)
+            np.testing.assert_allclose(vec[i].numpy(), row / row.sum(), rtol=1e-6, atol=1e-7)
+            # the per-image maps of `attnflow maps` show the same vectors
+            np.testing.assert_allclose(getattr(patch_maps(attn[i], lay), src).reshape(-1), row / row.sum(),
+                                       rtol=1e-6, atol=1e-7)
 
 
 def test_model_without_cls_gets_central_only_and_bad_shapes_are_one_line():
