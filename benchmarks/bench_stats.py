@@ -183,7 +183,8 @@ def main() -> None:
                  if "stats_marginal_over_plain" in row else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"host": platform.node(), "torch": torch.__version__, "timm": timm.__version__,
+            gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+            json.dump({"host": platform.node(), "gpu": gpu, "torch": torch.__version__, "timm": timm.__version__,
                        "rows": rows}, f, indent=2)
 
 
