@@ -30,7 +30,7 @@ from .metrics import METRICS, attention_metrics, attention_metrics_from_logits, 
 from .provenance import run_provenance
 from .reducers import StatsReducer
 from .result import Result
-from .runstate import RunState, images_fingerprint, rank_state_path, run_fingerprint
+from .runstate import RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint
 from .tap import AttentionTap, QueryKey, TokenLayout, model_blocks, model_has_cls, patch_embedding
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ def attention_stats(
                 if _after_batch is not None:
                     _after_batch(n_batches)
     except BaseException as err:
-        _keep_progress(state_file, snapshot() if done_items else None, n_images, err)
+        keep_progress(state_file, snapshot() if done_items else None, n_images, err)
         raise
     finally:
         bar.close()
@@ -333,20 +333,6 @@ def attention_stats(
     else:
         state_file.remove()
     return Result(reducer.to_frame(name), run_meta)
-
-
-def _keep_progress(state_file: RunState, state: dict[str, Any] | None, n_images: int, err: BaseException) -> None:
-    """After a failed or interrupted loop: save ``state`` (the last completed batch; the failed one is redone)
-    when there is progress to resume, else remove the state file, so a plain rerun need not ask for --resume."""
-    if state_file.path is None:
-        return
-    if state is None:
-        state_file.remove()
-        return
-    what = "interrupted" if isinstance(err, KeyboardInterrupt) else f"failed ({type(err).__name__})"
-    if state_file.try_save(state):
-        log.warning("%s after %d images; state saved to %s: rerun with --resume to continue (after fixing the "
-                    "cause), or delete it to start over", what, n_images, state_file.path)
 
 
 @functools.lru_cache(maxsize=16)

@@ -34,8 +34,16 @@ OPTIONS: dict[str, str] = {
     "amp": "--amp",
     "world": "the number of processes (torchrun --nproc_per_node)",
     "rank": "the process rank",
+    "head": "the head's weights (--head)",
+    "boxes": "the ground-truth boxes (--boxes)",
+    "metric": "--iou-thresholds / --cam-curve-interval / --no-hole-contours / --interpolation",
+    "sources": "the aggregation sources (--sources)",
+    "reference": "the reference model's weights (--reference)",
 }
 """Fingerprint keys and the options a user changes them with (in the order a mismatch names them)."""
+
+_HASHED = frozenset({"weights", "images", "head", "boxes", "reference"})
+"""Fingerprint keys whose values are digests: a mismatch says they differ rather than printing them."""
 
 
 class StateFileError(AttnflowError):
@@ -98,7 +106,7 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             continue
         label = OPTIONS.get(key, key)
         shown = ["the default" if v is None else v for v in (old, new)]
-        out.append(f"{label} differ" if key in ("weights", "images") else f"{label} {shown[0]} (now {shown[1]})")
+        out.append(f"{label} differ" if key in _HASHED else f"{label} {shown[0]} (now {shown[1]})")
     return out
 
 
@@ -174,3 +182,17 @@ class RunState:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self._tmp(self.path).unlink(missing_ok=True)
+
+
+def keep_progress(state_file: RunState, state: dict[str, Any] | None, n_images: int, err: BaseException) -> None:
+    """After a failed or interrupted loop: save ``state`` (the last completed batch; the failed one is redone)
+    when there is progress to resume, else remove the state file, so a plain rerun need not ask for --resume."""
+    if state_file.path is None:
+        return
+    if state is None:
+        state_file.remove()
+        return
+    what = "interrupted" if isinstance(err, KeyboardInterrupt) else f"failed ({type(err).__name__})"
+    if state_file.try_save(state):
+        log.warning("%s after %d images; state saved to %s: rerun with --resume to continue (after fixing the "
+                    "cause), or delete it to start over", what, n_images, state_file.path)

@@ -9,10 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnflowError
-from .stats_cmd import add_model_arguments, check_data_and_amp, non_negative_int, parse_model_kwargs, positive_int
+from .stats_cmd import (add_model_arguments, check_data_and_amp, check_state_files, non_negative_int,
+                        parse_model_kwargs, positive_int, sigterm_as_interrupt, write_and_release)
 
 EXAMPLES = "examples"
 """Stem of the example figure written into ``--out``."""
+
+STATE = "localization.state.pt"
+"""The resumable state of a run, inside ``--out`` (one file per process under torchrun)."""
 
 
 def iou_list(text: str) -> list[int]:
@@ -76,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, help="use N evenly spaced images that have boxes")
     parser.add_argument("--examples", type=non_negative_int, default=8,
                         help="images in the Fig. 8-style example figure (default 8; 0: none)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="BATCHES",
+                        help="save resumable state every N batches (default 50)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -90,27 +97,39 @@ def run(args: argparse.Namespace) -> int:
     from ..probes.distributed import init_from_env
     from ..probes.outputs import load_head
 
+    from ..localize.result import TABLE
+    from ..runstate import state_files
+
     check_data_and_amp(args.data, args.amp, args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; localize writes a directory there")
+    state = out / STATE
+    if args.resume and (out / f"{TABLE}.parquet").exists() and not state_files(state):
+        # a requeued job that always passes --resume: its run is complete
+        print(f"attnflow: nothing to resume: {out / f'{TABLE}.parquet'} is complete and no state is left "
+              "(drop --resume to compute it again)")
+        return 0
+    world, device = init_from_env(torch.device(args.device) if args.device else None)
+    check_state_files(state, world.size, args.resume)
     truth = read_boxes(args.boxes, args.boxes_format)
     head = load_head(args.head) if args.head else None
     model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init, img_size=args.img_size,
                        checkpoint_key=args.checkpoint_key, **parse_model_kwargs(args.model_kw))
     random_init = bool((getattr(model, "attnflow_info", None) or {}).get("random_init", args.random_init))
-    if random_init:
+    if random_init and world.is_main:
         print("attnflow: random weights: the localization scores are meaningless", flush=True)
-    world, device = init_from_env(torch.device(args.device) if args.device else None)
-    result = localize(model, args.data, truth, head=head, head_path=args.head, model_name=args.model,
-                      batch_size=args.batch_size, device=device, amp=args.amp, num_workers=args.workers,
-                      img_size=args.img_size, interpolation=args.interpolation, limit=args.limit,
-                      iou_thresholds=args.iou_thresholds, cam_curve_interval=args.cam_curve_interval,
-                      holes=args.holes, threads=args.threads, examples=args.examples,
-                      progress=not args.no_progress)
-    if not world.is_main:
+    with sigterm_as_interrupt():
+        result = localize(model, args.data, truth, head=head, head_path=args.head, model_name=args.model,
+                          batch_size=args.batch_size, device=device, amp=args.amp, num_workers=args.workers,
+                          img_size=args.img_size, interpolation=args.interpolation, limit=args.limit,
+                          iou_thresholds=args.iou_thresholds, cam_curve_interval=args.cam_curve_interval,
+                          holes=args.holes, threads=args.threads, examples=args.examples,
+                          progress=not args.no_progress, state_path=state, checkpoint_every=args.checkpoint_every,
+                          resume=args.resume, keep_state=True)
+        path = write_and_release(result, out, state, world.rank, world.size)
+    if not world.is_main or path is None:
         return 0
-    path = result.write(out)
     written = [f"{path} (+ .csv, .json)", str(out / "curve.parquet")]
     if result.examples:
         written.append(str(_write_examples(result, out, random_init, args.model)))

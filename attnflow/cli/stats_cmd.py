@@ -170,7 +170,7 @@ def check_output_folder(out: Path) -> None:
 
 
 class OutputWriteError(AttnflowError):
-    """The finished statistics could not be written (full disk, quota, permissions); their state is kept."""
+    """The finished results could not be written (full disk, quota, permissions); their state is kept."""
 
 
 def check_state_files(state: Path, world: int, resume: bool) -> None:
@@ -244,7 +244,7 @@ def reported_by_rank0(errors: tuple[type[AttnflowError], ...] = (AttnflowError,)
         raise SystemExit(2) from None
 
 
-def _write_and_release(result: Any, out: Path, state: Path, rank: int, world: int) -> Path | None:
+def write_and_release(result: Any, out: Path, state: Path, rank: int, world: int) -> Path | None:
     """Write the result (rank 0), then remove every process's state once the outputs are safely on disk.
 
     Raises:
@@ -271,7 +271,7 @@ def _write_and_release(result: Any, out: Path, state: Path, rank: int, world: in
         return path
     if rank == 0:
         raise OutputWriteError(f"cannot write {out}: {getattr(error, 'strerror', None) or error}; the finished "
-                               f"statistics are kept in {state}: make room and rerun with --resume (it only "
+                               f"results are kept in {state}: make room and rerun with --resume (it only "
                                "writes the outputs)") from error
     return None
 
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
                 limit=args.limit, model_name=args.name or args.model, state_path=state, checkpoint_every=args.checkpoint_every,
                 resume=args.resume, progress=not args.no_progress, compile=args.compile,
                 fast_qk=args.fast_qk, qk_kernel=args.qk_kernel, keep_state=True)
-            path = _write_and_release(result, out, state, rank, world)
+            path = write_and_release(result, out, state, rank, world)
     finally:
         if world > 1:
             import torch.distributed as dist

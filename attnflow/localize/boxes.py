@@ -26,6 +26,7 @@ its stem (``ILSVRC2012_val_00000001``).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import re
@@ -83,6 +84,14 @@ class GroundTruth:
     def n_boxes(self) -> int:
         """Total number of boxes."""
         return int(sum(len(b) for b in self.boxes.values()))
+
+    def fingerprint(self) -> str:
+        """A short hash of every key, box and stated size (what a resumed run must score against)."""
+        digest = hashlib.sha256()
+        for key in sorted(self.boxes):
+            digest.update(key.encode() + b"\0" + np.ascontiguousarray(self.boxes[key], dtype=np.float64).tobytes()
+                          + repr(self.sizes.get(key)).encode() + b"\0")
+        return digest.hexdigest()[:16]
 
     def key_for(self, image: str | Path, root: str | Path | None = None) -> str | None:
         """The key of an image's boxes: its path relative to ``root``, else its file name, else its stem

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
+from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -22,11 +24,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..collect import resolve_amp
 from ..data.images import DataError
 from ..probes.distributed import current_world, gather_objects
 from ..probes.fixed_encode import AggregationCapture, check_head, head_vectors
 from ..probes.heads import ProbeHead
-from ..provenance import run_provenance
+from ..provenance import run_provenance, weights_fingerprint
+from ..runstate import RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint
 from .boxes import GroundTruth
 from .data import LocalizationImages, SizeCheck, collate_sized, gt_boxes, match_images, resize_transform
 from .examples import collect_examples
@@ -81,7 +85,8 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
              interpolation: str = "bilinear", limit: int | None = None,
              iou_thresholds: Sequence[int] = IOU_THRESHOLDS, cam_curve_interval: float = CAM_CURVE_INTERVAL,
              holes: bool = True, threads: int | None = None, examples: int = 0,
-             progress: bool = True) -> LocalizationResult:
+             progress: bool = True, state_path: str | Path | None = None, checkpoint_every: int = 50,
+             resume: bool = False, keep_state: bool = False) -> LocalizationResult:
     """MaxBoxAccV2 of the [cls] attention map and (with ``head``) the Selective Aggregation map over a folder.
 
     Args:
@@ -101,6 +106,14 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
         threads: box-search threads (default: ``min(8, CPUs)``).
         examples: number of example images to keep for the figure (main process).
         progress: tqdm bar (main process).
+        state_path: file for periodic state (one per process under torch.distributed, as
+            :func:`~attnflow.runstate.rank_state_path`); with ``resume=True`` an interrupted run continues from
+            it and ends with exactly the counts of an uninterrupted one. The state is refused when the model,
+            weights, images, boxes, head, resolution, autocast, metric settings or number of processes differ.
+        checkpoint_every: batches between state saves.
+        resume: continue from ``state_path`` if it exists.
+        keep_state: leave the finished run's state in ``state_path`` (the caller removes it once the outputs
+            are written; a resume from it returns the same result at once).
 
     Returns:
         The :class:`LocalizationResult`.
@@ -109,7 +122,10 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
         LocalizationError: a model without [cls] and no head, a head of another model.
         BoxFileError: no image of the folder has a box.
         DataError: no readable image.
+        StateFileError, StateMismatchError: with ``resume``, an unreadable state or one of another run.
     """
+    if checkpoint_every < 1:
+        raise LocalizationError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
     world_info = current_world()
     rank, world = world_info.rank, world_info.size
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
@@ -119,42 +135,82 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
     matched = match_images(data, truth, limit)
     transform = resize_transform(model, img_size, interpolation)
     dataset = LocalizationImages(matched.paths, transform)
-    shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_sized,
-                        pin_memory=device.type == "cuda")
     accs = {s: BoxAccuracy(iou_thresholds, cam_curve_interval, holes=holes) for s in sources}
+    state_file = RunState(rank_state_path(Path(state_path), rank, world) if state_path else None, {})
+    if state_file.path is not None:
+        state_file.fingerprint = {
+            **run_fingerprint(model, model_name, n_items=len(dataset), images=images_fingerprint(matched.paths,
+                              Path(data)), img_size=img_size, crop_pct=None, amp=resolve_amp(amp, device),
+                              world=world, rank=rank),
+            "head": weights_fingerprint(head) if head is not None else None, "boxes": truth.fingerprint(),
+            "metric": f"IoU {list(iou_thresholds)}, interval {cam_curve_interval}, holes {holes}, {interpolation}"}
+    saved = state_file.load() if resume else None
+    done = saved["done_items"] if saved else 0  # positions of this process's shard whose boxes are counted
+    skipped: list[tuple[str, str]] = [(str(p), str(r)) for p, r in saved["skipped"]] if saved else []
+    check = SizeCheck(*saved["size_check"]) if saved else SizeCheck()
+    if saved:
+        for source, acc_state in saved["reducer"].items():
+            accs[source] = BoxAccuracy.from_state_dict(acc_state)
+        log.info("resuming %s from %s: %d images done", model_name, state_file.path, done)
+    positions = list(range(rank, len(dataset), world))
+    loader = DataLoader(Subset(dataset, positions[done:]), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_sized, pin_memory=device.type == "cuda")
     size = (img_size, img_size)
-    check = SizeCheck()
-    skipped: list[tuple[str, str]] = []
-    pending: deque[list[tuple[str, Future]]] = deque()
+    start = time.perf_counter()
+    # batches whose box search is under way; a batch counts (hits, skipped files, size check, position) only
+    # once all its futures are done, so a saved state is always that of whole batches
+    pending: deque[_Pending] = deque()
+    n_drained = 0
 
     def drain(keep: int) -> None:
+        nonlocal done, n_drained
         while len(pending) > keep:
-            for source, future in pending.popleft():
+            batch = pending.popleft()
+            for source, future in batch.jobs:
                 accs[source].add(future.result())
-
-    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-        for batch, sizes in tqdm(loader, desc="localize", unit="batch", disable=not (progress and rank == 0)):
             skipped.extend(batch.bad)
-            for path, reason in batch.bad:
-                log.warning("skipping %s: %s", path, reason)
-            if batch.images.numel() == 0:
-                continue
-            maps = {s: quantize_scoremaps(m, size).cpu().numpy() for s, m in capture(batch.images).items()}
-            jobs: list[tuple[str, Future]] = []
-            for i, (index, wh) in enumerate(zip(batch.indices.tolist(), sizes.tolist())):
-                key = matched.keys[index]
-                gt = gt_boxes(truth, key, (wh[0], wh[1]), size, check, matched.paths[index].name)
-                jobs += [(s, pool.submit(accs[s].hits_of, maps[s][i], gt)) for s in sources]
-            pending.append(jobs)
-            drain(keep=2)  # the box search of two batches overlaps the next forward
-        drain(keep=0)
+            check.differ, check.aspect = check.differ + batch.check.differ, check.aspect + batch.check.aspect
+            check.first = check.first or batch.check.first
+            done += batch.n_items
+            n_drained += 1
+            if state_file.path is not None and n_drained % checkpoint_every == 0:
+                state_file.try_save(snapshot())
+
+    def snapshot() -> dict:
+        return {"done_items": done, "reducer": {s: acc.state_dict() for s, acc in accs.items()},
+                "skipped": list(skipped), "size_check": (check.differ, check.aspect, check.first),
+                "seconds": (saved or {}).get("seconds", 0.0) + time.perf_counter() - start}
+
+    try:
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            for batch, sizes in tqdm(loader, desc="localize", unit="batch", total=len(loader),
+                                     disable=not (progress and rank == 0)):
+                for path, reason in batch.bad:
+                    log.warning("skipping %s: %s", path, reason)
+                batch_check = SizeCheck()
+                jobs: list[tuple[str, Future]] = []
+                if batch.images.numel():
+                    maps = {s: quantize_scoremaps(m, size).cpu().numpy() for s, m in capture(batch.images).items()}
+                    for i, (index, wh) in enumerate(zip(batch.indices.tolist(), sizes.tolist())):
+                        key = matched.keys[index]
+                        gt = gt_boxes(truth, key, (wh[0], wh[1]), size, batch_check, matched.paths[index].name)
+                        jobs += [(s, pool.submit(accs[s].hits_of, maps[s][i], gt)) for s in sources]
+                pending.append(_Pending(jobs, list(batch.bad), batch_check,
+                                        batch.images.shape[0] + len(batch.bad)))
+                drain(keep=2)  # the box search of two batches overlaps the next forward
+            drain(keep=0)
+    except BaseException as err:
+        keep_progress(state_file, snapshot() if done else None, done, err)
+        raise
+    final = snapshot() if keep_state and state_file.path is not None else None  # before the all-reduce
+    elapsed = (saved or {}).get("seconds", 0.0) + time.perf_counter() - start
     for acc in accs.values():
         acc.all_reduce()
     skipped = gather_objects(skipped)
     differ = gather_objects([(check.differ, check.aspect, check.first)])
     used = next(iter(accs.values())).count
     if used == 0:
+        state_file.remove()  # every file was unreadable: nothing to resume
         raise DataError(f"no readable image among {len(dataset)} ({len(skipped)} unreadable)")
     _warn_sizes(differ, truth)
     labels = {s: source_label(s) for s in sources}
@@ -177,11 +233,27 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
         "size_differs_from_box_file": sum(d[0] for d in differ),
         "aspect_differs_from_box_file": sum(d[1] for d in differ),
         "world_size": world, "amp": amp, "device": str(device),
+        "seconds": round(elapsed, 3),
+        "resumed": saved is not None,
     }
+    if final is not None:
+        state_file.save(final)
+    else:
+        state_file.remove()
     result = LocalizationResult(summary_frame(model_name, accs, labels), curve_frame(model_name, accs), meta)
     if examples and rank == 0:
         result.examples = collect_examples(capture, dataset, matched.keys, truth, accs, count=examples, size=size)
     return result
+
+
+@dataclass
+class _Pending:
+    """One batch whose box search is under way."""
+
+    jobs: list[tuple[str, Future]]
+    bad: list[tuple[str, str]]
+    check: SizeCheck
+    n_items: int
 
 
 def _warn_sizes(differ: list[tuple[int, int, str]], truth: GroundTruth) -> None:
