@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import AttnflowError
-from .stats_cmd import (add_model_arguments, check_data_and_amp, crop_fraction, non_negative_int, parse_model_kwargs,
-                        positive_int)
+from .stats_cmd import (add_model_arguments, check_data_and_amp, check_state_files, crop_fraction, non_negative_int,
+                        parse_model_kwargs, positive_int, sigterm_as_interrupt, write_and_release)
 
 TABLE = "aggregation"
 """Stem of the table written into ``--out``."""
+
+STATE = "aggregation.state.pt"
+"""The resumable state of a run, inside ``--out`` (one file per process under torchrun)."""
 
 
 def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                         help="autocast dtype (default: bf16 on GPU, none on CPU); the softmax stays fp32")
     parser.add_argument("--limit", type=positive_int, help="use N evenly spaced images (deterministic subset)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="BATCHES",
+                        help="save resumable state every N batches (default 50)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ..probes.fixed_encode import check_reference
     from ..probes.fixed_loop import aggregation_statistics, reference_mismatch
     from ..probes.outputs import load_head
+    from ..runstate import state_files
 
     check_data_and_amp(args.data, args.amp, args.device)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
@@ -95,23 +102,32 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; aggregate writes a directory there")
+    state = out / STATE
+    if args.resume and (out / f"{TABLE}.parquet").exists() and not state_files(state):
+        # a requeued job that always passes --resume: its run is complete
+        print(f"attnflow: nothing to resume: {out / f'{TABLE}.parquet'} is complete and no state is left "
+              "(drop --resume to compute it again)")
+        return 0
+    world, device = init_from_env(torch.device(args.device) if args.device else None)
+    check_state_files(state, world.size, args.resume)
     head = load_head(args.head) if args.head else None
     model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init, img_size=args.img_size,
                        checkpoint_key=args.checkpoint_key, **parse_model_kwargs(args.model_kw))
     reference = load_reference(args, args.reference) if args.reference else None
     if reference is not None:
         check_reference(model, reference, args.img_size, model_name=args.model, reference_name=args.reference)
-    if args.random_init or args.reference_random_init:
+    if (args.random_init or args.reference_random_init) and world.is_main:
         print("attnflow: random weights: the statistics are meaningless", flush=True)
-    world, device = init_from_env(torch.device(args.device) if args.device else None)
-    result = aggregation_statistics(
-        model, args.data, model_name=args.model, reference=reference, reference_name=args.reference, head=head,
-        head_path=args.head, sources=sources, batch_size=args.batch_size, device=device, amp=args.amp,
-        num_workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct, limit=args.limit,
-        progress=not args.no_progress)
-    if not world.is_main:
+    with sigterm_as_interrupt():
+        result = aggregation_statistics(
+            model, args.data, model_name=args.model, reference=reference, reference_name=args.reference, head=head,
+            head_path=args.head, sources=sources, batch_size=args.batch_size, device=device, amp=args.amp,
+            num_workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct, limit=args.limit,
+            progress=not args.no_progress, state_path=state, checkpoint_every=args.checkpoint_every,
+            resume=args.resume, keep_state=True)
+        path = write_and_release(result, out / f"{TABLE}.parquet", state, world.rank, world.size)
+    if not world.is_main or path is None:
         return 0
-    path = result.write(out / f"{TABLE}.parquet")
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
     with paper_style():
         fig = cast(Figure, plot_kld_heatmap(result.frame, labels=result.labels, sources=result.sources).figure)

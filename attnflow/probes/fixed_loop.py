@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,9 +22,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
+from ..collect import resolve_amp
 from ..data.images import DataError, ImageFolderDataset, collate_skip_bad
 from ..data.transforms import eval_transform
-from ..provenance import run_provenance
+from ..provenance import run_provenance, weights_fingerprint
+from ..runstate import RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint
+from ..tap import TokenLayout
 from .distributed import current_world, gather_objects
 from .fixed import HEAD_PREFIX, SOURCES, AggregationError, Source, model_label, parse_source, source_label
 from .fixed_encode import AggregationCapture, check_head, head_vectors
@@ -90,7 +94,9 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
                            sources: Sequence[str] | None = None, batch_size: int = 64,
                            device: torch.device | str | None = None, amp: str = "auto", num_workers: int = 0,
                            img_size: int = 224, crop_pct: float | None = None, limit: int | None = None,
-                           progress: bool = True) -> AggregationResult:
+                           progress: bool = True, state_path: str | Path | None = None,
+                           checkpoint_every: int = 50, resume: bool = False,
+                           keep_state: bool = False) -> AggregationResult:
     """Mean entropy of every source's aggregation vectors and mean KL divergence of every ordered pair.
 
     Args:
@@ -109,6 +115,14 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
         img_size, crop_pct: the eval transform for a folder.
         limit: use ``limit`` evenly spaced images of a folder.
         progress: tqdm bar (main process).
+        state_path: file for periodic state (one per process under torch.distributed, as
+            :func:`~attnflow.runstate.rank_state_path`); with ``resume=True`` an interrupted run continues from
+            it. The state is refused when the model, weights, reference, head, sources, images, resolution,
+            crop, autocast or number of processes differ; the batch size may change.
+        checkpoint_every: batches between state saves.
+        resume: continue from ``state_path`` if it exists.
+        keep_state: leave the finished run's state in ``state_path`` (the caller removes it once the outputs
+            are written; a resume from it returns the same result at once).
 
     Returns:
         The :class:`AggregationResult`.
@@ -116,7 +130,10 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
     Raises:
         AggregationError: a source that does not fit, a head of another model, a reference of another grid.
         DataError: no readable image.
+        StateFileError, StateMismatchError: with ``resume``, an unreadable state or one of another run.
     """
+    if checkpoint_every < 1:
+        raise AggregationError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
     world_info = current_world()
     rank, world = world_info.rank, world_info.size
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
@@ -149,29 +166,66 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
     else:
         dataset, data_info = data, {"dataset": type(data).__name__}
     n_total = len(dataset)  # type: ignore[arg-type]
-    shard = Subset(dataset, list(range(rank, n_total, world))) if world > 1 else dataset
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_bad,
-                        pin_memory=device.type == "cuda")
     stats = AggregationStats([s.name for s in parsed], device=device)
-    skipped: list[tuple[str, str]] = []
-    layout = None
-    for batch in tqdm(loader, desc="aggregate", unit="batch", disable=not (progress and rank == 0)):
-        skipped.extend(batch.bad)
-        for path, reason in batch.bad:
-            log.warning("skipping %s: %s", path, reason)
-        if batch.images.numel() == 0:
-            continue
-        captured = capture.capture(batch.images)
-        layout = captured.layout
-        vectors = {s.name: capture.vectors(captured, s, dtype=torch.float64) for s in parsed if s.kind != "head"}
-        if head is not None:
-            vectors.update({s.name: head_vectors(head, captured, dtype=torch.float64) for s in parsed
-                            if s.kind == "head"})
-        stats.update(vectors)
+    state_file = RunState(rank_state_path(Path(state_path), rank, world) if state_path else None, {})
+    if state_file.path is not None:
+        folder_data = isinstance(dataset, ImageFolderDataset)
+        images = images_fingerprint(dataset.paths, dataset.root) if isinstance(dataset, ImageFolderDataset) else None
+        state_file.fingerprint = {
+            **run_fingerprint(model, model_name, n_items=n_total, world=world, rank=rank,
+                              amp=resolve_amp(amp, device),
+                              images=images,
+                              img_size=img_size if folder_data else None, crop_pct=crop_pct if folder_data else None),
+            "head": weights_fingerprint(head) if head is not None else None,
+            "reference": weights_fingerprint(reference) if reference is not None else None,
+            "sources": ",".join(s.name for s in parsed)}
+    saved = state_file.load() if resume else None
+    done = saved["done_items"] if saved else 0  # positions of this process's shard already counted
+    skipped: list[tuple[str, str]] = [(str(p), str(r)) for p, r in saved["skipped"]] if saved else []
+    layout = TokenLayout(*saved["layout"]) if saved and saved.get("layout") else None
+    if saved:
+        stats.load_state_dict(saved["reducer"])
+        log.info("resuming %s from %s: %d images done", model_name, state_file.path, done)
+    positions = list(range(rank, n_total, world))
+    loader = DataLoader(Subset(dataset, positions[done:]), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_skip_bad, pin_memory=device.type == "cuda")
+    start = time.perf_counter()
+
+    def snapshot() -> dict[str, Any]:
+        return {"done_items": done, "reducer": stats.state_dict(), "skipped": list(skipped),
+                "layout": (layout.num_prefix, layout.has_cls, layout.grid, layout.patch_size) if layout else None,
+                "seconds": (saved or {}).get("seconds", 0.0) + time.perf_counter() - start}
+
+    n_batches = 0
+    try:
+        for batch in tqdm(loader, desc="aggregate", unit="batch", disable=not (progress and rank == 0)):
+            for path, reason in batch.bad:
+                log.warning("skipping %s: %s", path, reason)
+            if batch.images.numel():
+                captured = capture.capture(batch.images)
+                vectors = {s.name: capture.vectors(captured, s, dtype=torch.float64) for s in parsed
+                           if s.kind != "head"}
+                if head is not None:
+                    vectors.update({s.name: head_vectors(head, captured, dtype=torch.float64) for s in parsed
+                                    if s.kind == "head"})
+                stats.update(vectors)
+                layout = captured.layout
+            # the batch is complete: only now does the state move on
+            skipped.extend(batch.bad)
+            done += batch.images.shape[0] + len(batch.bad)
+            n_batches += 1
+            if state_file.path is not None and n_batches % checkpoint_every == 0:
+                state_file.try_save(snapshot())
+    except BaseException as err:
+        keep_progress(state_file, snapshot() if done else None, done, err)
+        raise
+    final = snapshot() if keep_state and state_file.path is not None else None  # before the all-reduce
+    elapsed = (saved or {}).get("seconds", 0.0) + time.perf_counter() - start
     stats.all_reduce()
     skipped = gather_objects(skipped)
     layouts = gather_objects([layout] if layout is not None else [])
     if int(stats.count) == 0:
+        state_file.remove()  # every file was unreadable: nothing to resume
         raise DataError(f"no readable image among {n_total} ({len(skipped)} unreadable)")
     label = model_label(model, model_name)
     ref_label = model_label(reference, reference_name) if reference is not None else None
@@ -191,5 +245,10 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
         "images_used": int(stats.count), "images_skipped": len(skipped),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "q_floor": Q_FLOOR, "world_size": world, "amp": amp, "device": str(device),
+        "seconds": round(elapsed, 3), "resumed": saved is not None,
     }
+    if final is not None:
+        state_file.save(final)
+    else:
+        state_file.remove()
     return AggregationResult(stats.to_frame(model_name), meta)
