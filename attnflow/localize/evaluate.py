@@ -222,7 +222,7 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
                  if head is not None else None),
         "token_block": capture.capture.encoder.block, "attention_block": len(model.blocks) - 1,  # type: ignore
         "boxes": {"path": truth.path, "format": truth.format, "images_with_boxes": len(truth),
-                  "boxes": truth.n_boxes},
+                  "boxes": truth.n_boxes, "digest": truth.fingerprint()},
         "data": {"root": str(data), "n_found": matched.n_found, "limit": limit, "transform": repr(transform)},
         "img_size": img_size, "interpolation": interpolation, "iou_thresholds": list(iou_thresholds),
         "cam_curve_interval": cam_curve_interval, "hole_contours": holes,
