@@ -178,3 +178,28 @@ def test_a_head_of_the_same_model_under_its_preset_name_is_accepted():
     for name in ("dino-vit-s16", "vit_small_patch16_224.dino"):  # the preset and its timm hub tag: one model
         head.meta = {"model": name}
         check_head(head, capture)
+
+
+def test_a_head_of_other_weights_of_the_same_model_is_warned_about(caplog):
+    from attnflow.probes.fixed_encode import AggregationCapture, check_head
+
+    model = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
+    capture = AggregationCapture(model)
+    head = ProbeHead(parse_head_spec("abmilp"), 32, 3, True)
+    cases = [({"random_init": True}, {"random_init": True}, None),
+             ({"random_init": True}, {"random_init": False, "sha256": "b" * 64}, "random weights"),
+             ({"random_init": False, "checkpoint_sha256": "a" * 64}, {"random_init": False, "sha256": "b" * 64},
+              "the checkpoint with sha256 aaaaaaaaaaaa"),
+             ({"random_init": False, "checkpoint_sha256": "a" * 64}, {"random_init": False, "sha256": "a" * 64},
+              None),
+             ({}, {"random_init": False, "sha256": "b" * 64}, None)]  # a head saved before weights were recorded
+    for head_meta, info, expected in cases:
+        head.meta = {"model": "dino-vit-s16", **head_meta}
+        model.attnflow_info = {**model.attnflow_info, **info}
+        caplog.clear()
+        check_head(head, capture, "h.pt")
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        if expected is None:
+            assert not warned, (head_meta, info)
+        else:
+            assert len(warned) == 1 and f"h.pt was trained on {expected} of dino-vit-s16" in warned[0], warned

@@ -180,6 +180,27 @@ def check_head(head: ProbeHead, capture: AggregationCapture, path: str = "the he
     if head.has_cls != enc.has_cls or head.dim != enc.dim:
         raise AggregationError(f"{path} was trained on tokens of width {head.dim} (has_cls={head.has_cls}); this "
                                f"model gives width {enc.dim} (has_cls={enc.has_cls})")
+    other = _other_weights(meta, info)
+    if other:
+        log.warning("%s was trained on %s of %s; this run uses %s: its weights over the patches were learned on "
+                    "other tokens", path, other[0], trained_on or "this model", other[1])
+
+
+def _other_weights(head_meta: dict, info: dict) -> tuple[str, str] | None:
+    """``(the head's backbone weights, this model's)`` in words when a saved head records other weights than the
+    model has (another checkpoint file by sha256, or random against trained weights), else ``None``. Heads saved
+    before weights were recorded, and models not built by :func:`attnflow.load_model`, pass."""
+    if "random_init" not in head_meta or "random_init" not in info:
+        return None
+
+    def words(sha: str | None, random: bool) -> str:
+        return "random weights" if random else f"the checkpoint with sha256 {sha[:12]}" if sha else "unknown weights"
+
+    theirs = (head_meta.get("checkpoint_sha256"), bool(head_meta.get("random_init")))
+    mine = (info.get("sha256"), bool(info.get("random_init")))
+    if theirs[1] != mine[1] or (theirs[0] and mine[0] and theirs[0] != mine[0]):
+        return words(*theirs), words(*mine)
+    return None
 
 
 def _model_identity(name: str) -> str:

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from ..provenance import weights_fingerprint
 from .bank import HeadBank
 from .cache import TokenCache, extract_tokens
 from .distributed import broadcast_module, current_world, init_from_env, wait_for_main
@@ -130,6 +131,8 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     else:
         encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
     broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for --random-init)
+    backbone = {"checkpoint_sha256": model_info.get("sha256"), "random_init": bool(model_info.get("random_init")),
+                "weights": weights_fingerprint(encoder.model)}  # saved with each head (see check_head)
     specs = parse_head_list(config.heads)
     check_heads_fit(specs, encoder.has_cls)  # before any (long) cache extraction
     check_classes(data.num_classes, data.info["root"])
@@ -176,7 +179,7 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
                 save_head(seed_dir / "heads" / f"{safe_name(entry.name)}.pt", entry.head,
                           meta={"model": model_name, "task": config.task, "seed": seed, "lr": entry.lr,
                                 "epochs": epochs, "top1": float(acc["top1"].iloc[0]) if len(acc) else None,
-                                "block": config.block, "layernorm": config.layernorm,
+                                "block": config.block, "layernorm": config.layernorm, **backbone,
                                 **({"aggregation": config.aggregation} if aggregation else {})})
     table = pd.concat(frames, ignore_index=True).assign(model=model_name, task=config.task)
     table = table.loc[:, ["model", "task", *RESULT_COLUMNS]]
