@@ -1,4 +1,5 @@
-"""The resumable state of an :func:`~attnflow.collect.attention_stats` run.
+"""The resumable state of a run over a dataset: :func:`~attnflow.collect.attention_stats`,
+:func:`~attnflow.localize.localize` and :func:`~attnflow.probes.aggregation_statistics`.
 
 A run saves its state (images done, skipped files, the reducer's sums) every few batches, when it is
 interrupted, and when it fails after some progress; it removes the file when it ends with nothing worth

@@ -103,12 +103,13 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; aggregate writes a directory there")
     state = out / STATE
+    world, device = init_from_env(torch.device(args.device) if args.device else None)
     if args.resume and (out / f"{TABLE}.parquet").exists() and not state_files(state):
         # a requeued job that always passes --resume: its run is complete
-        print(f"attnflow: nothing to resume: {out / f'{TABLE}.parquet'} is complete and no state is left "
-              "(drop --resume to compute it again)")
+        if world.is_main:
+            print(f"attnflow: nothing to resume: {out / f'{TABLE}.parquet'} is complete and no state is left "
+                  "(drop --resume to compute it again)")
         return 0
-    world, device = init_from_env(torch.device(args.device) if args.device else None)
     check_state_files(state, world.size, args.resume)
     head = load_head(args.head) if args.head else None
     model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init, img_size=args.img_size,

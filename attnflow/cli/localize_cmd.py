@@ -93,11 +93,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..localize.boxes import read_boxes
     from ..localize.evaluate import localize
+    from ..localize.result import TABLE
     from ..models.load import load_model
     from ..probes.distributed import init_from_env
     from ..probes.outputs import load_head
-
-    from ..localize.result import TABLE
     from ..runstate import state_files
 
     check_data_and_amp(args.data, args.amp, args.device)
@@ -105,12 +104,13 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; localize writes a directory there")
     state = out / STATE
+    world, device = init_from_env(torch.device(args.device) if args.device else None)
     if args.resume and (out / f"{TABLE}.parquet").exists() and not state_files(state):
         # a requeued job that always passes --resume: its run is complete
-        print(f"attnflow: nothing to resume: {out / f'{TABLE}.parquet'} is complete and no state is left "
-              "(drop --resume to compute it again)")
+        if world.is_main:
+            print(f"attnflow: nothing to resume: {out / f'{TABLE}.parquet'} is complete and no state is left "
+                  "(drop --resume to compute it again)")
         return 0
-    world, device = init_from_env(torch.device(args.device) if args.device else None)
     check_state_files(state, world.size, args.resume)
     truth = read_boxes(args.boxes, args.boxes_format)
     head = load_head(args.head) if args.head else None
