@@ -15,23 +15,14 @@ from attnflow.probes import fixed_encode
 from attnflow.probes.fixed import AggregationError
 from attnflow.probes.fixed_loop import aggregation_statistics
 from attnflow.runstate import StateMismatchError
+from interrupts import interrupt_at_call
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
 from test_fixed_aggregation_cli import KW, MAIN, REF, head_file  # noqa: F401  (head_file: a fixture)
 
 
 def _interrupt_at_batch(monkeypatch, n: int) -> list[int]:
     """Make the ``n``-th forward (1-based) raise KeyboardInterrupt; returns the batch sizes forwarded."""
-    seen: list[int] = []
-    real = fixed_encode.AggregationCapture.capture
-
-    def capture(self, images):
-        seen.append(images.shape[0])
-        if len(seen) == n:
-            raise KeyboardInterrupt
-        return real(self, images)
-
-    monkeypatch.setattr(fixed_encode.AggregationCapture, "capture", capture)
-    return seen
+    return interrupt_at_call(monkeypatch, fixed_encode.AggregationCapture, "capture", n)
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_statistics(photo_folder, tmp_path, head_file, monkeypatch,

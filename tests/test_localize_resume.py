@@ -16,23 +16,14 @@ from attnflow.localize import localize, read_boxes
 from attnflow.localize.metric import LocalizationError
 from attnflow.models.load import load_model
 from attnflow.runstate import StateMismatchError
+from interrupts import interrupt_at_call
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
 from test_localize_cli import ARCH, KW, MODEL, head_file, write_boxes  # noqa: F401  (head_file: a fixture)
 
 
 def _interrupt_at_batch(monkeypatch, n: int) -> list[int]:
-    """Make the ``n``-th forward (1-based) raise KeyboardInterrupt; returns the list of forwards seen."""
-    seen: list[int] = []
-    real = evaluate.MapCapture.__call__
-
-    def call(self, images):
-        seen.append(images.shape[0])
-        if len(seen) == n:
-            raise KeyboardInterrupt
-        return real(self, images)
-
-    monkeypatch.setattr(evaluate.MapCapture, "__call__", call)
-    return seen
+    """Make the ``n``-th forward (1-based) raise KeyboardInterrupt; returns the batch sizes forwarded."""
+    return interrupt_at_call(monkeypatch, evaluate.MapCapture, "__call__", n)
 
 
 def _args(photo_folder: Path, boxes: Path, out: Path, head: Path, *extra: str) -> list[str]:

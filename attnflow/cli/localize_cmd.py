@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnflowError
-from .stats_cmd import (add_model_arguments, check_data_and_amp, check_state_files, non_negative_int,
+from .stats_cmd import (add_model_arguments, check_data_and_amp, non_negative_int, nothing_to_resume,
                         parse_model_kwargs, positive_int, sigterm_as_interrupt, write_and_release)
 
 EXAMPLES = "examples"
@@ -97,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
     from ..models.load import load_model
     from ..probes.distributed import init_from_env
     from ..probes.outputs import load_head
-    from ..runstate import state_files
 
     check_data_and_amp(args.data, args.amp, args.device)
     out = Path(args.out)
@@ -105,13 +104,8 @@ def run(args: argparse.Namespace) -> int:
         raise AttnflowError(f"--out {out} is a file; localize writes a directory there")
     state = out / STATE
     world, device = init_from_env(torch.device(args.device) if args.device else None)
-    if args.resume and (out / f"{TABLE}.parquet").exists() and not state_files(state):
-        # a requeued job that always passes --resume: its run is complete
-        if world.is_main:
-            print(f"attnflow: nothing to resume: {out / f'{TABLE}.parquet'} is complete and no state is left "
-                  "(drop --resume to compute it again)")
+    if nothing_to_resume(out / f"{TABLE}.parquet", state, world.rank, world.size, args.resume):
         return 0
-    check_state_files(state, world.size, args.resume)
     truth = read_boxes(args.boxes, args.boxes_format)
     head = load_head(args.head) if args.head else None
     model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init, img_size=args.img_size,

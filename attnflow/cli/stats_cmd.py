@@ -196,6 +196,24 @@ def check_state_files(state: Path, world: int, resume: bool) -> None:
                             f"{world}: resume with the same number of processes, or delete {listed} to start over")
 
 
+def nothing_to_resume(out: Path, state: Path, rank: int, world: int, resume: bool) -> bool:
+    """Whether a ``--resume`` run has nothing to do: ``out`` exists and no state is left (a requeued job that
+    always passes ``--resume`` after its run completed; rank 0 says so). Otherwise checks the state files.
+
+    Raises:
+        AttnflowError: see :func:`check_state_files`.
+    """
+    from ..runstate import state_files
+
+    if resume and out.exists() and not state_files(state):
+        if rank == 0:
+            print(f"attnflow: nothing to resume: {out} is complete and no state is left (drop --resume to "
+                  "compute it again)")
+        return True
+    check_state_files(state, world, resume)
+    return False
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM (a cluster's time limit or preemption, torchrun stopping its workers) like Ctrl-C, so the
@@ -280,7 +298,6 @@ def run(args: argparse.Namespace) -> int:
     from ..collect import attention_stats
     from ..data.images import DataError
     from ..models.load import load_model
-    from ..runstate import state_files
 
     rank, world, dist_device = _init_distributed()
     try:
@@ -292,13 +309,8 @@ def run(args: argparse.Namespace) -> int:
                 out = out.with_suffix(".parquet")
             check_output_folder(out)
             state = state_path_for(out)
-            if args.resume and out.exists() and not state_files(state):
-                # a requeued job that always passes --resume: its run is complete, so there is nothing to do
-                if rank == 0:
-                    print(f"attnflow: nothing to resume: {out} is complete and no state is left "
-                          "(drop --resume to compute it again)")
+            if nothing_to_resume(out, state, rank, world, args.resume):
                 return 0
-            check_state_files(state, world, args.resume)
             model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
                                img_size=args.img_size, checkpoint_key=args.checkpoint_key,
                                **parse_model_kwargs(args.model_kw))
