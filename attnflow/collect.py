@@ -30,7 +30,8 @@ from .metrics import METRICS, attention_metrics, attention_metrics_from_logits, 
 from .provenance import run_provenance
 from .reducers import StatsReducer
 from .result import Result
-from .runstate import RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint
+from .runstate import (RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint,
+                       signals_deferred)
 from .tap import AttentionTap, QueryKey, TokenLayout, model_blocks, model_has_cls, patch_embedding
 
 log = logging.getLogger(__name__)
@@ -275,14 +276,16 @@ def attention_stats(
                 pending.clear()
                 if batch.images.numel():
                     _forward(model, prepare(batch.images), tap.patch_size)
-                # the batch is complete: only now does the state move on, so it is always consistent
-                if pending:
-                    reducer.update_blocks([block for block, _ in pending], torch.stack([v for _, v in pending]))
-                bad.extend(batch.bad)
+                # the batch is complete: only now does the state move on, all at once, so it is always consistent
+                values = torch.stack([v for _, v in pending]) if pending else None
+                with signals_deferred():
+                    if values is not None:
+                        reducer.update_blocks([block for block, _ in pending], values)
+                    bad.extend(batch.bad)
+                    n_images += batch.images.shape[0]
+                    done_items += (batch.images.shape[0] + len(batch.bad)) if is_dataset else 1
                 for path, reason in batch.bad:
                     log.warning("skipped %s (%s)", path, reason)
-                n_images += batch.images.shape[0]
-                done_items += (batch.images.shape[0] + len(batch.bad)) if is_dataset else 1
                 n_batches += 1
                 bar.update((batch.images.shape[0] + len(batch.bad)) if is_dataset else 1)
                 if state_file.path is not None and n_batches % checkpoint_every == 0:

@@ -10,11 +10,14 @@ that names them. The batch size, device, workers and q/k route may change: they 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -197,3 +200,20 @@ def keep_progress(state_file: RunState, state: dict[str, Any] | None, n_images: 
     if state_file.try_save(state):
         log.warning("%s after %d images; state saved to %s: rerun with --resume to continue (after fixing the "
                     "cause), or delete it to start over", what, n_images, state_file.path)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while a batch's results are added to a run's state, so an interrupt never
+    lands between two of the additions (a state saved then would count part of a batch that the resumed run
+    counts again). A signal that arrives meanwhile is handled as soon as the block ends. Only the main thread
+    receives them; elsewhere, or where signals cannot be masked, the block runs as is."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

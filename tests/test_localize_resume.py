@@ -121,3 +121,49 @@ def test_api_keep_state_returns_the_finished_run_at_once(photo_folder, tmp_path,
     with pytest.raises(StateMismatchError, match="--img-size 64 \\(now 32\\)"):
         localize(load_model(ARCH, random_init=True, img_size=32, **KW), photo_folder, truth, img_size=32,
                  progress=False, state_path=state, resume=True)
+
+
+def test_an_interrupt_while_a_batch_is_being_counted_saves_whole_batches(photo_folder, tmp_path, monkeypatch):
+    """A real SIGINT lands while the main thread collects the second batch's box searches (after the first of
+    them is in): the saved state holds whole batches only, and the resumed run equals an uninterrupted one."""
+    import os
+    import signal
+    import threading
+
+    from attnflow.localize.metric import BoxAccuracy
+
+    boxes = tmp_path / "boxes.csv"
+    write_boxes(photo_folder, boxes)
+    truth = read_boxes(boxes)
+    model = load_model(ARCH, random_init=True, img_size=64, **KW)
+    whole = localize(model, photo_folder, truth, img_size=64, batch_size=2, progress=False, threads=1)
+
+    counting = threading.Event()   # set by the main thread's first addition of the second batch
+    real_add, real_hits = BoxAccuracy.add, BoxAccuracy.hits_of
+    adds, searches = [], []
+
+    def add(self, hits):
+        adds.append(1)
+        if len(adds) == 3:
+            counting.set()
+        return real_add(self, hits)
+
+    def hits_of(self, scoremap, gt):
+        searches.append(1)
+        if len(searches) == 4:  # the second batch's last search: interrupt once counting has begun (or after 2 s)
+            counting.wait(timeout=2)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_hits(self, scoremap, gt)
+
+    state = tmp_path / "loc.state.pt"
+    with monkeypatch.context() as patch:
+        patch.setattr(BoxAccuracy, "add", add)
+        patch.setattr(BoxAccuracy, "hits_of", hits_of)
+        with pytest.raises(KeyboardInterrupt):
+            localize(model, photo_folder, truth, img_size=64, batch_size=2, progress=False, threads=1,
+                     state_path=state, checkpoint_every=1)
+    saved = torch.load(state, weights_only=False)
+    assert saved["done_items"] == 2 and saved["reducer"]["cls_mean"]["count"] == 2
+    resumed = localize(model, photo_folder, truth, img_size=64, batch_size=2, progress=False, state_path=state,
+                       resume=True)
+    pd.testing.assert_frame_equal(resumed.curve, whole.curve)

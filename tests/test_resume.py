@@ -209,3 +209,18 @@ def test_resume_refuses_a_folder_whose_images_were_replaced_under_the_same_names
     second.write_bytes(a)
     with pytest.raises(AttnflowError, match="files replaced under the same names"):
         attention_stats(tiny_model(), photo_folder, batch_size=2, state_path=state, resume=True, **KW)
+
+
+def test_signals_deferred_holds_ctrl_c_until_the_block_ends():
+    import os
+    import signal
+
+    from attnflow.runstate import signals_deferred
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # bytecodes at which an unmasked signal would have been handled
+                reached.append(1)
+    assert len(reached) == 1000

@@ -14,8 +14,8 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +30,8 @@ from ..probes.distributed import current_world, gather_objects
 from ..probes.fixed_encode import AggregationCapture, check_head, head_vectors
 from ..probes.heads import ProbeHead
 from ..provenance import run_provenance, weights_fingerprint
-from ..runstate import RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint
+from ..runstate import (RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint,
+                        signals_deferred)
 from .boxes import GroundTruth
 from .data import LocalizationImages, SizeCheck, collate_sized, gt_boxes, match_images, resize_transform
 from .examples import collect_examples
@@ -165,14 +166,17 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
     def drain(keep: int) -> None:
         nonlocal done, n_drained
         while len(pending) > keep:
-            batch = pending.popleft()
-            for source, future in batch.jobs:
-                accs[source].add(future.result())
-            skipped.extend(batch.bad)
-            check.differ, check.aspect = check.differ + batch.check.differ, check.aspect + batch.check.aspect
-            check.first = check.first or batch.check.first
-            done += batch.n_items
-            n_drained += 1
+            batch = pending[0]
+            hits = [(source, future.result()) for source, future in batch.jobs]  # waits; nothing counted yet
+            with signals_deferred():  # the whole batch counts, or none of it
+                pending.popleft()
+                for source, image_hits in hits:
+                    accs[source].add(image_hits)
+                skipped.extend(batch.bad)
+                check.differ, check.aspect = check.differ + batch.check.differ, check.aspect + batch.check.aspect
+                check.first = check.first or batch.check.first
+                done += batch.n_items
+                n_drained += 1
             if state_file.path is not None and n_drained % checkpoint_every == 0:
                 state_file.try_save(snapshot())
 
@@ -181,27 +185,29 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
                 "skipped": list(skipped), "size_check": (check.differ, check.aspect, check.first),
                 "seconds": (saved or {}).get("seconds", 0.0) + time.perf_counter() - start}
 
+    pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
     try:
-        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-            for batch, sizes in tqdm(loader, desc="localize", unit="batch", total=len(loader),
-                                     disable=not (progress and rank == 0)):
-                for path, reason in batch.bad:
-                    log.warning("skipping %s: %s", path, reason)
-                batch_check = SizeCheck()
-                jobs: list[tuple[str, Future]] = []
-                if batch.images.numel():
-                    maps = {s: quantize_scoremaps(m, size).cpu().numpy() for s, m in capture(batch.images).items()}
-                    for i, (index, wh) in enumerate(zip(batch.indices.tolist(), sizes.tolist())):
-                        key = matched.keys[index]
-                        gt = gt_boxes(truth, key, (wh[0], wh[1]), size, batch_check, matched.paths[index].name)
-                        jobs += [(s, pool.submit(accs[s].hits_of, maps[s][i], gt)) for s in sources]
-                pending.append(_Pending(jobs, list(batch.bad), batch_check,
-                                        batch.images.shape[0] + len(batch.bad)))
-                drain(keep=2)  # the box search of two batches overlaps the next forward
-            drain(keep=0)
+        for batch, sizes in tqdm(loader, desc="localize", unit="batch", total=len(loader),
+                                 disable=not (progress and rank == 0)):
+            for path, reason in batch.bad:
+                log.warning("skipping %s: %s", path, reason)
+            batch_check = SizeCheck()
+            jobs: list[tuple[str, Future]] = []
+            if batch.images.numel():
+                maps = {s: quantize_scoremaps(m, size).cpu().numpy() for s, m in capture(batch.images).items()}
+                for i, (index, wh) in enumerate(zip(batch.indices.tolist(), sizes.tolist())):
+                    key = matched.keys[index]
+                    gt = gt_boxes(truth, key, (wh[0], wh[1]), size, batch_check, matched.paths[index].name)
+                    jobs += [(s, pool.submit(accs[s].hits_of, maps[s][i], gt)) for s in sources]
+            pending.append(_Pending(jobs, list(batch.bad), batch_check,
+                                    batch.images.shape[0] + len(batch.bad)))
+            drain(keep=2)  # the box search of two batches overlaps the next forward
+        drain(keep=0)
     except BaseException as err:
+        pool.shutdown(wait=False, cancel_futures=True)  # the searches not yet begun would be thrown away
         keep_progress(state_file, snapshot() if done else None, done, err)
         raise
+    pool.shutdown()
     final = snapshot() if keep_state and state_file.path is not None else None  # before the all-reduce
     elapsed = (saved or {}).get("seconds", 0.0) + time.perf_counter() - start
     for acc in accs.values():

@@ -26,7 +26,8 @@ from ..collect import resolve_amp
 from ..data.images import DataError, ImageFolderDataset, collate_skip_bad
 from ..data.transforms import eval_transform
 from ..provenance import run_provenance, weights_fingerprint
-from ..runstate import RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint
+from ..runstate import (RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint,
+                        signals_deferred)
 from ..tap import TokenLayout
 from .distributed import current_world, gather_objects
 from .fixed import HEAD_PREFIX, SOURCES, AggregationError, Source, model_label, parse_source, source_label
@@ -201,6 +202,7 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
         for batch in tqdm(loader, desc="aggregate", unit="batch", disable=not (progress and rank == 0)):
             for path, reason in batch.bad:
                 log.warning("skipping %s: %s", path, reason)
+            vectors: dict[str, torch.Tensor] = {}
             if batch.images.numel():
                 captured = capture.capture(batch.images)
                 vectors = {s.name: capture.vectors(captured, s, dtype=torch.float64) for s in parsed
@@ -208,11 +210,13 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
                 if head is not None:
                     vectors.update({s.name: head_vectors(head, captured, dtype=torch.float64) for s in parsed
                                     if s.kind == "head"})
-                stats.update(vectors)
-                layout = captured.layout
-            # the batch is complete: only now does the state move on
-            skipped.extend(batch.bad)
-            done += batch.images.shape[0] + len(batch.bad)
+            # the batch is complete: only now does the state move on, all at once, so it is always consistent
+            with signals_deferred():
+                if vectors:
+                    stats.update(vectors)
+                    layout = captured.layout
+                skipped.extend(batch.bad)
+                done += batch.images.shape[0] + len(batch.bad)
             n_batches += 1
             if state_file.path is not None and n_batches % checkpoint_every == 0:
                 state_file.try_save(snapshot())
