@@ -237,12 +237,12 @@ def test_bad_folders_archives_and_xml(tmp_path):
         read_boxes(tmp_path / "binary.csv", format="voc")
 
 
-def test_fingerprint_follows_the_boxes_not_the_file_order(tmp_path):
+def test_fingerprint_follows_the_boxes_not_their_order(tmp_path):
     from attnflow.localize import read_boxes
 
     a, b, c = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
     a.write_text("path,x1,y1,x2,y2\nx/1.jpg,1,2,30,40\nx/2.jpg,5,5,9,9\nx/2.jpg,0,0,3,3\n")
-    b.write_text("path,x1,y1,x2,y2\nx/2.jpg,5,5,9,9\nx/2.jpg,0,0,3,3\nx/1.jpg,1,2,30,40\n")
+    b.write_text("path,x1,y1,x2,y2\nx/2.jpg,0,0,3,3\nx/1.jpg,1,2,30,40\nx/2.jpg,5,5,9,9\n")  # other row order
     c.write_text("path,x1,y1,x2,y2\nx/1.jpg,1,2,30,41\nx/2.jpg,5,5,9,9\nx/2.jpg,0,0,3,3\n")
     digests = [read_boxes(p).fingerprint() for p in (a, b, c)]
     assert digests[0] == digests[1] != digests[2] and len(digests[0]) == 16

@@ -86,10 +86,13 @@ class GroundTruth:
         return int(sum(len(b) for b in self.boxes.values()))
 
     def fingerprint(self) -> str:
-        """A short hash of every key, box and stated size (what a resumed run must score against)."""
+        """A short hash of every key, box and stated size (what a resumed run must score against); neither the
+        order of the images nor that of one image's boxes (the metric takes the best box) changes it."""
         digest = hashlib.sha256()
         for key in sorted(self.boxes):
-            digest.update(key.encode() + b"\0" + np.ascontiguousarray(self.boxes[key], dtype=np.float64).tobytes()
+            rows = np.asarray(self.boxes[key], dtype=np.float64).reshape(-1, 4)
+            rows = rows[np.lexsort(rows.T[::-1])]                                      # sorted by x1, y1, x2, y2
+            digest.update(key.encode() + b"\0" + np.ascontiguousarray(rows).tobytes()
                           + repr(self.sizes.get(key)).encode() + b"\0")
         return digest.hexdigest()[:16]
 
