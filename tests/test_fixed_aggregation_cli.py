@@ -181,25 +181,32 @@ def test_a_head_of_the_same_model_under_its_preset_name_is_accepted():
 
 
 def test_a_head_of_other_weights_of_the_same_model_is_warned_about(caplog):
-    from attnflow.probes.fixed_encode import AggregationCapture, check_head
+    from attnflow.probes.fixed_encode import AggregationCapture, backbone_record, check_head
 
     model = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
     capture = AggregationCapture(model)
     head = ProbeHead(parse_head_spec("abmilp"), 32, 3, True)
-    cases = [({"random_init": True}, {"random_init": True}, None),
-             ({"random_init": True}, {"random_init": False, "sha256": "b" * 64}, "random weights"),
-             ({"random_init": False, "checkpoint_sha256": "a" * 64}, {"random_init": False, "sha256": "b" * 64},
+    same = backbone_record(model)
+    assert same["img_size"] == [64, 64] and same["random_init"] is True and len(same["weights"]) == 16
+    trained = {"random_init": False, "sha256": "b" * 64, "checkpoint_key": None}
+    cases = [(same, {}, None),
+             (same, trained, "random weights"),
+             ({**same, "random_init": False, "checkpoint_sha256": "a" * 64}, trained,
               "the checkpoint with sha256 aaaaaaaaaaaa"),
-             ({"random_init": False, "checkpoint_sha256": "a" * 64}, {"random_init": False, "sha256": "a" * 64},
-              None),
-             ({}, {"random_init": False, "sha256": "b" * 64}, None)]  # a head saved before weights were recorded
+             ({**same, "random_init": False, "checkpoint_sha256": "b" * 64, "weights": "0" * 16, "img_size": [32, 32]},
+              trained, None),  # the same file; a fingerprint taken at another input size is not compared
+             ({**same, "random_init": False, "checkpoint_sha256": "b" * 64, "checkpoint_key": "teacher"}, trained,
+              "the checkpoint key teacher"),
+             ({**same, "weights": "0" * 16}, {}, "weights with fingerprint 0000000000000000"),
+             ({}, trained, None)]  # a head saved before weights were recorded
+    base_info = dict(model.attnflow_info)
     for head_meta, info, expected in cases:
         head.meta = {"model": "dino-vit-s16", **head_meta}
-        model.attnflow_info = {**model.attnflow_info, **info}
+        model.attnflow_info = {**base_info, **info}
         caplog.clear()
         check_head(head, capture, "h.pt")
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         if expected is None:
-            assert not warned, (head_meta, info)
+            assert not warned, (head_meta, info, warned)
         else:
             assert len(warned) == 1 and f"h.pt was trained on {expected} of dino-vit-s16" in warned[0], warned

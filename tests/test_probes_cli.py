@@ -68,7 +68,7 @@ def test_probe_cub_end_to_end_and_saved_abmilp_scores(cub, tmp_path, capsys):
     head = load_head(out / "seed0" / "heads" / "abmilp.pt")
     assert head.meta["task"] == "cub" and head.spec.name == "abmilp"
     assert head.meta["random_init"] is True and head.meta["checkpoint_sha256"] is None  # the backbone's weights
-    assert len(head.meta["weights"]) == 16
+    assert len(head.meta["weights"]) == 16 and head.meta["img_size"] == [32, 32]
     tokens = torch.randn(3, 1 + 4, 32)
     scores = head.scores(tokens)
     assert scores.shape == (3, 5) and torch.allclose(scores.sum(1), torch.ones(3))

@@ -180,26 +180,49 @@ def check_head(head: ProbeHead, capture: AggregationCapture, path: str = "the he
     if head.has_cls != enc.has_cls or head.dim != enc.dim:
         raise AggregationError(f"{path} was trained on tokens of width {head.dim} (has_cls={head.has_cls}); this "
                                f"model gives width {enc.dim} (has_cls={enc.has_cls})")
-    other = _other_weights(meta, info)
+    other = _other_weights(meta, capture.model)
     if other:
         log.warning("%s was trained on %s of %s; this run uses %s: its weights over the patches were learned on "
                     "other tokens", path, other[0], trained_on or "this model", other[1])
 
 
-def _other_weights(head_meta: dict, info: dict) -> tuple[str, str] | None:
-    """``(the head's backbone weights, this model's)`` in words when a saved head records other weights than the
-    model has (another checkpoint file by sha256, or random against trained weights), else ``None``. Heads saved
-    before weights were recorded, and models not built by :func:`attnflow.load_model`, pass."""
+def backbone_record(model: nn.Module, info: dict | None = None) -> dict:
+    """What a saved head records of the weights it was trained on (see :func:`check_head`): checkpoint sha256,
+    checkpoint key, random init (from ``info``, default ``model.attnflow_info``), the weights fingerprint and the
+    input size it was taken at."""
+    info = info if info is not None else getattr(model, "attnflow_info", None) or {}
+    return {"checkpoint_sha256": info.get("sha256"), "checkpoint_key": info.get("checkpoint_key"),
+            "random_init": bool(info.get("random_init")), "weights": weights_fingerprint(model),
+            "img_size": _input_size(model)}
+
+
+def _input_size(model: nn.Module) -> list[int] | None:
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return [int(v) for v in size] if isinstance(size, (tuple, list)) else None
+
+
+def _other_weights(head_meta: dict, model: nn.Module) -> tuple[str, str] | None:
+    """``(the head's backbone weights, this model's)`` in words when a saved head records other weights than
+    ``model`` has: random against trained weights, another checkpoint file (sha256), another checkpoint key
+    (e.g. a teacher's head on the student), or, at the same input size, another weights fingerprint; else
+    ``None``. Heads saved before weights were recorded, and models not built by :func:`attnflow.load_model`,
+    pass."""
+    info = getattr(model, "attnflow_info", None) or {}
     if "random_init" not in head_meta or "random_init" not in info:
         return None
-
-    def words(sha: str | None, random: bool) -> str:
-        return "random weights" if random else f"the checkpoint with sha256 {sha[:12]}" if sha else "unknown weights"
-
-    theirs = (head_meta.get("checkpoint_sha256"), bool(head_meta.get("random_init")))
-    mine = (info.get("sha256"), bool(info.get("random_init")))
-    if theirs[1] != mine[1] or (theirs[0] and mine[0] and theirs[0] != mine[0]):
-        return words(*theirs), words(*mine)
+    if bool(head_meta["random_init"]) != bool(info["random_init"]):
+        return (("random weights", "trained weights") if head_meta["random_init"]
+                else ("trained weights", "random weights"))
+    theirs, mine = head_meta.get("checkpoint_sha256"), info.get("sha256")
+    if theirs and mine and theirs != mine:
+        return f"the checkpoint with sha256 {theirs[:12]}", f"the checkpoint with sha256 {mine[:12]}"
+    if "checkpoint_key" in head_meta and head_meta["checkpoint_key"] != info.get("checkpoint_key"):
+        return (f"the checkpoint key {head_meta['checkpoint_key'] or '(default)'}",
+                f"the checkpoint key {info.get('checkpoint_key') or '(default)'}")
+    if head_meta.get("weights") and head_meta.get("img_size") == _input_size(model):
+        fingerprint = weights_fingerprint(model)
+        if head_meta["weights"] != fingerprint:
+            return f"weights with fingerprint {head_meta['weights']}", f"weights with fingerprint {fingerprint}"
     return None
 
 

@@ -16,12 +16,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from ..provenance import weights_fingerprint
 from .bank import HeadBank
 from .cache import TokenCache, extract_tokens
 from .distributed import broadcast_module, current_world, init_from_env, wait_for_main
 from .encode import TokenEncoder
 from .fit import RESULT_COLUMNS, check_classes
+from .fixed_encode import backbone_record
 from .imagedata import SeededDataset, image_loader
 from .loop import Batch, Schedule, train_bank
 from .outputs import safe_name, save_head, write_run_table
@@ -131,8 +131,7 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     else:
         encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
     broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for --random-init)
-    backbone = {"checkpoint_sha256": model_info.get("sha256"), "random_init": bool(model_info.get("random_init")),
-                "weights": weights_fingerprint(encoder.model)}  # saved with each head (see check_head)
+    backbone = backbone_record(encoder.model, model_info)  # saved with each head (see check_head)
     specs = parse_head_list(config.heads)
     check_heads_fit(specs, encoder.has_cls)  # before any (long) cache extraction
     check_classes(data.num_classes, data.info["root"])
