@@ -42,3 +42,15 @@ def test_torchrun_localize_and_aggregate_equal_one_process(photo_folder, tmp_pat
     one, two = (pd.read_parquet(tmp_path / d / "aggregation.parquet") for d in ("agg1", "agg2"))
     assert (one["count"] == two["count"]).all()
     np.testing.assert_allclose(two["mean"], one["mean"], rtol=1e-6, atol=1e-9)
+
+
+def test_torchrun_error_met_by_every_process_is_printed_once(photo_folder, tmp_path):
+    write_boxes(photo_folder, tmp_path / "boxes.csv")
+    out = tmp_path / "loc"
+    out.mkdir()
+    for rank in (0, 1):  # a leftover state of an interrupted 2-process run, and no --resume
+        (out / f"localization.state.rank{rank}.pt").write_bytes(b"x")
+    proc = _torchrun(["localize", *MODEL, "--data", str(photo_folder), "--boxes", str(tmp_path / "boxes.csv"),
+                      "--out", str(out), "--no-progress"])
+    assert proc.returncode != 0
+    assert proc.stderr.count("attnflow localize: error: an interrupted run left") == 1, proc.stderr[-3000:]

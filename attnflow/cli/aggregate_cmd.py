@@ -10,7 +10,8 @@ from typing import Any, cast
 
 from ..errors import AttnflowError
 from .stats_cmd import (add_model_arguments, check_data_and_amp, crop_fraction, non_negative_int, nothing_to_resume,
-                        parse_model_kwargs, positive_int, sigterm_as_interrupt, write_and_release)
+                        parse_model_kwargs, positive_int, reported_by_rank0, sigterm_as_interrupt,
+                        write_and_release)
 
 TABLE = "aggregation"
 """Stem of the table written into ``--out``."""
@@ -71,19 +72,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     import torch
-    from matplotlib.figure import Figure
 
-    from ..models.load import load_model
-    from ..plot.kld import plot_kld_heatmap
-    from ..plot.style import close, paper_style, save_figure
     from ..probes.distributed import init_from_env
     from ..probes.fixed import parse_source
-    from ..probes.fixed_encode import check_reference
-    from ..probes.fixed_loop import aggregation_statistics, reference_mismatch
-    from ..probes.outputs import load_head
+    from ..probes.fixed_loop import reference_mismatch
 
     check_data_and_amp(args.data, args.amp, args.device)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
@@ -101,19 +94,45 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; aggregate writes a directory there")
-    state = out / STATE
     world, device = init_from_env(torch.device(args.device) if args.device else None)
-    if nothing_to_resume(out / f"{TABLE}.parquet", state, world.rank, world.size, args.resume):
-        return 0
-    head = load_head(args.head) if args.head else None
-    model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init, img_size=args.img_size,
-                       checkpoint_key=args.checkpoint_key, **parse_model_kwargs(args.model_kw))
-    reference = load_reference(args, args.reference) if args.reference else None
-    if reference is not None:
-        check_reference(model, reference, args.img_size, model_name=args.model, reference_name=args.reference)
+    try:
+        return _run(args, sources, out, world, device)
+    finally:
+        if world.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, sources: list[str] | None, out: Path, world: Any, device: Any) -> int:
+    import logging
+
+    from matplotlib.figure import Figure
+
+    from ..data.images import DataError
+    from ..models.load import load_model
+    from ..plot.kld import plot_kld_heatmap
+    from ..plot.style import close, paper_style, save_figure
+    from ..probes.fixed import AggregationError
+    from ..probes.fixed_encode import check_reference
+    from ..probes.fixed_loop import aggregation_statistics
+    from ..probes.outputs import load_head
+
+    state = out / STATE
+    with reported_by_rank0(command="aggregate"):  # the same arguments and files in every process
+        if nothing_to_resume(out / f"{TABLE}.parquet", state, world.rank, world.size, args.resume):
+            return 0
+        head = load_head(args.head) if args.head else None
+        model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
+                           img_size=args.img_size, checkpoint_key=args.checkpoint_key,
+                           **parse_model_kwargs(args.model_kw))
+        reference = load_reference(args, args.reference) if args.reference else None
+        if reference is not None:
+            check_reference(model, reference, args.img_size, model_name=args.model, reference_name=args.reference)
     if (args.random_init or args.reference_random_init) and world.is_main:
         print("attnflow: random weights: the statistics are meaningless", flush=True)
-    with sigterm_as_interrupt():
+    # errors of the arguments and the data, which every process meets alike
+    with sigterm_as_interrupt(), reported_by_rank0((DataError, AggregationError), command="aggregate"):
         result = aggregation_statistics(
             model, args.data, model_name=args.model, reference=reference, reference_name=args.reference, head=head,
             head_path=args.head, sources=sources, batch_size=args.batch_size, device=device, amp=args.amp,

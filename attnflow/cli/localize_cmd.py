@@ -10,7 +10,8 @@ from typing import Any
 
 from ..errors import AttnflowError
 from .stats_cmd import (add_model_arguments, check_data_and_amp, non_negative_int, nothing_to_resume,
-                        parse_model_kwargs, positive_int, sigterm_as_interrupt, write_and_release)
+                        parse_model_kwargs, positive_int, reported_by_rank0, sigterm_as_interrupt,
+                        write_and_release)
 
 EXAMPLES = "examples"
 """Stem of the example figure written into ``--out``."""
@@ -91,29 +92,45 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..localize.boxes import read_boxes
-    from ..localize.evaluate import localize
-    from ..localize.result import TABLE
-    from ..models.load import load_model
     from ..probes.distributed import init_from_env
-    from ..probes.outputs import load_head
 
     check_data_and_amp(args.data, args.amp, args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; localize writes a directory there")
-    state = out / STATE
     world, device = init_from_env(torch.device(args.device) if args.device else None)
-    if nothing_to_resume(out / f"{TABLE}.parquet", state, world.rank, world.size, args.resume):
-        return 0
-    truth = read_boxes(args.boxes, args.boxes_format)
-    head = load_head(args.head) if args.head else None
-    model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init, img_size=args.img_size,
-                       checkpoint_key=args.checkpoint_key, **parse_model_kwargs(args.model_kw))
+    try:
+        return _run(args, out, world, device)
+    finally:
+        if world.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, out: Path, world: Any, device: Any) -> int:
+    from ..data.images import DataError
+    from ..localize.boxes import BoxFileError, read_boxes
+    from ..localize.evaluate import localize
+    from ..localize.metric import LocalizationError
+    from ..localize.result import TABLE
+    from ..models.load import load_model
+    from ..probes.outputs import load_head
+
+    state = out / STATE
+    with reported_by_rank0(command="localize"):  # the same arguments and files in every process
+        if nothing_to_resume(out / f"{TABLE}.parquet", state, world.rank, world.size, args.resume):
+            return 0
+        truth = read_boxes(args.boxes, args.boxes_format)
+        head = load_head(args.head) if args.head else None
+        model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
+                           img_size=args.img_size, checkpoint_key=args.checkpoint_key,
+                           **parse_model_kwargs(args.model_kw))
     random_init = bool((getattr(model, "attnflow_info", None) or {}).get("random_init", args.random_init))
     if random_init and world.is_main:
         print("attnflow: random weights: the localization scores are meaningless", flush=True)
-    with sigterm_as_interrupt():
+    # errors of the arguments and the data, which every process meets alike
+    with sigterm_as_interrupt(), reported_by_rank0((DataError, BoxFileError, LocalizationError), command="localize"):
         result = localize(model, args.data, truth, head=head, head_path=args.head, model_name=args.model,
                           batch_size=args.batch_size, device=device, amp=args.amp, num_workers=args.workers,
                           img_size=args.img_size, interpolation=args.interpolation, limit=args.limit,

@@ -238,11 +238,12 @@ _REPORTED = "attnflow/error_reported"
 
 @contextlib.contextmanager
 def reported_by_rank0(errors: tuple[type[AttnflowError], ...] = (AttnflowError,),
-                      wait: timedelta = timedelta(seconds=60)) -> Iterator[None]:
+                      wait: timedelta = timedelta(seconds=60), command: str = "stats") -> Iterator[None]:
     """Around work whose ``errors`` every torchrun process meets alike (the same arguments and files, or a
     result they share), so that the line is printed once: rank 0 prints it and exits 2; the other ranks wait
     (at most ``wait``) until it has, then exit 2 silently: exiting first, they would have torchrun stop rank 0
-    before it prints. Without a process group the error goes through (the CLI prints it)."""
+    before it prints. Without a process group the error goes through (the CLI prints it). ``command`` names the
+    sub-command in the line, as the CLI does."""
     try:
         yield
     except errors as err:
@@ -252,13 +253,13 @@ def reported_by_rank0(errors: tuple[type[AttnflowError], ...] = (AttnflowError,)
             raise
         store = dist.distributed_c10d._get_default_store()
         if dist.get_rank() == 0:
-            print(f"attnflow stats: error: {err}", file=sys.stderr, flush=True)
+            print(f"attnflow {command}: error: {err}", file=sys.stderr, flush=True)
             store.set(_REPORTED, "1")
         else:
             try:
                 store.wait([_REPORTED], wait)
             except RuntimeError:  # rank 0 did not meet this error (or is gone): report it here
-                print(f"attnflow stats: error (rank {dist.get_rank()}): {err}", file=sys.stderr, flush=True)
+                print(f"attnflow {command}: error (rank {dist.get_rank()}): {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
