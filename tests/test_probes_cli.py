@@ -80,7 +80,7 @@ def test_probe_cub_end_to_end_and_saved_abmilp_scores(cub, tmp_path, capsys):
     assert "already holds a probe run" in capsys.readouterr().err
 
 
-def test_image_path_resume_equals_uninterrupted_and_one_encoder_pass(cub, tmp_path, monkeypatch):
+def test_image_path_resume_equals_uninterrupted_and_one_encoder_pass(cub, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     real_call = TokenEncoder.__call__
 
@@ -106,6 +106,11 @@ def test_image_path_resume_equals_uninterrupted_and_one_encoder_pass(cub, tmp_pa
     monkeypatch.setattr(train_module, "train_bank", interrupted)
     assert probe(cub, tmp_path / "part", "--seeds", "1", "--epochs", "3") == 130
     monkeypatch.setattr(train_module, "train_bank", real_train)
+    capsys.readouterr()
+    for changed in (["--lr", "3.0"], ["--momentum", "0.9"], ["--train-aug", "none"]):  # would mix two runs
+        assert probe(cub, tmp_path / "part", "--seeds", "1", "--epochs", "3", "--resume", *changed) == 2
+        err = capsys.readouterr().err
+        assert "cannot resume" in err and "config" in err, err
     assert probe(cub, tmp_path / "part", "--seeds", "1", "--epochs", "3", "--resume") == 0
     whole = pd.read_parquet(tmp_path / "whole4" / "results.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "part" / "results.parquet"), whole)

@@ -136,7 +136,9 @@ def fit_heads(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
     broadcast_module(bank)
     fingerprint = {"heads": bank.names, "seed": seed, "epochs": epochs, "batch_size": batch_size,
                    "accum_steps": accum_steps, "optimizer": optimizer, "n_train": len(yt), "dim": xt.shape[2],
-                   "num_classes": num_classes, "has_cls": has_cls}
+                   "num_classes": num_classes, "has_cls": has_cls, "lrs": [entry.lr for entry in bank.entries],
+                   "warmup_epochs": warmup_epochs, "min_lr": min_lr, "momentum": momentum,
+                   "weight_decay": weight_decay, "head_init": head_init}
     rows = train_bank(bank, plan=plan, train_batches=tensor_batches(xt, yt, plan),
                       val_batches=eval_batches(xv, yv, 512),
                       schedule=Schedule(epochs, warmup_epochs, min_lr), device=device,

@@ -161,7 +161,11 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
                        "encoder": encoder.fingerprint, "task": config.task,
                        "heads": bank.names, "seed": seed, "epochs": epochs, "batch_size": config.batch_size,
                        "accum_steps": accum, "world_size": world.size, "optimizer": config.optimizer,
-                       "n_train": n_train, "block": config.block, "layernorm": config.layernorm}
+                       "n_train": n_train, "block": config.block, "layernorm": config.layernorm,
+                       # every other setting that changes the training (not: seeds, workers, eval cadence,
+                       # micro-batch size); a resume with other ones would mix two runs in one table
+                       "lrs": list(lrs), "config": {k: v for k, v in config.to_dict().items()
+                                                    if k not in ("seeds", "num_workers", "eval_every", "micro_batch")}}
         if config.aggregation is not None:
             fingerprint["aggregation"] = config.aggregation
         seed_dir = out / f"seed{seed}"
