@@ -66,7 +66,26 @@ def test_history_lr_default_and_no_cls_models():
                       batch_size=32, base_lr=0.2, has_cls=False, history=True, device="cpu")
     assert sorted(set(frame["epoch"])) == [1, 2]
     assert set(frame["lr"]) == {0.2 * 32 / 256}
-    assert frame["top1"].between(0, 100).all() and (frame["top5"] >= frame["top1"]).all()
+    assert frame["top1"].between(0, 100).all()
+    assert frame["top5"].isna().all()  # 4 planted classes: top-5 would be 100 whatever the head
+
+
+def test_top5_is_measured_with_more_than_five_classes():
+    import torch
+
+    from attnflow.probes.bank import HeadBank
+    from attnflow.probes.loop import evaluate_bank
+    from attnflow.probes.specs import parse_head_spec
+
+    torch.manual_seed(0)
+    bank = HeadBank([parse_head_spec("avg")], [0.1], dim=8, num_classes=7, has_cls=True).eval()
+    tokens, labels = torch.randn(40, 5, 8), torch.randint(0, 7, (40,))
+    (top1, top5), = evaluate_bank(bank, [(tokens, labels)], torch.device("cpu"))
+    with torch.no_grad():
+        logits = bank(tokens)[0]
+    ranks = [(logits[i] > logits[i, labels[i]]).sum().item() for i in range(40)]  # labels ranked by hand
+    assert top1 == pytest.approx(100 * sum(r == 0 for r in ranks) / 40)
+    assert top5 == pytest.approx(100 * sum(r < 5 for r in ranks) / 40) and top5 < 100
 
 
 def test_bad_inputs_give_one_line_errors():

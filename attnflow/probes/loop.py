@@ -42,7 +42,8 @@ class Schedule:
 
 @torch.no_grad()
 def evaluate_bank(bank: HeadBank, batches: Iterable[Batch], device: torch.device) -> list[tuple[float, float]]:
-    """Top-1 and top-5 accuracy (percent) of every entry over all processes' shards."""
+    """Top-1 and top-5 accuracy (percent) of every entry over all processes' shards; top-5 is NaN with 5 classes
+    or fewer, where it would be 100 whatever the head."""
     bank.eval()
     k = min(5, bank.num_classes)
     correct = torch.zeros(len(bank.entries), 2, dtype=torch.float64, device=device)
@@ -59,7 +60,7 @@ def evaluate_bank(bank: HeadBank, batches: Iterable[Batch], device: torch.device
     if count.item() == 0:
         raise AttnflowError("the validation set is empty")
     pct = (100.0 * correct / count).cpu()
-    return [(float(a), float(b)) for a, b in pct]
+    return [(float(a), float(b) if bank.num_classes > 5 else float("nan")) for a, b in pct]
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
