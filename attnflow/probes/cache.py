@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": (torch.bfloat16, np.uint16), "fp16": (torch.float16, np.float16)}
 IDENTITY_KEYS = ("model", "checkpoint_sha256", "encoder", "dataset", "split", "n", "transform", "dtype", "views",
-                 "seed", "block", "layernorm", "img_size")
+                 "seed", "block", "layernorm", "img_size", "amp")
 """Manifest fields that must match for a cache to be reused or resumed."""
 
 
@@ -156,6 +156,7 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
     n = len(dataset)  # type: ignore[arg-type]
     manifest = {**info, "n": n, "dtype": dtype, "views": views, "seed": seed, "encoder": encoder.fingerprint,
                 "block": encoder.block, "layernorm": encoder.layernorm, "has_cls": encoder.has_cls,
+                "amp": str(encoder.amp_dtype).replace("torch.", "") if encoder.amp_dtype else "float32",
                 "format": "attnflow-token-cache/1"}
     old = _read_json(root / "manifest.json")
     if old is not None:
