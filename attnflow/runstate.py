@@ -206,14 +206,20 @@ def keep_progress(state_file: RunState, state: dict[str, Any] | None, n_images: 
 def signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM back while a batch's results are added to a run's state, so an interrupt never
     lands between two of the additions (a state saved then would count part of a batch that the resumed run
-    counts again). A signal that arrives meanwhile is handled as soon as the block ends. Only the main thread
-    receives them; elsewhere, or where signals cannot be masked, the block runs as is."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    counts again). A signal that arrives meanwhile is noted and raised again as soon as the block ends, for the
+    handlers in place before it. Python runs signal handlers in the main thread whichever thread the signal
+    reaches, so noting it there is enough; elsewhere (signals cannot be handled there) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    previous: dict[int, Any] = {}
+    for held in (signal.SIGINT, signal.SIGTERM):
+        previous[held] = signal.signal(held, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for arrived in dict.fromkeys(noted):  # once each, in arrival order
+            signal.raise_signal(arrived)
