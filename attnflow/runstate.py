@@ -215,7 +215,8 @@ def signals_deferred() -> Iterator[None]:
     noted: list[int] = []
     previous: dict[int, Any] = {}
     for held in (signal.SIGINT, signal.SIGTERM):
-        previous[held] = signal.signal(held, lambda signum, frame: noted.append(signum))
+        if signal.getsignal(held) is not None:  # None: a handler set outside Python, which could not be restored
+            previous[held] = signal.signal(held, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
