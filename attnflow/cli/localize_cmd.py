@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnflowError
-from .stats_cmd import (add_model_arguments, check_data_and_amp, non_negative_int, nothing_to_resume,
-                        parse_model_kwargs, positive_int, reported_by_rank0, sigterm_as_interrupt,
-                        write_and_release)
+from .stats_cmd import (add_model_arguments, add_resume_arguments, check_data_and_amp, non_negative_int,
+                        nothing_to_resume, parse_model_kwargs, positive_int, reported_by_rank0,
+                        sigterm_as_interrupt, write_and_release)
 
 EXAMPLES = "examples"
 """Stem of the example figure written into ``--out``."""
@@ -81,31 +81,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, help="use N evenly spaced images that have boxes")
     parser.add_argument("--examples", type=non_negative_int, default=8,
                         help="images in the Fig. 8-style example figure (default 8; 0: none)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
-    parser.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="BATCHES",
-                        help="save resumable state every N batches (default 50)")
+    add_resume_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..probes.distributed import init_from_env
+    from ..probes.distributed import process_group
 
     check_data_and_amp(args.data, args.amp, args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; localize writes a directory there")
-    world, device = init_from_env(torch.device(args.device) if args.device else None)
-    try:
+    with process_group(args.device) as (world, device):
         return _run(args, out, world, device)
-    finally:
-        if world.distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _run(args: argparse.Namespace, out: Path, world: Any, device: Any) -> int:

@@ -111,9 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="autocast dtype (default: bf16 on GPU, fp32 on CPU); the softmax stays fp32")
     parser.add_argument("--limit", type=positive_int, help="use N evenly spaced images (deterministic subset)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
-    parser.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="BATCHES",
-                        help="save resumable state every N batches (default 50)")
+    add_resume_arguments(parser)
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="torch.compile the statistics (default: on for GPU or long runs)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
@@ -128,6 +126,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--resume`` and ``--checkpoint-every`` of a resumable run (stats, localize, aggregate)."""
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="BATCHES",
+                        help="save resumable state every N batches (default 50)")
 
 
 def state_path_for(out: Path) -> Path:

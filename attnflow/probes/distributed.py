@@ -9,12 +9,13 @@ same as one process would get, and it tolerates shards of unequal size (e.g. aft
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,18 @@ def init_from_env(device: torch.device | None = None) -> tuple[World, torch.devi
     elif dist.is_initialized() and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return current_world(), device
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = None) -> Iterator[tuple[World, torch.device]]:
+    """:func:`init_from_env` for one command's run (``device``: the ``--device`` option), leaving the process
+    group it joined on exit, also when the run fails."""
+    world, resolved = init_from_env(torch.device(device) if device else None)
+    try:
+        yield world, resolved
+    finally:
+        if world.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_reduce_grads(params: list[torch.Tensor], local_count: int, device: torch.device) -> None:
