@@ -57,16 +57,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_reference_arguments(parser)
     parser.add_argument("--crop-pct", type=crop_fraction, help="override the model's center-crop fraction")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
-                        help="autocast dtype (default: bf16 on GPU, none on CPU); the softmax stays fp32")
+    add_loop_arguments(parser)
     parser.add_argument("--limit", type=positive_int, help="use N evenly spaced images (deterministic subset)")
     add_resume_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
+
+
+def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset loop's options of ``aggregate`` and ``localize``: batch size, DataLoader workers, device and
+    autocast."""
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                        help="autocast dtype (default: bf16 on GPU, none on CPU); the softmax stays fp32")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ def interval(text: str) -> float:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..localize.boxes import BOX_FORMATS
+    from .aggregate_cmd import add_loop_arguments
     from ..localize.data import INTERPOLATIONS
 
     parser = sub.add_parser(
@@ -72,12 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="spacing of the score-map thresholds (default 0.01)")
     parser.add_argument("--no-hole-contours", dest="holes", action="store_false",
                         help="boxes of outer contours only (wsolevaluation also counts holes: OpenCV RETR_TREE)")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
+    add_loop_arguments(parser)
     parser.add_argument("--threads", type=positive_int, help="box-search threads (default min(8, CPUs))")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
-                        help="autocast dtype (default: bf16 on GPU, none on CPU); the softmax stays fp32")
     parser.add_argument("--limit", type=positive_int, help="use N evenly spaced images that have boxes")
     parser.add_argument("--examples", type=non_negative_int, default=8,
                         help="images in the Fig. 8-style example figure (default 8; 0: none)")
