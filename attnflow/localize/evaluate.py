@@ -137,13 +137,14 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
     transform = resize_transform(model, img_size, interpolation)
     dataset = LocalizationImages(matched.paths, transform)
     accs = {s: BoxAccuracy(iou_thresholds, cam_curve_interval, holes=holes) for s in sources}
+    boxes_digest = truth.fingerprint()
     state_file = RunState(rank_state_path(Path(state_path), rank, world) if state_path else None, {})
     if state_file.path is not None:
         state_file.fingerprint = {
             **run_fingerprint(model, model_name, n_items=len(dataset), images=images_fingerprint(matched.paths,
                               Path(data)), img_size=img_size, crop_pct=None, amp=resolve_amp(amp, device),
                               world=world, rank=rank),
-            "head": weights_fingerprint(head) if head is not None else None, "boxes": truth.fingerprint(),
+            "head": weights_fingerprint(head) if head is not None else None, "boxes": boxes_digest,
             "metric": f"IoU {list(iou_thresholds)}, interval {cam_curve_interval}, holes {holes}, {interpolation}"}
     saved = state_file.load() if resume else None
     done = saved["done_items"] if saved else 0  # positions of this process's shard whose boxes are counted
@@ -228,7 +229,7 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
                  if head is not None else None),
         "token_block": capture.capture.encoder.block, "attention_block": len(model.blocks) - 1,  # type: ignore
         "boxes": {"path": truth.path, "format": truth.format, "images_with_boxes": len(truth),
-                  "boxes": truth.n_boxes, "digest": truth.fingerprint()},
+                  "boxes": truth.n_boxes, "digest": boxes_digest},
         "data": {"root": str(data), "n_found": matched.n_found, "limit": limit, "transform": repr(transform)},
         "img_size": img_size, "interpolation": interpolation, "iou_thresholds": list(iou_thresholds),
         "cam_curve_interval": cam_curve_interval, "hole_contours": holes,
