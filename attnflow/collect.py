@@ -26,7 +26,9 @@ from .data.images import DataError, ImageBatch, ImageFolderDataset, collate_skip
 from .data.transforms import eval_transform
 from .errors import AttnflowError
 from .kernels.route import QKRoute
+from .dist import current_world
 from .metrics import METRICS, attention_metrics, attention_metrics_from_logits, patch_distances, valid_metrics
+from .options import autocast_dtype, dtype_name, resolve_device
 from .provenance import run_provenance
 from .reducers import StatsReducer
 from .result import Result
@@ -36,47 +38,8 @@ from .tap import AttentionTap, QueryKey, TokenLayout, model_blocks, model_has_cl
 
 log = logging.getLogger(__name__)
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16,
-                                             "fp32": None, "none": None}
-
-
 class InputShapeError(AttnflowError):
     """The images do not fit the model (resolution or channels)."""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` or, when ``None``, CUDA if available else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``amp`` in ``auto|bf16|fp16|fp32|none`` (``auto``: bf16 on a GPU that has it).
-
-    Raises:
-        AttnflowError: an unknown ``amp``, or bf16/fp16 on CPU (whose autocast rounds the softmax).
-    """
-    if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    if amp not in AMP_DTYPES:
-        raise AttnflowError(f"amp must be one of auto, {', '.join(AMP_DTYPES)}; got {amp!r}")
-    if AMP_DTYPES[amp] is not None and device.type == "cpu":
-        # CUDA autocast runs softmax in fp32; CPU autocast runs timm's softmax in bf16/fp16, which would
-        # round every attention map the statistics are computed from
-        raise AttnflowError(f"amp {amp} is not supported on CPU: torch's CPU autocast computes the attention "
-                            "softmax in low precision; use --amp fp32 (the CPU default)")
-    return AMP_DTYPES[amp]
-
-
-def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _as_batch(item: Any) -> ImageBatch:
@@ -183,8 +146,8 @@ def attention_stats(
         if value < 1:
             raise AttnflowError(f"{arg} must be a positive integer, got {value}")
     device = resolve_device(device)
-    amp_dtype = resolve_amp(amp, device)
-    rank, world = _dist_info()
+    amp_dtype = autocast_dtype(amp, device)
+    rank, world = current_world().rank, current_world().size
     name = _model_name(model, model_name)
     model = model.to(device)
     blocks = model_blocks(model)
@@ -319,7 +282,7 @@ def attention_stats(
         "n_patches": layout.n_patches if layout else None,
         "num_prefix_tokens": layout.num_prefix if layout else None,
         "has_cls": has_cls,
-        "dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+        "dtype": dtype_name(amp_dtype),
         "device": str(device),
         "world_size": world,
         "batch_size": batch_size if is_dataset else None,

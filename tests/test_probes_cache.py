@@ -84,8 +84,10 @@ def test_cache_holds_bf16_tokens_and_skips_bad_images(dataset, tmp_path):
     with pytest.raises(AttnflowError, match="differs in dtype"):
         extract_tokens(enc, ds, tmp_path / "c", info=INFO, dtype="fp16", progress=False)
     assert manifest["amp"] == "float32"
+    bf16 = TokenEncoder(model, amp="fp32")
+    bf16.amp_dtype = torch.bfloat16  # as a CUDA bf16 encoder records it (CPU autocast bf16 is refused)
     with pytest.raises(AttnflowError, match="differs in amp"):  # tokens of a bf16-autocast encoder differ
-        extract_tokens(TokenEncoder(model, amp="bf16"), ds, tmp_path / "c", info=INFO, progress=False)
+        extract_tokens(bf16, ds, tmp_path / "c", info=INFO, progress=False)
 
 
 def test_interrupted_extraction_resumes_to_identical_cache(dataset, tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..probes.distributed import process_group
+    from ..dist import process_group
     from ..probes.fixed import parse_source
     from ..probes.fixed_loop import reference_mismatch
 

@@ -85,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..probes.distributed import process_group
+    from ..dist import process_group
 
     check_data_and_amp(args.data, args.amp, args.device)
     out = Path(args.out)

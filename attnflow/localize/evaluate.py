@@ -24,9 +24,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..collect import resolve_amp
+from ..options import autocast_dtype
 from ..data.images import DataError
-from ..probes.distributed import current_world, gather_objects
+from ..dist import current_world, gather_objects
 from ..probes.fixed_encode import AggregationCapture, check_head, head_vectors
 from ..probes.heads import ProbeHead
 from ..provenance import run_provenance, weights_fingerprint
@@ -142,7 +142,7 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, *, head: Pr
     if state_file.path is not None:
         state_file.fingerprint = {
             **run_fingerprint(model, model_name, n_items=len(dataset), images=images_fingerprint(matched.paths,
-                              Path(data)), img_size=img_size, crop_pct=None, amp=resolve_amp(amp, device),
+                              Path(data)), img_size=img_size, crop_pct=None, amp=autocast_dtype(amp, device),
                               world=world, rank=rank),
             "head": weights_fingerprint(head) if head is not None else None, "boxes": boxes_digest,
             "metric": f"IoU {list(iou_thresholds)}, interval {cam_curve_interval}, holes {holes}, {interpolation}"}

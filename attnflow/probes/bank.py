@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distributed import all_reduce_grads
+from ..dist import all_reduce_grads
 from .heads import ProbeHead, build_head
 from .lars import cosine_lr, make_optimizer, set_lr
 from .specs import HeadSpec

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AttnflowError
+from ..options import autocast_dtype
 from ..provenance import weights_fingerprint
 
 
@@ -35,7 +36,7 @@ class TokenEncoder:
         model: a timm ViT-family model (``blocks``, ``num_prefix_tokens``, ``cls_token``).
         block: index of the block to read (negative counts from the end; default the last).
         layernorm: apply the model's final ``norm`` to the tokens.
-        amp: ``"bf16"``, ``"fp16"``, ``"none"`` or ``"auto"`` (bf16 on CUDA, none on the CPU).
+        amp: autocast precision (:data:`attnflow.options.PRECISIONS`; auto: bf16 on CUDA, fp32 on the CPU).
         device: where the encoder runs.
 
     Attributes:
@@ -58,9 +59,7 @@ class TokenEncoder:
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
         self.has_cls = getattr(model, "cls_token", None) is not None
         self.dim = int(getattr(model, "embed_dim", getattr(model, "num_features", 0)))
-        if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" else "none"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+        self.amp_dtype = autocast_dtype(amp, self.device)
 
     @property
     def fingerprint(self) -> str:

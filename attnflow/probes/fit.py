@@ -11,7 +11,7 @@ import torch
 
 from ..errors import AttnflowError
 from .bank import HeadBank
-from .distributed import broadcast_module, current_world
+from ..dist import broadcast_module, current_world
 from .loop import Batch, Schedule, train_bank
 from .sampler import BatchPlan, shard_range
 from .specs import HeadSpec, parse_head_list

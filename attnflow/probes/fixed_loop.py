@@ -22,14 +22,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
-from ..collect import resolve_amp
+from ..options import autocast_dtype
 from ..data.images import DataError, ImageFolderDataset, collate_skip_bad
 from ..data.transforms import eval_transform
 from ..provenance import run_provenance, weights_fingerprint
 from ..runstate import (RunState, images_fingerprint, keep_progress, rank_state_path, run_fingerprint,
                         signals_deferred)
 from ..tap import TokenLayout
-from .distributed import current_world, gather_objects
+from ..dist import current_world, gather_objects
 from .fixed import HEAD_PREFIX, SOURCES, AggregationError, Source, model_label, parse_source, source_label
 from .fixed_encode import AggregationCapture, check_head, head_vectors
 from .fixed_stats import Q_FLOOR, AggregationStats
@@ -174,7 +174,7 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, *, mode
         images = images_fingerprint(dataset.paths, dataset.root) if isinstance(dataset, ImageFolderDataset) else None
         state_file.fingerprint = {
             **run_fingerprint(model, model_name, n_items=n_total, world=world, rank=rank,
-                              amp=resolve_amp(amp, device),
+                              amp=autocast_dtype(amp, device),
                               images=images,
                               img_size=img_size if folder_data else None, crop_pct=crop_pct if folder_data else None),
             "head": weights_fingerprint(head) if head is not None else None,

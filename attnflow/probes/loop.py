@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AttnflowError
 from .bank import HeadBank
-from .distributed import all_reduce_sum, current_world
+from ..dist import all_reduce_sum, current_world
 from .sampler import BatchPlan
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Scale: run under ``torchrun --nproc_per_node=G -m attnflow probe ...``: every process encodes its shard of
 each global micro-batch (bf16 autocast on GPU; heads in fp32), gradients are summed once per optimizer step
-(see :mod:`attnflow.probes.distributed`), and BatchNorm statistics span the global micro-batch, so G
+(see :mod:`attnflow.dist`), and BatchNorm statistics span the global micro-batch, so G
 processes train the same heads as one.
 """
 
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .bank import HeadBank
 from .cache import TokenCache, extract_tokens
-from .distributed import broadcast_module, current_world, init_from_env, wait_for_main
+from ..dist import broadcast_module, current_world, init_from_env, wait_for_main
 from .encode import TokenEncoder
 from .fit import RESULT_COLUMNS, check_classes
 from .fixed_encode import backbone_record

@@ -233,7 +233,8 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
     Returns:
         :class:`RunOutcome`.
     """
-    from ..collect import attention_stats, resolve_device
+    from ..collect import attention_stats
+    from ..options import resolve_device
     from ..models.registry import find_spec
     from ..plot.maps import model_maps
 

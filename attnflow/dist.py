@@ -1,6 +1,10 @@
-"""Small ``torch.distributed`` helpers for the probe: world info, torchrun start-up, gradient all-reduce.
+"""``torch.distributed`` in one place: this process's place in the run, joining and leaving torchrun's process
+group, and the few collectives the analyses and the probe use.
 
-The probe does not wrap heads in ``DistributedDataParallel``: every process computes the gradient of its
+Every loop shards its data by rank and sums its accumulators with ``all_reduce`` at the end
+(:mod:`attnflow.loop`); without a process group every helper here is a no-op, so one process needs no setup.
+
+Gradients of the probe: it does not wrap heads in ``DistributedDataParallel``: every process computes the gradient of its
 shard's *summed* loss, :func:`all_reduce_grads` sums gradients and sample counts over processes once per
 optimizer step (after all accumulation micro-batches, so accumulation costs no extra communication), and
 divides by the global count. That is exactly the gradient of the mean loss over the global batch, the
@@ -19,6 +23,8 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from .options import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +65,19 @@ def gather_objects(items: list) -> list:
     return [x for part in out for x in part]
 
 
-def init_from_env(device: torch.device | None = None) -> tuple[World, torch.device]:
+def init_from_env(device: str | torch.device | None = None) -> tuple[World, torch.device]:
     """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1), once.
 
-    Picks NCCL and ``cuda:LOCAL_RANK`` when CUDA is available, gloo on the CPU otherwise.
+    Picks NCCL and ``cuda:LOCAL_RANK`` on CUDA devices, gloo on the CPU.
+
+    Args:
+        device: the run's device (see :func:`attnflow.options.resolve_device`; default CUDA when available).
 
     Returns:
         The world and the device this process should use.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if device is None:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device(device)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -83,10 +91,10 @@ def init_from_env(device: torch.device | None = None) -> tuple[World, torch.devi
 
 
 @contextlib.contextmanager
-def process_group(device: str | None = None) -> Iterator[tuple[World, torch.device]]:
-    """:func:`init_from_env` for one command's run (``device``: the ``--device`` option), leaving the process
-    group it joined on exit, also when the run fails."""
-    world, resolved = init_from_env(torch.device(device) if device else None)
+def process_group(device: str | torch.device | None = None) -> Iterator[tuple[World, torch.device]]:
+    """:func:`init_from_env` for one run, leaving the process group it joined on exit, also when the run
+    fails."""
+    world, resolved = init_from_env(device)
     try:
         yield world, resolved
     finally:
