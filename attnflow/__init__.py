@@ -15,11 +15,12 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "AttentionTap": "attnflow.tap",
-    "UnsupportedModelError": "attnflow.tap",
+    "UnsupportedModelError": "attnflow.vit",
     "attention_metrics": "attnflow.metrics",
     "METRICS": "attnflow.metrics",
     "StatsReducer": "attnflow.reducers",
-    "attention_stats": "attnflow.collect",
+    "LoopOptions": "attnflow.options",
+    "attention_stats": "attnflow.stats",
     "Result": "attnflow.result",
     "load_model": "attnflow.models.load",
     "list_specs": "attnflow.models.registry",

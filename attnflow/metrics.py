@@ -162,3 +162,15 @@ def attention_metrics_from_logits(logits: torch.Tensor, num_prefix: int, has_cls
     to_cls = e_prefix[..., 0] / z                                   # [B, H, N]
     return _stack(patch_metrics, {"cls_self": to_cls[..., 0], "cls_patch_entropy": entropy[..., 0],
                                   "cls_patch_mass": mass[..., 0], "patch_cls": to_cls[..., P:].mean(-1)})
+
+
+def row_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Exact Shannon entropy (nats) of non-negative rows renormalised to sum to 1, ``0 log 0 = 0``.
+
+    ``H = log s - sum(a log a) / s`` with ``s = sum(a)``, in the input's dtype (pass float64 for exactness).
+
+    Shape:
+        ``[..., K] -> [...]``.
+    """
+    s = weights.sum(dim=-1)
+    return torch.log(s) - torch.special.xlogy(weights, weights).sum(dim=-1) / s

@@ -32,6 +32,14 @@ def _package_versions() -> dict[str, str | None]:
     return versions
 
 
+def run_name(model: nn.Module, given: str | None = None) -> str:
+    """The ``model`` column of a result: ``given``, else the preset, else the timm architecture, else the class
+    name."""
+    info = getattr(model, "attnflow_info", None) or {}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return given or info.get("preset") or cfg.get("architecture") or type(model).__name__
+
+
 def run_provenance(model: nn.Module, name: str) -> dict[str, Any]:
     """Model preset, architecture, architecture overrides (``model_kw``), checkpoint path, key and sha256, software
     versions and a UTC timestamp."""

@@ -12,10 +12,11 @@ A result is a long-form :class:`pandas.DataFrame` with exactly the columns of :d
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -106,22 +107,9 @@ class Result:
 
     # ------------------------------------------------------------------- I/O
     def write(self, path: str | Path) -> Path:
-        """Write ``path`` (.parquet), the sibling .csv and the .json sidecar; returns the parquet path.
-
-        Each file is written under a temporary name and then moved into place (the parquet last), so a failed
-        write (full disk) leaves the previous files, or none, never a truncated table.
-        """
-        path = Path(path)
-        if path.suffix not in (".parquet", ".csv"):
-            path = path.with_suffix(path.suffix + ".parquet") if path.suffix else path.with_suffix(".parquet")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        parquet = path.with_suffix(".parquet")
-        writers = {sidecar_path(parquet): lambda p: p.write_text(json.dumps(_jsonable(self.meta), indent=2,
-                                                                            sort_keys=True)),
-                   path.with_suffix(".csv"): lambda p: self.frame.to_csv(p, index=False),
-                   parquet: lambda p: self.frame.to_parquet(p, index=False)}
-        write_atomically(writers)  # the parquet last: it marks a complete result
-        return parquet
+        """Write ``path`` (.parquet), the sibling .csv and the .json sidecar, all or nothing (see
+        :func:`write_table`); returns the parquet path."""
+        return write_table(path, self.frame, self.meta)
 
     @classmethod
     def read(cls, path: str | Path) -> "Result":
@@ -183,6 +171,53 @@ class Result:
             runs.extend(r.meta.get("runs", [r.meta]))
         frame = pd.concat([r.frame for r in results], ignore_index=True)
         return cls(frame, {"runs": runs})
+
+
+def write_table(path: str | Path, frame: pd.DataFrame, meta: dict[str, Any] | None = None, *,
+                extra: dict[str, pd.DataFrame] | None = None) -> Path:
+    """The one writer of result tables: ``STEM.parquet``, ``STEM.csv``, the ``STEM.json`` provenance sidecar (with
+    ``meta``) and each ``extra`` table as ``NAME.parquet`` / ``NAME.csv`` beside them.
+
+    Every file is written under a temporary name and moved into place only when all are complete (the main
+    parquet last: it marks a complete result), so a failure (a full disk, Ctrl-C) leaves the previous files, or
+    none, never a truncated or mixed set.
+
+    Args:
+        path: the main table; a ``.csv`` or missing suffix names the same stem's ``.parquet``.
+        frame: the main table.
+        meta: provenance (numpy scalars, paths and tuples are converted); ``None``: no sidecar.
+        extra: more tables, by file stem, written into the same folder.
+
+    Returns:
+        The main parquet path.
+    """
+    path = Path(path)
+    parquet = path.with_suffix(".parquet") if path.suffix in (".parquet", ".csv") else \
+        path.with_name(path.name + ".parquet")
+    parquet.parent.mkdir(parents=True, exist_ok=True)
+    tables = {parquet.with_name(stem + ".parquet"): table for stem, table in (extra or {}).items()}
+    writers: dict[Path, Callable[[Path], Any]] = {}
+    for table_path, table in [*tables.items(), (parquet, frame)]:
+        writers[table_path.with_suffix(".csv")] = functools.partial(_to_csv, table)
+        if table_path != parquet:
+            writers[table_path] = functools.partial(_to_parquet, table)
+    if meta is not None:
+        writers[sidecar_path(parquet)] = functools.partial(_to_json, meta)
+    writers[parquet] = functools.partial(_to_parquet, frame)  # last
+    write_atomically(writers)
+    return parquet
+
+
+def _to_csv(frame: pd.DataFrame, path: Path) -> None:
+    frame.to_csv(path, index=False)
+
+
+def _to_parquet(frame: pd.DataFrame, path: Path) -> None:
+    frame.to_parquet(path, index=False)
+
+
+def _to_json(meta: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(_jsonable(meta), indent=2, sort_keys=True, default=str))
 
 
 def _jsonable(obj: Any) -> Any:

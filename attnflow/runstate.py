@@ -1,11 +1,12 @@
-"""The resumable state of a run over a dataset: :func:`~attnflow.collect.attention_stats`,
-:func:`~attnflow.localize.localize` and :func:`~attnflow.probes.aggregation_statistics`.
+"""The resumable state of a run over a dataset (see :mod:`attnflow.loop`, which runs every analysis).
 
-A run saves its state (images done, skipped files, the reducer's sums) every few batches, when it is
+A run saves its state (items done, the accumulators' sums, skipped files) every few batches, when it is
 interrupted, and when it fails after some progress; it removes the file when it ends with nothing worth
 resuming. The state carries a fingerprint of everything that changes the numbers (model, weights, images,
-resolution, crop, autocast dtype, number of processes): a resume with other options is refused with a line
-that names them. The batch size, device, workers and q/k route may change: they give the same numbers.
+resolution, crop, autocast dtype, number of processes, and what an analysis adds): a resume with other options is
+refused with a line that names them. The batch size, device, workers and q/k route may change: they give the
+same numbers. States hold only tensors, numbers, strings and lists, and are read with
+``torch.load(weights_only=True)``: a crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -23,28 +24,31 @@ import torch
 import torch.nn as nn
 
 from .errors import AttnflowError
+from .options import dtype_name
 from .provenance import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
 OPTIONS: dict[str, str] = {
-    "model": "--model",
-    "weights": "the weights (--checkpoint, --checkpoint-key, --model-kw, or --img-size through the position "
-               "table)",
-    "images": "the image files (--data, --limit, or files replaced under the same names)",
-    "n_items": "the number of images (--data, --limit)",
-    "img_size": "--img-size",
-    "crop_pct": "--crop-pct",
-    "amp": "--amp",
+    "model": "the model",
+    "weights": "the weights (checkpoint, checkpoint key, model_kw, or the input size through the position table)",
+    "images": "the image files (the folder, limit, or files replaced under the same names)",
+    "n_items": "the number of images (the folder, limit)",
+    "img_size": "img_size",
+    "crop_pct": "crop_pct",
+    "amp": "amp",
     "world": "the number of processes (torchrun --nproc_per_node)",
     "rank": "the process rank",
-    "head": "the head's weights (--head)",
-    "boxes": "the ground-truth boxes (--boxes)",
-    "metric": "--iou-thresholds / --cam-curve-interval / --no-hole-contours / --interpolation",
-    "sources": "the aggregation sources (--sources)",
-    "reference": "the reference model's weights (--reference)",
+    "head": "the head's weights",
+    "boxes": "the ground-truth boxes",
+    "metric": "the metric settings (IoU thresholds, cam curve interval, hole contours, interpolation)",
+    "sources": "the aggregation sources",
+    "reference": "the reference model's weights",
 }
-"""Fingerprint keys and the options a user changes them with (in the order a mismatch names them)."""
+"""Fingerprint keys and what a user changes them with (in the order a mismatch names them)."""
+
+FORMAT = 2
+"""Version of the state layout; a state of another version is refused with a line saying so."""
 
 _HASHED = frozenset({"weights", "images", "head", "boxes", "reference"})
 """Fingerprint keys whose values are digests: a mismatch says they differ rather than printing them."""
@@ -91,13 +95,11 @@ def images_fingerprint(paths: list[Path], root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_fingerprint(model: nn.Module, name: str, *, n_items: int | None, images: str | None,
-                    img_size: int | None, crop_pct: float | None, amp: torch.dtype | None,
-                    world: int, rank: int) -> dict[str, Any]:
-    """What must not change between an interrupted and a resumed run (see :data:`OPTIONS`)."""
-    return {"model": name, "weights": weights_fingerprint(model), "images": images, "n_items": n_items,
-            "img_size": img_size, "crop_pct": crop_pct, "amp": str(amp).replace("torch.", "") if amp else "float32",
-            "world": world, "rank": rank}
+def model_fingerprint(model: nn.Module, name: str, amp: torch.dtype | None, **extra: Any) -> dict[str, Any]:
+    """The model's part of a run's fingerprint: its name, weights and autocast dtype, plus ``extra`` keys of the
+    analysis (``img_size``, ``crop_pct``, ``head``, ...; see :data:`OPTIONS`). The loop adds the images and the
+    processes."""
+    return {"model": name, "weights": weights_fingerprint(model), "amp": dtype_name(amp), **extra}
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -141,12 +143,16 @@ class RunState:
         if self.path is None or not self.path.exists():
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure to unpickle means the file is unusable
             raise StateFileError(f"the state file {self.path} is unreadable ({type(err).__name__}: "
                                  f"{str(err).splitlines()[0] if str(err) else 'no detail'}); delete {self.path} "
                                  "to start over") from err
-        if not isinstance(state, dict) or not {"fingerprint", "done_items", "reducer"} <= set(state):
+        if isinstance(state, dict) and "done_items" in state:
+            raise StateFileError(f"{self.path} was written by an older attnflow (state format 1); delete "
+                                 f"{self.path} to start over")
+        if not isinstance(state, dict) or state.get("format") != FORMAT or not {"fingerprint", "done",
+                                                                                "accumulators"} <= set(state):
             raise StateFileError(f"{self.path} is not an attnflow state file; delete {self.path} to start over")
         if state["fingerprint"] != self.fingerprint:
             diff = _differences(state["fingerprint"], self.fingerprint)
@@ -164,7 +170,7 @@ class RunState:
         tmp = self._tmp(self.path)
         try:
             with open(tmp, "wb") as f:
-                torch.save({**state, "fingerprint": self.fingerprint}, f)
+                torch.save({**state, "format": FORMAT, "fingerprint": self.fingerprint}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -198,8 +204,8 @@ def keep_progress(state_file: RunState, state: dict[str, Any] | None, n_images: 
         return
     what = "interrupted" if isinstance(err, KeyboardInterrupt) else f"failed ({type(err).__name__})"
     if state_file.try_save(state):
-        log.warning("%s after %d images; state saved to %s: rerun with --resume to continue (after fixing the "
-                    "cause), or delete it to start over", what, n_images, state_file.path)
+        log.warning("%s after %d images; state saved to %s: resume the run to continue (after fixing the cause), "
+                    "or delete it to start over", what, n_images, state_file.path)
 
 
 @contextlib.contextmanager

@@ -24,57 +24,23 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import AttnflowError
+from .vit import (BlockIndexError, TokenLayout, UnsupportedModelError, model_blocks, model_has_cls, model_num_prefix,
+                  patch_embedding, token_grid, token_stride)
 
 AttentionCallback = Callable[[int, "torch.Tensor | QueryKey"], None]
 """``callback(block_index, attn)`` with ``attn`` of shape ``[B, H, N, N]`` (a :class:`QueryKey` for the blocks of
 the ``fast_qk`` route)."""
 
 
-class UnsupportedModelError(AttnflowError):
-    """The model's blocks do not expose a post-softmax attention map the tap can hook."""
-
-
 class HookNotFiredError(AttnflowError, RuntimeError):
     """A hooked block did not report its attention map exactly once during a forward pass."""
-
-
-class BlockIndexError(AttnflowError, IndexError):
-    """A block index outside the model's blocks."""
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the tokens of a forward pass are.
-
-    Tokens are ordered ``[cls?, registers..., patches (row-major)]``.
-
-    Attributes:
-        num_prefix: number of non-patch tokens in front ([cls], registers, distillation token).
-        has_cls: whether token 0 is a [cls] token.
-        grid: patch grid ``(gh, gw)``; ``n_patches = gh * gw``.
-        patch_size: input pixels per patch token ``(ph, pw)``: the patch size, or for hybrid models (CNN stem,
-            e.g. ``vit_small_r26_s32_224``) the stem's stride times it.
-    """
-
-    num_prefix: int
-    has_cls: bool
-    grid: tuple[int, int]
-    patch_size: tuple[int, int]
-
-    @property
-    def n_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def n_tokens(self) -> int:
-        return self.num_prefix + self.n_patches
 
 
 @dataclass(frozen=True)
@@ -83,7 +49,7 @@ class QueryKey:
 
     The block's post-softmax map is exactly ``softmax((q * scale) @ k.transpose(-2, -1))``, with the
     softmax in fp32 under autocast, as in timm's non-fused path
-    (see :func:`attnflow.collect.metrics_from_qk`).
+    (see :func:`attnflow.stats.metrics_from_qk`).
 
     Attributes:
         q: ``[B, H, N, d]`` queries after ``q_norm``.
@@ -112,86 +78,6 @@ def _attention(block: nn.Module) -> Any:
     """``block.attn``, typed loosely: timm attention classes differ in their attributes (``fused_attn``,
     ``q_norm``, ``attn_drop``), which the callers check."""
     return block.attn
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    a, b = tuple(value)
-    return int(a), int(b)
-
-
-def patch_embedding(model: nn.Module) -> nn.Module:
-    """The module that turns the image into patch tokens: timm's ``patch_embed`` (``embeds`` in NaFlexViT).
-
-    Raises:
-        UnsupportedModelError: the model has neither, so the patch grid of a forward cannot be known.
-    """
-    for name in ("patch_embed", "embeds"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise UnsupportedModelError(
-        f"{type(model).__name__} has no `patch_embed`: attnflow cannot tell where its patch tokens are")
-
-
-def token_stride(embed: nn.Module) -> tuple[int, int]:
-    """Input pixels per patch token ``(sh, sw)``: the patch size, times the backbone's reduction for hybrid
-    (CNN stem) embeddings, from timm's ``feat_ratio``."""
-    ratio = getattr(embed, "feat_ratio", None)
-    if callable(ratio):
-        return _pair(ratio(as_scalar=False))
-    return _pair(getattr(embed, "patch_size", 1))
-
-
-def token_grid(embed: nn.Module, image_hw: tuple[int, int]) -> tuple[int, int]:
-    """Patch grid ``(gh, gw)`` of an ``image_hw`` input, from timm's ``dynamic_feat_size`` when the embedding
-    has it (hybrid backbones, dynamic padding), else the input size over :func:`token_stride`."""
-    feat_size = getattr(embed, "dynamic_feat_size", None)
-    if callable(feat_size):
-        return _pair(feat_size(image_hw))
-    sh, sw = token_stride(embed)
-    return image_hw[0] // sh, image_hw[1] // sw
-
-
-def model_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a timm ViT-family model, checked to expose a hookable attention.
-
-    Raises:
-        UnsupportedModelError: the model has no ``blocks`` or a block's attention has no ``attn_drop`` /
-            ``fused_attn`` (e.g. convolutional or hierarchical models).
-    """
-    name = type(model).__name__
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-        raise UnsupportedModelError(
-            f"{name} has no `blocks` list of transformer blocks; attnflow supports timm ViT-family models "
-            "(ViT, DeiT, BEiT, EVA, DINOv2, ...)")
-    for i, block in enumerate(blocks):
-        attn = getattr(block, "attn", None)
-        if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module) \
-                or not hasattr(attn, "fused_attn"):
-            kind = type(attn).__name__ if attn is not None else "no `attn`"
-            raise UnsupportedModelError(
-                f"{name}: block {i}'s attention ({kind}) exposes no post-softmax map "
-                "(needs `attn.attn_drop` and `attn.fused_attn`, as timm's Attention has)")
-    return list(blocks)
-
-
-def model_has_cls(model: nn.Module) -> bool:
-    """Whether the model prepends a [cls] token (timm's ``has_class_token`` or a ``cls_token``)."""
-    flag = getattr(model, "has_class_token", None)
-    if flag is not None:
-        return bool(flag)
-    return getattr(model, "cls_token", None) is not None
-
-
-def model_num_prefix(model: nn.Module) -> int:
-    """Number of prefix tokens ([cls], registers, distillation) of a timm model."""
-    n = getattr(model, "num_prefix_tokens", None)
-    if n is not None:
-        return int(n)
-    return int(model_has_cls(model)) + int(getattr(model, "num_reg_tokens", 0) or 0)
 
 
 class AttentionTap:

@@ -47,12 +47,15 @@ class ImageBatch:
         labels: ``[B]`` int64 class indices (-1 when the folder has no classes).
         indices: ``[B]`` int64 dataset indices of the images.
         bad: ``(path, reason)`` for each file of this batch that was skipped.
+        sizes: ``[B, 2]`` int64 ``(width, height)`` of each decoded image before its transform, when the dataset
+            gives it (localization rescales boxes with it); else ``None``.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
     bad: list[tuple[str, str]]
+    sizes: torch.Tensor | None = None
 
 
 def is_image_file(path: Path) -> bool:
@@ -206,11 +209,12 @@ def read_sample(path: Path, label: int, index: int,
 def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
     """Collate dataset items into an :class:`ImageBatch`, dropping :class:`BadImage` entries into ``batch.bad``.
 
-    Items may be ``(image, label, index)``, ``(image, label)`` or a bare image tensor (missing labels and
-    indices become -1), so any map-style dataset works. A batch may end up with zero images (every file
-    bad): ``images`` is then an empty ``[0]`` tensor.
+    Items may be ``(image, label, index[, (width, height)])``, ``(image, label)`` or a bare image tensor (missing
+    labels and indices become -1), so any map-style dataset works. A batch may end up with zero images (every
+    file bad): ``images`` is then an empty ``[0]`` tensor.
     """
     good: list[tuple[torch.Tensor, int, int]] = []
+    sizes: list[tuple[int, int]] = []
     bad: list[tuple[str, str]] = []
     for s in samples:
         if isinstance(s, BadImage):
@@ -219,8 +223,11 @@ def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
             good.append((s, -1, -1))
         else:
             good.append((s[0], int(s[1]) if len(s) > 1 else -1, int(s[2]) if len(s) > 2 else -1))
+            if len(s) > 3:
+                sizes.append((int(s[3][0]), int(s[3][1])))
     if not good:
         empty = torch.empty(0, dtype=torch.int64)
         return ImageBatch(torch.empty(0), empty, empty.clone(), bad)
     return ImageBatch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.int64),
-                      torch.tensor([g[2] for g in good], dtype=torch.int64), bad)
+                      torch.tensor([g[2] for g in good], dtype=torch.int64), bad,
+                      torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2) if sizes else None)

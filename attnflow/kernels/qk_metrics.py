@@ -500,7 +500,7 @@ def qk_metrics_triton(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix
                       distances_from_grid: bool | None = None) -> torch.Tensor:
     """Metrics of ``softmax((q * scale) @ k^T)`` per image and head, without materialising the map.
 
-    Same contract as :func:`attnflow.collect.metrics_from_qk` (the torch route it replaces).
+    Same contract as :func:`attnflow.stats.metrics_from_qk` (the torch route it replaces).
 
     Args:
         q, k: ``[B, H, N, d]`` queries and keys (any strides; fp32, bf16 or fp16), ``N = num_prefix +

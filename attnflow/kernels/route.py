@@ -63,7 +63,7 @@ class QKRoute:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int, has_cls: bool,
                  distances: torch.Tensor) -> torch.Tensor:
-        """``[B, H, M]`` metrics of ``softmax((q * scale) @ k^T)``, as :func:`attnflow.collect.metrics_from_qk`."""
+        """``[B, H, M]`` metrics of ``softmax((q * scale) @ k^T)``, as :func:`attnflow.stats.metrics_from_qk`."""
         args = (scale, num_prefix, has_cls, distances)
         if not self.use_triton:
             return self.torch_fn(q, k, *args)
