@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
     "LocalizationResult": "attnflow.localize.result",
     "merge_curves": "attnflow.localize.result",
     "localize": "attnflow.localize.evaluate",
-    "plot_localization_examples": "attnflow.localize.figure",
+    "BoxProtocol": "attnflow.localize.metric",
     "quantize_scoremaps": "attnflow.localize.scoremaps",
 }
 

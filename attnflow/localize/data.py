@@ -6,20 +6,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data.images import BadImage, ImageBatch, ImageFolderDataset, collate_skip_bad, evenly_spaced, read_sample
+from ..data.images import BadImage, ImageFolderDataset, evenly_spaced, read_sample
+from ..reducers import Accumulator
 from .boxes import BoxFileError, GroundTruth
 from .metric import resize_boxes
 
 log = logging.getLogger(__name__)
-
-INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest")
-"""Image resampling choices; wsolevaluation's ``transforms.Resize((224, 224))`` is bilinear."""
 
 
 def resize_transform(model: nn.Module, img_size: int = 224, interpolation: str = "bilinear") -> Callable:
@@ -32,7 +30,7 @@ def resize_transform(model: nn.Module, img_size: int = 224, interpolation: str =
     """
     from torchvision import transforms as T
 
-    from ..probes.fixed import normalization
+    from ..data.transforms import normalization
 
     mean, std = normalization(model)
     mode = T.InterpolationMode(interpolation)
@@ -104,21 +102,31 @@ class LocalizationImages(torch.utils.data.Dataset):
         return self.transform(image), -1, i, (int(width), int(height))
 
 
-def collate_sized(samples: Sequence[Any]) -> tuple[ImageBatch, torch.Tensor]:
-    """:func:`attnflow.data.collate_skip_bad` plus the ``[B, 2]`` original ``(width, height)`` of each image."""
-    batch = collate_skip_bad([s if isinstance(s, BadImage) else s[:3] for s in samples])
-    sizes = torch.tensor([s[3] for s in samples if not isinstance(s, BadImage)], dtype=torch.int64).reshape(-1, 2)
-    return batch, sizes
-
-
-@dataclass
-class SizeCheck:
+class SizeCheck(Accumulator):
     """Images whose decoded size differs from the size the box file states (their boxes are scaled by the file's
-    size, as wsolevaluation does: right for images resized before the run, wrong for cropped ones)."""
+    size, as wsolevaluation does: right for images resized before the run, wrong for cropped ones).
 
-    differ: int = 0
-    aspect: int = 0
-    first: str = ""
+    Attributes:
+        differ: images whose size differs.
+        aspect: of those, images whose aspect ratio differs too (cropped images?).
+        first: the first such image's name (one per process after an all-reduce).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.differ: torch.Tensor
+        self.aspect: torch.Tensor
+        self.first: list[str]
+        self.add_state("differ", torch.zeros((), dtype=torch.int64))
+        self.add_state("aspect", torch.zeros((), dtype=torch.int64))
+        self.add_state("first", [], "cat")
+
+    def add(self, name: str, aspect: bool) -> None:
+        """Count one image whose size differs (``aspect``: its aspect ratio too)."""
+        self.differ += 1
+        self.aspect += int(aspect)
+        if not self.first:
+            self.first.append(name)
 
 
 def gt_boxes(truth: GroundTruth, key: str, image_size: tuple[int, int], size: tuple[int, int],
@@ -130,8 +138,5 @@ def gt_boxes(truth: GroundTruth, key: str, image_size: tuple[int, int], size: tu
     """
     stated = truth.size_of(key)
     if stated is not None and check is not None and tuple(stated) != tuple(image_size):
-        check.differ += 1
-        check.first = check.first or name
-        if abs(stated[0] / stated[1] - image_size[0] / image_size[1]) > 0.01 * stated[0] / stated[1]:
-            check.aspect += 1
+        check.add(name, abs(stated[0] / stated[1] - image_size[0] / image_size[1]) > 0.01 * stated[0] / stated[1])
     return resize_boxes(truth.boxes[key], stated or image_size, size)

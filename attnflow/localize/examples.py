@@ -54,7 +54,7 @@ def collect_examples(capture: Callable[[torch.Tensor], dict[str, torch.Tensor]],
         count: number of images.
         size: ``(H, W)`` of the model input.
     """
-    from ..plot.maps import denormalize
+    from ..data.transforms import denormalize
     from .data import gt_boxes
 
     chosen = evenly_spaced(len(dataset), count)

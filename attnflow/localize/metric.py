@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import AttnflowError
+from ..reducers import Accumulator
 from .contours import threshold_boxes
 
 IOU_THRESHOLDS: tuple[int, ...] = (30, 50, 70)
@@ -35,8 +36,55 @@ CAM_CURVE_INTERVAL: float = 0.01
 """wsolevaluation's ``cam_curve_interval`` of its evaluation script and README (100 thresholds)."""
 
 
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest")
+"""Image resampling choices; wsolevaluation's ``transforms.Resize((224, 224))`` is bilinear."""
+
+MIN_CAM_CURVE_INTERVAL: float = 0.001
+"""The finest spacing of score-map thresholds (1,000 thresholds): the hit counts and the box search grow with it."""
+
+
 class LocalizationError(AttnflowError, ValueError):
     """Localization settings or inputs that cannot be evaluated (one clear line)."""
+
+
+@dataclass(frozen=True)
+class BoxProtocol:
+    """How boxes are scored (default: clovaai/wsolevaluation's MaxBoxAccV2).
+
+    Attributes:
+        iou_thresholds: IoU thresholds in percent.
+        cam_curve_interval: spacing of the score-map thresholds (0.01: 100 thresholds), at least
+            :data:`MIN_CAM_CURVE_INTERVAL`.
+        holes: count hole contours as OpenCV's ``RETR_TREE`` does (wsolevaluation); ``False``: outer contours only.
+        interpolation: image resampling to the square input, one of :data:`INTERPOLATIONS`.
+    """
+
+    iou_thresholds: tuple[int, ...] = IOU_THRESHOLDS
+    cam_curve_interval: float = CAM_CURVE_INTERVAL
+    holes: bool = True
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        ious = tuple(int(d) for d in self.iou_thresholds)
+        if not ious or any(not 0 < d <= 100 for d in ious) or len(set(ious)) != len(ious):
+            raise LocalizationError(f"IoU thresholds must be distinct percentages in 1..100, got {list(ious)}")
+        object.__setattr__(self, "iou_thresholds", ious)
+        interval = self.cam_curve_interval
+        if not isinstance(interval, (int, float)) or not MIN_CAM_CURVE_INTERVAL <= interval < 1:
+            raise LocalizationError(f"cam_curve_interval must be in [{MIN_CAM_CURVE_INTERVAL}, 1), got {interval!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise LocalizationError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
+                                    f"{self.interpolation!r}")
+
+    def describe(self) -> str:
+        """One line of the settings (the resume fingerprint's ``metric``)."""
+        return (f"IoU {list(self.iou_thresholds)}, interval {self.cam_curve_interval}, holes {self.holes}, "
+                f"{self.interpolation}")
+
+    def to_meta(self) -> dict[str, Any]:
+        """The settings as a result records them."""
+        return {"interpolation": self.interpolation, "iou_thresholds": list(self.iou_thresholds),
+                "cam_curve_interval": self.cam_curve_interval, "hole_contours": self.holes}
 
 
 def cam_thresholds(interval: float = CAM_CURVE_INTERVAL) -> np.ndarray:
@@ -127,7 +175,7 @@ class BoxAccuracySummary:
     images: int
 
 
-class BoxAccuracy:
+class BoxAccuracy(Accumulator):
     """Streaming MaxBoxAccV2: int64 hit counts per (IoU threshold, score-map threshold) and an image count.
 
     Args:
@@ -146,6 +194,7 @@ class BoxAccuracy:
 
     def __init__(self, iou_thresholds: Sequence[int] = IOU_THRESHOLDS,
                  cam_curve_interval: float = CAM_CURVE_INTERVAL, *, holes: bool = True) -> None:
+        super().__init__()
         ious = tuple(int(d) for d in iou_thresholds)
         if not ious or any(not 0 < d <= 100 for d in ious) or len(set(ious)) != len(ious):
             raise LocalizationError(f"IoU thresholds must be distinct percentages in 1..100, got {list(ious)}")
@@ -153,8 +202,25 @@ class BoxAccuracy:
         self.cam_curve_interval = float(cam_curve_interval)
         self.thresholds = cam_thresholds(self.cam_curve_interval)
         self.holes = holes
-        self.hits: np.ndarray = np.zeros((len(ious), len(self.thresholds)), dtype=np.int64)      # [D, T]
-        self.count = 0
+        self._hits: torch.Tensor
+        self._count: torch.Tensor
+        self.add_state("_hits", torch.zeros((len(ious), len(self.thresholds)), dtype=torch.int64))      # [D, T]
+        self.add_state("_count", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def hits(self) -> np.ndarray:
+        """``[D, T]`` int64 hit counts."""
+        return self._hits.numpy()
+
+    @property
+    def count(self) -> int:
+        """Images counted."""
+        return int(self._count)
+
+    @classmethod
+    def of(cls, protocol: BoxProtocol) -> BoxAccuracy:
+        """An empty accumulator for ``protocol``'s thresholds and contour mode."""
+        return cls(protocol.iou_thresholds, protocol.cam_curve_interval, holes=protocol.holes)
 
     def hits_of(self, scoremap: np.ndarray, gt: np.ndarray) -> np.ndarray:
         """``[D, T]`` bool hits of one image (thread-safe: it does not touch the counts)."""
@@ -168,54 +234,32 @@ class BoxAccuracy:
 
     def add(self, hits: np.ndarray) -> None:
         """Count one image's ``[D, T]`` hits (from :meth:`hits_of`)."""
-        self.hits += hits
-        self.count += 1
+        self._hits += torch.from_numpy(np.asarray(hits, dtype=np.int64))
+        self._count += 1
 
     def update(self, scoremap: np.ndarray, gt: np.ndarray) -> None:
         """Evaluate one image: ``scoremap`` ``[H, W]`` uint8, ``gt`` ``[G, 4]`` boxes in its pixels."""
         self.add(self.hits_of(scoremap, gt))
 
-    def _check_compatible(self, other: BoxAccuracy) -> None:
-        if (other.iou_thresholds, other.cam_curve_interval, other.holes) != (self.iou_thresholds,
-                                                                             self.cam_curve_interval, self.holes):
+    def _settings(self) -> tuple:
+        return self.iou_thresholds, self.cam_curve_interval, self.holes
+
+    def _check_compatible(self, other: Any) -> None:
+        if not isinstance(other, BoxAccuracy) or other._settings() != self._settings():
             raise LocalizationError("cannot merge box accuracies with different IoU thresholds, cam curve "
                                     "interval or contour mode")
+        super()._check_compatible(other)
 
-    def merge(self, other: BoxAccuracy) -> BoxAccuracy:
-        """Add another accumulator's counts (same settings) into this one; returns ``self``."""
-        self._check_compatible(other)
-        self.hits += other.hits
-        self.count += other.count
-        return self
-
-    def all_reduce(self, group: Any = None) -> BoxAccuracy:
-        """Sum the counts of every process of ``torch.distributed`` (no-op without a process group).
-
-        One int64 collective (gloo and NCCL both sum int64 exactly); every process then holds the totals.
-        """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-            else torch.device("cpu")
-        flat = torch.from_numpy(np.append(self.hits.reshape(-1), self.count)).to(device)
-        dist.all_reduce(flat, group=group)
-        values = flat.cpu().numpy()
-        self.hits = values[:-1].reshape(self.hits.shape).astype(np.int64)
-        self.count = int(values[-1])
-        return self
-
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """The counts and settings (to save partial results and merge them later)."""
         return {"iou_thresholds": list(self.iou_thresholds), "cam_curve_interval": self.cam_curve_interval,
-                "holes": self.holes, "hits": self.hits.tolist(), "count": self.count}
+                "holes": self.holes, **super().state_dict()}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> BoxAccuracy:
+    def from_state_dict(cls, state: dict[str, Any]) -> BoxAccuracy:
+        """A new accumulator with the settings and counts of :meth:`state_dict`."""
         acc = cls(state["iou_thresholds"], state["cam_curve_interval"], holes=state["holes"])
-        acc.hits = np.asarray(state["hits"], dtype=np.int64).reshape(acc.hits.shape)
-        acc.count = int(state["count"])
+        acc.load_state_dict(state)
         return acc
 
     def compute(self) -> BoxAccuracySummary:

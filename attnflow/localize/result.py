@@ -14,15 +14,14 @@ integer hit counts, so curves of separate runs over disjoint images add up exact
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..atomic import write_atomically
+from ..result import write_table
 from .metric import BoxAccuracy, LocalizationError
 
 TABLE = "localization"
@@ -127,18 +126,10 @@ class LocalizationResult:
         return {str(s): float(v) for s, v in zip(rows["source"], rows["value"])}
 
     def write(self, out_dir: str | Path) -> Path:
-        """Write the tables and the sidecar into ``out_dir``; each file appears only once complete.
+        """Write the summary table, its sidecar and the curve into ``out_dir``, all or nothing (see
+        :func:`attnflow.result.write_table`).
 
         Returns:
             The summary's parquet path.
         """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        writers: dict[Path, Callable[[Path], Any]] = {
-            out / f"{CURVE}.csv": lambda p: self.curve.to_csv(p, index=False),
-            out / f"{CURVE}.parquet": lambda p: self.curve.to_parquet(p, index=False),
-            out / f"{TABLE}.json": lambda p: p.write_text(json.dumps(self.meta, indent=2, default=str)),
-            out / f"{TABLE}.csv": lambda p: self.frame.to_csv(p, index=False),
-            out / f"{TABLE}.parquet": lambda p: self.frame.to_parquet(p, index=False)}
-        write_atomically(writers)
-        return out / f"{TABLE}.parquet"
+        return write_table(Path(out_dir) / f"{TABLE}.parquet", self.frame, self.meta, extra={CURVE: self.curve})

@@ -16,12 +16,8 @@ model's device, with one host copy per batch:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-
-from ..probes.fixed import aggregation_vectors
 
 CLS_SOURCE = "cls_mean"
 """Source name of the [cls] attention map (the last block's [cls] row, mean over heads, over the patches)."""
@@ -74,14 +70,3 @@ def quantize_scoremaps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
         ``[B, gh, gw] -> [B, H, W]`` uint8 on the input's device.
     """
     return (normalize_scoremaps(upsample_scoremaps(maps, size)) * 255).to(torch.uint8)
-
-
-def cls_attention_maps(attn: torch.Tensor, layout: Any) -> torch.Tensor:
-    """The [cls] attention map: the [cls] row of the post-softmax attention, mean over heads, over the patch keys
-    renormalised to sum to 1 (the rule of :func:`attnflow.plot.patch_maps`, batched).
-
-    Shape:
-        attn ``[B, H, N, N]`` -> ``[B, gh, gw]`` float32.
-    """
-    gh, gw = layout.grid
-    return aggregation_vectors(attn, layout, "cls_mean").reshape(-1, gh, gw)

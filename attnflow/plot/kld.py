@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
-from ..probes.fixed_stats import kld_matrix
-from .style import SINGLE_COLUMN, PlotError, paper_style
+from ..aggregation.statistics import kld_matrix
+from .style import RANDOM_INIT_BANNER, SINGLE_COLUMN, PlotError, paper_style
 
 
 def plot_kld_heatmap(data: pd.DataFrame, *, labels: Mapping[str, str] | None = None,
                      sources: Sequence[str] | None = None, ax: Axes | None = None, cmap: str = "mako_r",
-                     annot: bool = True, cbar: bool = True, title: str | None = None) -> Axes:
+                     annot: bool = True, cbar: bool = True, title: str | None = None,
+                     random_init: bool = False) -> Axes:
     """Heatmap of the mean ``KL(row || column)`` between approaches' aggregation vectors.
 
     Args:
@@ -29,6 +30,7 @@ def plot_kld_heatmap(data: pd.DataFrame, *, labels: Mapping[str, str] | None = N
         annot: write each value (2 decimals) into its cell.
         cbar: draw a colour bar.
         title: axes title.
+        random_init: the statistics come from random weights: the title says so, in red.
 
     Returns:
         The axes (its ``QuadMesh`` array is the ``[S, S]`` matrix in ``sources`` order).
@@ -67,6 +69,7 @@ def plot_kld_heatmap(data: pd.DataFrame, *, labels: Mapping[str, str] | None = N
     ax.tick_params(axis="both", length=0)
     ax.set_xticklabels(ax.get_xticklabels(), rotation=35, ha="right")
     ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
-    if title:
-        ax.set_title(title)
+    heading = "\n".join(t for t in (RANDOM_INIT_BANNER if random_init else None, title) if t)
+    if heading:
+        ax.set_title(heading, **({"color": "#c00000", "fontweight": "bold"} if random_init else {}))
     return ax

@@ -17,7 +17,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
-from .maps import MAP_KINDS, PatchMaps, entropy, upsample
+import torch
+import torch.nn.functional as F
+
+from ..maps import MAP_KINDS, PatchMaps
+from ..metrics import row_entropy
 from .style import DOUBLE_COLUMN, PlotError, paper_style
 
 
@@ -75,11 +79,17 @@ def draw_map(image: np.ndarray | None, grid_map: np.ndarray, *, ax: Axes | None 
         r, c = mark
         ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, edgecolor="cyan", linewidth=0.8))
     if show_entropy:
-        ax.text(0.03, 0.04, f"H={float(entropy(grid_map.ravel())):.2f}", transform=ax.transAxes, fontsize=5.5,
+        ax.text(0.03, 0.04, f"H={float(row_entropy(torch.as_tensor(grid_map, dtype=torch.float64).ravel())):.2f}", transform=ax.transAxes, fontsize=5.5,
                 color="white", va="bottom", ha="left",
                 bbox=dict(boxstyle="round,pad=0.15", facecolor="black", alpha=0.55, linewidth=0))
     ax.set_axis_off()
     return ax
+
+
+def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of a ``[gh, gw]`` map to ``size = (H, W)`` pixels (each patch covers its pixels)."""
+    t = torch.as_tensor(np.asarray(grid_map, np.float64))[None, None]
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 SHORT_KIND_LABELS: dict[str, str] = {

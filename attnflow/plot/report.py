@@ -1,22 +1,16 @@
-"""One-call figure sets for ``attnflow run`` / ``attnflow demo``: the standard per-block figures and a maps figure."""
+"""One-call figure set for ``attnflow run`` / ``attnflow demo``: the standard per-block figures."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-import numpy as np
-import torch
-from matplotlib.figure import Figure
+from typing import Any, Sequence
 
 from ..result import Result
 from .blocks import model_sizes, plot_blocks, plot_metrics, plot_size_grid
 from .heads import plot_heads
 from .info import DataLike, as_result
-from .mapfig import plot_attention_maps
-from .maps import MAP_KINDS, PatchMaps, model_maps
-from .style import PAPER_METRICS, PlotError, close, save_figure
+from .style import PAPER_METRICS, close, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +60,3 @@ def block_figures(data: DataLike, out_dir: str | Path, *, stem: str = "", metric
         close(fig)
     log.info("wrote %d figure files to %s", len(written), out_dir)
     return written
-
-
-def maps_figure(models: Mapping[str, torch.nn.Module], images: Sequence[Any], *,
-                labels: Mapping[str, str] | None = None, img_size: int = 224, crop_pct: float = 0.875,
-                kinds: Sequence[str] = MAP_KINDS, rows: str = "images", overlay: bool = True,
-                block: int | None = None, title: str | None = None
-                ) -> tuple[Figure, list[np.ndarray], dict[str, list[PatchMaps]]]:
-    """Per-image maps (Fig. 9) of several loaded models on PIL images, in one figure.
-
-    Args:
-        models: display order name -> timm ViT in eval mode.
-        images: PIL images.
-        labels: name -> display label (default: the name).
-        img_size, crop_pct: model input; the same crop for every model so that the maps align.
-        kinds, rows, overlay, title: see :func:`attnflow.plot.plot_attention_maps`.
-        block: 0-based block (default: the last).
-
-    Returns:
-        ``(figure, crops, maps)``: uint8 ``[img_size, img_size, 3]`` crops, ``maps[name]`` one
-        :class:`PatchMaps` per image.
-    """
-    if not models:
-        raise PlotError("maps_figure needs at least one model")
-    crops: list[np.ndarray] | None = None
-    maps: dict[str, list[PatchMaps]] = {}
-    for name, model in models.items():
-        model_crops, maps[name] = model_maps(model, images, img_size=img_size, crop_pct=crop_pct, block=block)
-        crops = crops if crops is not None else model_crops
-    assert crops is not None  # set by the first of the (at least one) models
-    fig = plot_attention_maps(crops, maps, kinds=kinds, labels=labels, rows=rows, overlay=overlay, title=title)
-    return fig, crops, maps

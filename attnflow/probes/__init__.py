@@ -1,4 +1,4 @@
-"""Probes on frozen ViT tokens: [cls], average pooling, AbMILP Selective Aggregation, attentive probing.
+"""Trainable probes on frozen ViT tokens: [cls], average pooling, AbMILP Selective Aggregation, attentive probing.
 
 Public API (imported lazily)::
 
@@ -29,16 +29,9 @@ _EXPORTS: dict[str, str] = {
     "ProbeConfig": "attnflow.probes.protocols",
     "resolve_config": "attnflow.probes.protocols",
     "PROTOCOLS": "attnflow.probes.protocols",
-    "TokenEncoder": "attnflow.probes.encode",
     "extract_tokens": "attnflow.probes.cache",
     "TokenCache": "attnflow.probes.cache",
     "probe_images": "attnflow.probes.train",
-    "aggregation_maps": "attnflow.probes.maps",
-    "fixed_aggregation_features": "attnflow.probes.fixed_encode",
-    "FixedAggregationEncoder": "attnflow.probes.fixed_encode",
-    "aggregation_vectors": "attnflow.probes.fixed",
-    "AggregationStats": "attnflow.probes.fixed_stats",
-    "aggregation_statistics": "attnflow.probes.fixed_loop",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import AttnflowError
-from .encode import TokenEncoder
+from ..encode import TokenEncoder
 from .imagedata import SeededDataset, dataset_labels, image_loader
 from .loop import Batch
 from .sampler import BatchPlan

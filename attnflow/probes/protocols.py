@@ -17,7 +17,7 @@ preset           settings
 ===============  ========================================================================================
 
 All presets: 3 seeds, tokens of the last block *without* the final LayerNorm (what the paper's numbers used,
-see :mod:`attnflow.probes.encode`), classifier with torch's default init (the paper's code), BatchNorm
+see :mod:`attnflow.encode`), classifier with torch's default init (the paper's code), BatchNorm
 statistics over each global micro-batch (see :mod:`attnflow.probes.norm`).
 """
 
@@ -79,7 +79,7 @@ class ProbeConfig:
         limit: use at most this many training and validation images (quick checks).
         aggregation: a fixed, non-trainable aggregation of the patch tokens (paper Table 5): ``cls_mean``,
             ``cls_min_entropy``, ``central`` or ``reference:<model-name>``; the encoder then gives one token
-            ``sum_i w_i x_i`` per image and only the ``cls`` head applies (see :mod:`attnflow.probes.fixed`).
+            ``sum_i w_i x_i`` per image and only the ``cls`` head applies (see :mod:`attnflow.aggregation`).
     """
 
     task: str = "imagenet"
@@ -229,7 +229,7 @@ def check_config(config: ProbeConfig) -> None:
                             "(its train split is the dataset's own)")
     specs = parse_head_list(config.heads)
     if config.aggregation is not None:
-        from .fixed import parse_source
+        from ..aggregation.sources import parse_source
 
         parse_source(config.aggregation)
         others = [s.name for s in specs if s.kind != "cls"]

@@ -19,9 +19,9 @@ from torch.utils.data import Dataset
 from .bank import HeadBank
 from .cache import TokenCache, extract_tokens
 from ..dist import broadcast_module, current_world, init_from_env, wait_for_main
-from .encode import TokenEncoder
+from ..encode import TokenEncoder
 from .fit import RESULT_COLUMNS, check_classes
-from .fixed_encode import backbone_record
+from .backbone import backbone_record
 from .imagedata import SeededDataset, image_loader
 from .loop import Batch, Schedule, train_bank
 from .outputs import safe_name, save_head, write_run_table
@@ -120,7 +120,7 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     encoder: TokenEncoder
     aggregation: dict[str, Any] | None = None  # provenance of a fixed aggregation
     if config.aggregation is not None:  # one fixed-weight token per image (paper Table 5)
-        from .fixed_encode import FixedAggregationEncoder
+        from ..aggregation.capture import FixedAggregationEncoder
 
         encoder = FixedAggregationEncoder(model, config.aggregation, reference=reference, block=config.block,
                                           layernorm=config.layernorm, amp=config.amp, device=device,

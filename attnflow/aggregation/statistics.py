@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..reducers import mean_std
-from .fixed import AggregationError, row_entropy
+from ..metrics import row_entropy
+from ..reducers import Accumulator, mean_std
+from .sources import AggregationError
 
 Q_FLOOR: float = float(torch.finfo(torch.float32).tiny)
 """Smallest value of ``q`` inside ``log q`` (see the module docstring)."""
@@ -32,9 +33,6 @@ Q_FLOOR: float = float(torch.finfo(torch.float32).tiny)
 STATS_COLUMNS: tuple[str, ...] = ("model", "metric", "source", "target", "mean", "std", "count", "q_zero_images")
 """Columns of the aggregation statistics table: ``metric`` is ``entropy`` (``target`` empty) or ``kld``
 (``KL(source || target)``)."""
-
-_STATE = ("ent_sum", "ent_sumsq", "kld_sum", "kld_sumsq", "q_zero", "count")
-
 
 def pairwise_kl(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image ``KL(p_s || p_t)`` for every ordered pair of sources, float64, ``q`` floored at :data:`Q_FLOOR`.
@@ -55,7 +53,7 @@ def pairwise_kl(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kl, zero
 
 
-class AggregationStats:
+class AggregationStats(Accumulator):
     """Running mean/std of each source's entropy and of every ordered pair's KL divergence.
 
     Args:
@@ -64,17 +62,26 @@ class AggregationStats:
     """
 
     def __init__(self, sources: Sequence[str], device: torch.device | str | None = None) -> None:
+        super().__init__()
         self.sources = tuple(sources)
         if not self.sources or len(set(self.sources)) != len(self.sources):
             raise AggregationError(f"need distinct sources, got {list(sources)}")
         s = len(self.sources)
-        f64 = torch.float64
-        self.ent_sum = torch.zeros(s, dtype=f64, device=device)
-        self.ent_sumsq = torch.zeros(s, dtype=f64, device=device)
-        self.kld_sum = torch.zeros(s, s, dtype=f64, device=device)
-        self.kld_sumsq = torch.zeros(s, s, dtype=f64, device=device)
-        self.q_zero = torch.zeros(s, s, dtype=torch.int64, device=device)
-        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        self.ent_sum: torch.Tensor
+        self.ent_sumsq: torch.Tensor
+        self.kld_sum: torch.Tensor
+        self.kld_sumsq: torch.Tensor
+        self.q_zero: torch.Tensor
+        self.count: torch.Tensor
+        for name in ("ent_sum", "ent_sumsq"):
+            self.add_state(name, zeros(s))
+        for name in ("kld_sum", "kld_sumsq"):
+            self.add_state(name, zeros(s, s))
+        self.add_state("q_zero", zeros(s, s, dtype=torch.int64))
+        self.add_state("count", zeros(dtype=torch.int64))
 
     def update(self, vectors: Mapping[str, torch.Tensor] | torch.Tensor) -> None:
         """Add one batch.
@@ -103,31 +110,19 @@ class AggregationStats:
         self.q_zero += zero.sum(dim=2)
         self.count += stacked.shape[1]
 
-    def merge(self, other: "AggregationStats") -> "AggregationStats":
-        """Add another reducer's state (the same sources); returns ``self``."""
-        if other.sources != self.sources:
-            raise AggregationError(f"cannot merge statistics of sources {other.sources} into {self.sources}")
-        for name in _STATE:
-            getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
-        return self
+    def _check_compatible(self, other: Any) -> None:
+        if getattr(other, "sources", None) != self.sources:
+            raise AggregationError(f"cannot merge statistics of sources {getattr(other, 'sources', None)} into "
+                                   f"{self.sources}")
+        super()._check_compatible(other)
 
-    def all_reduce(self, group: Any = None) -> "AggregationStats":
-        """Sum the state over all ``torch.distributed`` processes (no-op when not initialised)."""
-        import torch.distributed as dist
+    def state_dict(self) -> dict[str, Any]:
+        return {"sources": list(self.sources), **super().state_dict()}
 
-        if dist.is_available() and dist.is_initialized():
-            for name in _STATE:
-                dist.all_reduce(getattr(self, name), op=dist.ReduceOp.SUM, group=group)
-        return self
-
-    def state_dict(self) -> dict:
-        return {"sources": list(self.sources)} | {n: getattr(self, n).detach().cpu().clone() for n in _STATE}
-
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if tuple(state["sources"]) != self.sources:
             raise AggregationError(f"saved statistics are of sources {state['sources']}, not {list(self.sources)}")
-        for name in _STATE:
-            getattr(self, name).copy_(state[name])
+        super().load_state_dict(state)
 
     def compute(self) -> dict[str, Any]:
         """Host arrays: ``entropy`` / ``entropy_std`` ``[S]``, ``kld`` / ``kld_std`` / ``q_zero`` ``[S, S]``

@@ -1,4 +1,4 @@
-"""Non-trainable token aggregation (paper Appendix C.2, Table 5 and Fig. 7): fixed aggregation vectors.
+"""Sources of non-trainable token aggregation (paper Appendix C.2, Table 5 and Fig. 7).
 
 A fixed aggregation vector ``w`` (``[n_patches]``, non-negative, sums to 1) turns an image's patch tokens
 ``x_i`` into one representation ``sum_i w_i x_i`` without any trainable pooling. The sources, each computed
@@ -15,18 +15,17 @@ from the last block's post-softmax attention ``[B, H, N, N]`` of one forward pas
                     tokens (Table 5: "Average DINO [cls] token attention"); same patch grid required
 ==================  ===================================================================================
 
-The rules are those of :func:`attnflow.plot.patch_maps` (one image, numpy, for plotting); here they are
-batched torch functions. Model-side capture lives in :mod:`attnflow.probes.fixed_encode`, dataset
-statistics (entropy, pairwise KL) in :mod:`attnflow.probes.fixed_stats`.
+This module names and parses the sources and labels them as the paper does; the vectors themselves are
+computed in :mod:`attnflow.aggregation.vectors`, the forwards in :mod:`attnflow.aggregation.capture`, the
+dataset statistics (entropy, pairwise KL) in :mod:`attnflow.aggregation.statistics`.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 import torch.nn as nn
 
 from ..errors import AttnflowError
@@ -100,105 +99,6 @@ def check_source_fits(source: Source, has_cls: bool, model_name: str = "the mode
                                f"use central or reference:<model-name>")
 
 
-def _layout_fields(layout: Any) -> tuple[int, bool, tuple[int, int]]:
-    try:
-        return int(layout.num_prefix), bool(layout.has_cls), (int(layout.grid[0]), int(layout.grid[1]))
-    except AttributeError as err:
-        raise TypeError("layout needs num_prefix, has_cls and grid (an attnflow.tap.TokenLayout)") from err
-
-
-def row_entropy(weights: torch.Tensor) -> torch.Tensor:
-    """Exact Shannon entropy (nats) of non-negative rows renormalised to sum to 1, ``0 log 0 = 0``.
-
-    ``H = log s - sum(a log a) / s`` with ``s = sum(a)``, in the input's dtype (pass float64 for exactness).
-
-    Shape:
-        ``[..., K] -> [...]``.
-    """
-    s = weights.sum(dim=-1)
-    return torch.log(s) - torch.special.xlogy(weights, weights).sum(dim=-1) / s
-
-
-def aggregation_vectors(attn: torch.Tensor, layout: Any, source: str | Source, *,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Batched fixed aggregation vectors from one block's attention (the last block in the paper).
-
-    Computed in float64 (the lowest-entropy head is chosen on float64 entropies, as
-    :func:`attnflow.plot.patch_maps` does), returned in ``dtype``.
-
-    Args:
-        attn: ``[B, H, N, N]`` post-softmax attention (rows = queries), ``N = num_prefix + gh * gw``.
-        layout: the :class:`attnflow.tap.TokenLayout` of the forward (tokens ``[cls?, registers..., patches]``).
-        source: ``"cls_mean"``, ``"cls_min_entropy"`` or ``"central"`` (a reference model's vector is the
-            reference's own ``cls_mean``: call this on the reference's attention).
-        dtype: output dtype.
-
-    Returns:
-        ``[B, gh * gw]`` non-negative weights over the patches (row-major), each row summing to 1.
-
-    Raises:
-        AggregationError: an unknown source, a [cls] source for a model without [cls], or ``attn`` that does
-            not match the layout.
-    """
-    src = parse_source(source) if isinstance(source, str) else source
-    if src.kind not in SOURCES:
-        raise AggregationError(f"{src.name} is not computed from the model's own attention; "
-                               f"use one of {', '.join(SOURCES)}")
-    num_prefix, has_cls, (gh, gw) = _layout_fields(layout)
-    n = num_prefix + gh * gw
-    if attn.dim() != 4 or tuple(attn.shape[-2:]) != (n, n):
-        raise AggregationError(f"attention of shape {tuple(attn.shape)} does not match the token layout "
-                               f"({num_prefix} prefix + {gh}x{gw} patches = [B, H, {n}, {n}])")
-    check_source_fits(src, has_cls)
-    a = attn.detach().to(torch.float64)
-    if src.kind == "central":
-        query = num_prefix + (gh // 2) * gw + gw // 2
-        rows = a[:, :, query, num_prefix:].mean(dim=1)                                  # [B, P]
-    elif src.kind == "cls_mean":
-        rows = a[:, :, 0, num_prefix:].mean(dim=1)                                      # [B, P]
-    else:
-        heads = a[:, :, 0, num_prefix:]                                                 # [B, H, P]
-        best = row_entropy(heads).argmin(dim=1)                                         # [B] (first minimum)
-        rows = heads[torch.arange(heads.shape[0], device=heads.device), best]          # [B, P]
-    return (rows / rows.sum(dim=1, keepdim=True)).to(dtype)
-
-
-def aggregate_tokens(weights: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-    """The fixed-weight representation ``sum_i w_i x_i`` (float32).
-
-    Shape:
-        weights ``[B, P]``, patch tokens ``[B, P, D]`` -> ``[B, D]``.
-    """
-    if weights.shape != patches.shape[:2]:
-        raise AggregationError(f"{tuple(weights.shape)} weights do not fit {tuple(patches.shape)} patch tokens")
-    return torch.einsum("bp,bpd->bd", weights.float(), patches.float())
-
-
-# ------------------------------------------------------------------------------------ normalisation
-def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The input ``(mean, std)`` a timm model expects (its pretrained config)."""
-    import timm.data
-
-    config = timm.data.resolve_data_config({}, model=model)
-    return tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"])
-
-
-def renormalize(images: torch.Tensor, source: tuple[Sequence[float], Sequence[float]],
-                target: tuple[Sequence[float], Sequence[float]]) -> torch.Tensor:
-    """Images normalised with ``source = (mean, std)`` re-expressed with ``target``'s: same pixels, another
-    normalisation (``(x * std_s + mean_s - mean_t) / std_t``).
-
-    Shape:
-        ``[B, 3, H, W] -> [B, 3, H, W]``.
-    """
-    def col(values: Sequence[float]) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-
-    (m_s, s_s), (m_t, s_t) = source, target
-    return (images * col(s_s) + col(m_s) - col(m_t)) / col(s_t)
-
-
-# ------------------------------------------------------------------------------------------- labels
 def model_label(model: nn.Module, name: str | None = None) -> str:
     """Short model name for source labels: the preset's method (``MAE``, ``DINO``; a preset's timm hub tag such as
     ``vit_base_patch16_224.mae`` counts too), else the given name."""
@@ -215,7 +115,7 @@ def model_label(model: nn.Module, name: str | None = None) -> str:
 
 def head_label(spec_name: str) -> str:
     """Display name of a trained head's aggregation (``abmilp`` -> ``AbMILP``)."""
-    from .specs import parse_head_spec
+    from ..probes.specs import parse_head_spec
 
     spec = parse_head_spec(spec_name)
     if spec.kind == "abmilp":
@@ -246,3 +146,19 @@ def source_label(source: str | Source, model: str, reference: str | None = None)
     if src.kind == "reference":
         return f"Average {reference or src.target} [cls] token attention"
     return head_label(src.target or "")
+
+
+def default_sources(has_cls: bool, reference_name: str | None = None, head: Any = None) -> list[str]:
+    """Every source that fits: the model's own (the [cls] ones only with [cls]), the reference's, the head's."""
+    out = [s for s in SOURCES if has_cls or s == "central"]
+    if reference_name is not None:
+        out.append(f"reference:{reference_name}")
+    if head is not None:
+        out.append(f"{HEAD_PREFIX}{head.spec.name}")
+    return out
+
+
+def reference_mismatch(source: Source, reference_name: str) -> str:
+    """The error line for a ``reference:<name>`` source that names another model than the reference given."""
+    return (f"source {source.name} names {source.target} but --reference is {reference_name}: its vectors would "
+            f"be {reference_name}'s; use reference:{reference_name}")

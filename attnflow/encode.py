@@ -1,4 +1,5 @@
-"""Frozen-encoder token extraction: images -> last-block tokens ``[B, P + N, D]`` for the probe heads.
+"""Frozen-encoder token extraction: images -> one block's tokens ``[B, P + N, D]`` for probe heads and fixed
+aggregations.
 
 The tokens are the output of one transformer block (the last by default; SimMIM's authors recommend the 8th,
 ``block=7`` counted from 0, paper footnote 6), read by a forward hook, so any timm ViT-family model works
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import AttnflowError
-from ..options import autocast_dtype
-from ..provenance import weights_fingerprint
+from .errors import AttnflowError
+from .options import autocast_dtype
+from .provenance import weights_fingerprint
+from .vit import model_has_cls, model_num_prefix, resolve_block
 
 
 class _Stop(Exception):
@@ -46,18 +48,15 @@ class TokenEncoder:
 
     def __init__(self, model: nn.Module, *, block: int = -1, layernorm: bool = False, amp: str = "auto",
                  device: torch.device | str = "cpu") -> None:
-        blocks = getattr(model, "blocks", None)
-        if blocks is None or not hasattr(model, "forward_features"):
-            raise AttnflowError(f"{type(model).__name__} is not a timm ViT-family model (no .blocks)")
-        if not -len(blocks) <= block < len(blocks):
-            raise AttnflowError(f"block {block} out of range for a model with {len(blocks)} blocks")
+        if not hasattr(model, "forward_features"):
+            raise AttnflowError(f"{type(model).__name__} is not a timm ViT-family model (no forward_features)")
+        self.block = resolve_block(model, block)
         self.model = model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
-        self.block = block % len(blocks)
-        self.last = self.block == len(blocks) - 1
+        self.last = self.block == len(getattr(model, "blocks")) - 1
         self.layernorm = layernorm
-        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
-        self.has_cls = getattr(model, "cls_token", None) is not None
+        self.num_prefix = model_num_prefix(model)
+        self.has_cls = model_has_cls(model)
         self.dim = int(getattr(model, "embed_dim", getattr(model, "num_features", 0)))
         self.amp_dtype = autocast_dtype(amp, self.device)
 

@@ -11,9 +11,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from ..plot.style import DOUBLE_COLUMN, RANDOM_INIT_BANNER, paper_style
-from .result import Example
-from .scoremaps import CLS_SOURCE
+from ..localize.result import Example
+from ..localize.scoremaps import CLS_SOURCE
+from .style import DOUBLE_COLUMN, RANDOM_INIT_BANNER, paper_style
 
 GT_COLOR = "tab:blue"
 SOURCE_COLORS: dict[str, str] = {CLS_SOURCE: "tab:red"}
