@@ -27,7 +27,7 @@ import timm
 import torch
 
 from attnflow.probes.bank import HeadBank
-from attnflow.probes.encode import TokenEncoder
+from attnflow.encode import TokenEncoder
 from attnflow.probes.specs import parse_head_list
 
 HEAD_SETS = {

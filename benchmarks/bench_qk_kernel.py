@@ -14,7 +14,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from attnflow.collect import metrics_from_qk
+from attnflow.stats import metrics_from_qk
 from attnflow.kernels.qk_metrics import _kernels, qk_metrics_triton
 from attnflow.kernels.route import disagreement
 from attnflow.metrics import patch_distances

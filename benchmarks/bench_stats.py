@@ -33,7 +33,7 @@ from contextlib import nullcontext
 import timm
 import torch
 
-from attnflow.collect import attention_stats
+from attnflow.stats import attention_stats
 
 
 def _sync(device: torch.device) -> None:

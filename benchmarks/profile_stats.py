@@ -15,7 +15,7 @@ import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from attnflow.collect import attention_stats
+from attnflow.stats import attention_stats
 
 
 def _top_kernels(prof, n_batches: int, limit: int) -> list[dict]:

@@ -21,8 +21,8 @@ import pandas as pd
 import skimage.data
 from PIL import Image
 
-from attnflow.plot import (patch_maps, plot_attention_maps, plot_blocks, plot_head_maps, plot_heads,
-                           plot_metrics, plot_size_grid, save_figure)
+from attnflow.maps import patch_maps
+from attnflow.plot import plot_attention_maps, plot_blocks, plot_head_maps, plot_heads, plot_metrics, plot_size_grid, save_figure
 from attnflow.result import COLUMNS, Result
 
 NOTE = "illustrative synthetic data, not measurements"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import tiny_model  # noqa: E402
 
-from attnflow.collect import attention_stats  # noqa: E402
+from attnflow.stats import attention_stats  # noqa: E402
 from attnflow.data.images import ImageFolderDataset, collate_skip_bad  # noqa: E402
 from attnflow.data.transforms import eval_transform  # noqa: E402
 
@@ -28,7 +28,7 @@ def main(folder: str, out: str, kinds: list[str]) -> None:
             loader = DataLoader(ImageFolderDataset(folder, eval_transform(model, 64)), batch_size=2,
                                 collate_fn=collate_skip_bad)
             data = loader if kind == "loader" else list(loader)
-        result = attention_stats(model, data, img_size=64, batch_size=2, device="cpu", num_workers=0,
+        result = attention_stats(model, data, img_size=64, batch_size=2, device="cpu", workers=0,
                                  progress=False)
         if dist.get_rank() == 0:
             path = Path(out)

@@ -58,7 +58,7 @@ def images(model, photos) -> torch.Tensor:
 
 
 def _stats(model, data, **kw) -> Result:
-    return attnflow.attention_stats(model, data, progress=False, num_workers=0, **kw)
+    return attnflow.attention_stats(model, data, progress=False, workers=0, **kw)
 
 
 def test_a_tensor_is_a_batch_of_images_and_a_single_image_is_one_image(model, images):
@@ -161,7 +161,8 @@ def test_concat_refuses_the_same_model_twice():
 
 
 def test_aggregation_maps_of_one_image_and_load_head_of_a_foreign_file(model, images, tmp_path):
-    from attnflow.probes import aggregation_maps, load_head, save_head
+    from attnflow.maps import aggregation_maps
+    from attnflow.probes import load_head, save_head
     from attnflow.probes.heads import ProbeHead
     from attnflow.probes.specs import parse_head_spec
 

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from attnflow.collect import InputShapeError, attention_stats
+from attnflow.vit import InputShapeError
+from attnflow.stats import attention_stats
 from attnflow.data.images import DataError, ImageFolderDataset
 from attnflow.data.transforms import eval_transform
 from attnflow.metrics import METRICS, attention_metrics, patch_distances
@@ -66,7 +67,8 @@ def test_fast_qk_route_equals_attn_drop_route(arch, kwargs, n_fast):
 
 
 def test_fast_qk_keeps_fused_attention_and_rejects_masks():
-    from attnflow.tap import AttentionTap, QueryKey, UnsupportedModelError
+    from attnflow.tap import AttentionTap, QueryKey
+    from attnflow.vit import UnsupportedModelError
 
     model = tiny_model()
     seen = []
@@ -93,12 +95,12 @@ def test_compiled_statistics_equal_eager():
 def test_folder_with_corrupt_and_empty_files(photo_folder, tmp_path):
     model = tiny_model()
     clean = attention_stats(model, photo_folder, img_size=64, batch_size=3, device="cpu",
-                            num_workers=0, progress=False)
+                            workers=0, progress=False)
     (photo_folder / "ILSVRC2012_val_00000098.JPEG").write_bytes(b"")
     (photo_folder / "ILSVRC2012_val_00000099.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (photo_folder / "notes.txt").write_text("not an image")  # ignored: not an image extension
     dirty = attention_stats(model, photo_folder, img_size=64, batch_size=3, device="cpu",
-                            num_workers=2, progress=False)
+                            workers=2, progress=False)
     assert dirty.meta["images_used"] == clean.meta["images_used"]
     assert dirty.meta["images_skipped"] == 2
     reasons = {item["path"].rsplit("/", 1)[-1]: item["reason"] for item in dirty.meta["skipped"]}
@@ -109,38 +111,6 @@ def test_folder_with_corrupt_and_empty_files(photo_folder, tmp_path):
     ds = ImageFolderDataset(photo_folder, eval_transform(model, 64))
     images = torch.stack([s[0] for s in (ds[i] for i in range(len(ds))) if isinstance(s, tuple)])
     _check_equal(clean, _one_pass_reference(model, images), rtol=1e-6)
-
-
-def test_resume_after_interrupt_equals_uninterrupted(photo_folder, tmp_path):
-    model = tiny_model()
-    kwargs = dict(img_size=64, batch_size=2, device="cpu", num_workers=0, progress=False)
-    full = attention_stats(model, photo_folder, **kwargs)
-    state = tmp_path / "run.state.pt"
-
-    def stop_after_two(n):
-        if n == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        attention_stats(model, photo_folder, state_path=state, checkpoint_every=1,
-                        _after_batch=stop_after_two, **kwargs)
-    assert state.exists()
-    resumed = attention_stats(model, photo_folder, state_path=state, resume=True, **kwargs)
-    assert resumed.meta["resumed"] and resumed.meta["images_used"] == full.meta["images_used"]
-    pd.testing.assert_frame_equal(resumed.frame, full.frame, check_exact=False, rtol=1e-12)
-    assert not state.exists(), "the state file is removed once the run completes"
-
-
-def test_resume_refuses_state_of_another_run(photo_folder, tmp_path):
-    model = tiny_model()
-    state = tmp_path / "s.pt"
-    with pytest.raises(KeyboardInterrupt):
-        attention_stats(model, photo_folder, img_size=64, batch_size=2, device="cpu", num_workers=0,
-                        progress=False, state_path=state, checkpoint_every=1,
-                        _after_batch=lambda n: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(Exception, match="different run"):
-        attention_stats(model, photo_folder, img_size=64, batch_size=2, limit=3, device="cpu",
-                        num_workers=0, progress=False, state_path=state, resume=True)
 
 
 def test_no_cls_model_reports_missing_cls_metrics():
@@ -158,9 +128,9 @@ def test_clear_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="holds no image files"):
         attention_stats(model, empty, device="cpu", progress=False)
-    with pytest.raises(InputShapeError, match="--img-size"):
+    with pytest.raises(InputShapeError, match="img_size"):
         attention_stats(model, [torch.randn(1, 3, 96, 96)], device="cpu", progress=False)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="no readable image"):
-        attention_stats(model, tmp_path / "bad", img_size=64, device="cpu", num_workers=0, progress=False)
+        attention_stats(model, tmp_path / "bad", img_size=64, device="cpu", workers=0, progress=False)

@@ -122,12 +122,12 @@ def test_non_positive_numbers_give_one_line(photo_folder, tmp_path, capsys, opti
 
 @pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"checkpoint_every": 0}])
 def test_attention_stats_rejects_non_positive_sizes(photo_folder, kwargs):
-    from attnflow.collect import attention_stats
+    from attnflow.stats import attention_stats
     from attnflow.errors import AttnflowError
     from conftest import tiny_model
 
     with pytest.raises(AttnflowError, match=next(iter(kwargs))):
-        attention_stats(tiny_model(img_size=32), photo_folder, img_size=32, num_workers=0, progress=False, **kwargs)
+        attention_stats(tiny_model(img_size=32), photo_folder, img_size=32, workers=0, progress=False, **kwargs)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

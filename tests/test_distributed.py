@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from attnflow.cli import main
-from attnflow.collect import attention_stats
+from attnflow.stats import attention_stats
 from attnflow.result import Result
 from conftest import tiny_model
 
@@ -29,7 +29,7 @@ def test_torchrun_two_processes_equal_one(photo_folder, tmp_path):
     out = tmp_path / "dist.parquet"
     proc = _torchrun(2, [str(photo_folder), str(out), "folder", "loader", "batches"], script="dist_worker.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = attention_stats(tiny_model(seed=0), photo_folder, img_size=64, batch_size=2, device="cpu", num_workers=0,
+    one = attention_stats(tiny_model(seed=0), photo_folder, img_size=64, batch_size=2, device="cpu", workers=0,
                           progress=False)
     for kind in ("folder", "loader", "batches"):
         two = Result.read(tmp_path / f"dist-{kind}.parquet")

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from attnflow.plot import patch_maps
-from attnflow.probes.fixed import (AggregationError, aggregation_vectors, parse_source, row_entropy,
-                                   source_label)
-from attnflow.probes.fixed_stats import Q_FLOOR, AggregationStats, kld_matrix, pairwise_kl
+from attnflow.maps import patch_maps
+from attnflow.aggregation.sources import AggregationError, parse_source, source_label
+from attnflow.aggregation.vectors import aggregation_vectors
+from attnflow.metrics import row_entropy
+from attnflow.aggregation.statistics import Q_FLOOR, AggregationStats, kld_matrix, pairwise_kl
 from attnflow.tap import AttentionTap
 from conftest import tiny_model
 from probe_data import one_thread  # noqa: F401  (autouse fixture: the workers use one thread too)
@@ -204,7 +205,7 @@ def test_stats_table_matches_brute_force_and_streaming_equals_one_pass():
 def _dist_worker(rank: int, world: int, init: str, folder: str, out: str) -> None:
     import torch.distributed as dist
 
-    from attnflow.probes.fixed_loop import aggregation_statistics
+    from attnflow.aggregation.analysis import aggregation_statistics
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -220,7 +221,7 @@ def test_two_processes_give_what_one_gives(photo_folder, tmp_path):
     """Sharding by image, all_reduce of the sums and the skipped list gathered: 2 gloo processes == one."""
     import torch.multiprocessing as mp
 
-    from attnflow.probes.fixed_loop import aggregation_statistics
+    from attnflow.aggregation.analysis import aggregation_statistics
 
     (photo_folder / "ILSVRC2012_val_00000050.JPEG").write_bytes(b"")  # unreadable, in process 1's share
     out = str(tmp_path / "two.pt")

@@ -17,10 +17,10 @@ from attnflow.cli import main
 from attnflow.data.images import ImageFolderDataset
 from attnflow.data.transforms import eval_transform
 from attnflow.models.load import load_model
-from attnflow.plot import patch_maps
+from attnflow.maps import patch_maps
 from attnflow.plot.kld import plot_kld_heatmap
-from attnflow.probes.encode import TokenEncoder
-from attnflow.probes.fixed_stats import Q_FLOOR
+from attnflow.encode import TokenEncoder
+from attnflow.aggregation.statistics import Q_FLOOR
 from attnflow.probes.heads import ProbeHead
 from attnflow.probes.outputs import save_head
 from attnflow.probes.specs import parse_head_spec
@@ -160,8 +160,8 @@ def main_missing(tmp_path: Path, capsys) -> str:
 
 
 def test_reference_source_must_name_the_reference_model(photo_folder):
-    from attnflow.probes.fixed import AggregationError
-    from attnflow.probes.fixed_loop import aggregation_statistics
+    from attnflow.aggregation.sources import AggregationError
+    from attnflow.aggregation.analysis import aggregation_statistics
 
     model = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
     reference = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
@@ -171,7 +171,8 @@ def test_reference_source_must_name_the_reference_model(photo_folder):
 
 
 def test_a_head_of_the_same_model_under_its_preset_name_is_accepted():
-    from attnflow.probes.fixed_encode import AggregationCapture, check_head
+    from attnflow.aggregation.capture import AggregationCapture
+    from attnflow.probes.backbone import check_head
 
     capture = AggregationCapture(load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW))
     head = ProbeHead(parse_head_spec("abmilp"), 32, 3, True)
@@ -181,7 +182,8 @@ def test_a_head_of_the_same_model_under_its_preset_name_is_accepted():
 
 
 def test_a_head_of_other_weights_of_the_same_model_is_warned_about(caplog):
-    from attnflow.probes.fixed_encode import AggregationCapture, backbone_record, check_head
+    from attnflow.aggregation.capture import AggregationCapture
+    from attnflow.probes.backbone import backbone_record, check_head
 
     model = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
     capture = AggregationCapture(model)

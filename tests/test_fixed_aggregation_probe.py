@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from attnflow.cli import main
-from attnflow.plot import patch_maps
-from attnflow.probes import fixed_aggregation_features
-from attnflow.probes.encode import TokenEncoder
-from attnflow.probes.fixed import AggregationError, normalization
-from attnflow.probes.fixed_encode import FixedAggregationEncoder, check_reference
+from attnflow.maps import patch_maps
+from attnflow.aggregation.capture import fixed_aggregation_features
+from attnflow.encode import TokenEncoder
+from attnflow.aggregation.sources import AggregationError
+from attnflow.data.transforms import normalization
+from attnflow.aggregation.capture import FixedAggregationEncoder, check_reference
 from attnflow.probes.outputs import load_head
 from attnflow.tap import AttentionTap
 from conftest import tiny_model

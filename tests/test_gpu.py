@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnflow.collect import attention_stats, metrics_from_qk
+from attnflow.stats import attention_stats, metrics_from_qk
 from attnflow.metrics import patch_distances
 from attnflow.tap import AttentionTap
 from conftest import tiny_model

@@ -13,7 +13,7 @@ import torch
 from attnflow.cli import main
 from attnflow.localize import localize, read_boxes
 from attnflow.models.load import load_model
-from attnflow.probes.fixed_loop import aggregation_statistics
+from attnflow.aggregation.analysis import aggregation_statistics
 from test_localize_cli import ARCH, KW, write_boxes
 from test_probes_cli import cub, probe  # noqa: F401  (cub: a fixture)
 

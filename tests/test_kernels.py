@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from attnflow.collect import attention_stats, metrics_from_qk  # noqa: E402
+from attnflow.stats import attention_stats, metrics_from_qk  # noqa: E402
 from attnflow.kernels import route as route_module  # noqa: E402
 from attnflow.kernels.qk_metrics import grid_geometry, qk_metrics_triton  # noqa: E402
 from attnflow.kernels.route import QKRoute, disagreement  # noqa: E402

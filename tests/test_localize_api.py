@@ -10,7 +10,8 @@ import pytest
 import torch
 from matplotlib.patches import Rectangle
 
-from attnflow.localize import localize, merge_curves, plot_localization_examples, read_boxes
+from attnflow.localize import localize, merge_curves, read_boxes
+from attnflow.plot.localization import plot_localization_examples
 from attnflow.localize.metric import LocalizationError
 from attnflow.models.load import load_model
 from attnflow.probes.heads import ProbeHead

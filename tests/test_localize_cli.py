@@ -15,9 +15,9 @@ from PIL import Image
 from attnflow.cli import main
 from attnflow.localize.scoremaps import quantize_scoremaps
 from attnflow.models.load import load_model
-from attnflow.plot.maps import capture_maps
+from attnflow.maps import capture_maps
 from attnflow.probes.heads import ProbeHead
-from attnflow.probes.maps import aggregation_maps
+from attnflow.maps import aggregation_maps
 from attnflow.probes.outputs import load_head, save_head
 from attnflow.probes.specs import parse_head_spec
 from localize_brute import brute_hits, max_box_acc_v2

@@ -555,7 +555,7 @@ def test_provenance_records_the_architecture_overrides_and_checkpoint_key():
 
     import torch.nn as nn
 
-    from attnflow.collect import attention_stats
+    from attnflow.stats import attention_stats
     from attnflow.provenance import run_provenance
 
     model = load_model("mae-vit-b16", random_init=True, img_size=64, depth=2, embed_dim=32, num_heads=4,

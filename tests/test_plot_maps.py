@@ -11,8 +11,11 @@ import torch
 from matplotlib.image import AxesImage
 from PIL import Image
 
-from attnflow.plot import (PlotError, capture_maps, draw_map, entropy, model_maps, patch_maps, plot_attention_maps,
-                           plot_head_maps, upsample)
+from attnflow.aggregation.sources import AggregationError
+from attnflow.maps import MapError, capture_maps, model_maps, patch_maps
+from attnflow.metrics import row_entropy
+from attnflow.plot import PlotError, draw_map, plot_attention_maps, plot_head_maps, upsample
+from attnflow.vit import BlockIndexError, PatchSizeError
 from conftest import tiny_model
 
 GRID = (4, 6)  # not square: catches row/column mix-ups
@@ -83,18 +86,18 @@ def test_model_without_cls_has_only_the_central_map():
 
 
 def test_shape_mismatch_and_unknown_kind_are_clear_errors():
-    with pytest.raises(PlotError, match="does not match the token layout"):
+    with pytest.raises(AggregationError, match="does not match the token layout"):
         patch_maps(planted_attention(num_prefix=1), layout(num_prefix=3))
     maps = patch_maps(planted_attention(), layout())
-    with pytest.raises(PlotError, match="unknown map kind"):
+    with pytest.raises(MapError, match="unknown map kind"):
         maps.get("cls_max")
-    with pytest.raises(PlotError, match="out of range"):
+    with pytest.raises(MapError, match="out of range"):
         maps.get("cls_head:5")
 
 
 def test_entropy_matches_loop_and_handles_zeros():
     p = np.array([[0.0, 2.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
-    np.testing.assert_allclose(entropy(p, axis=1), [brute_entropy(p[0]), math.log(4)], atol=1e-15)
+    np.testing.assert_allclose(row_entropy(torch.as_tensor(p)), [brute_entropy(p[0]), math.log(4)], atol=1e-15)
 
 
 def test_upsampled_peak_lies_in_the_planted_patch():
@@ -193,14 +196,14 @@ def test_block_out_of_range_is_a_clear_error_not_another_block(photos):
     np.testing.assert_allclose(capture_maps(model, x, block=1)[0].cls_mean, last.cls_mean)
     np.testing.assert_allclose(capture_maps(model, x, block=-2)[0].cls_mean, capture_maps(model, x, block=0)[0].cls_mean)
     for block in (2, 5, -3):
-        with pytest.raises(PlotError, match=f"block {block} .*2 blocks"):
+        with pytest.raises(BlockIndexError, match=f"block {block} .*2 blocks"):
             capture_maps(model, x, block=block)
 
 
 def test_input_that_does_not_split_into_patches_is_a_clear_error(photos):
     """At 72 px a /16 model sees a 4x4 grid covering 64 px: the maps would not align with the 72 px crop."""
     model = tiny_model("vit_small_patch16_224", img_size=72)
-    with pytest.raises(PlotError, match="multiple of 16"):
+    with pytest.raises(PatchSizeError, match="multiple of 16"):
         model_maps(model, [Image.fromarray(photos["coffee"])], img_size=72)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnflow.plot import PlotError, block_figures, maps_figure
+from attnflow.plot import block_figures
 from conftest import tiny_model
 from test_plot_blocks import make_result
 
@@ -23,19 +23,3 @@ def test_block_figures_write_every_listed_file(tmp_path):
                              formats=("png", "pdf"), dpi=40)
     # no size grid for one size; every format of every figure
     assert [p.name for p in one_size] == ["metrics.png", "metrics.pdf", "cls_self.png", "cls_self.pdf"]
-
-
-def test_maps_figure_runs_models_on_photos(photos):
-    models = {"a": tiny_model(img_size=64), "b": tiny_model(img_size=64, seed=1, class_token=False,
-                                                               global_pool="avg")}
-    images = [Image.fromarray(photos[k]) for k in ("chelsea", "coffee")]
-    fig, crops, maps = maps_figure(models, images, img_size=64, labels={"a": "A"})
-    assert len(crops) == 2 and crops[0].shape == (64, 64, 3)
-    assert maps["a"][0].has_cls and not maps["b"][0].has_cls
-    assert np.isclose(maps["b"][1].central.sum(), 1.0)
-    assert len(fig.axes) == 2 * (1 + 2 * 3)
-
-
-def test_maps_figure_without_models_is_one_clear_error(photos):
-    with pytest.raises(PlotError, match="at least one model"):
-        maps_figure({}, [Image.fromarray(photos["chelsea"])], img_size=64)

@@ -11,7 +11,7 @@ from attnflow.data.images import ImageFolderDataset
 from attnflow.data.transforms import eval_transform
 from attnflow.errors import AttnflowError
 from attnflow.probes.cache import TokenCache, extract_tokens
-from attnflow.probes.encode import TokenEncoder
+from attnflow.encode import TokenEncoder
 from attnflow.probes.imagedata import train_transform
 from attnflow.probes.sampler import BatchPlan
 from conftest import tiny_model
@@ -136,7 +136,7 @@ def test_cache_batches_follow_the_plan(dataset, tmp_path):
 
 def test_aggregation_maps_of_a_saved_head(tmp_path):
     from attnflow.probes.heads import build_head
-    from attnflow.probes.maps import aggregation_maps
+    from attnflow.maps import aggregation_maps
     from attnflow.probes.outputs import load_head, save_head
     from attnflow.probes.specs import parse_head_spec
 
@@ -158,7 +158,7 @@ def test_aggregation_maps_of_a_saved_head(tmp_path):
 def test_aggregation_maps_of_a_hybrid_vit_lie_on_the_cnn_stems_grid():
     """A ResNet stem with stride 32 then 1-pixel patches: a 64 px image gives a 2x2 token grid, not 64x64."""
     from attnflow.probes.heads import build_head
-    from attnflow.probes.maps import aggregation_maps
+    from attnflow.maps import aggregation_maps
     from attnflow.probes.specs import parse_head_spec
 
     model = tiny_model("vit_small_r26_s32_224", img_size=64)

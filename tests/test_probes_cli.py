@@ -15,7 +15,7 @@ from PIL import Image
 from attnflow.cli import main
 from attnflow.errors import AttnflowError
 from attnflow.probes import train as train_module
-from attnflow.probes.encode import TokenEncoder
+from attnflow.encode import TokenEncoder
 from attnflow.probes.outputs import load_head
 from attnflow.probes.protocols import resolve_config
 from probe_data import one_thread  # noqa: F401  (autouse fixture)

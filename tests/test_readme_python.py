@@ -14,7 +14,7 @@ SUBSTITUTIONS = {  # README text -> offline stand-in; each must still be in the 
     'attnflow.load_model("mocov3-vit-b16", checkpoint="vit-b-300ep.pth.tar")':
         'attnflow.load_model("mocov3-vit-b16", random_init=True, depth=2, embed_dim=32, num_heads=4)',
     'attnflow.attention_stats(model, "/data/imagenet/val")':
-        'attnflow.attention_stats(model, PHOTOS, num_workers=0, progress=False)',
+        'attnflow.attention_stats(model, PHOTOS, workers=0, progress=False)',
     'attnflow.load_model("mae-vit-b16", checkpoint="mae_pretrain_vit_base.pth")':
         'attnflow.load_model("mae-vit-b16", random_init=True, depth=2, embed_dim=32, num_heads=4)',
     'attnflow.load_model("dino-vit-b16", checkpoint="dino_vitbase16_pretrain.pth")':

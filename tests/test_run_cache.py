@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-import attnflow.collect
+import attnflow.stats
 from attnflow.cli import main
 from attnflow.models.load import load_model, sha256_file
 from attnflow.result import Result
@@ -32,13 +32,13 @@ def env(offline, monkeypatch) -> Path:
 def calls(monkeypatch) -> list[str]:
     """Model names attention_stats was called with (it still runs)."""
     seen: list[str] = []
-    real = attnflow.collect.attention_stats
+    real = attnflow.stats.attention_stats
 
     def counting(model, data, **kwargs):
         seen.append(kwargs["model_name"])
         return real(model, data, **kwargs)
 
-    monkeypatch.setattr(attnflow.collect, "attention_stats", counting)
+    monkeypatch.setattr(attnflow.stats, "attention_stats", counting)
     return seen
 
 
@@ -150,7 +150,7 @@ def test_stored_result_is_what_a_direct_run_gives(env, photo_folder, calls, caps
     stored = next(p for p in (env / "runs/tiny/stats").glob("mae-vit-b16-*.parquet"))
     got = Result.read(stored)
     model = load_model("mae-vit-b16", checkpoint=ckpt, img_size=64, **TINY)
-    want = attnflow.collect.attention_stats(model, photo_folder, batch_size=3, num_workers=0, img_size=64, limit=4,
+    want = attnflow.stats.attention_stats(model, photo_folder, batch_size=3, workers=0, img_size=64, limit=4,
                                             model_name="mae-vit-b16", progress=False)
     np.testing.assert_allclose(got.frame["mean"], want.frame["mean"], rtol=1e-12, equal_nan=True)
     key = got.meta["analysis_key"]
@@ -231,7 +231,7 @@ def test_reuse_without_the_data_folder(env, photo_folder, calls, capsys):
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(env, photo_folder, monkeypatch, capsys):
-    real = attnflow.collect.attention_stats
+    real = attnflow.stats.attention_stats
     cfg_path = write_config(env, photo_folder, figures='[[figures]]\nname = "p"\nkind = "panel"\nmodels = ["mae-vit-b16"]\n'
                             'formats = ["png"]\n', data_extra="checkpoint_every = 1")
 
@@ -241,14 +241,14 @@ def test_interrupted_run_resumes_to_the_same_numbers(env, photo_folder, monkeypa
                 raise KeyboardInterrupt
         return real(model, data, **kwargs, _after_batch=stop)
 
-    monkeypatch.setattr(attnflow.collect, "attention_stats", interrupted)
+    monkeypatch.setattr(attnflow.stats, "attention_stats", interrupted)
     assert main(["run", str(cfg_path), "--no-progress"]) == 130
     capsys.readouterr()
     states = list((env / "runs/tiny/stats").glob("*.state.pt"))
     assert len(states) == 1 and states[0].name.startswith("mae-vit-b16-")
     assert not list((env / "runs/tiny/stats").glob("*.parquet"))
 
-    monkeypatch.setattr(attnflow.collect, "attention_stats", real)
+    monkeypatch.setattr(attnflow.stats, "attention_stats", real)
     code, out = run(capsys, str(cfg_path))
     assert code == 0 and "resuming an interrupted run" in out and not states[0].exists()
     resumed = Result.read(next((env / "runs/tiny/stats").glob("mae-vit-b16-*.parquet")))

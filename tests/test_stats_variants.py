@@ -15,10 +15,11 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from attnflow.collect import attention_stats
+from attnflow.stats import attention_stats
 from attnflow.errors import AttnflowError
 from attnflow.metrics import METRICS
-from attnflow.tap import AttentionTap, UnsupportedModelError
+from attnflow.tap import AttentionTap
+from attnflow.vit import UnsupportedModelError
 from brute_force import brute_force_metrics
 from conftest import tiny_model
 

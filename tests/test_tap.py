@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attnflow.tap import AttentionTap, HookNotFiredError, UnsupportedModelError
+from attnflow.tap import AttentionTap, HookNotFiredError
+from attnflow.vit import UnsupportedModelError
 from conftest import tiny_model
 
 FAMILIES = {

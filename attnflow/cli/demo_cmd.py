@@ -47,7 +47,7 @@ def _checkpoints(items: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from ..demo import DEMO_MODELS, run_demo
     from ..runner.figures import quiet_random_init_warnings
-    from .stats_cmd import parse_model_kwargs
+    from .common import parse_model_kwargs
 
     if args.limit is not None and args.limit <= 0:
         raise AttnflowError(f"--limit must be positive, got {args.limit}")

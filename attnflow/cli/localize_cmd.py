@@ -8,10 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnflowError
-from .stats_cmd import (add_model_arguments, add_resume_arguments, check_data_and_amp, non_negative_int,
-                        nothing_to_resume, parse_model_kwargs, positive_int, reported_by_rank0,
-                        sigterm_as_interrupt, write_and_release)
+from .common import (Resumable, add_loop_arguments, add_model_arguments, add_name_argument, check_data_and_amp,
+                     is_random, load_model_from, non_negative_int, output_dir, positive_int, print_skipped,
+                     run_resumable)
 
 EXAMPLES = "examples"
 """Stem of the example figure written into ``--out``."""
@@ -44,8 +43,7 @@ def interval(text: str) -> float:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..localize.boxes import BOX_FORMATS
-    from .aggregate_cmd import add_loop_arguments
-    from ..localize.data import INTERPOLATIONS
+    from ..localize.metric import INTERPOLATIONS
 
     parser = sub.add_parser(
         "localize", help="object localization of [cls] and Selective Aggregation maps, MaxBoxAccV2 (Table 7)",
@@ -61,83 +59,73 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--boxes-format", default="auto", choices=BOX_FORMATS, help="default: detect")
     parser.add_argument("--out", required=True,
                         help="output directory (localization.parquet/.csv/.json, curve.parquet/.csv, examples.pdf)")
+    add_name_argument(parser)
     parser.add_argument("--head", metavar="PATH",
                         help="a trained probe head of this model (e.g. runs/probe/seed0/heads/abmilp.pt): also "
                              "localize with its Selective Aggregation map (required for models without [cls])")
     add_model_arguments(parser)
-    parser.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
-                        help="image resizing (default bilinear, as wsolevaluation)")
-    parser.add_argument("--iou-thresholds", type=iou_list, default=[30, 50, 70], metavar="D,D,...",
-                        help="IoU thresholds in percent (default 30,50,70)")
-    parser.add_argument("--cam-curve-interval", type=interval, default=0.01,
-                        help="spacing of the score-map thresholds (default 0.01)")
-    parser.add_argument("--no-hole-contours", dest="holes", action="store_false",
-                        help="boxes of outer contours only (wsolevaluation also counts holes: OpenCV RETR_TREE)")
-    add_loop_arguments(parser)
+    protocol = parser.add_argument_group("protocol (default: wsolevaluation's)")
+    protocol.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
+                          help="image resizing (default bilinear, as wsolevaluation)")
+    protocol.add_argument("--iou-thresholds", type=iou_list, default=[30, 50, 70], metavar="D,D,...",
+                          help="IoU thresholds in percent (default 30,50,70)")
+    protocol.add_argument("--cam-curve-interval", type=interval, default=0.01,
+                          help="spacing of the score-map thresholds, in [0.001, 1) (default 0.01)")
+    protocol.add_argument("--no-hole-contours", dest="holes", action="store_false",
+                          help="boxes of outer contours only (wsolevaluation also counts holes: OpenCV RETR_TREE)")
+    add_loop_arguments(parser, limit="images that have boxes")
     parser.add_argument("--threads", type=positive_int, help="box-search threads (default min(8, CPUs))")
-    parser.add_argument("--limit", type=positive_int, help="use N evenly spaced images that have boxes")
     parser.add_argument("--examples", type=non_negative_int, default=8,
                         help="images in the Fig. 8-style example figure (default 8; 0: none)")
-    add_resume_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..dist import process_group
+    from ..localize.metric import BoxProtocol
+    from ..localize.result import TABLE
 
     check_data_and_amp(args.data, args.amp, args.device)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise AttnflowError(f"--out {out} is a file; localize writes a directory there")
-    with process_group(args.device) as (world, device):
-        return _run(args, out, world, device)
+    protocol = BoxProtocol(tuple(args.iou_thresholds), args.cam_curve_interval, args.holes, args.interpolation)
+    out = output_dir(args.out, "localize")
+    spec = Resumable("localize", out / f"{TABLE}.parquet", out / STATE, out)
+    return run_resumable(args, spec, lambda: _load(args),
+                         lambda loaded, options: _compute(args, protocol, loaded, options),
+                         lambda result, path: _report(args, result, path, out))
 
 
-def _run(args: argparse.Namespace, out: Path, world: Any, device: Any) -> int:
-    from ..data.images import DataError
-    from ..localize.boxes import BoxFileError, read_boxes
-    from ..localize.evaluate import localize
-    from ..localize.metric import LocalizationError
-    from ..localize.result import TABLE
-    from ..models.load import load_model
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from ..dist import current_world
+    from ..localize.boxes import read_boxes
     from ..probes.outputs import load_head
 
-    state = out / STATE
-    with reported_by_rank0(command="localize"):  # the same arguments and files in every process
-        if nothing_to_resume(out / f"{TABLE}.parquet", state, world.rank, world.size, args.resume):
-            return 0
-        truth = read_boxes(args.boxes, args.boxes_format)
-        head = load_head(args.head) if args.head else None
-        model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
-                           img_size=args.img_size, checkpoint_key=args.checkpoint_key,
-                           **parse_model_kwargs(args.model_kw))
-    random_init = bool((getattr(model, "attnflow_info", None) or {}).get("random_init", args.random_init))
-    if random_init and world.is_main:
+    truth = read_boxes(args.boxes, args.boxes_format)
+    head = load_head(args.head) if args.head else None
+    model = load_model_from(args)
+    if is_random(model) and current_world().is_main:
         print("attnflow: random weights: the localization scores are meaningless", flush=True)
-    # errors of the arguments and the data, which every process meets alike
-    with sigterm_as_interrupt(), reported_by_rank0((DataError, BoxFileError, LocalizationError), command="localize"):
-        result = localize(model, args.data, truth, head=head, head_path=args.head, model_name=args.model,
-                          batch_size=args.batch_size, device=device, amp=args.amp, num_workers=args.workers,
-                          img_size=args.img_size, interpolation=args.interpolation, limit=args.limit,
-                          iou_thresholds=args.iou_thresholds, cam_curve_interval=args.cam_curve_interval,
-                          holes=args.holes, threads=args.threads, examples=args.examples,
-                          progress=not args.no_progress, state_path=state, checkpoint_every=args.checkpoint_every,
-                          resume=args.resume, keep_state=True)
-        path = write_and_release(result, out, state, world.rank, world.size)
-    if not world.is_main or path is None:
-        return 0
+    return model, truth, head
+
+
+def _compute(args: argparse.Namespace, protocol: Any, loaded: tuple[Any, Any, Any], options: Any) -> Any:
+    from ..localize.evaluate import localize
+
+    model, truth, head = loaded
+    return localize(model, args.data, truth, options, head=head, head_path=args.head,
+                    model_name=args.name or args.model, img_size=args.img_size, protocol=protocol,
+                    threads=args.threads, examples=args.examples)
+
+
+def _report(args: argparse.Namespace, result: Any, path: Path, out: Path) -> None:
     written = [f"{path} (+ .csv, .json)", str(out / "curve.parquet")]
     if result.examples:
-        written.append(str(_write_examples(result, out, random_init, args.model)))
-    _print_summary(result.frame, result.meta)
+        written.append(str(_write_examples(result, out, bool(result.meta.get("random_init")), args.model)))
+    _print_summary(result.frame, result.meta, path.with_suffix(".json"))
     print("wrote " + ", ".join(written))
-    return 0
 
 
 def _write_examples(result: Any, out: Path, random_init: bool, model: str) -> Path:
-    from ..localize.figure import plot_localization_examples
+    from ..plot.localization import plot_localization_examples
     from ..plot.style import close, save_figure
 
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
@@ -149,7 +137,7 @@ def _write_examples(result: Any, out: Path, random_init: bool, model: str) -> Pa
     return out / f"{EXAMPLES}.pdf"
 
 
-def _print_summary(frame: Any, meta: dict) -> None:
+def _print_summary(frame: Any, meta: dict, sidecar: Path) -> None:
     ious = [int(d) for d in meta["iou_thresholds"]]
     width = max(len(str(label)) for label in frame["label"])
     print(f"{'map':<{width}s}  MaxBoxAccV2  " + "  ".join(f"IoU{d:>3d} (thr)" for d in ious))
@@ -159,10 +147,7 @@ def _print_summary(frame: Any, meta: dict) -> None:
         cells = "  ".join(f"{r.value:5.1f} ({r.best_cam_threshold:.2f})" for r in per.itertuples())
         print(f"{rows['label'].iloc[0]:<{width}s}  {v2:11.1f}  {cells}")
     print(f"{meta['images_used']} images evaluated")
-    if meta["images_skipped"]:
-        print(f"skipped {meta['images_skipped']} unreadable file(s):")
-        for item in meta["skipped"][:20]:
-            print(f"  {item['path']}: {item['reason']}")
+    print_skipped(meta, sidecar)
     if meta["images_without_boxes"]:
         print(f"{meta['images_without_boxes']} image(s) of the folder have no box in {meta['boxes']['path']} and "
               f"were not evaluated (first: {meta['without_boxes'][0]})")

@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..models.load import load_model
     from ..models.registry import find_spec
-    from ..plot import MAP_KINDS, model_maps, plot_attention_maps, plot_head_maps
+    from ..maps import MAP_KINDS, model_maps
+    from ..plot import plot_attention_maps, plot_head_maps
     from ..plot.style import SAVE_FORMATS, close, save_figure
-    from .stats_cmd import parse_model_kwargs
+    from .common import parse_model_kwargs
 
     out = Path(args.out)
     if out.suffix.lower().lstrip(".") not in SAVE_FORMATS:

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import AttnflowError
-from .aggregate_cmd import add_reference_arguments, load_reference
-from .stats_cmd import add_model_arguments, parse_model_kwargs
+from .common import add_model_arguments, add_reference_arguments, load_model_from
 
 
 def _floats(text: str) -> list[float]:
@@ -93,7 +92,6 @@ OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "accum_ste
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..models.load import load_model
     from ..models.registry import find_spec
     from ..probes.protocols import read_toml, resolve_config
     from ..probes.specs import DEFAULT_HEADS_NO_CLS
@@ -118,20 +116,18 @@ def run(args: argparse.Namespace) -> int:
         raise AttnflowError(f"--out {out} is a file; the probe writes a run directory there")
     if not args.resume and any(out.glob("seed*/checkpoint.pt")):
         raise AttnflowError(f"{out} already holds a probe run; pass --resume to continue it or choose a new --out")
-    model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
-                       img_size=args.img_size, checkpoint_key=args.checkpoint_key,
-                       **parse_model_kwargs(args.model_kw))
+    model = load_model_from(args)
     if args.random_init:
         print("attnflow: --random-init: weights are random, the accuracies are meaningless", flush=True)
     reference = None
     if config.aggregation is not None:
-        from ..probes.fixed import parse_source
+        from ..aggregation.sources import parse_source
 
         source = parse_source(config.aggregation)
         if source.kind == "reference" and source.target:
-            from ..probes.fixed_encode import check_reference
+            from ..aggregation.capture import check_reference
 
-            reference = load_reference(args, source.target)
+            reference = load_model_from(args, source.target, prefix="reference-")
             check_reference(model, reference, args.img_size, model_name=args.model, reference_name=source.target)
     elif not heads_chosen and getattr(model, "cls_token", None) is None:
         config.heads = DEFAULT_HEADS_NO_CLS

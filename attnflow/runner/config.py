@@ -277,7 +277,7 @@ def _parse_model(raw: Any, i: int, defaults: Mapping[str, Any], where: str) -> M
 def _parse_figure(raw: Any, i: int, model_ids: list[str], where: str) -> FigureEntry:
     from ..metrics import METRICS
     from ..plot.blocks import BANDS
-    from ..plot.maps import MAP_KINDS
+    from ..maps import MAP_KINDS
     from ..plot.style import SAVE_FORMATS
 
     w = f"{where}: figures[{i}]"

@@ -233,10 +233,10 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
     Returns:
         :class:`RunOutcome`.
     """
-    from ..collect import attention_stats
+    from ..stats import attention_stats
     from ..options import resolve_device
     from ..models.registry import find_spec
-    from ..plot.maps import model_maps
+    from ..maps import model_maps
 
     cfg = plan.config
     dev = resolve_device(device)
@@ -261,7 +261,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
             echo(f"computing {job.entry.id} over {cfg.data_root} ...")
             key = job.key.to_json() | {"weights": f"sha256:{info['sha256']}" if info.get("sha256") else "random-init"}
             result = attention_stats(
-                model, cfg.data_root, batch_size=cfg.batch_size, device=dev, amp=cfg.amp, num_workers=cfg.workers,
+                model, cfg.data_root, batch_size=cfg.batch_size, device=dev, amp=cfg.amp, workers=cfg.workers,
                 img_size=cfg.img_size, crop_pct=cfg.crop_pct, limit=cfg.limit, model_name=job.entry.id,
                 state_path=plan.state_path(job), checkpoint_every=cfg.checkpoint_every, resume=True,
                 progress=progress, compile=compile,

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..plot.maps import PatchMaps
+from ..maps import PatchMaps
 from ..result import Result
 from .config import FigureEntry
 
@@ -106,7 +106,8 @@ def render_stats_figure(fig: FigureEntry, result: Result, out_dir: Path) -> list
 
 def render_maps_figure(fig: FigureEntry, data: MapsData, out_dir: Path) -> list[Path]:
     """Write a ``maps`` figure (PNG unless ``formats`` says otherwise); returns the written files."""
-    from ..plot import MAP_KINDS, plot_attention_maps
+    from ..maps import MAP_KINDS
+    from ..plot import plot_attention_maps
     from ..plot.style import RANDOM_INIT_BANNER, close, save_figure
 
     order = [m for m in (fig.models or list(data.maps)) if m in data.maps]
