@@ -58,7 +58,9 @@ def test_probe_cub_end_to_end_and_saved_abmilp_scores(cub, tmp_path, capsys):
     out = tmp_path / "run"
     assert probe(cub, out) == 0
     table = pd.read_parquet(out / "results.parquet")
-    assert list(table.columns) == ["model", "task", "head", "lr", "seed", "epoch", "top1", "top5", "train_loss"]
+    assert list(table.columns) == ["model", "task", "head", "lr", "seed", "epoch", "top1", "top5", "train_loss",
+                                   "holdout_top1", "holdout_loss", "selected"]
+    assert table["selected"].all() and table["holdout_top1"].isna().all()  # one lr: kept, no held-out split
     assert len(table) == 4 * 2 * 2  # heads x seeds x epochs
     assert set(table["task"]) == {"cub"} and set(table["seed"]) == {0, 1}
     meta = json.loads((out / "results.json").read_text())
@@ -236,7 +238,7 @@ def test_odd_probe_inputs_are_one_line_before_any_work(tmp_path, photos, capsys)
             "--batch-size", "4", "--workers", "0", "--no-progress"]
     (tmp_path / "afile").write_text("")
     cases = {("--out", str(tmp_path / "afile")): "is a file",
-             ("--seeds", "0"): "no seeds", ("--eval-every", "0"): "eval-every", ("--lr", "0.1,-1"): "positive",
+             ("--seeds", "0"): "no seeds", ("--eval-every", "0"): "eval_every", ("--lr", "0.1,-1"): "positive",
              ("--split-file", str(tmp_path / "afile")): "imagenet-1pct only"}
     for extra, message in cases.items():
         out = [] if "--out" in extra else ["--out", str(tmp_path / "r")]

@@ -7,6 +7,7 @@ validation: the model's eval transform at ``crop_pct``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,17 @@ class TaskData:
     info: dict
     train_transform: Callable
     val_transform: Callable
+
+
+    def train_eval(self) -> Dataset:
+        """The training images through the validation transform (how held-out training images are scored)."""
+        if self.train_transform is self.val_transform:
+            return self.train
+        if not hasattr(self.train, "transform"):
+            raise AttnflowError(f"cannot score held-out images of {type(self.train).__name__}: it has no transform")
+        dataset = copy.copy(self.train)
+        dataset.transform = self.val_transform
+        return dataset
 
 
 def _subdir(root: Path, *names: str) -> Path:
