@@ -18,7 +18,7 @@ from attnflow.probes import train as train_module
 from attnflow.probes.encode import TokenEncoder
 from attnflow.probes.outputs import load_head
 from attnflow.probes.protocols import resolve_config
-from probe_data import one_thread  # noqa: F401  (autouse fixture)
+from probe_data import folder_task, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
 TINY = ["--model", "vit_small_patch16_224", "--random-init", "--img-size", "32", "--model-kw", "depth=2",
@@ -218,18 +218,6 @@ def test_probe_reads_weights_under_checkpoint_key(cub, tmp_path, capsys):
     assert main(["probe", *args, "--checkpoint-key", "target_encoder", *common, "--out", str(tmp_path / "key")]) == 0
     meta = json.loads((tmp_path / "key" / "results.json").read_text())
     assert meta["model_info"]["checkpoint"] == str(weights)
-
-
-def folder_task(root: Path, photos: dict[str, np.ndarray], classes: int) -> Path:
-    """``root/train`` and ``root/val`` with ``classes`` class folders of 4 and 2 real photos."""
-    keys = sorted(photos)
-    for split, count in (("train", 4), ("val", 2)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(photos[keys[(c + i) % len(keys)]]).resize((40, 36)).save(folder / f"{i}.jpg")
-    return root
 
 
 def test_odd_probe_inputs_are_one_line_before_any_work(tmp_path, photos, capsys):

@@ -169,7 +169,7 @@ def print_settings(settings: dict[str, Any]) -> None:
             continue
         shown = ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in value) if isinstance(
             value, list) else value
-        print(f"  {name:<12s} {shown}", flush=True)
+        print(f"  {name + ':':<14s}{shown}", flush=True)
 
 
 def print_results(table: Any) -> None:

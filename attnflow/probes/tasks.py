@@ -44,11 +44,11 @@ class TaskData:
         return dataset
 
 
-def _subdir(root: Path, *names: str) -> Path:
+def _subdir(root: Path, *names: str, hint: str = "") -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise AttnflowError(f"{root} has no {' or '.join(names)} folder")
+    raise AttnflowError(f"{root} has no {' or '.join(names)} folder{hint}")
 
 
 def load_task(config: ProbeConfig, root: str | Path, model: nn.Module) -> TaskData:
@@ -87,8 +87,9 @@ def load_task(config: ProbeConfig, root: str | Path, model: nn.Module) -> TaskDa
     else:
         from ..data.images import ImageFolderDataset
 
-        train = ImageFolderDataset(_subdir(root, "train"), train_tf, limit=limit)
-        val = ImageFolderDataset(_subdir(root, "val", "test"), val_tf, limit=limit)
+        layout = "; the folder task reads ROOT/train/<class>/* and ROOT/val/<class>/* (or ROOT/test/<class>/*)"
+        train = ImageFolderDataset(_subdir(root, "train", hint=layout), train_tf, limit=limit)
+        val = ImageFolderDataset(_subdir(root, "val", "test", hint=layout), val_tf, limit=limit)
         if not train.classes:
             raise AttnflowError(f"{root}/train has no class folders")
         if train.classes != val.classes:
