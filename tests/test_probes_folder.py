@@ -93,9 +93,11 @@ def test_small_folder_trains_on_defaults_and_prints_its_settings(tmp_path, photo
     for path in saved:
         head = load_head(path)
         with torch.no_grad():
-            accuracy = 100 * (head(tokens).argmax(1) == labels).float().mean().item()
+            logits = head(tokens)
         row = seed0[(seed0["head"] == head.spec.name) & (seed0["lr"] == head.meta["lr"])]
-        assert row["holdout_top1"].item() == pytest.approx(accuracy), path.name
+        assert row["holdout_top1"].item() == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+        loss = torch.nn.functional.cross_entropy(logits, labels).item()  # continuous: other tokens would differ
+        assert row["holdout_loss"].item() == pytest.approx(loss, rel=1e-4), path.name
         assert row["selected"].item() == head.meta["selected"]
 
 
@@ -113,3 +115,37 @@ def test_folder_without_val_says_which_folders_it_reads(tmp_path, photos, capsys
     assert main(["probe", *TINY, "--task", "folder", "--data", str(data), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "has no val or test folder; the folder task reads ROOT/train/<class>/*" in err and "\n" not in err.strip()
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_cached_held_out_images_are_scored_through_the_validation_transform(tmp_path, photos, views):
+    """With augmented cached views (views > 1) the held-out images get tokens of the validation transform, in
+    their own cache; with one view the training cache already holds those."""
+    from attnflow.probes.cache import TokenCache
+
+    data = folder_task(tmp_path / "f", photos, classes=2)
+    out = tmp_path / "run"
+    args = ["probe", *TINY, "--task", "folder", "--data", str(data), "--out", str(out), "--epochs", "1", "--seeds",
+            "1", "--heads", "avg,abmilp", "--cache", "--views", str(views), "--workers", "0", "--no-progress"]
+    assert main(args) == 0
+    manifests = {split: json.loads((out / "cache" / split / "manifest.json").read_text())
+                 for split in ("train", "val", "train-eval") if (out / "cache" / split).exists()}
+    assert ("train-eval" in manifests) == (views > 1)
+    held_cache = TokenCache.open(out / "cache" / ("train-eval" if views > 1 else "train"))
+    assert manifests[held_cache.root.name]["transform"] == manifests["val"]["transform"]
+    assert ("RandomResizedCrop" in manifests["train"]["transform"]) == (views > 1)
+    train = TokenCache.open(out / "cache" / "train")
+    rows = train.valid[holdout_split(train.labels[train.valid], 0.1, seed=0).held]
+    tokens, labels = held_cache.tokens[0, rows].float(), held_cache.labels[rows]
+    table = pd.read_parquet(out / "results.parquet")
+    for path in sorted((out / "seed0" / "heads").glob("*.pt")):
+        head = load_head(path)
+        with torch.no_grad():
+            logits = head(tokens)
+        row = table[(table["head"] == head.spec.name) & (table["lr"] == head.meta["lr"])]
+        assert row["holdout_top1"].item() == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+        loss = torch.nn.functional.cross_entropy(logits, labels).item()  # augmented tokens would give another
+        assert row["holdout_loss"].item() == pytest.approx(loss, rel=1e-4), path.name
+    before = pd.read_parquet(out / "results.parquet")
+    assert main([*args, "--resume"]) == 0  # a finished run resumes to the same table
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), before)
