@@ -45,6 +45,8 @@ def test_probe_config_gives_each_seed_its_train_options():
     assert folder.batch_size == 14 and folder.accum_steps == 1 and folder.selects_lr  # min(256, n)
     assert folder.peak_lrs() == [b * 14 / 256 for b in DEFAULT_BASE_LRS]
     assert resolve_config("folder").train_options(0, n_train=1000).batch_size == 256
+    # --blr 0.1 and the preset's 0.1 are one setting (a resume compares them)
+    assert resolve_config("cub", base_lr=[0.1]).to_dict() == resolve_config("cub").to_dict()
 
 
 def test_keyword_overrides_equal_an_options_object_and_typos_are_named():

@@ -354,6 +354,8 @@ def _coerce(name: str, value: Any) -> Any:
         value = [value]
     if name in ("lr", "base_lr") and isinstance(value, (list, tuple)):
         value = list(_floats(name, value))
+    if name == "base_lr" and isinstance(value, list) and len(value) == 1:
+        value = value[0]  # one base lr reads the same however it was written (a resume compares them)
     if name == "seeds":
         value = [int(v) for v in value]
     if name == "rrc_scale":

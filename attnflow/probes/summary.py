@@ -3,8 +3,9 @@
 Per (model, task, head, lr, seed) a run contributes its *final* top-1 (last evaluated epoch) or its *best*
 top-1 over epochs; seeds are then averaged (std with ``ddof=1``, blank for a single seed). Each head shows the lr
 its runs kept (``selected`` in the run table: its only lr, or the one chosen per seed on held-out training
-data); a grid reported without a held-out choice shows the lr with the highest mean, as the paper's tables
-did, and ``lr="all"`` shows every lr. Heads follow the order asked for, else :data:`TABLE_ORDER`. A model whose
+data); a grid trained without a held-out split (``holdout = 0``, or a table written before lrs were chosen)
+shows the lr with the highest mean, a choice made on the validation set, as this command always did; ``lr="all"``
+shows every lr. Heads follow the order asked for, else :data:`TABLE_ORDER`. A model whose
 runs had random weights is marked with a dagger and a footnote: its numbers mean nothing.
 """
 

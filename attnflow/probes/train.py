@@ -212,16 +212,17 @@ class ProbeRun:
         """Every setting that changes the training (not: seeds, workers, eval cadence, micro-batch size); a resume
         with other ones would mix two runs in one table."""
         skip = ("seeds", "workers", "eval_every", "micro_batch")
-        printed = {"model": self.model_name, "checkpoint_sha256": self.model_info.get("sha256"),
-                   "encoder": self.encoder.fingerprint, "task": self.config.task, "heads": bank.names,
-                   "seed": options.seed, "epochs": options.epochs, "batch_size": options.batch_size,
-                   "accum_steps": options.accum_steps, "world_size": self.world.size, "optimizer": options.optimizer,
-                   "n_train": len(split.fit), "n_holdout": len(split.held), "block": self.config.block,
-                   "layernorm": self.config.layernorm, "lrs": [e.lr for e in bank.entries],
-                   "config": {k: v for k, v in self.config.to_dict().items() if k not in skip}}
+        fingerprint = {"model": self.model_name, "checkpoint_sha256": self.model_info.get("sha256"),
+                       "encoder": self.encoder.fingerprint, "task": self.config.task, "heads": bank.names,
+                       "seed": options.seed, "epochs": options.epochs, "batch_size": options.batch_size,
+                       "accum_steps": options.accum_steps, "world_size": self.world.size,
+                       "optimizer": options.optimizer, "n_train": len(split.fit), "n_holdout": len(split.held),
+                       "block": self.config.block, "layernorm": self.config.layernorm,
+                       "lrs": [e.lr for e in bank.entries],
+                       "config": {k: v for k, v in self.config.to_dict().items() if k not in skip}}
         if self.config.aggregation is not None:
-            printed["aggregation"] = self.config.aggregation
-        return printed
+            fingerprint["aggregation"] = self.config.aggregation
+        return fingerprint
 
 
 def train_seed(run: ProbeRun, seed: int, *, resume: bool, progress: bool) -> tuple[pd.DataFrame, TrainOptions]:
