@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 def planted_tokens(n: int, where: str = "patch", *, patches: int = 16, dim: int = 16, classes: int = 4,
@@ -30,6 +34,19 @@ def planted_tokens(n: int, where: str = "patch", *, patches: int = 16, dim: int 
     else:
         x[:, 0] += protos[labels]
     return x, labels
+
+
+def folder_task(root: Path, photos: dict[str, np.ndarray], classes: int) -> Path:
+    """A ``folder`` task tree: ``root/train`` and ``root/val`` with ``classes`` class folders of 4 and 2 real
+    photos."""
+    keys = sorted(photos)
+    for split, count in (("train", 4), ("val", 2)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(photos[keys[(c + i) % len(keys)]]).resize((40, 36)).save(folder / f"{i}.jpg")
+    return root
 
 
 @pytest.fixture(autouse=True)

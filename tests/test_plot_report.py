@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-from PIL import Image
 
 from attnflow.plot import block_figures
-from conftest import tiny_model
 from test_plot_blocks import make_result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from attnflow.probes.bank import HeadBank, head_seed
-from attnflow.probes.fit import fit_heads
+from attnflow.probes.fit import fit_bank
 from attnflow.probes.specs import parse_head_list
 from probe_data import one_thread, planted_tokens  # noqa: F401  (autouse fixture)
 
@@ -16,11 +16,12 @@ def test_bank_equals_separate_runs_bitwise():
     train, val = planted_tokens(96, seed=0, patches=6, dim=8), planted_tokens(40, seed=1, patches=6, dim=8)
     kw = dict(epochs=3, batch_size=32, accum_steps=2, optimizer="lars", warmup_epochs=1, seed=3, device="cpu")
     lrs = [0.5, 4.0]
-    together, bank = fit_heads(train, val, SPECS, lr=lrs, return_bank=True, **kw)
-    assert len(together) == len(SPECS) * len(lrs)
+    grid = fit_bank(train, val, SPECS, lr=lrs, holdout=0, **kw)  # every lr on all of train, none chosen
+    together, bank = grid.table, grid.bank
+    assert len(together) == len(SPECS) * len(lrs) and not together["selected"].any()
     for entry in bank.entries:
-        alone, single = fit_heads(train, val, [entry.spec.name], lr=entry.lr, return_bank=True, **kw)
-        ref = single.entries[0]
+        single = fit_bank(train, val, [entry.spec.name], lr=entry.lr, **kw)
+        alone, ref = single.table, single.bank.entries[0]
         for (name, p), q in zip(entry.head.state_dict().items(), ref.head.state_dict().values()):
             assert torch.equal(p, q), f"{entry.name}: {name} differs from the separate run"
         for state_a, state_b in zip(entry.optimizer.state.values(), ref.optimizer.state.values()):

@@ -18,7 +18,7 @@ from attnflow.probes import train as train_module
 from attnflow.encode import TokenEncoder
 from attnflow.probes.outputs import load_head
 from attnflow.probes.protocols import resolve_config
-from probe_data import one_thread  # noqa: F401  (autouse fixture)
+from probe_data import folder_task, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
 TINY = ["--model", "vit_small_patch16_224", "--random-init", "--img-size", "32", "--model-kw", "depth=2",
@@ -58,7 +58,9 @@ def test_probe_cub_end_to_end_and_saved_abmilp_scores(cub, tmp_path, capsys):
     out = tmp_path / "run"
     assert probe(cub, out) == 0
     table = pd.read_parquet(out / "results.parquet")
-    assert list(table.columns) == ["model", "task", "head", "lr", "seed", "epoch", "top1", "top5", "train_loss"]
+    assert list(table.columns) == ["model", "task", "head", "lr", "seed", "epoch", "top1", "top5", "train_loss",
+                                   "holdout_top1", "holdout_loss", "selected"]
+    assert table["selected"].all() and table["holdout_top1"].isna().all()  # one lr: kept, no held-out split
     assert len(table) == 4 * 2 * 2  # heads x seeds x epochs
     assert set(table["task"]) == {"cub"} and set(table["seed"]) == {0, 1}
     meta = json.loads((out / "results.json").read_text())
@@ -218,25 +220,13 @@ def test_probe_reads_weights_under_checkpoint_key(cub, tmp_path, capsys):
     assert meta["model_info"]["checkpoint"] == str(weights)
 
 
-def folder_task(root: Path, photos: dict[str, np.ndarray], classes: int) -> Path:
-    """``root/train`` and ``root/val`` with ``classes`` class folders of 4 and 2 real photos."""
-    keys = sorted(photos)
-    for split, count in (("train", 4), ("val", 2)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(photos[keys[(c + i) % len(keys)]]).resize((40, 36)).save(folder / f"{i}.jpg")
-    return root
-
-
 def test_odd_probe_inputs_are_one_line_before_any_work(tmp_path, photos, capsys):
     data = folder_task(tmp_path / "two", photos, classes=2)
     base = ["probe", *TINY, "--task", "folder", "--data", str(data), "--epochs", "1", "--seeds", "1",
             "--batch-size", "4", "--workers", "0", "--no-progress"]
     (tmp_path / "afile").write_text("")
     cases = {("--out", str(tmp_path / "afile")): "is a file",
-             ("--seeds", "0"): "no seeds", ("--eval-every", "0"): "eval-every", ("--lr", "0.1,-1"): "positive",
+             ("--seeds", "0"): "no seeds", ("--eval-every", "0"): "eval_every", ("--lr", "0.1,-1"): "positive",
              ("--split-file", str(tmp_path / "afile")): "imagenet-1pct only"}
     for extra, message in cases.items():
         out = [] if "--out" in extra else ["--out", str(tmp_path / "r")]

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from attnflow.probes.fit import fit_heads
+from attnflow.probes.fit import fit_bank
 from probe_data import one_thread, planted_tokens  # noqa: F401  (autouse fixture)
 
 HEADS = ["cls", "avg", "abmilp", "ap2"]
@@ -17,7 +17,8 @@ HEADS = ["cls", "avg", "abmilp", "ap2"]
 # collect rounding noise, which differs with the summation order; the logits below cover their effect.
 NULL_SPACE = ("pool.v.bias", "pool.proj.bias", "pool.norm_v.bias", "pool.k.bias", "pool.norm_k.bias",
               "norm.running_mean")
-KW = dict(epochs=3, batch_size=30, accum_steps=2, lr=[2.0], warmup_epochs=1, seed=4, device="cpu", history=True)
+# Two lrs: each head's is chosen on held-out training samples, scored on both processes' shards of them.
+KW = dict(epochs=3, batch_size=30, accum_steps=2, lr=[0.5, 2.0], warmup_epochs=1, seed=4, device="cpu")
 
 
 def data():
@@ -29,7 +30,8 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         train, val = data()
-        frame, bank = fit_heads(train, val, HEADS, return_bank=True, **KW)
+        result = fit_bank(train, val, HEADS, **KW)
+        frame, bank = result.history, result.bank
         states = [None, None]
         dist.all_gather_object(states, bank.state_dict())
         with torch.no_grad():
@@ -45,19 +47,24 @@ def test_two_processes_equal_one(tmp_path):
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     got = torch.load(out, weights_only=False)
     train, val = data()
-    single, bank = fit_heads(train, val, HEADS, return_bank=True, **KW)
+    result = fit_bank(train, val, HEADS, **KW)
+    single, bank = result.history, result.bank
+    assert len(result.holdout) > 0 and result.table["selected"].sum() == len(HEADS)
+    attentive = tuple(f"heads.{i}." for i, e in enumerate(bank.entries) if e.spec.name == "ap2")
     for state in got["states"]:  # both processes hold the same heads ...
         for (name, a), b in zip(bank.state_dict().items(), state.values()):  # ... equal to one process's
-            if name.startswith("heads.3.") and name.endswith(NULL_SPACE):
+            if name.startswith(attentive) and name.endswith(NULL_SPACE):
                 continue
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     with torch.no_grad():
-        for name, ours, theirs in zip(HEADS, bank.eval()(val[0]), got["logits"]):
-            tol = 3e-4 if name == "ap2" else 1e-5  # ap2: the drift of its null-space biases (eval uses an EMA)
+        for entry, ours, theirs in zip(bank.entries, bank.eval()(val[0]), got["logits"]):
+            name = entry.name
+            tol = 3e-4 if entry.spec.name == "ap2" else 1e-5  # ap2: the drift of its null-space biases (eval uses an EMA)
             torch.testing.assert_close(theirs, ours, rtol=tol, atol=tol, msg=name)
     frame = got["frame"]
-    assert frame[["head", "lr", "epoch"]].equals(single[["head", "lr", "epoch"]])
+    assert frame[["head", "lr", "epoch", "selected"]].equals(single[["head", "lr", "epoch", "selected"]])
     assert (frame["top1"] - single["top1"]).abs().max() < 1e-9  # same predictions on the val set
+    assert (frame["holdout_top1"] - single["holdout_top1"]).abs().max() < 1e-9  # ... and on the held-out samples
     torch.testing.assert_close(torch.tensor(frame["train_loss"].values), torch.tensor(single["train_loss"].values),
                                rtol=1e-5, atol=1e-6)
 

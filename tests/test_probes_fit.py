@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnflow.errors import AttnflowError
-from attnflow.probes.fit import RESULT_COLUMNS, fit_heads
+from attnflow.probes.fit import RESULT_COLUMNS, fit_bank, fit_heads
 from probe_data import one_thread, planted_tokens  # noqa: F401  (autouse fixture)
 
 FAST = dict(epochs=10, batch_size=128, lr=8.0, optimizer="lars", warmup_epochs=1, seed=0, device="cpu")
@@ -36,10 +36,12 @@ def test_planted_cls_signal_cls_head_wins():
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     train, val = planted_tokens(96, seed=0, patches=6, dim=8), planted_tokens(40, seed=1, patches=6, dim=8)
-    kw = dict(epochs=4, batch_size=32, accum_steps=2, lr=[1.0, 3.0], warmup_epochs=1, seed=1, device="cpu",
-              history=True)
+    # a grid: each head's lr is chosen on held-out training samples, which the resumed run must hold out again
+    kw = dict(epochs=4, batch_size=32, accum_steps=2, lr=[1.0, 3.0], warmup_epochs=1, seed=1, device="cpu")
     heads = ["cls", "abmilp", "ap2"]
-    whole, bank_whole = fit_heads(train, val, heads, return_bank=True, **kw)
+    first = fit_bank(train, val, heads, **kw)
+    whole, bank_whole = first.history, first.bank
+    assert len(first.holdout) > 0 and first.table["selected"].sum() == len(heads)
 
     def stop_after_two(done: int) -> None:
         if done == 2:
@@ -49,7 +51,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit_heads(train, val, heads, checkpoint=ckpt, on_epoch_end=stop_after_two, **kw)
     assert torch.load(ckpt, weights_only=False)["epoch"] == 2
-    resumed, bank_resumed = fit_heads(train, val, heads, checkpoint=ckpt, resume=True, return_bank=True, **kw)
+    again = fit_bank(train, val, heads, checkpoint=ckpt, resume=True, **kw)
+    resumed, bank_resumed = again.history, again.bank
     assert resumed.equals(whole)
     for (name, a), b in zip(bank_whole.state_dict().items(), bank_resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -62,8 +65,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
 
 def test_history_lr_default_and_no_cls_models():
     train, val = planted_tokens(64, seed=0, patches=4, dim=8), planted_tokens(20, seed=1, patches=4, dim=8)
-    frame = fit_heads((train[0][:, 1:], train[1]), (val[0][:, 1:], val[1]), "avg,abmilp,ap1", epochs=2,
-                      batch_size=32, base_lr=0.2, has_cls=False, history=True, device="cpu")
+    frame = fit_bank((train[0][:, 1:], train[1]), (val[0][:, 1:], val[1]), "avg,abmilp,ap1", epochs=2,
+                     batch_size=32, base_lr=0.2, has_cls=False, device="cpu").history
     assert sorted(set(frame["epoch"])) == [1, 2]
     assert set(frame["lr"]) == {0.2 * 32 / 256}
     assert frame["top1"].between(0, 100).all()
@@ -80,7 +83,7 @@ def test_top5_is_measured_with_more_than_five_classes():
     torch.manual_seed(0)
     bank = HeadBank([parse_head_spec("avg")], [0.1], dim=8, num_classes=7, has_cls=True).eval()
     tokens, labels = torch.randn(40, 5, 8), torch.randint(0, 7, (40,))
-    (top1, top5), = evaluate_bank(bank, [(tokens, labels)], torch.device("cpu"))
+    (top1, top5, _), = evaluate_bank(bank, [(tokens, labels)], torch.device("cpu"))
     with torch.no_grad():
         logits = bank(tokens)[0]
     ranks = [(logits[i] > logits[i, labels[i]]).sum().item() for i in range(40)]  # labels ranked by hand

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AttnflowError
-from .common import add_model_arguments, add_reference_arguments, load_model_from
+from .common import add_model_arguments, add_reference_arguments, load_model_from, non_negative_int
+
+if TYPE_CHECKING:
+    from ..probes.protocols import ProbeConfig
 
 
 def _floats(text: str) -> list[float]:
@@ -25,15 +30,27 @@ def _seeds(text: str) -> list[int]:
     return list(range(values[0])) if len(values) == 1 and "," not in text else values
 
 
+FOLDER_BLRS = "0.1,0.3,1,3,10"
+"""The folder preset's base-lr grid as the help shows it (attnflow.probes.protocols.DEFAULT_BASE_LRS; kept
+here so that building the parser imports no torch; a test checks they agree)."""
+TASK_HELP = ("imagenet, imagenet-1pct, cub or folder (or `task` in --config). folder: any class-folder tree "
+             "ROOT/train/<class>/*.jpg + ROOT/val/<class>/* (or ROOT/test/<class>/*), same class folders in both; "
+             "its defaults choose each head's lr from a grid on 10%% of the training images held out")
+DATA_HELP = ("dataset root: imagenet ROOT/train + ROOT/val; imagenet-1pct the same (train filtered by --split-file); "
+             "cub the CUB_200_2011 release folder; folder ROOT/train/<class>/*.jpg + ROOT/val/<class>/* "
+             "(or ROOT/test/<class>/*)")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "probe", help="train probe heads ([cls], avg, AbMILP, attentive) on a frozen model",
         description="Linear probing with Selective Aggregation (paper Sec. 5): one frozen-encoder pass feeds "
-                    "every head. Presets follow the paper's Appendix B.2; every setting can be overridden by a "
-                    "flag or a TOML --config. Runs under torchrun for several GPUs.")
+                    "every head and every lr. Presets follow the paper's Appendix B.2 (imagenet, imagenet-1pct, "
+                    "cub); folder is any class-folder dataset. Every setting can be overridden by a flag or a "
+                    "TOML --config. Runs under torchrun for several GPUs.")
     parser.add_argument("--model", required=True, help="preset (see `attnflow models`) or timm architecture")
-    parser.add_argument("--task", help="imagenet, imagenet-1pct, cub or folder (or `task` in --config)")
-    parser.add_argument("--data", required=True, help="dataset root (see the task's layout in the README)")
+    parser.add_argument("--task", help=TASK_HELP)
+    parser.add_argument("--data", required=True, help=DATA_HELP)
     parser.add_argument("--out", required=True, help="run directory (results.parquet/.csv/.json, heads, checkpoints)")
     parser.add_argument("--heads", help="comma-separated head specs: cls, avg, abmilp, abmilp+cls, abmilp-mlp-tanh, "
                                         "abmilp-mlp-relu, sa-abmilp, ap1, ap12 (default cls,avg,abmilp,abmilp+cls)")
@@ -44,15 +61,39 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "sum_i w_i x_i (the only head that applies)")
     add_model_arguments(parser)
     add_reference_arguments(parser)
+    _add_protocol_arguments(parser)
+    cache = parser.add_argument_group("feature cache")
+    cache.add_argument("--cache", dest="cache", action="store_true", default=None,
+                       help="extract tokens once into OUT/cache and train from disk (small datasets)")
+    cache.add_argument("--views", type=int, help="augmented views per training image in the cache (default 1)")
+    cache.add_argument("--cache-dtype", help="bf16 (default) or fp16")
+    run_group = parser.add_argument_group("execution")
+    run_group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    run_group.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    run_group.add_argument("--amp", help="encoder autocast: auto, bf16, fp16, fp32 (none = fp32; default auto: "
+                                         "bf16 on GPU, fp32 on CPU)")
+    run_group.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default min(8, CPUs))")
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("protocol overrides (default: the task's preset)")
     group.add_argument("--seeds", type=_seeds, help="number of seeds (3 -> 0,1,2) or a list 0,5,7")
     group.add_argument("--epochs", type=int, help="epochs (preset: 90; 50 for ViT-L/H on ImageNet)")
-    group.add_argument("--batch-size", type=int, help="global batch per optimizer step (imagenet 16384, else 1024)")
+    group.add_argument("--batch-size", type=int, help="global batch per optimizer step (imagenet 16384, "
+                                                      "imagenet-1pct and cub 1024, folder min(256, training images))")
     group.add_argument("--micro-batch", type=int, help="per-process micro-batch; the rest is gradient accumulation")
     group.add_argument("--accum-steps", type=int, help="micro-batches per step, fixed (overrides --micro-batch); "
                                                        "the same for any number of processes")
     group.add_argument("--lr", type=_floats, help="absolute peak lr, or several (a grid trained in one pass)")
-    group.add_argument("--blr", dest="base_lr", type=float, help="base lr: lr = blr x batch / 256 (default 0.1)")
+    group.add_argument("--blr", dest="base_lr", type=_floats,
+                       help=f"base lr, or several: lr = blr x batch / 256 (paper presets 0.1; folder "
+                            f"{FOLDER_BLRS}, each head's chosen on held-out training images)")
+    group.add_argument("--holdout", type=float,
+                       help="share of the training images held out to choose each head's lr when there are several "
+                            "(folder 0.1; paper presets 0: every lr is reported on the validation set)")
     group.add_argument("--optimizer", help="lars or sgd")
     group.add_argument("--momentum", type=float)
     group.add_argument("--weight-decay", type=float)
@@ -68,79 +109,111 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     group.add_argument("--split-file", help="ImageNet-1%% split file (default: the shipped 1%% split)")
     group.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     group.add_argument("--limit", type=int, help="use N evenly spaced train and val images (quick checks)")
-    cache = parser.add_argument_group("feature cache")
-    cache.add_argument("--cache", dest="cache", action="store_true", default=None,
-                       help="extract tokens once into OUT/cache and train from disk (small datasets)")
-    cache.add_argument("--views", type=int, help="augmented views per training image in the cache (default 1)")
-    cache.add_argument("--cache-dtype", help="bf16 (default) or fp16")
-    run_group = parser.add_argument_group("execution")
-    run_group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    run_group.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    run_group.add_argument("--amp", help="encoder autocast: auto (bf16 on GPU), bf16, fp16, none")
-    run_group.add_argument("--workers", dest="num_workers", type=int, help="DataLoader workers (default 8)")
-    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=run)
-    return parser
 
 
-OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "accum_steps", "lr", "base_lr", "optimizer", "momentum",
-             "weight_decay", "warmup_epochs", "min_lr", "layernorm", "block", "train_aug", "crop_pct", "head_init",
-             "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp", "num_workers",
-             "aggregation")
+OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "accum_steps", "lr", "base_lr", "holdout",
+             "optimizer", "momentum", "weight_decay", "warmup_epochs", "min_lr", "layernorm", "block", "train_aug",
+             "crop_pct", "head_init", "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp",
+             "workers", "aggregation")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..models.registry import find_spec
+def _config(args: argparse.Namespace) -> tuple[ProbeConfig, bool]:
+    """The run's settings (preset < --config < flags) and whether the heads were chosen by the user."""
     from ..probes.protocols import read_toml, resolve_config
-    from ..probes.specs import DEFAULT_HEADS_NO_CLS
-    from ..probes.tasks import load_task
-    from ..probes.train import probe_images
 
-    task = args.task or (read_toml(args.config).get("task") if args.config else None)
+    toml = read_toml(args.config) if args.config else {}
+    task = args.task or toml.get("task")
     if not task:
         raise AttnflowError("say which task: --task imagenet|imagenet-1pct|cub|folder (or task = ... in --config)")
-    amp = {"fp32": "none"}.get(args.amp, args.amp)
-    toml = read_toml(args.config) if args.config else {}
     heads_chosen = args.heads is not None or "heads" in toml
-    overrides = {k: getattr(args, k) for k in OVERRIDES if k != "amp"}
+    overrides = {k: getattr(args, k) for k in OVERRIDES}
     if (args.aggregation or toml.get("aggregation")) and not heads_chosen:
         overrides["heads"] = "cls"  # the only head that reads the one fixed-weight token
-    config = resolve_config(task, args.config, **overrides, amp=amp, img_size=args.img_size)
-    ref_opts = args.reference_checkpoint or args.reference_random_init or args.reference_model_kw
-    if ref_opts and not (config.aggregation or "").startswith("reference:"):
-        raise AttnflowError("--reference-* options apply to --aggregation reference:<model-name> only")
+    return resolve_config(task, args.config, **overrides, img_size=args.img_size), heads_chosen
+
+
+def _check_out(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; the probe writes a run directory there")
     if not args.resume and any(out.glob("seed*/checkpoint.pt")):
         raise AttnflowError(f"{out} already holds a probe run; pass --resume to continue it or choose a new --out")
+    return out
+
+
+def _reference(args: argparse.Namespace, config: ProbeConfig, model: Any) -> Any:
+    """The reference model of ``--aggregation reference:<name>`` (``None`` for other aggregations)."""
+    ref_opts = args.reference_checkpoint or args.reference_random_init or args.reference_model_kw
+    if ref_opts and not (config.aggregation or "").startswith("reference:"):
+        raise AttnflowError("--reference-* options apply to --aggregation reference:<model-name> only")
+    if config.aggregation is None:
+        return None
+    from ..aggregation.sources import parse_source
+
+    source = parse_source(config.aggregation)
+    if source.kind != "reference" or not source.target:
+        return None
+    from ..aggregation.capture import check_reference
+
+    reference = load_model_from(args, source.target, prefix="reference-")
+    check_reference(model, reference, args.img_size, model_name=args.model, reference_name=source.target)
+    return reference
+
+
+def print_settings(settings: dict[str, Any]) -> None:
+    """The resolved settings, one ``name: value`` per line, before any training."""
+    print("attnflow probe: settings", flush=True)
+    for name, value in settings.items():
+        if value is None:
+            continue
+        shown = ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in value) if isinstance(
+            value, list) else value
+        print(f"  {name + ':':<14s}{shown}", flush=True)
+
+
+def print_results(table: Any) -> None:
+    """Per head: the lr kept (per seed when they differ), its validation top-1 (mean ± std over seeds) and, when
+    chosen on held-out images, its held-out top-1; every lr of a grid reported without a held-out choice."""
+    last = table[table["epoch"] == table.groupby(["seed"])["epoch"].transform("max")]
+    kept = last[last["selected"]] if last["selected"].any() else last
+    group = ["head"] if last["selected"].any() else ["head", "lr"]
+    for key, rows in kept.groupby(group, sort=False):
+        head = key[0] if isinstance(key, tuple) else key
+        lrs = ",".join(f"{x:.3g}" for x in dict.fromkeys(rows["lr"]))
+        std = "" if len(rows) < 2 else f" ± {rows['top1'].std():.2f}"
+        held = rows["holdout_top1"].mean()
+        note = "" if held != held else f"  (held-out top-1 {held:.2f})"
+        print(f"{head:>20s}  lr {lrs:<10s} top-1 {rows['top1'].mean():.2f}{std}{note}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..vit import model_has_cls
+    from ..models.registry import find_spec
+    from ..options import resolve_device
+    from ..probes.specs import DEFAULT_HEADS_NO_CLS
+    from ..probes.tasks import load_task
+    from ..probes.train import probe_images, resolved_settings
+
+    config, heads_chosen = _config(args)
+    out = _check_out(args)
+    device = resolve_device(args.device)
     model = load_model_from(args)
     if args.random_init:
         print("attnflow: --random-init: weights are random, the accuracies are meaningless", flush=True)
-    reference = None
-    if config.aggregation is not None:
-        from ..aggregation.sources import parse_source
-
-        source = parse_source(config.aggregation)
-        if source.kind == "reference" and source.target:
-            from ..aggregation.capture import check_reference
-
-            reference = load_model_from(args, source.target, prefix="reference-")
-            check_reference(model, reference, args.img_size, model_name=args.model, reference_name=source.target)
-    elif not heads_chosen and getattr(model, "cls_token", None) is None:
+    reference = _reference(args, config, model)
+    if config.aggregation is None and not heads_chosen and not model_has_cls(model):
         config.heads = DEFAULT_HEADS_NO_CLS
         print(f"attnflow: {args.model} has no [cls] token: heads {DEFAULT_HEADS_NO_CLS}", flush=True)
     spec = find_spec(args.model)
+    size = spec.size if spec else None
     data = load_task(config, args.data, model)
-    table = probe_images(model, data, config, out, model_name=args.model, model_size=spec.size if spec else None,
-                         device=torch.device(args.device) if args.device else None, resume=args.resume,
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    settings = resolved_settings(config, data, device=device, world_size=world_size, model_size=size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_settings(settings)
+    table = probe_images(model, data, config, out, model_name=args.model, model_size=size,
+                         device=device if args.device else None, resume=args.resume,
                          progress=not args.no_progress, reference=reference)
-    last = table[table["epoch"] == table.groupby(["seed"])["epoch"].transform("max")]
-    summary = last.groupby(["head", "lr"], sort=False)["top1"].agg(["mean", "std"]).reset_index()
-    for row in summary.itertuples():
-        std = "" if row.std != row.std else f" ± {row.std:.2f}"
-        print(f"{row.head:>20s}  lr {row.lr:<8g} top-1 {row.mean:.2f}{std}")
+    print_results(table)
     print(f"wrote {out / 'results.parquet'}")
     return 0

@@ -10,14 +10,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "table", help="summarise probe runs: rows = models, columns = heads, mean ± std over seeds",
         description="Reads the results tables of probe runs (run directories, searched recursively, or "
-                    "results.parquet/.csv files) and renders top-1 accuracy per model and head.")
+                    "results.parquet/.csv files) and renders top-1 accuracy per model and head, each head at the "
+                    "lr its runs kept (chosen on held-out training images, or the only one). Heads follow --heads, "
+                    "else the paper's order (avg, cls, abmilp, abmilp+cls, ..., ap1, ap12); a model trained with "
+                    "random weights is marked with a dagger.")
     parser.add_argument("runs", nargs="+", help="probe run directories or result tables (globs are fine)")
-    parser.add_argument("--out", help="output file: .md (Markdown), .tex (LaTeX) or .csv (tidy); default: print "
-                                      "Markdown")
+    parser.add_argument("--out", help="output file, by extension: .md (Markdown), .tex (LaTeX tabular, booktabs) "
+                                      "or .csv (tidy: model, task, head, lr, mean, std, n_seeds, random_init); "
+                                      "written atomically; default: print Markdown")
     parser.add_argument("--value", choices=["final", "best"], default="final",
                         help="top-1 at the last evaluated epoch (default) or the best epoch")
     parser.add_argument("--lr", choices=["best", "all"], default="best",
-                        help="with lr grids: keep each head's best lr (default) or list all")
+                        help="with lr grids: each head at the lr its runs kept (default; a grid without a held-out "
+                             "choice: the best mean) or every lr")
     parser.add_argument("--heads", help="only these head specs, comma-separated, in this order")
     parser.add_argument("--task", help="only this task")
     parser.add_argument("--digits", type=int, default=1, help="decimals (default 1, as the paper)")
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         frame = frame[frame["head"].isin(wanted)]
     if frame.empty:
         raise AttnflowError("no rows left after --task/--heads filtering")
-    summary = summarize(frame, value=args.value, lr=args.lr)
+    summary = summarize(frame, value=args.value, lr=args.lr, heads=wanted)
     if args.out:
         path = write_summary(summary, args.out, digits=args.digits, heads=wanted)
         print(f"wrote {path}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,9 @@ from ..dist import all_reduce_grads
 from .heads import ProbeHead, build_head
 from .lars import cosine_lr, make_optimizer, set_lr
 from .specs import HeadSpec
+
+if TYPE_CHECKING:
+    from .protocols import TrainOptions
 
 
 def head_seed(seed: int, spec_name: str) -> int:
@@ -77,6 +80,15 @@ class HeadBank(nn.Module):
                 self.entries.append(BankEntry(entry_name(spec.name, lr, grid), spec, float(lr), head, opt))
         self.optimizer_name = optimizer
         self.dim, self.num_classes, self.has_cls = dim, num_classes, has_cls
+
+    @classmethod
+    def from_options(cls, specs: Sequence[HeadSpec], lrs: Sequence[float], options: "TrainOptions", *, dim: int,
+                     num_classes: int, has_cls: bool) -> "HeadBank":
+        """A bank of ``specs`` x ``lrs`` with the optimizer, momentum, weight decay, head init and seed of
+        ``options``."""
+        return cls(specs, lrs, dim=dim, num_classes=num_classes, has_cls=has_cls, optimizer=options.optimizer,
+                   momentum=options.momentum, weight_decay=options.weight_decay, seed=options.seed,
+                   head_init=options.head_init)
 
     @property
     def names(self) -> list[str]:

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import AttnflowError
+from ..options import dtype_name
 from ..encode import TokenEncoder
 from .imagedata import SeededDataset, dataset_labels, image_loader
 from .loop import Batch
@@ -87,12 +88,14 @@ class TokenCache:
         """Row indices of readable images."""
         return torch.nonzero(self.readable).flatten()
 
-    def train_batches(self, plan: BatchPlan, seed: int) -> Callable[[int], Iterator[Batch]]:
-        """Micro-batches for :func:`attnflow.probes.loop.train_bank`; ``plan`` indexes :attr:`valid` rows.
+    def train_batches(self, plan: BatchPlan, seed: int, rows: torch.Tensor | None = None
+                      ) -> Callable[[int], Iterator[Batch]]:
+        """Micro-batches for :func:`attnflow.probes.loop.train_bank`; ``plan`` indexes ``rows`` (default
+        :attr:`valid`: every readable row).
 
         With several views each sample of an epoch reads one view drawn by ``(seed, epoch)``.
         """
-        rows = self.valid
+        rows = self.valid if rows is None else rows
 
         def epoch_batches(epoch: int) -> Iterator[Batch]:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7_919 + 99)
@@ -104,11 +107,11 @@ class TokenCache:
 
         return epoch_batches
 
-    def eval_batches(self, batch_size: int = 512) -> Callable[[], Iterator[Batch]]:
-        """View 0 of every readable image, in order (this process's shard)."""
+    def eval_batches(self, batch_size: int = 512, rows: torch.Tensor | None = None) -> Callable[[], Iterator[Batch]]:
+        """View 0 of ``rows`` (default: every readable image), in order (this process's shard)."""
         from .fit import eval_batches
 
-        rows = self.valid
+        rows = self.valid if rows is None else rows
         index = eval_batches(rows, rows, batch_size)
 
         def batches() -> Iterator[Batch]:
@@ -128,8 +131,77 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class _Extraction:
+    """The state of an extraction: what is written so far (resumable from ``progress.json``)."""
+
+    root: Path
+    manifest: dict[str, Any]
+    labels: np.ndarray  # [n] int64, -1 where not read yet
+    readable: np.ndarray  # [n] bool
+    done: list[int]  # batches completed per view
+    array: np.memmap | None  # [views, n, T, D], created at the first readable batch
+
+    @classmethod
+    def start(cls, root: Path, manifest: dict[str, Any], n: int, views: int) -> "_Extraction":
+        done = (_read_json(root / "progress.json") or {}).get("done", [0] * views)
+        labels, readable = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
+        if (root / "valid.npy").is_file() and any(done):
+            labels, readable = np.load(root / "labels.npy"), np.load(root / "valid.npy")
+        array = np.load(root / "tokens.npy", mmap_mode="r+") if any(done) else None
+        return cls(root, manifest, labels, readable, done, array)
+
+    def add(self, view: int, indices: np.ndarray, labels: np.ndarray, tokens: torch.Tensor) -> None:
+        """Store one batch's tokens ``[b, T, D]`` (already in the cache dtype) of ``view``."""
+        dtype = self.manifest["dtype"]
+        if self.array is None:
+            shape = (self.manifest["views"], self.manifest["n"], *tokens.shape[1:])
+            self.array = np.lib.format.open_memmap(self.root / "tokens.npy", mode="w+", dtype=DTYPES[dtype][1],
+                                                   shape=shape)
+            _write_json(self.root / "manifest.json", {**self.manifest, "complete": False, "shape": list(shape)})
+        bits = tokens.view(torch.uint16) if dtype == "bf16" else tokens
+        self.array[view, indices] = bits.numpy()
+        self.labels[indices] = labels
+        self.readable[indices] = True
+
+    def commit(self, view: int) -> None:
+        """Mark the next batch of ``view`` done, after its tokens and labels are on disk."""
+        if self.array is not None:
+            self.array.flush()
+        np.save(self.root / "labels.npy", self.labels)
+        np.save(self.root / "valid.npy", self.readable)
+        self.done[view] += 1
+        _write_json(self.root / "progress.json", {"done": self.done})
+
+
+def _cache_manifest(encoder: TokenEncoder, info: dict[str, Any], n: int, views: int, seed: int, dtype: str
+                    ) -> dict[str, Any]:
+    return {**info, "n": n, "dtype": dtype, "views": views, "seed": seed, "encoder": encoder.fingerprint,
+            "block": encoder.block, "layernorm": encoder.layernorm, "has_cls": encoder.has_cls,
+            "amp": dtype_name(encoder.amp_dtype), "format": "attnflow-token-cache/1"}
+
+
+def _reusable(root: Path, manifest: dict[str, Any]) -> tuple[TokenCache | None, dict[str, Any]]:
+    """The complete cache already in ``root`` (or ``None``) and the manifest to extract under.
+
+    Raises:
+        AttnflowError: ``root`` holds the cache of other tokens.
+    """
+    old = _read_json(root / "manifest.json")
+    if old is None:
+        return None, manifest
+    diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest.get(k)]
+    if diff:
+        raise AttnflowError(f"{root} holds a different token cache (differs in {', '.join(diff)}); "
+                            "use another cache directory or delete it")
+    if old.get("complete"):
+        log.info("reusing complete token cache %s", root)
+        return TokenCache.open(root), old
+    return None, {**old, **manifest}
+
+
 def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path, *, info: dict[str, Any],
-                   views: int = 1, seed: int = 0, dtype: str = "bf16", batch_size: int = 256, num_workers: int = 0,
+                   views: int = 1, seed: int = 0, dtype: str = "bf16", batch_size: int = 256, workers: int = 0,
                    progress: bool = True) -> TokenCache:
     """Extract tokens of every image (``views`` times, seeded augmentation) into a resumable disk cache.
 
@@ -143,7 +215,7 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
         seed: augmentation seed.
         dtype: ``"bf16"`` or ``"fp16"``.
         batch_size: images per encoder pass.
-        num_workers: DataLoader workers.
+        workers: DataLoader workers (0: load in this process).
         progress: show a progress bar.
 
     Returns:
@@ -154,61 +226,33 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     n = len(dataset)  # type: ignore[arg-type]
-    manifest = {**info, "n": n, "dtype": dtype, "views": views, "seed": seed, "encoder": encoder.fingerprint,
-                "block": encoder.block, "layernorm": encoder.layernorm, "has_cls": encoder.has_cls,
-                "amp": str(encoder.amp_dtype).replace("torch.", "") if encoder.amp_dtype else "float32",
-                "format": "attnflow-token-cache/1"}
-    old = _read_json(root / "manifest.json")
-    if old is not None:
-        diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest.get(k)]
-        if diff:
-            raise AttnflowError(f"{root} holds a different token cache (differs in {', '.join(diff)}); "
-                                "use another cache directory or delete it")
-        if old.get("complete"):
-            log.info("reusing complete token cache %s", root)
-            return TokenCache.open(root)
-        manifest = {**old, **manifest}
-    torch_dtype, np_dtype = DTYPES[dtype]
+    complete, manifest = _reusable(root, _cache_manifest(encoder, info, n, views, seed, dtype))
+    if complete is not None:
+        return complete
+    state = _Extraction.start(root, manifest, n, views)
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    done = (_read_json(root / "progress.json") or {}).get("done", [0] * views)
-    labels, readable = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
-    if (root / "valid.npy").is_file() and any(done):
-        labels, readable = np.load(root / "labels.npy"), np.load(root / "valid.npy")
-    array = np.load(root / "tokens.npy", mmap_mode="r+") if any(done) else None
-    total = views * len(batches) - sum(done)
-    bar = tqdm(total=total, desc="extract", unit="batch", disable=not progress)
+    bar = tqdm(total=views * len(batches) - sum(state.done), desc="extract", unit="batch", disable=not progress)
     for view in range(views):
-        todo = batches[done[view]:]
-        if not todo:
-            continue
-        loader = image_loader(SeededDataset(dataset, seed, view), todo, num_workers)
-        for batch in loader:
+        todo = batches[state.done[view]:]
+        for batch in image_loader(SeededDataset(dataset, seed, view), todo, workers) if todo else ():
             for path, reason in batch.bad:
                 log.warning("skipping %s: %s", path, reason)
             if len(batch.indices):
-                tokens = encoder(batch.images).to(torch_dtype).cpu()
-                if array is None:
-                    array = np.lib.format.open_memmap(root / "tokens.npy", mode="w+", dtype=np_dtype,
-                                                      shape=(views, n, *tokens.shape[1:]))
-                    _write_json(root / "manifest.json", {**manifest, "complete": False,
-                                                         "shape": list(array.shape)})
-                bits = tokens.view(torch.uint16) if dtype == "bf16" else tokens
-                array[view, batch.indices.numpy()] = bits.numpy()
-                labels[batch.indices.numpy()] = batch.labels.numpy()
-                readable[batch.indices.numpy()] = True
-            if array is not None:
-                array.flush()
-            np.save(root / "labels.npy", labels)
-            np.save(root / "valid.npy", readable)
-            done[view] += 1
-            _write_json(root / "progress.json", {"done": done})
+                tokens = encoder(batch.images).to(DTYPES[dtype][0]).cpu()
+                state.add(view, batch.indices.numpy(), batch.labels.numpy(), tokens)
+            state.commit(view)
             bar.update(1)
     bar.close()
-    if array is None:
+    return _finish(state, dataset, info)
+
+
+def _finish(state: _Extraction, dataset: Dataset, info: dict[str, Any]) -> TokenCache:
+    """Check the labels, mark the cache complete and open it."""
+    if state.array is None:
         raise AttnflowError(f"no readable image in {info.get('dataset', 'the dataset')}")
     expected = dataset_labels(dataset).numpy()
-    if not np.array_equal(labels[readable], expected[readable]):
-        raise AttnflowError(f"labels read during extraction disagree with the dataset's labels in {root}")
-    _write_json(root / "manifest.json", {**manifest, "complete": True, "shape": list(array.shape),
-                                         "unreadable": int((~readable).sum())})
-    return TokenCache.open(root)
+    if not np.array_equal(state.labels[state.readable], expected[state.readable]):
+        raise AttnflowError(f"labels read during extraction disagree with the dataset's labels in {state.root}")
+    _write_json(state.root / "manifest.json", {**state.manifest, "complete": True, "shape": list(state.array.shape),
+                                               "unreadable": int((~state.readable).sum())})
+    return TokenCache.open(state.root)

@@ -72,6 +72,12 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
 
 def image_loader(dataset: Dataset, batches: Sequence[Sequence[int]], num_workers: int,
                  pin_memory: bool = False) -> DataLoader:
-    """A loader yielding :class:`attnflow.data.ImageBatch` for the given index batches, in order."""
-    return DataLoader(dataset, batch_sampler=[list(map(int, b)) for b in batches], num_workers=num_workers,
+    """A loader yielding :class:`attnflow.data.ImageBatch` for the given index batches, in order.
+
+    It starts at most one worker per batch, and none for a single batch (a worker could not overlap anything
+    there, and starting it costs more than reading a small folder's epoch); the images and their seeded crops
+    do not depend on the number of workers.
+    """
+    workers = 0 if len(batches) <= 1 else min(num_workers, len(batches))
+    return DataLoader(dataset, batch_sampler=[list(map(int, b)) for b in batches], num_workers=workers,
                       collate_fn=collate_skip_bad, pin_memory=pin_memory)

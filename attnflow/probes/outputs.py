@@ -2,10 +2,14 @@
 
 A run directory holds::
 
-    results.parquet / results.csv   columns model, task, head, lr, seed, epoch, top1, top5, train_loss
-    results.json                    provenance (model, checkpoint sha256, dataset, protocol, versions, ...)
+    results.parquet / results.csv   columns model, task, head, lr, seed, epoch, top1, top5, train_loss,
+                                    holdout_top1, holdout_loss, selected (see attnflow.probes.fit.RESULT_COLUMNS)
+    results.json                    provenance (model, checkpoint sha256, dataset, protocol, resolved batch and
+                                    lrs, the lr each head kept per seed, versions, ...)
     seed{S}/checkpoint.pt           per-epoch training state (heads + optimizers + history) for --resume
     seed{S}/heads/{name}.pt         the final heads; ``load_head(path).scores(tokens)`` gives aggregation maps
+
+The three ``results`` files are written all or nothing (:func:`write_table_files`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Iterable
 import pandas as pd
 import torch
 
+from ..atomic import write_atomically
 from ..errors import AttnflowError
 from .heads import ProbeHead
 from .specs import parse_head_spec
@@ -73,16 +78,25 @@ def environment() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def write_table_files(frame: pd.DataFrame, meta: dict[str, Any], stem: Path) -> Path:
+    """Write ``STEM.csv``, ``STEM.json`` and ``STEM.parquet`` all or nothing (temporary files renamed into place
+    only once all three are complete; the parquet, which readers look for, last). The one place a probe table
+    is written: the shared table writer can replace this function."""
+    frame = frame.reset_index(drop=True)
+    sidecar = json.dumps({**meta, "environment": environment()}, indent=2, default=str)
+    parquet = stem.with_name(stem.name + ".parquet")
+    write_atomically({stem.with_name(stem.name + ".csv"): lambda tmp: frame.to_csv(tmp, index=False),
+                      stem.with_name(stem.name + ".json"): lambda tmp: tmp.write_text(sidecar),
+                      parquet: lambda tmp: frame.to_parquet(tmp, index=False)})
+    return parquet
+
+
 def write_run_table(frame: pd.DataFrame, meta: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write ``results.parquet``, ``results.csv`` and ``results.json`` into ``out_dir``; returns the parquet."""
+    """Write ``results.parquet``, ``results.csv`` and ``results.json`` into ``out_dir`` (all or nothing, see
+    :func:`write_table_files`); returns the parquet."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frame = frame.reset_index(drop=True)
-    frame.to_parquet(out / f"{TABLE_NAME}.parquet", index=False)
-    frame.to_csv(out / f"{TABLE_NAME}.csv", index=False)
-    (out / f"{TABLE_NAME}.json").write_text(json.dumps({**meta, "environment": environment()}, indent=2,
-                                                       default=str))
-    return out / f"{TABLE_NAME}.parquet"
+    return write_table_files(frame, meta, out / TABLE_NAME)
 
 
 def find_run_tables(paths: Iterable[str | Path]) -> list[Path]:
@@ -100,15 +114,25 @@ def find_run_tables(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _data_root(table: Path) -> str:
-    """The dataset root a run recorded in its ``results.json`` sidecar, or ``""`` when there is none."""
-    sidecar = table.with_suffix(".json")
+def _sidecar(table: Path) -> dict[str, Any]:
+    """The ``results.json`` sidecar of a run table (``{}`` when there is none or it is unreadable)."""
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = json.loads(table.with_suffix(".json").read_text())
     except (OSError, ValueError):
-        return ""
-    data = meta.get("data") if isinstance(meta, dict) else None
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _data_root(meta: dict[str, Any]) -> str:
+    """The dataset root a run recorded, or ``""``."""
+    data = meta.get("data")
     return str(data.get("root", "")) if isinstance(data, dict) else ""
+
+
+def _random_init(meta: dict[str, Any]) -> bool:
+    """Whether the run's encoder had random weights (its numbers then mean nothing)."""
+    info = meta.get("model_info")
+    return bool(info.get("random_init")) if isinstance(info, dict) else False
 
 
 def _tell_datasets_apart(frame: pd.DataFrame) -> pd.DataFrame:
@@ -126,8 +150,8 @@ def _tell_datasets_apart(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_run_tables(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Concatenate the probe tables of many runs, with a ``run`` column (the run directory) and a
-    ``data_root`` column (from each run's JSON sidecar); a table without ``model`` gets its directory name.
+    """Concatenate the probe tables of many runs, with a ``run`` column (the run directory) and ``data_root`` and
+    ``random_init`` columns (from each run's JSON sidecar); a table without ``model`` gets its directory name.
     A task run on several dataset roots (e.g. two ``folder`` datasets) is split into one task per root."""
     frames = []
     for table in find_run_tables(paths):
@@ -141,5 +165,8 @@ def read_run_tables(paths: Iterable[str | Path]) -> pd.DataFrame:
             frame = frame.assign(task="")
         if "lr" not in frame.columns:
             frame = frame.assign(lr=float("nan"))
-        frames.append(frame.assign(run=str(table.parent), data_root=_data_root(table)))
+        if "selected" not in frame.columns:  # a table written before lrs were chosen on held-out data
+            frame = frame.assign(selected=False)
+        meta = _sidecar(table)
+        frames.append(frame.assign(run=str(table.parent), data_root=_data_root(meta), random_init=_random_init(meta)))
     return _tell_datasets_apart(pd.concat(frames, ignore_index=True))

@@ -51,8 +51,8 @@ class BatchPlan:
         if self.batch_size < 1 or self.accum_steps < 1:
             raise AttnflowError("batch size and accumulation steps must be positive")
         if self.n < self.batch_size:
-            raise AttnflowError(f"batch size {self.batch_size} is larger than the {self.n} training samples; "
-                                "lower the batch size (--batch-size, or batch_size= in Python)")
+            raise AttnflowError(f"batch size {self.batch_size} is larger than the {self.n} samples trained on; "
+                                "lower batch_size")
         if self.batch_size < max(2 * self.accum_steps, self.accum_steps * self.world_size):
             raise AttnflowError(f"batch size {self.batch_size} is too small for {self.accum_steps} accumulation "
                                 f"steps on {self.world_size} processes (a micro-batch needs 2 samples and one "

@@ -95,7 +95,7 @@ def parse_head_list(text: str | list[str] | tuple[str, ...]) -> list[HeadSpec]:
     items = text.split(",") if isinstance(text, str) else list(text)
     specs = [parse_head_spec(item) for item in items if item.strip()]
     if not specs:
-        raise HeadSpecError("no head specs given; e.g. --heads cls,avg,abmilp")
+        raise HeadSpecError("no head specs given; e.g. heads cls,avg,abmilp")
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -112,4 +112,4 @@ def check_heads_fit(specs: list[HeadSpec], has_cls: bool) -> None:
     needs = [s.name for s in specs if s.needs_cls]
     if needs and not has_cls:
         raise HeadSpecError(f"head(s) {', '.join(needs)} need a [cls] token, which this model lacks; "
-                            f"e.g. --heads {DEFAULT_HEADS_NO_CLS}")
+                            f"e.g. heads {DEFAULT_HEADS_NO_CLS}")

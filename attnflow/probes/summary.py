@@ -1,73 +1,123 @@
 """Table 1/2/6-style summaries of probe runs: rows = models, columns = heads (per task), mean ± std over seeds.
 
 Per (model, task, head, lr, seed) a run contributes its *final* top-1 (last evaluated epoch) or its *best*
-top-1 over epochs; seeds are then averaged (std with ``ddof=1``, blank for a single seed). When a run swept
-several learning rates, each (model, task, head) shows the lr with the highest mean unless ``lr="all"``.
+top-1 over epochs; seeds are then averaged (std with ``ddof=1``, blank for a single seed). Each head shows the lr
+its runs kept (``selected`` in the run table: its only lr, or the one chosen per seed on held-out training
+data); a grid trained without a held-out split (``holdout = 0``, or a table written before lrs were chosen)
+shows the lr with the highest mean, a choice made on the validation set, as this command always did; ``lr="all"``
+shows every lr. Heads follow the order asked for, else :data:`TABLE_ORDER`. A model whose
+runs had random weights is marked with a dagger and a footnote: its numbers mean nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from ..atomic import write_atomically
 from ..errors import AttnflowError
 from .specs import EXAMPLES
 
-SUMMARY_COLUMNS = ("model", "task", "head", "lr", "mean", "std", "n_seeds")
+SUMMARY_COLUMNS = ("model", "task", "head", "lr", "mean", "std", "n_seeds", "random_init")
 FORMATS = {".md": "markdown", ".markdown": "markdown", ".tex": "latex", ".csv": "csv"}
+RANDOM_NOTE = "random weights: numbers meaningless"
+DAGGER_TEX = r"$^\dagger$"
+
+TABLE_ORDER: tuple[str, ...] = ("avg", *(h for h in EXAMPLES if h != "avg"))
+"""Default head order: the paper's Table 1 (average pooling, [cls], AbMILP, AbMILP + [cls]), then Tables 4
+and 6 (AbMILP scorers, SA-AbMILP, attentive probing ap1, ap12); other heads follow in order of appearance."""
 
 
-def summarize(frame: pd.DataFrame, *, value: str = "final", lr: str = "best") -> pd.DataFrame:
-    """Mean and std over seeds of each (model, task, head, lr).
+def head_order(present: list[str], heads: list[str] | None = None) -> list[str]:
+    """``present`` heads in ``heads`` order when given (others left out), else in :data:`TABLE_ORDER`; a grid
+    column ``head@lr=x`` sits with its head."""
+    base = [h.split("@")[0] for h in present]
+    order = list(heads) if heads else [*TABLE_ORDER, *dict.fromkeys(b for b in base if b not in TABLE_ORDER)]
+    return [h for _, h in sorted((order.index(b), h) for b, h in zip(base, present) if b in order)]
 
-    Args:
-        frame: concatenated run tables (columns ``model, task, head, lr, seed, epoch, top1``).
-        value: ``"final"`` (top-1 at the last evaluated epoch) or ``"best"`` (max over epochs).
-        lr: ``"best"`` (keep the lr with the highest mean per model/task/head) or ``"all"``.
 
-    Returns:
-        Columns :data:`SUMMARY_COLUMNS`, in order of first appearance of model, task and head.
-    """
-    if value not in ("final", "best") or lr not in ("best", "all"):
-        raise AttnflowError("value must be final or best, lr must be best or all")
-    frame = frame.copy()
-    frame["lr"] = frame["lr"].fillna(-1.0)
-    if "run" not in frame.columns:
-        frame["run"] = ""
-    keys = ["model", "task", "head", "lr", "seed"]
+def _keep_lrs(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, task, head, seed) the rows of the kept lr: the run's ``selected`` lr, or for a grid that no
+    held-out split chose, the lr with the best mean over seeds."""
+    seed_keys = ["model", "task", "head", "seed"]
+    open_ = ~per_seed.groupby(seed_keys, sort=False)["selected"].transform("any")
+    if open_.any():
+        means = per_seed[open_].groupby(["model", "task", "head", "lr"], sort=False)["top1"].mean()
+        best = set(means.groupby(level=[0, 1, 2], sort=False).idxmax())
+        chosen = [key in best for key in zip(per_seed["model"], per_seed["task"], per_seed["head"], per_seed["lr"])]
+        per_seed = per_seed.assign(selected=per_seed["selected"] | (open_ & pd.Series(chosen, index=per_seed.index)))
+    return per_seed[per_seed["selected"]]
+
+
+def _check_one_run_per_seed(frame: pd.DataFrame, keys: list[str]) -> None:
     runs = frame.groupby(keys, sort=False)["run"].nunique()
     if (runs > 1).any():
         clash = runs[runs > 1].index[0]
         where = sorted(frame.set_index(keys).loc[clash, "run"].unique())
         what = ", ".join(f"{k}={v}" for k, v in zip(keys, clash))
         raise AttnflowError(f"{what} appears in several runs ({', '.join(where)}); pass only one of them")
+
+
+def summarize(frame: pd.DataFrame, *, value: str = "final", lr: str = "best", heads: list[str] | None = None
+              ) -> pd.DataFrame:
+    """Mean and std over seeds of each (model, task, head) at its kept lr, or of each (head, lr).
+
+    Args:
+        frame: concatenated run tables (columns ``model, task, head, lr, seed, epoch, top1``; optional
+            ``selected``, ``random_init``, ``run``).
+        value: ``"final"`` (top-1 at the last evaluated epoch) or ``"best"`` (max over epochs).
+        lr: ``"best"`` (each head at its kept lr, see the module docstring) or ``"all"`` (every lr; a head with
+            several becomes ``head@lr=x``).
+        heads: the head order (default :data:`TABLE_ORDER`).
+
+    Returns:
+        Columns :data:`SUMMARY_COLUMNS`, models and tasks in order of first appearance, heads in ``heads``
+        order; ``lr`` is NaN where the seeds kept different lrs.
+    """
+    if value not in ("final", "best") or lr not in ("best", "all"):
+        raise AttnflowError("value must be final or best, lr must be best or all")
+    frame = frame.assign(lr=frame["lr"].fillna(-1.0))
+    for column, default in (("run", ""), ("selected", False), ("random_init", False)):
+        if column not in frame.columns:
+            frame[column] = default
+    keys = ["model", "task", "head", "lr", "seed"]
+    _check_one_run_per_seed(frame, keys)
+    grouped = frame.groupby(keys, sort=False)
     if value == "final":
-        last = frame.groupby(keys, sort=False)["epoch"].transform("max")
-        per_seed = frame[frame["epoch"] == last].groupby(keys, sort=False)["top1"].last()
+        last = grouped["epoch"].transform("max")
+        per_seed = frame[frame["epoch"] == last].groupby(keys, sort=False).agg(
+            top1=("top1", "last"), selected=("selected", "any"))
     else:
-        per_seed = frame.groupby(keys, sort=False)["top1"].max()
-    stats = per_seed.groupby(level=[0, 1, 2, 3], sort=False).agg(["mean", "std", "count"]).reset_index()
-    stats = stats.rename(columns={"count": "n_seeds"})
+        per_seed = grouped.agg(top1=("top1", "max"), selected=("selected", "any"))
+    per_seed = per_seed.reset_index()
     if lr == "best":
-        best = stats.groupby(["model", "task", "head"], sort=False)["mean"].idxmax()
-        stats = stats.loc[best.values]
-    else:  # a column per (head, lr) where a head was trained with several lrs
-        several = stats.groupby(["model", "task", "head"], sort=False)["lr"].transform("nunique") > 1
-        stats.loc[several, "head"] = [f"{h}@lr={x:g}" for h, x in zip(stats.loc[several, "head"],
-                                                                       stats.loc[several, "lr"])]
+        per_seed = _keep_lrs(per_seed)
+        group = ["model", "task", "head"]
+    else:
+        several = per_seed.groupby(["model", "task", "head"], sort=False)["lr"].transform("nunique") > 1
+        per_seed.loc[several, "head"] = [f"{h}@lr={x:g}" for h, x in zip(per_seed.loc[several, "head"],
+                                                                          per_seed.loc[several, "lr"])]
+        group = ["model", "task", "head", "lr"]
+    stats = per_seed.groupby(group, sort=False).agg(
+        mean=("top1", "mean"), std=("top1", "std"), n_seeds=("top1", "count"),
+        lr_=("lr", lambda x: x.iloc[0] if x.nunique() == 1 else float("nan"))).reset_index()
+    stats["lr"] = stats.pop("lr_") if lr == "best" else stats["lr"]
     stats["lr"] = stats["lr"].where(stats["lr"] >= 0)
-    return stats.loc[:, list(SUMMARY_COLUMNS)].reset_index(drop=True)
+    random = frame.groupby("model", sort=False)["random_init"].any()
+    stats["random_init"] = stats["model"].map(random).astype(bool)
+    return _ordered(stats.loc[:, list(SUMMARY_COLUMNS)], heads)
 
 
-TABLE_ORDER: tuple[str, ...] = ("avg", *(h for h in EXAMPLES if h != "avg"))
-"""Default column order: the paper's Table 1 (average pooling, [cls], AbMILP, AbMILP + [cls]), then Tables 4
-and 6."""
-
-
-def _head_order(heads: list[str]) -> list[str]:
-    known = [h for h in TABLE_ORDER if h in heads]
-    return known + [h for h in heads if h not in known]
+def _ordered(stats: pd.DataFrame, heads: list[str] | None) -> pd.DataFrame:
+    """Rows grouped by model and task (first appearance), heads in :func:`head_order` within each."""
+    rank = {h: i for i, h in enumerate(head_order(list(dict.fromkeys(stats["head"])), heads))}
+    models = {m: i for i, m in enumerate(dict.fromkeys(stats["model"]))}
+    tasks = {t: i for i, t in enumerate(dict.fromkeys(stats["task"]))}
+    stats = stats[stats["head"].isin(rank)]
+    key = [(models[m], tasks[t], rank[h]) for m, t, h in zip(stats["model"], stats["task"], stats["head"])]
+    return stats.iloc[sorted(range(len(key)), key=key.__getitem__)].reset_index(drop=True)
 
 
 def check_heads_present(frame: pd.DataFrame, wanted: list[str]) -> None:
@@ -96,51 +146,68 @@ def _label(model: str) -> str:
     return spec.label if spec is not None else model
 
 
-def pivot(summary: pd.DataFrame, digits: int = 1, heads: list[str] | None = None
-          ) -> tuple[list[str], list[str], list[list[str]], list[set[int]]]:
-    """Header, row labels, formatted cells and, per row, the columns of its best mean in each task.
+@dataclass
+class Pivot:
+    """A summary laid out as a table: one row per model, one column per (task, head).
 
-    Columns are the heads in ``heads`` order (default: the paper's order, then others) per task. The best of a
+    Attributes:
+        header: column titles (``head``, or ``task: head`` with several tasks).
+        labels: row labels (the models' display names).
+        cells: formatted ``mean ± std`` (``–`` where a model lacks the head).
+        best: per row, the columns of its best mean in each task.
+        random: per row, whether the model's runs had random weights.
+    """
+
+    header: list[str]
+    labels: list[str]
+    cells: list[list[str]]
+    best: list[set[int]]
+    random: list[bool]
+
+
+def _cell(hit: pd.DataFrame, digits: int) -> tuple[str, float | None]:
+    if hit.empty:
+        return "–", None
+    mean, std = float(hit["mean"].iloc[0]), hit["std"].iloc[0]
+    return f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {float(std):.{digits}f}"), round(mean, digits)
+
+
+def pivot(summary: pd.DataFrame, digits: int = 1, heads: list[str] | None = None) -> Pivot:
+    """The table layout of a summary (see :class:`Pivot`).
+
+    Columns are the heads in ``heads`` order (default :data:`TABLE_ORDER`, then others) per task. The best of a
     row is taken per task (an ImageNet and a CUB column are not compared), on the means as printed: heads tied
     at ``digits`` decimals are all best, as a reader of the table sees them.
     """
     tasks = list(dict.fromkeys(summary["task"]))
-    columns = []
-    for t in tasks:
-        present = list(dict.fromkeys(summary[summary["task"] == t]["head"]))
-        order = [h for h in heads if h in present] if heads else _head_order(present)
-        columns += [(t, h) for h in order]
-    header = [h if len(tasks) == 1 else f"{t}: {h}" for t, h in columns]
+    columns = [(t, h) for t in tasks
+               for h in head_order(list(dict.fromkeys(summary[summary["task"] == t]["head"])), heads)]
     models = list(dict.fromkeys(summary["model"]))
-    cells, best = [], []
+    random = summary.groupby("model", sort=False)["random_init"].any() if "random_init" in summary else None
+    table = Pivot([h if len(tasks) == 1 else f"{t}: {h}" for t, h in columns], [_label(m) for m in models], [], [],
+                  [bool(random[m]) if random is not None else False for m in models])
     for model in models:
-        row: list[str] = []
-        means: list[float | None] = []
-        for task, head in columns:
-            hit = summary[(summary["model"] == model) & (summary["task"] == task) & (summary["head"] == head)]
-            if hit.empty:
-                row.append("–")
-                means.append(None)
-                continue
-            mean, std = float(hit["mean"].iloc[0]), hit["std"].iloc[0]
-            row.append(f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {float(std):.{digits}f}"))
-            means.append(round(mean, digits))
-        cells.append(row)
+        pairs = [_cell(summary[(summary["model"] == model) & (summary["task"] == task) & (summary["head"] == head)],
+                       digits) for task, head in columns]
         top: dict[str, float] = {}
-        for (task, _), m in zip(columns, means):
+        for (task, _), (_, m) in zip(columns, pairs):
             if m is not None:
                 top[task] = max(top.get(task, m), m)
-        best.append({i for i, ((task, _), m) in enumerate(zip(columns, means)) if m is not None and m == top[task]})
-    return header, [_label(m) for m in models], cells, best
+        table.cells.append([text for text, _ in pairs])
+        table.best.append({i for i, ((task, _), (_, m)) in enumerate(zip(columns, pairs))
+                           if m is not None and m == top[task]})
+    return table
 
 
 def to_markdown(summary: pd.DataFrame, digits: int = 1, heads: list[str] | None = None) -> str:
-    """A Markdown table; each row's best head in bold."""
-    header, rows, cells, best = pivot(summary, digits, heads)
-    lines = ["| Model | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
-    for label, row, b in zip(rows, cells, best):
+    """A Markdown table; each row's best head in bold; models with random weights marked † (with a footnote)."""
+    table = pivot(summary, digits, heads)
+    lines = ["| Model | " + " | ".join(table.header) + " |", "|---|" + "---:|" * len(table.header)]
+    for label, row, b, random in zip(table.labels, table.cells, table.best, table.random):
         shown = [f"**{c}**" if i in b else c for i, c in enumerate(row)]
-        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+        lines.append(f"| {label}{' †' if random else ''} | " + " | ".join(shown) + " |")
+    if any(table.random):
+        lines += ["", f"† {RANDOM_NOTE}"]
     return "\n".join(lines) + "\n"
 
 
@@ -150,29 +217,40 @@ def _tex(text: str) -> str:
 
 
 def to_latex(summary: pd.DataFrame, digits: int = 1, heads: list[str] | None = None) -> str:
-    """A LaTeX ``tabular`` (booktabs); each row's best head in bold."""
-    header, rows, cells, best = pivot(summary, digits, heads)
-    lines = [r"\begin{tabular}{l" + "c" * len(header) + "}", r"\toprule",
-             "Model & " + " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
-    for label, row, b in zip(rows, cells, best):
+    """A LaTeX ``tabular`` (booktabs); each row's best head in bold; models with random weights marked with a
+    dagger, the footnote in the table's last row."""
+    table = pivot(summary, digits, heads)
+    lines = [r"\begin{tabular}{l" + "c" * len(table.header) + "}", r"\toprule",
+             "Model & " + " & ".join(_tex(h) for h in table.header) + r" \\", r"\midrule"]
+    for label, row, b, random in zip(table.labels, table.cells, table.best, table.random):
         shown = [c.replace("±", r"$\pm$").replace("–", "--") for c in row]
         shown = [rf"\textbf{{{c}}}" if i in b else c for i, c in enumerate(shown)]
-        lines.append(f"{_tex(label)} & " + " & ".join(shown) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+        mark = DAGGER_TEX if random else ""
+        lines.append(f"{_tex(label)}{mark} & " + " & ".join(shown) + r" \\")
+    lines.append(r"\bottomrule")
+    if any(table.random):
+        lines.append(rf"\multicolumn{{{len(table.header) + 1}}}{{l}}{{\footnotesize $^\dagger$ {RANDOM_NOTE}}} \\")
+    lines.append(r"\end{tabular}")
     return "\n".join(lines) + "\n"
 
 
 def write_summary(summary: pd.DataFrame, path: str | Path, digits: int = 1, heads: list[str] | None = None
                   ) -> Path:
-    """Render by extension: ``.md`` Markdown, ``.tex`` LaTeX, ``.csv`` the tidy summary."""
+    """Render by extension, atomically (a temporary file renamed into place): ``.md``/``.markdown`` Markdown,
+    ``.tex`` LaTeX, ``.csv`` the tidy summary (:data:`SUMMARY_COLUMNS`, heads in ``heads`` order).
+
+    Raises:
+        AttnflowError: another extension.
+    """
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise AttnflowError(f"cannot tell the table format of {path.name}; use .md, .tex or .csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
-        summary.to_csv(path, index=False)
+        ordered = _ordered(summary, heads)
+        write_atomically({path: lambda tmp: ordered.to_csv(tmp, index=False)})
     else:
-        render = to_markdown if fmt == "markdown" else to_latex
-        path.write_text(render(summary, digits, heads))
+        text = (to_markdown if fmt == "markdown" else to_latex)(summary, digits, heads)
+        write_atomically({path: lambda tmp: tmp.write_text(text)})
     return path

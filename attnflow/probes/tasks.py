@@ -7,6 +7,7 @@ validation: the model's eval transform at ``crop_pct``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,11 +33,22 @@ class TaskData:
     val_transform: Callable
 
 
-def _subdir(root: Path, *names: str) -> Path:
+    def train_eval(self) -> Dataset:
+        """The training images through the validation transform (how held-out training images are scored)."""
+        if self.train_transform is self.val_transform:
+            return self.train
+        if not hasattr(self.train, "transform"):
+            raise AttnflowError(f"cannot score held-out images of {type(self.train).__name__}: it has no transform")
+        dataset = copy.copy(self.train)
+        dataset.transform = self.val_transform
+        return dataset
+
+
+def _subdir(root: Path, *names: str, hint: str = "") -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise AttnflowError(f"{root} has no {' or '.join(names)} folder")
+    raise AttnflowError(f"{root} has no {' or '.join(names)} folder{hint}")
 
 
 def load_task(config: ProbeConfig, root: str | Path, model: nn.Module) -> TaskData:
@@ -75,8 +87,9 @@ def load_task(config: ProbeConfig, root: str | Path, model: nn.Module) -> TaskDa
     else:
         from ..data.images import ImageFolderDataset
 
-        train = ImageFolderDataset(_subdir(root, "train"), train_tf, limit=limit)
-        val = ImageFolderDataset(_subdir(root, "val", "test"), val_tf, limit=limit)
+        layout = "; the folder task reads ROOT/train/<class>/* and ROOT/val/<class>/* (or ROOT/test/<class>/*)"
+        train = ImageFolderDataset(_subdir(root, "train", hint=layout), train_tf, limit=limit)
+        val = ImageFolderDataset(_subdir(root, "val", "test", hint=layout), val_tf, limit=limit)
         if not train.classes:
             raise AttnflowError(f"{root}/train has no class folders")
         if train.classes != val.classes:

@@ -4,33 +4,43 @@ Scale: run under ``torchrun --nproc_per_node=G -m attnflow probe ...``: every pr
 each global micro-batch (bf16 autocast on GPU; heads in fp32), gradients are summed once per optimizer step
 (see :mod:`attnflow.dist`), and BatchNorm statistics span the global micro-batch, so G
 processes train the same heads as one.
+
+A run is a few named steps: build the encoder (:func:`make_encoder`), find where the training tokens come from
+(:func:`token_source`: the images, encoded on the fly, or a token cache), train each seed
+(:func:`train_seed`: held-out split, batch plan, head bank, :func:`~attnflow.probes.loop.train_bank`, saved
+heads) and write the run table (:func:`~attnflow.probes.outputs.write_run_table`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from ..dist import World, broadcast_module, current_world, init_from_env, wait_for_main
+from ..options import autocast_dtype, default_workers, dtype_name
 from .bank import HeadBank
 from .cache import TokenCache, extract_tokens
-from ..dist import broadcast_module, current_world, init_from_env, wait_for_main
 from ..encode import TokenEncoder
-from .fit import RESULT_COLUMNS, check_classes
+from .fit import RESULT_COLUMNS, check_classes, result_tables
 from .backbone import backbone_record
-from .imagedata import SeededDataset, image_loader
+from .holdout import HoldoutSplit, held_out_total, holdout_split, no_split
+from .imagedata import SeededDataset, dataset_labels, image_loader
 from .loop import Batch, Schedule, train_bank
 from .outputs import safe_name, save_head, write_run_table
-from .protocols import ProbeConfig
+from .protocols import ProbeConfig, TrainOptions
 from .sampler import BatchPlan, shard_range
-from .specs import check_heads_fit, parse_head_list
+from .specs import HeadSpec, check_heads_fit, parse_head_list
 from .tasks import TaskData
 
 log = logging.getLogger(__name__)
+
+EvalBatches = Callable[[], Iterator[Batch]]
 
 
 def _encode(encoder: TokenEncoder, images: torch.Tensor, shape: list) -> torch.Tensor:
@@ -47,14 +57,14 @@ def _encode(encoder: TokenEncoder, images: torch.Tensor, shape: list) -> torch.T
     return tokens
 
 
-def image_train_batches(encoder: TokenEncoder, dataset: Dataset, plan: BatchPlan, seed: int, num_workers: int
+def image_train_batches(encoder: TokenEncoder, dataset: Dataset, plan: BatchPlan, seed: int, workers: int
                         ) -> Callable[[int], Iterator[Batch]]:
     """Training micro-batches encoded on the fly; augmentation seeded per ``(seed, epoch, image)``."""
     shape: list = []
 
     def epoch_batches(epoch: int) -> Iterator[Batch]:
         flat = [idx.tolist() for step in plan.epoch(epoch) for idx in step]
-        loader = image_loader(SeededDataset(dataset, seed, epoch), flat, num_workers,
+        loader = image_loader(SeededDataset(dataset, seed, epoch), flat, workers,
                               pin_memory=encoder.device.type == "cuda")
         for batch in loader:
             yield _encode(encoder, batch.images, shape), batch.labels
@@ -62,34 +72,216 @@ def image_train_batches(encoder: TokenEncoder, dataset: Dataset, plan: BatchPlan
     return epoch_batches
 
 
-def image_eval_batches(encoder: TokenEncoder, dataset: Dataset, batch_size: int, num_workers: int,
-                       world_size: int, rank: int) -> Callable[[], Iterator[Batch]]:
-    """This process's contiguous shard of the validation set, encoded on the fly."""
-    shard = shard_range(len(dataset), world_size, rank)  # type: ignore[arg-type]
+def image_eval_batches(encoder: TokenEncoder, dataset: Dataset, batch_size: int, workers: int) -> EvalBatches:
+    """This process's contiguous shard of an evaluation set, encoded on the fly."""
+    world = current_world()
+    shard = shard_range(len(dataset), world.size, world.rank)  # type: ignore[arg-type]
     chunks = [list(range(lo, min(lo + batch_size, shard.stop))) for lo in range(shard.start, shard.stop, batch_size)]
     shape: list = []
 
     def batches() -> Iterator[Batch]:
-        for batch in image_loader(dataset, chunks, num_workers, pin_memory=encoder.device.type == "cuda"):
+        for batch in image_loader(dataset, chunks, workers, pin_memory=encoder.device.type == "cuda"):
             yield _encode(encoder, batch.images, shape), batch.labels
 
     return batches
 
 
-def _extract_caches(encoder: TokenEncoder, data: TaskData, config: ProbeConfig, root: Path, model_name: str,
-                    model_info: dict[str, Any], *, batch_size: int, progress: bool) -> tuple[TokenCache, TokenCache]:
-    """The train and val token caches under ``root``: rank 0 extracts them (or reuses complete ones) while the
-    other processes wait, then every process opens them (they share ``root``)."""
-    world = current_world()
-    if world.is_main:
-        ident = {"model": model_name, "checkpoint_sha256": model_info.get("sha256"), "img_size": config.img_size,
-                 "dataset": data.info["root"]}
-        for split, dataset, views in (("train", data.train, config.views), ("val", data.val, 1)):
+@dataclass
+class SeedBatches:
+    """Where one seed's training reads its tokens: training micro-batches, validation and held-out batches."""
+
+    train: Callable[[int], Iterator[Batch]]
+    val: EvalBatches
+    holdout: EvalBatches | None
+
+
+class ImageSource:
+    """Tokens encoded from the images on the fly, every epoch (augmented training crops)."""
+
+    def __init__(self, encoder: TokenEncoder, data: TaskData, workers: int, eval_size: int) -> None:
+        self.encoder, self.data, self.workers, self.eval_size = encoder, data, workers, eval_size
+
+    def size(self) -> int:
+        """Training images (the plan's and the split's index space)."""
+        return len(self.data.train)  # type: ignore[arg-type]
+
+    def train_labels(self) -> torch.Tensor:
+        """``[n]`` labels of the training images."""
+        return dataset_labels(self.data.train)
+
+    def batches(self, plan: BatchPlan, seed: int, split: HoldoutSplit) -> SeedBatches:
+        train = Subset(self.data.train, split.fit.tolist()) if split.active else self.data.train
+        held = (image_eval_batches(self.encoder, Subset(self.data.train_eval(), split.held.tolist()),
+                                   self.eval_size, self.workers) if split.active else None)
+        return SeedBatches(image_train_batches(self.encoder, train, plan, seed, self.workers),
+                           image_eval_batches(self.encoder, self.data.val, self.eval_size, self.workers), held)
+
+
+class CacheSource:
+    """Tokens read from on-disk caches (see :mod:`attnflow.probes.cache`); unreadable images are left out."""
+
+    def __init__(self, train: TokenCache, val: TokenCache, train_eval: TokenCache | None, eval_size: int) -> None:
+        self.train, self.val, self.train_eval, self.eval_size = train, val, train_eval, eval_size
+
+    def size(self) -> int:
+        """Readable training images (the plan's and the split's index space)."""
+        return len(self.train.valid)
+
+    def train_labels(self) -> torch.Tensor:
+        """``[n]`` labels of the readable training images."""
+        return self.train.labels[self.train.valid]
+
+    def batches(self, plan: BatchPlan, seed: int, split: HoldoutSplit) -> SeedBatches:
+        rows = self.train.valid
+        held = None
+        if split.active:  # held-out images are scored on un-augmented tokens, as the validation images
+            held = (self.train_eval or self.train).eval_batches(self.eval_size, rows=rows[split.held])
+        return SeedBatches(self.train.train_batches(plan, seed, rows=rows[split.fit] if split.active else None),
+                           self.val.eval_batches(self.eval_size), held)
+
+
+TokenSource = ImageSource | CacheSource
+
+
+def make_encoder(model: torch.nn.Module, config: ProbeConfig, device: torch.device, model_name: str,
+                 reference: torch.nn.Module | None) -> tuple[TokenEncoder, dict[str, Any] | None]:
+    """The frozen encoder (rank 0's weights on every process) and the provenance of a fixed aggregation."""
+    encoder: TokenEncoder
+    aggregation: dict[str, Any] | None = None
+    if config.aggregation is not None:  # one fixed-weight token per image (paper Table 5)
+        from ..aggregation.capture import FixedAggregationEncoder
+
+        encoder = FixedAggregationEncoder(model, config.aggregation, reference=reference, block=config.block,
+                                          layernorm=config.layernorm, amp=config.amp, device=device,
+                                          model_name=model_name)
+        if encoder.reference is not None:
+            broadcast_module(encoder.reference)
+        aggregation = encoder.describe()
+    else:
+        encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
+    broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for --random-init)
+    return encoder, aggregation
+
+
+def token_source(encoder: TokenEncoder, data: TaskData, config: ProbeConfig, root: Path, ident: dict[str, Any],
+                 progress: bool) -> TokenSource:
+    """The images, or with ``config.cache`` the token caches under ``root``: rank 0 extracts them (or reuses
+    complete ones) while the other processes wait, then every process opens them (they share ``root``). A held-out
+    split of augmented views also gets the training images through the validation transform (``train-eval``)."""
+    eval_size = min(config.micro_batch, 512)
+    workers = default_workers() if config.workers is None else config.workers
+    if not config.cache:
+        return ImageSource(encoder, data, workers, eval_size)
+    splits: list[tuple[str, Dataset, int]] = [("train", data.train, config.views), ("val", data.val, 1)]
+    if config.selects_lr and data.train_transform is not data.val_transform:
+        splits.append(("train-eval", data.train_eval(), 1))
+    if current_world().is_main:
+        for split, dataset, views in splits:
+            transform = data.info["val_transform" if split != "train" else "train_transform"]
             extract_tokens(encoder, dataset, root / split, views=views, dtype=config.cache_dtype,
-                           info={**ident, "split": split, "transform": data.info[f"{split}_transform"]},
-                           batch_size=batch_size, num_workers=config.num_workers, progress=progress)
+                           info={**ident, "split": split, "transform": transform},
+                           batch_size=eval_size, workers=workers, progress=progress)
     wait_for_main()
-    return TokenCache.open(root / "train"), TokenCache.open(root / "val")
+    caches = {split: TokenCache.open(root / split) for split, _, _ in splits}
+    return CacheSource(caches["train"], caches["val"], caches.get("train-eval"), eval_size)
+
+
+@dataclass
+class ProbeRun:
+    """What every seed of one ``probe`` run shares."""
+
+    encoder: TokenEncoder
+    data: TaskData
+    config: ProbeConfig
+    source: TokenSource
+    specs: list[HeadSpec]
+    out: Path
+    model_name: str
+    model_info: dict[str, Any]
+    model_size: str | None
+    world: World
+    device: torch.device
+
+    def split(self, seed: int) -> HoldoutSplit:
+        """The seed's held-out split of the training samples (none unless the run chooses lrs)."""
+        if not self.config.selects_lr:
+            return no_split(self.source.size())
+        return holdout_split(self.source.train_labels(), self.config.holdout, seed)
+
+    def fingerprint(self, options: TrainOptions, bank: HeadBank, split: HoldoutSplit) -> dict[str, Any]:
+        """Every setting that changes the training (not: seeds, workers, eval cadence, micro-batch size); a resume
+        with other ones would mix two runs in one table."""
+        skip = ("seeds", "workers", "eval_every", "micro_batch")
+        fingerprint = {"model": self.model_name, "checkpoint_sha256": self.model_info.get("sha256"),
+                       "encoder": self.encoder.fingerprint, "task": self.config.task, "heads": bank.names,
+                       "seed": options.seed, "epochs": options.epochs, "batch_size": options.batch_size,
+                       "accum_steps": options.accum_steps, "world_size": self.world.size,
+                       "optimizer": options.optimizer, "n_train": len(split.fit), "n_holdout": len(split.held),
+                       "block": self.config.block, "layernorm": self.config.layernorm,
+                       "lrs": [e.lr for e in bank.entries],
+                       "config": {k: v for k, v in self.config.to_dict().items() if k not in skip}}
+        if self.config.aggregation is not None:
+            fingerprint["aggregation"] = self.config.aggregation
+        return fingerprint
+
+
+def train_seed(run: ProbeRun, seed: int, *, resume: bool, progress: bool) -> tuple[pd.DataFrame, TrainOptions]:
+    """Train every head (and lr) for ``seed``; save the heads; return the seed's history (every evaluated epoch,
+    :data:`attnflow.probes.fit.RESULT_COLUMNS`) and its resolved options."""
+    split = run.split(seed)
+    options = run.config.train_options(seed, n_train=len(split.fit), world_size=run.world.size,
+                                       model_size=run.model_size)
+    plan = BatchPlan(len(split.fit), options.resolved_batch(len(split.fit)), options.accum_steps, run.world.size,
+                     run.world.rank, seed)
+    bank = HeadBank.from_options(run.specs, options.peak_lrs(plan.batch_size), options, dim=run.encoder.dim,
+                                 num_classes=run.data.num_classes, has_cls=run.encoder.has_cls).to(run.device)
+    broadcast_module(bank)
+    batches = run.source.batches(plan, seed, split)
+    seed_dir = run.out / f"seed{seed}"
+    rows = train_bank(bank, plan=plan, train_batches=batches.train, val_batches=batches.val,
+                      holdout_batches=batches.holdout,
+                      schedule=Schedule(options.epochs, options.warmup_epochs, options.min_lr, options.eval_every),
+                      device=run.device, checkpoint=seed_dir / "checkpoint.pt", resume=resume,
+                      fingerprint=run.fingerprint(options, bank, split), progress=progress)
+    history, table = result_tables(rows, seed, options.selects_lr)
+    if run.world.is_main:
+        save_heads(run, seed_dir / "heads", bank, table, options)
+    return history, options
+
+
+def save_heads(run: ProbeRun, folder: Path, bank: HeadBank, table: pd.DataFrame, options: TrainOptions) -> None:
+    """Save every trained head with its provenance, last-epoch accuracy and whether its lr was kept."""
+    backbone = backbone_record(run.encoder.model, run.model_info)  # see check_head
+    for entry in bank.entries:
+        row = table[(table["head"] == entry.spec.name) & (table["lr"] == entry.lr)]
+        meta = {"model": run.model_name, "task": run.config.task, "seed": options.seed, "lr": entry.lr,
+                "epochs": options.epochs, "top1": float(row["top1"].iloc[0]) if len(row) else None,
+                "selected": bool(row["selected"].iloc[0]) if len(row) else None,
+                "block": run.config.block, "layernorm": run.config.layernorm, **backbone}
+        if run.config.aggregation is not None:
+            meta["aggregation"] = run.config.aggregation
+        save_head(folder / f"{safe_name(entry.name)}.pt", entry.head, meta=meta)
+
+
+def chosen_lrs(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """``{"seed0": {head: lr}}`` of the lrs a run kept (its only lr, or the one chosen on held-out data)."""
+    last = table[table["epoch"] == table.groupby("seed")["epoch"].transform("max")]
+    kept = last[last["selected"]]
+    return {f"seed{s}": dict(zip(rows["head"], rows["lr"])) for s, rows in kept.groupby("seed", sort=False)}
+
+
+def _run_meta(run: ProbeRun, options: TrainOptions, table: pd.DataFrame, aggregation: dict | None
+              ) -> dict[str, Any]:
+    meta = {"model": run.model_name, "model_info": run.model_info, "data": run.data.info,
+            "config": run.config.to_dict(), "epochs": options.epochs, "batch_size": options.batch_size,
+            "accum_steps": options.accum_steps, "world_size": run.world.size, "lrs": options.peak_lrs(),
+            "lr_selection": "held-out" if options.selects_lr else None,
+            "n_holdout": len(run.split(options.seed).held), "chosen_lrs": chosen_lrs(table),
+            "has_cls": run.encoder.has_cls, "dim": run.encoder.dim, "device": str(run.device),
+            "cache": str(run.out / "cache") if run.config.cache else None}
+    if aggregation is not None:
+        meta["aggregation"] = aggregation
+    return meta
 
 
 def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, out_dir: str | Path, *,
@@ -112,89 +304,45 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
         reference: the reference model of a ``reference:<name>`` aggregation (``config.aggregation``).
 
     Returns:
-        The run table (columns ``model, task`` + :data:`attnflow.probes.fit.RESULT_COLUMNS`).
+        The run table (columns ``model, task`` + :data:`attnflow.probes.fit.RESULT_COLUMNS`), every evaluated
+        epoch of every seed.
     """
     out = Path(out_dir)
     world, device = init_from_env(device)
     model_info = dict(model_info or getattr(model, "attnflow_info", {}) or {})
-    encoder: TokenEncoder
-    aggregation: dict[str, Any] | None = None  # provenance of a fixed aggregation
-    if config.aggregation is not None:  # one fixed-weight token per image (paper Table 5)
-        from ..aggregation.capture import FixedAggregationEncoder
-
-        encoder = FixedAggregationEncoder(model, config.aggregation, reference=reference, block=config.block,
-                                          layernorm=config.layernorm, amp=config.amp, device=device,
-                                          model_name=model_name)
-        if encoder.reference is not None:
-            broadcast_module(encoder.reference)
-        aggregation = encoder.describe()
-    else:
-        encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
-    broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for --random-init)
-    backbone = backbone_record(encoder.model, model_info)  # saved with each head (see check_head)
+    encoder, aggregation = make_encoder(model, config, device, model_name, reference)
     specs = parse_head_list(config.heads)
     check_heads_fit(specs, encoder.has_cls)  # before any (long) cache extraction
     check_classes(data.num_classes, data.info["root"])
-    epochs = config.resolved_epochs(model_size)
-    accum = config.resolved_accum_steps(world.size)
-    lrs = config.peak_lrs()
-    eval_size = min(config.micro_batch, 512)
-    train_cache = val_cache = None
-    if config.cache:
-        train_cache, val_cache = _extract_caches(encoder, data, config, out / "cache", model_name, model_info,
-                                                 batch_size=eval_size, progress=progress)
-    frames = []
-    for seed in config.seeds:
-        n_train = len(train_cache.valid) if train_cache is not None else len(data.train)  # type: ignore[arg-type]
-        plan = BatchPlan(n_train, config.batch_size, accum, world.size, world.rank, seed)
-        bank = HeadBank(specs, lrs, dim=encoder.dim, num_classes=data.num_classes, has_cls=encoder.has_cls,
-                        optimizer=config.optimizer, momentum=config.momentum, weight_decay=config.weight_decay,
-                        seed=seed, head_init=config.head_init).to(device)
-        broadcast_module(bank)
-        if train_cache is not None and val_cache is not None:
-            train_batches = train_cache.train_batches(plan, seed)
-            val_batches = val_cache.eval_batches(eval_size)
-        else:
-            train_batches = image_train_batches(encoder, data.train, plan, seed, config.num_workers)
-            val_batches = image_eval_batches(encoder, data.val, eval_size, config.num_workers, world.size, world.rank)
-        fingerprint = {"model": model_name, "checkpoint_sha256": model_info.get("sha256"),
-                       "encoder": encoder.fingerprint, "task": config.task,
-                       "heads": bank.names, "seed": seed, "epochs": epochs, "batch_size": config.batch_size,
-                       "accum_steps": accum, "world_size": world.size, "optimizer": config.optimizer,
-                       "n_train": n_train, "block": config.block, "layernorm": config.layernorm,
-                       # every other setting that changes the training (not: seeds, workers, eval cadence,
-                       # micro-batch size); a resume with other ones would mix two runs in one table
-                       "lrs": list(lrs), "config": {k: v for k, v in config.to_dict().items()
-                                                    if k not in ("seeds", "num_workers", "eval_every", "micro_batch")}}
-        if config.aggregation is not None:
-            fingerprint["aggregation"] = config.aggregation
-        seed_dir = out / f"seed{seed}"
-        rows = train_bank(bank, plan=plan, train_batches=train_batches, val_batches=val_batches,
-                          schedule=Schedule(epochs, config.warmup_epochs, config.min_lr, config.eval_every),
-                          device=device, checkpoint=seed_dir / "checkpoint.pt", resume=resume,
-                          fingerprint=fingerprint, progress=progress)
-        frame = pd.DataFrame(rows).assign(seed=seed)
-        frames.append(frame)
-        if world.is_main:
-            last = frame[frame["epoch"] == frame["epoch"].max()]
-            for entry in bank.entries:
-                acc = last[(last["head"] == entry.spec.name) & (last["lr"] == entry.lr)]
-                save_head(seed_dir / "heads" / f"{safe_name(entry.name)}.pt", entry.head,
-                          meta={"model": model_name, "task": config.task, "seed": seed, "lr": entry.lr,
-                                "epochs": epochs, "top1": float(acc["top1"].iloc[0]) if len(acc) else None,
-                                "block": config.block, "layernorm": config.layernorm, **backbone,
-                                **({"aggregation": config.aggregation} if aggregation else {})})
-    table = pd.concat(frames, ignore_index=True).assign(model=model_name, task=config.task)
+    ident = {"model": model_name, "checkpoint_sha256": model_info.get("sha256"), "img_size": config.img_size,
+             "dataset": data.info["root"]}
+    source = token_source(encoder, data, config, out / "cache", ident, progress)
+    run = ProbeRun(encoder, data, config, source, specs, out, model_name, model_info, model_size, world, device)
+    seeds = [train_seed(run, seed, resume=resume, progress=progress) for seed in config.seeds]
+    table = pd.concat([h for h, _ in seeds], ignore_index=True).assign(model=model_name, task=config.task)
     table = table.loc[:, ["model", "task", *RESULT_COLUMNS]]
     if aggregation is not None:  # the cls head read the fixed-weight token: name the column after the source
         table["head"] = f"fixed:{config.aggregation}"
     if world.is_main:
-        meta = {"model": model_name, "model_info": model_info, "data": data.info, "config": config.to_dict(),
-                "epochs": epochs, "accum_steps": accum, "world_size": world.size, "lrs": lrs,
-                "has_cls": encoder.has_cls, "dim": encoder.dim, "device": str(device),
-                "cache": str(out / "cache") if config.cache else None}
-        if aggregation is not None:
-            meta["aggregation"] = aggregation
-        write_run_table(table, meta, out)
+        write_run_table(table, _run_meta(run, seeds[0][1], table, aggregation), out)
         log.info("wrote %s", out / "results.parquet")
     return table
+
+
+def resolved_settings(config: ProbeConfig, data: TaskData, *, device: torch.device, world_size: int = 1,
+                      model_size: str | None = None) -> dict[str, Any]:
+    """The settings a run of ``config`` on ``data`` trains with, resolved as :func:`probe_images` resolves them
+    (batch from the training images left after the held-out split; unreadable images, found only while
+    reading, can lower an automatic batch of a cached run)."""
+    n = len(data.train)  # type: ignore[arg-type]
+    held = held_out_total(dataset_labels(data.train), config.holdout) if config.selects_lr else 0
+    options = config.train_options(min(config.seeds), n_train=n - held, world_size=world_size,
+                                   model_size=model_size)
+    return {"task": config.task, "heads": config.heads, "train images": n, "held out": held,
+            "base lrs": None if options.lr is not None else list(options.base_lr), "lrs": options.peak_lrs(),
+            "lr choice": "per head, on the held-out images" if config.selects_lr else (
+                "none: every lr is reported" if options.grid_size > 1 else "fixed"),
+            "epochs": options.epochs, "batch": options.batch_size, "accum_steps": options.accum_steps,
+            "optimizer": options.optimizer, "workers": default_workers() if config.workers is None else config.workers,
+            "device": str(device), "amp": f"{config.amp} ({dtype_name(autocast_dtype(config.amp, device))})",
+            "seeds": list(config.seeds)}
