@@ -14,6 +14,9 @@ from .._lazy import lazy_getattr
 
 _EXPORTS: dict[str, str] = {
     "fit_heads": "attnflow.probes.fit",
+    "fit_bank": "attnflow.probes.fit",
+    "FitResult": "attnflow.probes.fit",
+    "TrainOptions": "attnflow.probes.protocols",
     "RESULT_COLUMNS": "attnflow.probes.fit",
     "HeadBank": "attnflow.probes.bank",
     "ProbeHead": "attnflow.probes.heads",
