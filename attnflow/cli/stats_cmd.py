@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             model = load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init,
                                img_size=args.img_size, checkpoint_key=args.checkpoint_key,
-                               **parse_model_kwargs(args.model_kw))
+                               seed_name=args.name or args.model, **parse_model_kwargs(args.model_kw))
         if args.random_init and rank == 0:
             print("attnflow: --random-init: weights are random, the statistics are meaningless", flush=True)
         # a folder's DataError (empty folder; no readable image in any process) is the same in every process

@@ -9,7 +9,6 @@ An interrupted computation leaves ``<result>.state.pt`` behind and the next ``ru
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -196,24 +195,13 @@ def plan_run(cfg: AnalysisConfig) -> Plan:
 
 
 def load_entry(entry: ModelEntry, img_size: int) -> torch.nn.Module:
-    """Build a config entry's model.
-
-    Random weights are re-drawn with a seed taken from the entry's id (when the architecture has timm's
-    ``init_weights``): reruns agree, and two random models of the same architecture still differ (``load_model``
-    alone gives every random model of an architecture the same weights).
-    """
+    """Build a config entry's model; random weights are seeded by the entry's id (``load_model``'s
+    ``seed_name``): reruns agree, and two random entries of one architecture differ."""
     from ..models.load import load_model
 
-    if not entry.random_init:
-        return load_model(entry.name, checkpoint=entry.checkpoint, img_size=img_size,
-                          checkpoint_key=entry.checkpoint_key, **dict(entry.model_kw))
-    model = load_model(entry.name, random_init=True, img_size=img_size, **dict(entry.model_kw))
-    init_weights = getattr(model, "init_weights", None)
-    if callable(init_weights):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(entry.id.encode()))
-            init_weights()
-    return model.eval()
+    key = None if entry.random_init else entry.checkpoint_key  # no file to read it from
+    return load_model(entry.name, checkpoint=entry.checkpoint, random_init=entry.random_init, img_size=img_size,
+                      checkpoint_key=key, seed_name=entry.id, **dict(entry.model_kw))
 
 
 def execute(plan: Plan, *, device: str | None = None, progress: bool = True, compile: bool | None = None,
