@@ -272,7 +272,8 @@ def _choose_weights(models: Sequence[str], checkpoints: Mapping[str, Path], rand
 
 
 def _write_tables(out: Path, plan: Any, results: Mapping[str, Path], weights: Mapping[str, str]) -> None:
-    """``results.parquet`` (all models), ``summary.csv`` (one row per model) and ``per_block.csv``."""
+    """``results.parquet`` (all models), ``summary.csv`` (one row per model) and ``per_block.csv`` (blocks 0-based,
+    as in ``results.parquet``)."""
     import pandas as pd
 
     from .plot.info import model_info
@@ -299,7 +300,7 @@ def _write_tables(out: Path, plan: Any, results: Mapping[str, Path], weights: Ma
         for metric in PAPER_METRICS:
             per_block = result.per_block(metric)
             for _, r in per_block[per_block["model"] == model].iterrows():
-                blocks.append({"model": model, "block": int(r["block"]) + 1, "metric": metric, "value": r["value"]})
+                blocks.append({"model": model, "block": int(r["block"]), "metric": metric, "value": r["value"]})
     pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
     frame = pd.DataFrame(blocks)
     wide = frame.pivot_table(index=["model", "block"], columns="metric", values="value", sort=False).reset_index()
@@ -337,7 +338,8 @@ def _describe(rel: str, models: Sequence[str]) -> str:
         if stem == "maps":
             return f"per-image maps of the last block: [cls] mean, lowest-entropy head, central patch (Fig. 9), {ext}"
     top = {"summary.csv": "one row per model: weights, images, each metric at the last block and averaged over blocks",
-           "per_block.csv": "each metric per (model, block), averaged over heads (block 1-based)",
+           "per_block.csv": "each metric per (model, block), averaged over heads (block 0-based as in every table; "
+                            "figures number blocks from 1)",
            "results.parquet": "all models' statistics in one table (`attnflow plot attnflow-demo/results.parquet`)",
            "results.csv": "the same table as CSV", "results.json": "provenance of every model's run"}
     return top.get(rel, "output file")

@@ -7,8 +7,10 @@ No test touches the network: the ``offline`` fixture points every cache at a tem
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -453,10 +455,39 @@ def test_models_name_shows_where_to_get_the_file_and_where_to_put_it(offline, ca
     url = "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar"
     target = offline / "torch" / "hub" / "checkpoints" / "vit-s-300ep.pth.tar"  # $TORCH_HOME/hub/checkpoints
     assert url in out and str(target) in out
-    assert f"curl -L -o {target} {url}" in out
+    part = f"{target}.part"
+    assert f"download:  mkdir -p {target.parent} && curl -fL -o {part} {url} && mv {part} {target}\n" in out
     assert "not cached" in out and "--checkpoint" in out
     assert "12 heads" in out  # the preset's notes
     assert "vit_small_patch16_224" in out and "mocov3" in out
+
+
+def download_line(out: str) -> str:
+    """The shell command of the ``download:`` line of ``attnflow models NAME``."""
+    return next(line for line in out.splitlines() if line.strip().startswith("download:")).split("download:", 1)[1]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_models_download_hint_works_on_a_fresh_machine(offline, monkeypatch, capsys):
+    """The printed command, run as printed (only the URL pointed at a local file), creates the missing cache
+    folder and leaves the file where attnflow finds it, under a path that needs shell quoting."""
+    home = offline / "fresh machine" / "torch"  # no such folder yet, and a space in the path
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    assert cli_main(["models", "mocov3-vit-s16"]) == 0
+    command = download_line(capsys.readouterr().out).strip()
+    url = "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar"
+    assert command.count(url) == 1 and command.startswith("mkdir -p ") and not home.exists()
+    source = offline / "vit-s-300ep.pth.tar"
+    source.write_bytes(b"weights")
+    done = subprocess.run(["bash", "-c", command.replace(url, source.as_uri())], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    target = home / "hub" / "checkpoints" / "vit-s-300ep.pth.tar"
+    assert target.read_bytes() == b"weights" and sorted(p.name for p in target.parent.iterdir()) == [target.name]
+    assert weights_cached("mocov3-vit-s16")
+    # a failed download leaves nothing where attnflow looks
+    target.unlink()
+    failed = subprocess.run(["bash", "-c", command.replace(url, (offline / "missing").as_uri())], capture_output=True)
+    assert failed.returncode != 0 and not target.exists() and not weights_cached("mocov3-vit-s16")
 
 
 def test_models_name_uses_the_presets_own_cache_name_and_says_when_cached(offline, capsys):
@@ -464,8 +495,8 @@ def test_models_name_uses_the_presets_own_cache_name_and_says_when_cached(offlin
     target = offline / "torch" / "hub" / "checkpoints" / "ibot_vitb_16_checkpoint_teacher.pth"
     assert cli_main(["models", "ibot-vit-b16", "ibot-vit-s16"]) == 0
     out = capsys.readouterr().out
-    assert f"curl -L -o {target} https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/" \
-           f"vitb_16/checkpoint_teacher.pth" in out
+    assert f"curl -fL -o {target}.part https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/" \
+           f"vitb_16/checkpoint_teacher.pth && mv {target}.part {target}" in out
     assert "ibot_vits_16_checkpoint_teacher.pth" in out
     target.parent.mkdir(parents=True)
     torch.save({"state_dict": {}}, target)

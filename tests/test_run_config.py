@@ -138,3 +138,40 @@ def test_shipped_configs_dry_run(name, photo_folder, tmp_path, monkeypatch, caps
     for fig in cfg.figures:
         assert all(p.name in out for p in output_files(fig, cfg.figures_dir)[:4])
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("name", ["fig3_6_vit_b", "fig10_13_sizes", "fig9_maps"])
+def test_shipped_configs_dry_run_without_data(name, tmp_path, monkeypatch, capsys):
+    """As analyses/README.md shows it: no --data; the plan is printed and says what data a real run lacks."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("IMAGENET_VAL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(ANALYSES / f"{name}.toml"), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    out, cfg = captured.out, load_config(ANALYSES / f"{name}.toml")
+    assert captured.err == "" and all(m.id in out for m in cfg.models)
+    assert "data data/imagenet/val (not found: not checked by a dry run)" in out
+    missing = [line for line in out.splitlines() if line.startswith("  missing  ")]
+    maps = [f.name for f in cfg.figures if f.kind == "maps"]
+    assert len(missing) == (len(maps) if maps else 1) and all("pass --data DIR" in line for line in missing)
+    if not maps:
+        assert out.count("would compute") == len(cfg.models) and "statistics of " + cfg.models[0].id in missing[0]
+    assert out.splitlines()[-1].startswith("  dry run: nothing was read")
+    assert not (tmp_path / "runs").exists()
+    # the real run stops before loading any model, with the first 'missing' line as its one-line error
+    assert main(["run", str(ANALYSES / f"{name}.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"attnflow run: error: {name}: {missing[0].removeprefix('  missing  ')}\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_with_data_reports_nothing_missing(photo_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(ANALYSES / "fig9_maps.toml"), "--data", str(photo_folder), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"data {photo_folder} ({len(list(photo_folder.iterdir()))} images)" in out
+    assert "missing" not in out and "dry run:" not in out

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Information flow through ViT self-attention and selective token aggregation "
                     "(Beyond [cls]).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=version_line(), help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module_name = f"{__name__}.{name}_cmd"
@@ -35,8 +36,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version_line() -> str:
+    """``attnflow <version>``, from ``attnflow.__version__`` (the code that runs; ``pyproject.toml`` holds the same
+    number, which a test checks)."""
+    from .. import __version__
+
+    return f"attnflow {__version__}"
+
+
+def _asks_version(argv: list[str]) -> bool:
+    """Whether the options before the sub-command include ``--version`` (answered before any sub-command module,
+    some of which import torch, is loaded)."""
+    for arg in argv:
+        if arg == "--version":
+            return True
+        if not arg.startswith("-"):  # the sub-command: what follows is its own
+            return False
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and of ``python -m attnflow``; returns the exit code."""
+    if _asks_version(sys.argv[1:] if argv is None else list(argv)):
+        print(version_line())
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

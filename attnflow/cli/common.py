@@ -150,13 +150,15 @@ def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
 
 def load_model_from(args: argparse.Namespace, name: str | None = None, *, prefix: str = "") -> Any:
     """The model ``name`` (default ``args.model``) built from the model options (``--{prefix}checkpoint``, ...)
-    at the run's ``--img-size``."""
+    at the run's ``--img-size``; random weights are seeded by the run's name (``--name``, else the model's)."""
     from ..models.load import load_model
 
     option = prefix.replace("-", "_")
-    return load_model(name or args.model, checkpoint=getattr(args, f"{option}checkpoint"),
+    name = name or args.model
+    run_name = getattr(args, "name", None) if not prefix else None
+    return load_model(name, checkpoint=getattr(args, f"{option}checkpoint"),
                       random_init=getattr(args, f"{option}random_init"), img_size=args.img_size,
-                      checkpoint_key=getattr(args, f"{option}checkpoint_key"),
+                      checkpoint_key=getattr(args, f"{option}checkpoint_key"), seed_name=run_name or name,
                       **parse_model_kwargs(getattr(args, f"{option}model_kw")))
 
 

@@ -73,7 +73,7 @@ def describe(name: str) -> str:
         lines.append(f"  save as:   {target} (this machine's torch hub cache, $TORCH_HOME/hub/checkpoints: "
                      f"found there with no option), or pass --checkpoint PATH")
     if not found and spec.url and target:
-        lines.append(f"  download:  curl -L -o {target} {spec.url}" if files.is_direct_url(spec.url) else
+        lines.append(f"  download:  {files.download_command(spec.url, target)}" if files.is_direct_url(spec.url) else
                      "  download:  by hand in a browser (the URL is a web page, not a direct link)")
     converter = get_converter(spec.converter)
     lines.append(f"  format:    {converter.name}: {converter.description}")

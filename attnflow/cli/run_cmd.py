@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, help="override the config's batch size")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: the config's, else min(8, CPUs))")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be reused and computed; do nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be reused and computed; do nothing (no --data needed: a missing data "
+                             "root is reported, not checked)")
     parser.add_argument("--no-figures", action="store_true", help="compute the statistics only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config).with_overrides(
         data=args.data, run_dir=args.run_dir, limit=args.limit, random_init=args.random_init,
         batch_size=args.batch_size, workers=args.workers)
-    plan = plan_run(cfg)
+    plan = plan_run(cfg, require_data=not args.dry_run)  # a dry run says what data is missing
     for line in plan.describe(dry_run=args.dry_run):
         print(line, flush=True)
     if args.dry_run:

@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -310,6 +311,20 @@ def hf_download(repo_id: str, filename: str | None = None) -> Path | None:
 def is_direct_url(url: str | None) -> bool:
     """Whether ``url`` points at a file (Google Drive pages need a browser and are not direct)."""
     return url is not None and url.startswith(("http://", "https://")) and "drive.google.com" not in url
+
+
+def download_command(url: str, target: str | os.PathLike) -> str:
+    """A shell command that downloads ``url`` to ``target`` on a fresh machine: it creates the folder (curl's
+    ``-o`` does not), fails on an HTTP error instead of saving the error page (``-f``), and downloads into
+    ``<target>.part``, renamed once complete, so an interrupted download never sits where attnflow looks.
+
+    Example: ``mkdir -p /c/hub/checkpoints && curl -fL -o /c/hub/checkpoints/w.pth.part https://x/w.pth &&
+    mv /c/hub/checkpoints/w.pth.part /c/hub/checkpoints/w.pth`` (paths and URL shell-quoted where needed).
+    """
+    path = Path(target)
+    part = path.with_name(path.name + ".part")
+    q = shlex.quote
+    return f"mkdir -p {q(str(path.parent))} && curl -fL -o {q(str(part))} {q(url)} && mv {q(str(part))} {q(str(path))}"
 
 
 def url_download(url: str, filename: str) -> Path | None:

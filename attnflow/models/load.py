@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list
 logger = logging.getLogger(__name__)
 
 __all__ = ["WeightsUnavailableError", "cached_weights_path", "hub_repo", "known_arch", "load_model",
-           "official_cache_path", "sha256_file", "weights_cached"]
+           "official_cache_path", "random_init_seed", "sha256_file", "weights_cached"]
 
 sha256_file = files.sha256_file
 
@@ -258,23 +259,27 @@ def _unavailable(name: str, spec: ModelSpec | None, arch: str) -> WeightsUnavail
 # ------------------------------------------------------------------------------------------------ main
 
 def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: bool = False,
-               img_size: int = 224, checkpoint_key: str | None = None, **timm_kwargs: Any) -> nn.Module:
+               img_size: int = 224, checkpoint_key: str | None = None, seed_name: str | None = None,
+               **timm_kwargs: Any) -> nn.Module:
     """Build a preset (or any timm architecture) at ``img_size`` and load its weights; eval mode.
 
     Args:
         name: a preset (``attnflow models``), e.g. ``"mocov3-vit-b16"``, or a timm name (``arch[.tag]``).
         checkpoint: a local file in the preset's official format (or a timm state dict).
-        random_init: build without weights (smoke tests; seeded, so every process gets the same random
-            weights); ``checkpoint`` must then be ``None``.
+        random_init: build without weights (smoke tests); ``checkpoint`` must then be ``None``. The random
+            weights are seeded by ``seed_name`` (see :func:`random_init_seed`): every process and every rerun
+            of a run gets the same weights, and runs of other names get other weights.
         img_size: input resolution; position embeddings of the weights are resampled to it.
         checkpoint_key: top-level key holding the weights when it is not the format's default, e.g.
             ``"target_encoder"`` for I-JEPA or ``"student"`` for a DINO/iBOT full checkpoint.
+        seed_name: with ``random_init``, the run's name that seeds the random weights (the ``model`` column of
+            its table: ``attnflow stats --name``, a config entry's ``id``); default ``name``. Ignored otherwise.
         **timm_kwargs: architecture overrides passed to ``timm.create_model`` (e.g. ``depth=2`` in tests).
 
     Returns:
         The model, features only (``num_classes=0``), with ``model.attnflow_info``: ``preset, arch,
-        checkpoint, sha256, source, random_init, img_size, has_cls`` (plus ``converter, family, label``, and the
-        ``model_kw`` overrides and ``checkpoint_key`` it was built with).
+        checkpoint, sha256, source, random_init, img_size, has_cls`` (plus ``converter, family, label``, the
+        ``model_kw`` overrides and ``checkpoint_key`` it was built with, and the ``seed_name`` of random weights).
 
     Raises:
         UnknownModelError: unknown name (with close matches).
@@ -294,10 +299,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
     if weights is not None and weights.converter == "timm-arch":
         model = _build_timm_pretrained(arch, img_size, dict(timm_kwargs), weights.path)
     elif weights is None:
-        # random weights, but the same ones in every process (torchrun ranks, repeated runs)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = _build(spec, arch, img_size, dict(timm_kwargs))
+        model = _build_random(spec, arch, img_size, dict(timm_kwargs), seed_name or name)
     else:
         model = _build(spec, arch, img_size, dict(timm_kwargs))
         if weights is not None:
@@ -320,8 +322,35 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         "model_kw": {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
                      for k, v in timm_kwargs.items()},
         "checkpoint_key": checkpoint_key,
+        "seed_name": (seed_name or name) if weights is None else None,
     }
     setattr(model, "attnflow_info", info)  # a plain attribute, not a parameter or sub-module
+    return model
+
+
+def random_init_seed(seed_name: str) -> int:
+    """The seed of the random weights of a run named ``seed_name``: ``zlib.crc32`` of its UTF-8 bytes (stable
+    across processes and Python versions, unlike ``hash``)."""
+    return zlib.crc32(seed_name.encode())
+
+
+def _build_random(spec: ModelSpec | None, arch: str, img_size: int, timm_kwargs: dict[str, Any],
+                  seed_name: str) -> nn.Module:
+    """The model with random weights, the only rule for them: built under seed 0, then, when the architecture has
+    timm's ``init_weights`` (every timm ViT, BEiT and EVA), every weight re-drawn under
+    :func:`random_init_seed` of ``seed_name``. The same name gives the same weights in every process and rerun;
+    two names (MAE and DINO ViT-B/16 share one architecture) give different weights. The global RNG is left as
+    it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _build(spec, arch, img_size, timm_kwargs)
+        init_weights = getattr(model, "init_weights", None)
+        if callable(init_weights):
+            torch.manual_seed(random_init_seed(seed_name))
+            init_weights()
+        else:
+            logger.warning("%s has no init_weights(): its random weights do not depend on the run's name %r",
+                           arch, seed_name)
     return model
 
 

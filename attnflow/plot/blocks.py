@@ -1,7 +1,8 @@
 """Per-block comparison plots (the paper's Figs. 3-6 and 10-13).
 
-x = block (1-based), y = a metric averaged over heads, one line per model, an optional band for the spread
-over heads or over images, models coloured by family, and the entropy bound ln(N_patches) as a dashed line.
+x = block (numbered from 1 by :func:`~attnflow.plot.style.figure_label`; the data's blocks are 0-based), y = a
+metric averaged over heads, one line per model, an optional band for the spread over heads or over images, models
+coloured by family, and the entropy bound ln(N_patches) as a dashed line.
 
 Example::
 
@@ -26,7 +27,7 @@ from matplotlib.artist import Artist
 from ..result import Result
 from .info import SIZE_ORDER, DataLike, ModelInfo, as_result, entropy_bound, model_info, random_init_models
 from .style import (DOUBLE_COLUMN, ENTROPY_METRICS, PAPER_METRICS, RANDOM_INIT_BANNER, SINGLE_COLUMN, PlotError,
-                    check_metrics, metric_label, panel_title, paper_style)
+                    check_metrics, figure_label, metric_label, panel_title, paper_style)
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,10 @@ def block_frame(result: Result, metric: str, band: str = "heads") -> pd.DataFram
         band: one of :data:`BANDS`.
 
     Returns:
-        Columns ``model, block`` (0-based), ``x`` (block + 1), ``value`` (mean over heads of the per-head
-        mean over images), ``lo``, ``hi`` (band limits, NaN for ``band="none"``). Blocks whose heads are all
-        NaN (e.g. [cls] metrics of a model without [cls]) are dropped.
+        Columns ``model, block`` (0-based), ``x`` (the block's :func:`figure_label`: its x position), ``value``
+        (mean over heads of the per-head mean over images), ``lo``, ``hi`` (band limits, NaN for
+        ``band="none"``). Blocks whose heads are all NaN (e.g. [cls] metrics of a model without [cls]) are
+        dropped.
     """
     if band not in BANDS:
         raise PlotError(f"unknown band {band!r}; choose one of {', '.join(BANDS)}")
@@ -78,7 +80,7 @@ def block_frame(result: Result, metric: str, band: str = "heads") -> pd.DataFram
         out["lo"], out["hi"] = out["value"] - out["sd_images"], out["value"] + out["sd_images"]
     else:
         out["lo"] = out["hi"] = np.nan
-    out["x"] = out["block"] + 1
+    out["x"] = out["block"].map(figure_label)
     return out.loc[:, ["model", "block", "x", "value", "lo", "hi"]].sort_values(["model", "block"], kind="stable")
 
 
@@ -95,14 +97,16 @@ def _select_models(result: Result, models: Sequence[str] | None) -> list[str]:
 
 
 def block_ticks(n_blocks: int, max_ticks: int = 12) -> list[int]:
-    """1-based tick positions: every block when they fit, else 1 and multiples of a step (1, 3, 6, 9, 12)."""
+    """Tick positions (figure labels, :func:`figure_label`) for ``n_blocks`` blocks: every block when they fit,
+    else the first block and multiples of a step (1, 3, 6, 9, 12 for 12 blocks)."""
+    first, last = figure_label(0), figure_label(n_blocks - 1)
     if n_blocks <= max_ticks:
-        return list(range(1, n_blocks + 1))
+        return list(range(first, last + 1))
     for step in (3, 4, 6, 8, 12, 16, 24, 32):
-        ticks = [1] + list(range(step, n_blocks + 1, step))
+        ticks = [first] + [t for t in range(step, last + 1, step) if t > first]
         if len(ticks) <= max_ticks:
             return ticks
-    return [1, n_blocks]
+    return [first, last]
 
 
 def _ax_width_in(ax: Axes) -> float:
@@ -182,9 +186,9 @@ def _draw_blocks(ax: Axes, result: Result, frame: pd.DataFrame, metric: str, cho
                             linewidth=0, zorder=2, gid=f"band:{model}")
     if metric in ENTROPY_METRICS:
         _draw_bounds(ax, [n_patches] if n_patches else [i.n_patches for i in infos])
-    n_blocks = int(frame["x"].max())
+    n_blocks = int(frame["block"].max()) + 1
     ax.set_xticks(block_ticks(n_blocks, max(4, int(_ax_width_in(ax) / 0.25))))
-    ax.set_xlim(0.5, n_blocks + 0.5)
+    ax.set_xlim(figure_label(0) - 0.5, figure_label(n_blocks - 1) + 0.5)
     ax.set_xlabel("block")
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_ylabel(metric_label(metric) if ylabel is None else ylabel)

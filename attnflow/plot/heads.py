@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from .blocks import _figure_banner, _select_models
 from .info import DataLike, as_result, entropy_bound, model_info
-from .style import DOUBLE_COLUMN, ENTROPY_METRICS, PlotError, check_metrics, metric_label, paper_style
+from .style import DOUBLE_COLUMN, ENTROPY_METRICS, PlotError, check_metrics, figure_label, metric_label, paper_style
 
 
 def head_matrix(data: DataLike, model: str, metric: str) -> pd.DataFrame:
@@ -27,7 +27,8 @@ def head_matrix(data: DataLike, model: str, metric: str) -> pd.DataFrame:
 def plot_head_heatmap(data: DataLike, model: str, metric: str, *, ax: Axes | None = None,
                       cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
                       annot: bool = False, cbar: bool = True, title: str | None = None) -> Axes:
-    """Block x head heatmap of one model's metric (rows: blocks 1..L top to bottom; columns: heads 1..H).
+    """Block x head heatmap of one model's metric (rows: blocks top to bottom; columns: heads; both labelled by
+    :func:`~attnflow.plot.style.figure_label`, 1..L and 1..H).
 
     Args:
         data: see :func:`attnflow.plot.plot_blocks`.
@@ -42,7 +43,7 @@ def plot_head_heatmap(data: DataLike, model: str, metric: str, *, ax: Axes | Non
         title: axes title (default: the model's label).
 
     Returns:
-        The axes (a ``QuadMesh`` whose array is the ``[blocks, heads]`` matrix, row 0 = block 1).
+        The axes (a ``QuadMesh`` whose array is the ``[blocks, heads]`` matrix; row 0 is block 0, labelled 1).
     """
     import seaborn as sns
 
@@ -56,7 +57,7 @@ def plot_head_heatmap(data: DataLike, model: str, metric: str, *, ax: Axes | Non
     if ax is None:
         with paper_style():
             _, ax = plt.subplots(figsize=(3.3, 2.8), layout="constrained")
-    shown = matrix.rename(index=lambda b: b + 1, columns=lambda h: h + 1)
+    shown = matrix.rename(index=figure_label, columns=figure_label)
     sns.heatmap(shown, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, annot=annot, fmt=".2f", square=False,
                 cbar=cbar, cbar_kws={"label": metric_label(metric)} if cbar else None,
                 annot_kws={"fontsize": 5}, linewidths=0,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..maps import MAP_KINDS, PatchMaps
 from ..metrics import row_entropy
-from .style import DOUBLE_COLUMN, PlotError, paper_style
+from .style import DOUBLE_COLUMN, PlotError, figure_label, paper_style
 
 
 def _as_image(image: np.ndarray) -> np.ndarray:
@@ -79,7 +79,8 @@ def draw_map(image: np.ndarray | None, grid_map: np.ndarray, *, ax: Axes | None 
         r, c = mark
         ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, edgecolor="cyan", linewidth=0.8))
     if show_entropy:
-        ax.text(0.03, 0.04, f"H={float(row_entropy(torch.as_tensor(grid_map, dtype=torch.float64).ravel())):.2f}", transform=ax.transAxes, fontsize=5.5,
+        entropy = float(row_entropy(torch.as_tensor(grid_map, dtype=torch.float64).ravel()))
+        ax.text(0.03, 0.04, f"H={entropy:.2f}", transform=ax.transAxes, fontsize=5.5,
                 color="white", va="bottom", ha="left",
                 bbox=dict(boxstyle="round,pad=0.15", facecolor="black", alpha=0.55, linewidth=0))
     ax.set_axis_off()
@@ -113,7 +114,7 @@ MIN_HEADER_PT: float = 4.5
 def _kind_title(kind: str, compact: bool = False) -> str:
     """Short two-line column header of a map kind."""
     if kind.startswith("cls_head:"):
-        return f"[cls],\nhead {int(kind.split(':', 1)[1]) + 1}"
+        return f"[cls],\nhead {figure_label(int(kind.split(':', 1)[1]))}"
     return (COMPACT_KIND_LABELS if compact else SHORT_KIND_LABELS).get(kind, kind)
 
 
@@ -131,7 +132,8 @@ def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequenc
     Args:
         images: ``[H, W, 3]`` images as the models saw them (the crop), one per row/column.
         maps: model name -> its :class:`PatchMaps`, one per image (same order as ``images``).
-        kinds: map kinds per model (:data:`MAP_KINDS`, or ``"cls_head:<h>"``).
+        kinds: map kinds per model (:data:`MAP_KINDS`, or ``"cls_head:<h>"`` with a 0-based head ``h``, headed
+            by its :func:`~attnflow.plot.style.figure_label`).
         labels: model name -> display label (default: the name).
         rows: ``"images"`` or ``"models"``.
         overlay: overlay the maps on the image (else show the patch grids beside the input).
@@ -179,7 +181,7 @@ def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequenc
                              mark=pm.central_patch if kind == "central" else None)
                     if kind == "cls_min_entropy":
                         assert pm.min_entropy_head is not None  # set with the [cls] maps, which this one is
-                        _corner_note(ax, f"head {pm.min_entropy_head + 1}")
+                        _corner_note(ax, f"head {figure_label(pm.min_entropy_head)}")
                 if i == 0:
                     headers.append((_set_header(ax, _kind_title(kind), rows), kind))
         groups: list[tuple[Text, float]] = []
@@ -312,7 +314,7 @@ def plot_head_maps(image: np.ndarray, maps: PatchMaps, *, ncols: int = 6, overla
             ax = flat[h]
             draw_map(image, cls_heads[h], ax=ax, overlay=overlay, cmap=cmap)
             best = h == maps.min_entropy_head
-            ax.set_title(f"head {h + 1}" + (" (lowest H)" if best else ""), fontsize=6, pad=2,
+            ax.set_title(f"head {figure_label(h)}" + (" (lowest H)" if best else ""), fontsize=6, pad=2,
                          color="#c00000" if best else "black")
             if best:
                 ax.set_axis_on()

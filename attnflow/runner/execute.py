@@ -9,7 +9,6 @@ An interrupted computation leaves ``<result>.state.pt`` behind and the next ``ru
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +64,9 @@ class Plan:
     config: AnalysisConfig
     jobs: list[Job]
     n_files: int | None
+    missing_data: list[str] = field(default_factory=list)
+    """Why a real run would stop for want of data (``--data``); only a plan made with ``require_data=False``
+    (a dry run) holds any."""
 
     @property
     def stats_dir(self) -> Path:
@@ -82,6 +84,8 @@ class Plan:
         """One line per model (reuse / compute / maps only) and the figures to write."""
         cfg = self.config
         n = f"{self.n_files} images" if self.n_files is not None else "not found"
+        if self.n_files is None and dry_run:
+            n += ": not checked by a dry run"
         used = ""
         if self.n_files is not None and cfg.limit is not None and cfg.limit < self.n_files:
             used = f", limit {cfg.limit}"
@@ -116,6 +120,10 @@ class Plan:
             paper = f" [{fig.paper}]" if fig.paper else ""
             shown = ", ".join(p.name for p in files[:4]) + (f", ... ({len(files)} files)" if len(files) > 4 else "")
             lines.append(f"  figure   {fig.name}{paper}: {fig.kind} -> {cfg.figures_dir}/{{{shown}}}")
+        lines += [f"  missing  {problem}" for problem in self.missing_data]
+        if self.missing_data:
+            lines.append("  dry run: nothing was read; without this data a real run stops with the first 'missing' "
+                         "line as its error")
         return lines
 
 
@@ -159,17 +167,21 @@ def _key_for(entry: ModelEntry, cfg: AnalysisConfig, n_files: int | None, shas: 
     return key, note
 
 
-def plan_run(cfg: AnalysisConfig) -> Plan:
+def plan_run(cfg: AnalysisConfig, *, require_data: bool = True) -> Plan:
     """Decide what ``cfg`` needs: reuse or compute each model's statistics; which models the maps need.
 
+    Args:
+        cfg: the analysis.
+        require_data: refuse a plan that would need data that is not there (a real run); ``False`` (a dry run)
+            records why in ``Plan.missing_data`` instead, and reads no image.
+
     Raises:
-        ConfigError: a checkpoint file is missing, or statistics must be computed and the data root does
-            not exist (the message names ``--data``).
+        ConfigError: a checkpoint file is missing; with ``require_data``, statistics must be computed and the
+            data root does not exist, or a maps figure has no images (the message names ``--data``).
     """
     from ..data.images import find_images
 
     data_root = cfg.data_root if cfg.data_root is not None and cfg.data_root.exists() else None
-    root_ok = data_root is not None
     n_files = len(find_images(data_root)) if data_root is not None else None
     shas = ShaCache(cfg.run_dir / "stats" / "sha256.json")
     stats_ids = {e.id for e in cfg.stats_models()}
@@ -180,40 +192,37 @@ def plan_run(cfg: AnalysisConfig) -> Plan:
         stored = find_stored(cfg.run_dir / "stats", key) if needs else None
         maps = [f.name for f in cfg.figures if f.kind == "maps" and entry.id in (f.models or [e.id for e in cfg.models])]
         jobs.append(Job(entry, key, stored, needs, maps, note))
-    plan = Plan(cfg, jobs, n_files)
-    missing = [j.entry.id for j in jobs if j.compute]
-    if missing and not root_ok:
-        where = cfg.data_root if cfg.data_root is not None else "(none given)"
-        raise ConfigError(f"{cfg.name}: data root {where} does not exist, and the statistics of "
-                          f"{', '.join(missing)} are not cached in {cfg.run_dir}: pass --data DIR (e.g. the "
-                          "ImageNet validation folder)")
-    for fig in cfg.figures:
-        images = fig.images or cfg.data_root
-        if fig.kind == "maps" and (images is None or not images.exists()):
-            raise ConfigError(f"{cfg.name}: figure {fig.name!r} draws maps on {images}, which does not exist: "
-                              "pass --data DIR or set images = \"...\" in the figure")
+    plan = Plan(cfg, jobs, n_files, _missing_data(cfg, jobs, data_root is not None))
+    if require_data and plan.missing_data:
+        raise ConfigError(f"{cfg.name}: {plan.missing_data[0]}")
     return plan
 
 
-def load_entry(entry: ModelEntry, img_size: int) -> torch.nn.Module:
-    """Build a config entry's model.
+def _missing_data(cfg: AnalysisConfig, jobs: list[Job], root_ok: bool) -> list[str]:
+    """Why a run of ``jobs`` cannot proceed without data: statistics to compute without a data root, maps figures
+    without images; each a phrase that names ``--data``."""
+    problems = []
+    missing = [j.entry.id for j in jobs if j.compute]
+    if missing and not root_ok:
+        where = cfg.data_root if cfg.data_root is not None else "(none given)"
+        problems.append(f"data root {where} does not exist, and the statistics of {', '.join(missing)} are not "
+                        f"cached in {cfg.run_dir}: pass --data DIR (e.g. the ImageNet validation folder)")
+    for fig in cfg.figures:
+        images = fig.images or cfg.data_root
+        if fig.kind == "maps" and (images is None or not images.exists()):
+            problems.append(f"figure {fig.name!r} draws maps on {images}, which does not exist: pass --data DIR "
+                            "or set images = \"...\" in the figure")
+    return problems
 
-    Random weights are re-drawn with a seed taken from the entry's id (when the architecture has timm's
-    ``init_weights``): reruns agree, and two random models of the same architecture still differ (``load_model``
-    alone gives every random model of an architecture the same weights).
-    """
+
+def load_entry(entry: ModelEntry, img_size: int) -> torch.nn.Module:
+    """Build a config entry's model; random weights are seeded by the entry's id (``load_model``'s
+    ``seed_name``): reruns agree, and two random entries of one architecture differ."""
     from ..models.load import load_model
 
-    if not entry.random_init:
-        return load_model(entry.name, checkpoint=entry.checkpoint, img_size=img_size,
-                          checkpoint_key=entry.checkpoint_key, **dict(entry.model_kw))
-    model = load_model(entry.name, random_init=True, img_size=img_size, **dict(entry.model_kw))
-    init_weights = getattr(model, "init_weights", None)
-    if callable(init_weights):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(entry.id.encode()))
-            init_weights()
-    return model.eval()
+    key = None if entry.random_init else entry.checkpoint_key  # no file to read it from
+    return load_model(entry.name, checkpoint=entry.checkpoint, random_init=entry.random_init, img_size=img_size,
+                      checkpoint_key=key, seed_name=entry.id, **dict(entry.model_kw))
 
 
 def execute(plan: Plan, *, device: str | None = None, progress: bool = True, compile: bool | None = None,
