@@ -19,6 +19,7 @@ from attnflow.runner.figures import output_files
 
 TINY_KW = "{depth = 2, embed_dim = 32, num_heads = 4, mlp_ratio = 2.0}"
 from conftest import TINY
+from test_loop import _fail_at_step
 
 
 @pytest.fixture()
@@ -231,24 +232,17 @@ def test_reuse_without_the_data_folder(env, photo_folder, calls, capsys):
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(env, photo_folder, monkeypatch, capsys):
-    real = attnflow.stats.attention_stats
     cfg_path = write_config(env, photo_folder, figures='[[figures]]\nname = "p"\nkind = "panel"\nmodels = ["mae-vit-b16"]\n'
                             'formats = ["png"]\n', data_extra="checkpoint_every = 1")
 
-    def interrupted(model, data, **kwargs):
-        def stop(n_batches):
-            if n_batches == 2:
-                raise KeyboardInterrupt
-        return real(model, data, **kwargs, _after_batch=stop)
-
-    monkeypatch.setattr(attnflow.stats, "attention_stats", interrupted)
-    assert main(["run", str(cfg_path), "--no-progress"]) == 130
+    with monkeypatch.context() as patch:
+        _fail_at_step(patch, 3)  # two whole batches, then Ctrl-C
+        assert main(["run", str(cfg_path), "--no-progress"]) == 130
     capsys.readouterr()
     states = list((env / "runs/tiny/stats").glob("*.state.pt"))
     assert len(states) == 1 and states[0].name.startswith("mae-vit-b16-")
     assert not list((env / "runs/tiny/stats").glob("*.parquet"))
 
-    monkeypatch.setattr(attnflow.stats, "attention_stats", real)
     code, out = run(capsys, str(cfg_path))
     assert code == 0 and "resuming an interrupted run" in out and not states[0].exists()
     resumed = Result.read(next((env / "runs/tiny/stats").glob("mae-vit-b16-*.parquet")))

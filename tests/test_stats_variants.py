@@ -164,7 +164,7 @@ def test_low_precision_autocast_refused_on_cpu(amp):
     with AttentionTap(model) as tap, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
     assert tap.maps[0].dtype == torch.bfloat16  # the reason for the refusal (torch 2.x CPU autocast)
-    with pytest.raises(AttnflowError, match=f"amp {amp} is not supported on CPU"):
+    with pytest.raises(AttnflowError, match=f"amp {amp} is not supported on the CPU"):
         attention_stats(model, [x], device="cpu", progress=False, amp=amp)
     assert math.isfinite(attention_stats(model, [x], device="cpu", progress=False, amp="fp32")
                          .frame["mean"].dropna().sum())

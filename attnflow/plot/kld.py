@@ -71,5 +71,5 @@ def plot_kld_heatmap(data: pd.DataFrame, *, labels: Mapping[str, str] | None = N
     ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
     heading = "\n".join(t for t in (RANDOM_INIT_BANNER if random_init else None, title) if t)
     if heading:
-        ax.set_title(heading, **({"color": "#c00000", "fontweight": "bold"} if random_init else {}))
+        ax.set_title(heading, color="#c00000" if random_init else None, fontweight="bold" if random_init else None)
     return ax
