@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .models.record import model_record
+
 _PACKAGES = ("attnflow", "torch", "torchvision", "timm", "numpy", "pandas")
 
 
@@ -35,26 +37,24 @@ def _package_versions() -> dict[str, str | None]:
 def run_name(model: nn.Module, given: str | None = None) -> str:
     """The ``model`` column of a result: ``given``, else the preset, else the timm architecture, else the class
     name."""
-    info = getattr(model, "attnflow_info", None) or {}
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return given or info.get("preset") or cfg.get("architecture") or type(model).__name__
+    record = model_record(model)
+    return given or record.preset or record.arch
 
 
 def run_provenance(model: nn.Module, name: str) -> dict[str, Any]:
     """Model preset, architecture, architecture overrides (``model_kw``), checkpoint path, key and sha256, software
     versions and a UTC timestamp."""
-    info = dict(getattr(model, "attnflow_info", None) or {})
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    record = model_record(model)
     return {
         "model": name,
-        "preset": info.get("preset"),
-        "arch": info.get("arch") or cfg.get("architecture") or type(model).__name__,
-        "checkpoint": info.get("checkpoint"),
-        "checkpoint_sha256": info.get("sha256"),
-        "weights_source": info.get("source"),
-        "random_init": info.get("random_init"),
-        "model_kw": info.get("model_kw") or {},
-        "checkpoint_key": info.get("checkpoint_key"),
+        "preset": record.preset,
+        "arch": record.arch,
+        "checkpoint": record.checkpoint,
+        "checkpoint_sha256": record.sha256,
+        "weights_source": record.source,
+        "random_init": record.random_init if record.known else None,
+        "model_kw": record.model_kw,
+        "checkpoint_key": record.checkpoint_key,
         "versions": package_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

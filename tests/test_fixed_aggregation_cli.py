@@ -3,6 +3,7 @@ against per-image maps, a head's own scores and brute-force entropy / KL loops."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -190,7 +191,7 @@ def test_a_head_of_other_weights_of_the_same_model_is_warned_about(caplog):
     head = ProbeHead(parse_head_spec("abmilp"), 32, 3, True)
     same = backbone_record(model)
     assert same["img_size"] == [64, 64] and same["random_init"] is True and len(same["weights"]) == 16
-    trained = {"random_init": False, "sha256": "b" * 64, "checkpoint_key": None}
+    trained = {"random_init": False, "sha256": "b" * 64, "checkpoint_key": None}  # fields of the ModelRecord
     cases = [(same, {}, None),
              (same, trained, "random weights"),
              ({**same, "random_init": False, "checkpoint_sha256": "a" * 64}, trained,
@@ -201,10 +202,10 @@ def test_a_head_of_other_weights_of_the_same_model_is_warned_about(caplog):
               "the checkpoint key teacher"),
              ({**same, "weights": "0" * 16}, {}, "weights with fingerprint 0000000000000000"),
              ({}, trained, None)]  # a head saved before weights were recorded
-    base_info = dict(model.attnflow_info)
+    base = model.attnflow_info
     for head_meta, info, expected in cases:
         head.meta = {"model": "dino-vit-s16", **head_meta}
-        model.attnflow_info = {**base_info, **info}
+        model.attnflow_info = dataclasses.replace(base, **info)
         caplog.clear()
         check_head(head, capture.encoder, "h.pt")
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -91,7 +91,7 @@ def test_mae_finetuned_file_keeps_fc_norm_and_drops_the_classifier(tmp_path):
     path = save(tmp_path, {"model": official, "epoch": 99, "args": argparse.Namespace(model="vit_base")})
     model = load_model("mae-ft-vit-b16", checkpoint=path, img_size=64, **TINY)
     assert_loaded(model, sd)
-    assert model.attnflow_info["family"] == "MIM+FT"
+    assert model.attnflow_info.family == "MIM+FT"
 
 
 # ----------------------------------------------------------------------------------------------- DINO
@@ -315,7 +315,7 @@ def test_generic_timm_file_for_a_bare_timm_name(tmp_path):
     path = save(tmp_path, {"state_dict": prefixed(sd, "module."), "epoch": 3})
     loaded = load_model("deit_small_patch16_224", checkpoint=path, img_size=64, **TINY)
     assert_loaded(loaded, sd)
-    assert loaded.attnflow_info["preset"] is None and loaded.attnflow_info["source"] == "file"
+    assert loaded.attnflow_info.preset is None and loaded.attnflow_info.source == "file"
 
 
 def test_every_preset_converter_is_registered():

@@ -189,8 +189,8 @@ def test_unknown_timm_name_suggests_close_timm_names():
 
 def test_any_timm_architecture_name_works():
     model = load_model("deit_tiny_patch16_224", random_init=True, img_size=64, depth=1)
-    assert model.attnflow_info["preset"] is None and model.attnflow_info["random_init"]
-    assert model.attnflow_info["has_cls"] and model.attnflow_info["source"] == "random-init"
+    assert model.attnflow_info.preset is None and model.attnflow_info.random_init
+    assert model.attnflow_info.has_cls and model.attnflow_info.source == "random-init"
     assert not model.training
 
 
@@ -222,8 +222,8 @@ def test_authors_file_in_the_torch_hub_cache_is_used_offline(offline):
     assert weights_cached("mae-ft-vit-b16") and not weights_cached("mae-vit-b16")
     model = load_model("mae-ft-vit-b16", img_size=64, **TINY)
     info = model.attnflow_info
-    assert info["source"] == url and info["checkpoint"] == str(target) and not info["random_init"]
-    assert info["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert info.source == url and info.checkpoint == str(target) and not info.random_init
+    assert info.sha256 == hashlib.sha256(target.read_bytes()).hexdigest()
     assert torch.equal(model.state_dict()["fc_norm.weight"], sd["fc_norm.weight"])
 
 
@@ -251,8 +251,8 @@ def test_timm_hub_weights_in_the_hf_cache_are_used_offline(offline):
     path = write_hf_cache(offline, "timm/vit_small_patch16_224.dino", sd)
     assert weights_cached("dino-vit-s16")
     model = load_model("dino-vit-s16", img_size=64, **TINY)
-    assert model.attnflow_info["source"] == "hf-hub:timm/vit_small_patch16_224.dino"
-    assert model.attnflow_info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert model.attnflow_info.source == "hf-hub:timm/vit_small_patch16_224.dino"
+    assert model.attnflow_info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     for key, value in sd.items():
         assert torch.equal(model.state_dict()[key], value), key
 
@@ -263,7 +263,7 @@ def test_bare_timm_name_with_cached_hub_weights_uses_timms_loader(offline):
     sd = random_state(tiny_model("vit_small_patch16_224", img_size=64), seed=4)
     write_hf_cache(offline, "timm/vit_small_patch16_224.augreg_in21k", sd)
     model = load_model("vit_small_patch16_224.augreg_in21k", img_size=64, **TINY)
-    assert model.attnflow_info["source"] == "hf-hub:timm/vit_small_patch16_224.augreg_in21k"
+    assert model.attnflow_info.source == "hf-hub:timm/vit_small_patch16_224.augreg_in21k"
     assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
 
 
@@ -366,7 +366,7 @@ def test_pos_embed_is_resampled_from_224_to_448(tmp_path):
     with torch.no_grad():
         out = model.forward_features(torch.randn(1, 3, 448, 448))
     assert out.shape == (1, 785, 32) and torch.isfinite(out).all()
-    assert model.attnflow_info["img_size"] == 448
+    assert model.attnflow_info.img_size == 448
 
 
 def test_dinov2_registers_file_at_another_resolution(tmp_path):
@@ -410,7 +410,7 @@ def test_presets_without_cls_build_without_cls():
     for name, prefix in (("ijepa-vit-h14", 0), ("capi-vit-l14", 16)):
         model = load_model(name, random_init=True, img_size=56, **TINY)
         assert model.has_class_token is False and model.cls_token is None
-        assert model.num_prefix_tokens == prefix and model.attnflow_info["has_cls"] is False
+        assert model.num_prefix_tokens == prefix and model.attnflow_info.has_cls is False
         with torch.no_grad():
             assert model.forward_features(torch.randn(1, 3, 56, 56)).shape == (1, prefix + 16, 32)
 
@@ -421,7 +421,7 @@ def test_every_preset_builds_and_matches_its_spec():
     for spec in list_specs():
         img = 56 if spec.patch_size == 14 else 64
         model = load_model(spec.name, random_init=True, img_size=img, **TINY)
-        assert model.attnflow_info["has_cls"] == spec.has_cls, spec.name
+        assert model.attnflow_info.has_cls == spec.has_cls, spec.name
         assert tuple(model.patch_embed.patch_size) == (spec.patch_size, spec.patch_size), spec.name
         assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406), spec.name
         assert spec.url or spec.hub_tag, spec.name

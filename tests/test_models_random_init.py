@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-import attnflow.plot
+import attnflow.maps
 from attnflow.cli import main
 from attnflow.models.load import load_model, random_init_seed
 from attnflow.result import Result
@@ -43,18 +43,18 @@ def test_presets_of_one_architecture_get_different_random_weights_and_one_name_t
     mae = load_model("mae-vit-b16", random_init=True, img_size=IMG, **TINY)
     dino = load_model("dino-vit-b16", random_init=True, img_size=IMG, **TINY)
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream is left alone
-    assert mae.attnflow_info["arch"] == dino.attnflow_info["arch"] == "vit_base_patch16_224"
+    assert mae.attnflow_info.arch == dino.attnflow_info.arch == "vit_base_patch16_224"
     # every weight is re-drawn, the patch embedding and the attention included (biases start at zero)
     assert {"patch_embed.proj.weight", "pos_embed", "cls_token", "blocks.0.attn.qkv.weight",
             "blocks.1.mlp.fc2.weight"} <= differing(mae, dino)
     assert same_weights(mae, load_model("mae-vit-b16", random_init=True, img_size=IMG, **TINY))
-    assert mae.attnflow_info["seed_name"] == "mae-vit-b16" and mae.attnflow_info["random_init"]
+    assert mae.attnflow_info.seed_name == "mae-vit-b16" and mae.attnflow_info.random_init
 
 
 def test_seed_name_picks_the_weights_not_the_model_name():
     renamed = load_model("mae-vit-b16", random_init=True, img_size=IMG, seed_name="dino-vit-b16", **TINY)
     assert same_weights(renamed, load_model("dino-vit-b16", random_init=True, img_size=IMG, **TINY))
-    assert renamed.attnflow_info["seed_name"] == "dino-vit-b16"
+    assert renamed.attnflow_info.seed_name == "dino-vit-b16"
     other = load_model("mae-vit-b16", random_init=True, img_size=IMG, seed_name="mae-b16-run2", **TINY)
     assert not same_weights(renamed, other)
     assert random_init_seed("mae-b16-run2") == zlib.crc32(b"mae-b16-run2")
@@ -79,7 +79,7 @@ def test_runner_random_weights_equal_the_old_formula(name, entry_id):
     with torch.random.fork_rng(devices=[]):
         want = old_runner_weights(arch, entry_id, **TINY)
     assert same_weights(got, want)
-    assert got.attnflow_info["seed_name"] == entry_id and not got.training
+    assert got.attnflow_info.seed_name == entry_id and not got.training
 
 
 def stats_means(tmp_path: Path, photos: Path, *args: str) -> np.ndarray:
@@ -101,14 +101,14 @@ def test_stats_random_init_seeds_by_name_or_model(photo_folder, tmp_path, capsys
 
 def test_maps_random_init_differs_between_presets_of_one_architecture(photo_folder, tmp_path, monkeypatch, capsys):
     grids: dict[int, list[np.ndarray]] = {}
-    real = attnflow.plot.model_maps
+    real = attnflow.maps.model_maps
 
     def recording(model, images, **kwargs):
         crops, maps = real(model, images, **kwargs)
         grids[len(grids)] = [m.get("cls_mean") for m in maps]
         return crops, maps
 
-    monkeypatch.setattr(attnflow.plot, "model_maps", recording)
+    monkeypatch.setattr(attnflow.maps, "model_maps", recording)
     out = tmp_path / "maps.png"
     assert main(["maps", "--model", "mae-vit-b16", "--model", "dino-vit-b16", "--random-init", "--images",
                  str(photo_folder), "--limit", "1", "--out", str(out), *TINY_CLI]) == 0

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..data.transforms import normalization, renormalize
 from ..encode import TokenEncoder
+from ..models.record import model_record
 from ..provenance import weights_fingerprint
 from ..tap import AttentionTap
 from ..vit import TokenLayout, model_has_cls, patch_embedding, token_grid
@@ -205,9 +206,9 @@ class FixedAggregationEncoder(TokenEncoder):
         """Provenance of the aggregation for result sidecars."""
         info = {"source": self.source.name, "block": self.block, "layernorm": self.layernorm}
         if self.reference is not None:
-            ref_info = dict(getattr(self.reference, "attnflow_info", None) or {})
-            info["reference"] = {"name": self.source.target, "checkpoint": ref_info.get("checkpoint"),
-                                 "sha256": ref_info.get("sha256"), "random_init": ref_info.get("random_init"),
+            ref = model_record(self.reference)
+            info["reference"] = {"name": self.source.target, "checkpoint": ref.checkpoint, "sha256": ref.sha256,
+                                 "random_init": ref.random_init,
                                  "weights": weights_fingerprint(self.reference),
                                  "renormalized": self.capturer.renormalized}
         return info

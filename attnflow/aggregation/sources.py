@@ -29,6 +29,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import AttnflowError
+from ..models.record import model_record
 
 SOURCES: tuple[str, ...] = ("cls_mean", "cls_min_entropy", "central")
 """Sources computed from the aggregated model's own attention."""
@@ -106,7 +107,7 @@ def model_label(model: nn.Module, name: str | None = None) -> str:
 
     spec = find_spec(name) if name else None
     if spec is None:
-        preset = (getattr(model, "attnflow_info", None) or {}).get("preset")
+        preset = model_record(model).preset
         spec = find_spec(preset) if preset else None
     if spec is None and name:
         spec = next((s for s in list_specs() if s.hub_tag == name), None)

@@ -164,7 +164,9 @@ def load_model_from(args: argparse.Namespace, name: str | None = None, *, prefix
 
 def is_random(model: Any) -> bool:
     """Whether ``model`` was built without weights."""
-    return bool((getattr(model, "attnflow_info", None) or {}).get("random_init"))
+    from ..models.record import model_record
+
+    return model_record(model).random_init
 
 
 def check_data_and_amp(data: str, amp: str, device: str | None) -> None:

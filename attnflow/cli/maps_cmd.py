@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.load import load_model
     from ..models.registry import find_spec
     from ..maps import MAP_KINDS, model_maps
+    from ..models.record import model_record
     from ..plot import plot_attention_maps, plot_head_maps
     from ..plot.style import SAVE_FORMATS, close, save_figure
     from .common import parse_model_kwargs
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     for name, checkpoint in zip(args.model, checkpoints):
         model = load_model(name, checkpoint=checkpoint, random_init=args.random_init, img_size=args.img_size,
                            **model_kw).to(device).eval()
-        if (getattr(model, "attnflow_info", None) or {}).get("random_init", args.random_init):
+        if model_record(model).random_init:
             random.append(name)
         model_crops, maps[name] = model_maps(model, images, img_size=args.img_size, crop_pct=args.crop_pct,
                                              block=args.block, device=device)

@@ -25,7 +25,9 @@ import torch.nn as nn
 
 from ..errors import AttnflowError
 from . import files
+from ..vit import model_has_cls
 from .converters import CheckpointError, get_converter, load_converted, official_formats
+from .record import ATTRIBUTE, ModelRecord
 from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list_specs
 
 logger = logging.getLogger(__name__)
@@ -156,10 +158,6 @@ def _check_img_size(model: nn.Module, img_size: int | tuple[int, int], arch: str
     return model
 
 
-def _has_cls(model: nn.Module) -> bool:
-    return getattr(model, "cls_token", None) is not None
-
-
 # ------------------------------------------------------------------------------------------------ weights
 
 def _hub_ids(spec: ModelSpec | None, arch: str) -> tuple[str | None, str | None, str | tuple[str, str] | None]:
@@ -277,7 +275,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         **timm_kwargs: architecture overrides passed to ``timm.create_model`` (e.g. ``depth=2`` in tests).
 
     Returns:
-        The model, features only (``num_classes=0``), with ``model.attnflow_info``: ``preset, arch,
+        The model, features only (``num_classes=0``), with its :class:`~attnflow.models.record.ModelRecord`
+        (read it with :func:`~attnflow.models.record.model_record`): ``preset, arch,
         checkpoint, sha256, source, random_init, img_size, has_cls`` (plus ``converter, family, label``, the
         ``model_kw`` overrides and ``checkpoint_key`` it was built with, and the ``seed_name`` of random weights).
 
@@ -307,24 +306,16 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
             _load_weights(model, weights, spec, arch, checkpoint_key)
     sha = files.sha256_file(weights.path) if weights is not None else None
     model.eval()
-    info: dict[str, Any] = {
-        "preset": spec.name if spec else None,
-        "arch": arch,
-        "checkpoint": str(weights.path) if weights else None,
-        "sha256": sha,
-        "source": weights.source if weights else "random-init",
-        "random_init": weights is None,
-        "img_size": img_size,
-        "has_cls": _has_cls(model),
-        "converter": weights.converter if weights else None,
-        "family": spec.family if spec else "other",
-        "label": spec.label if spec else arch,
-        "model_kw": {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
-                     for k, v in timm_kwargs.items()},
-        "checkpoint_key": checkpoint_key,
-        "seed_name": (seed_name or name) if weights is None else None,
-    }
-    setattr(model, "attnflow_info", info)  # a plain attribute, not a parameter or sub-module
+    record = ModelRecord(
+        arch=arch, preset=spec.name if spec else None, checkpoint=str(weights.path) if weights else None,
+        sha256=sha, source=weights.source if weights else "random-init", random_init=weights is None,
+        seed_name=(seed_name or name) if weights is None else None, img_size=img_size,
+        has_cls=model_has_cls(model),
+        converter=weights.converter if weights else None, family=spec.family if spec else "other",
+        label=spec.label if spec else arch, checkpoint_key=checkpoint_key,
+        model_kw={k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+                  for k, v in timm_kwargs.items()})
+    setattr(model, ATTRIBUTE, record)  # a plain attribute, not a parameter or sub-module
     return model
 
 

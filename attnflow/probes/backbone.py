@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from ..encode import TokenEncoder
 from ..errors import AttnflowError
+from ..models.record import model_record
 from ..provenance import weights_fingerprint
 from .heads import ProbeHead
 
@@ -24,7 +25,7 @@ def check_head(head: ProbeHead, encoder: TokenEncoder, path: str = "the head", m
                ) -> None:
     """Refuse a head whose weights are not an aggregation over this model's patch tokens, in one line: a head of
     a fixed aggregation or a ``cls`` head, a head saved for another model (``head.meta["model"]`` against the
-    model's ``attnflow_info`` preset or architecture; a preset and its timm hub tag are the same model), or one
+    model's preset or architecture; a preset and its timm hub tag are the same model), or one
     of another token width."""
     meta = getattr(head, "meta", {}) or {}
     if meta.get("aggregation"):
@@ -34,8 +35,8 @@ def check_head(head: ProbeHead, encoder: TokenEncoder, path: str = "the head", m
         raise HeadMismatchError(f"{path} is a 'cls' head: its weights sit on [cls], not on the patches; pass an "
                                "AbMILP or attentive-probing head")
     trained_on = meta.get("model")
-    info = getattr(encoder.model, "attnflow_info", None) or {}
-    this = info.get("preset") or info.get("arch")
+    record = model_record(encoder.model)
+    this = record.preset or record.arch
     if trained_on and this and _model_identity(str(trained_on)) != _model_identity(str(this)):
         raise HeadMismatchError(f"{path} was trained on {trained_on}, not on {model_name} ({this}): a head's "
                                "weights only mean something on the tokens of the model it was trained on")
@@ -49,14 +50,13 @@ def check_head(head: ProbeHead, encoder: TokenEncoder, path: str = "the head", m
                     "other tokens", path, other[0], trained_on or "this model", other[1])
 
 
-def backbone_record(model: nn.Module, info: dict | None = None) -> dict:
+def backbone_record(model: nn.Module) -> dict:
     """What a saved head records of the weights it was trained on (see :func:`check_head`): checkpoint sha256,
-    checkpoint key, random init (from ``info``, default ``model.attnflow_info``), the weights fingerprint and the
-    input size it was taken at."""
-    info = info if info is not None else getattr(model, "attnflow_info", None) or {}
-    return {"checkpoint_sha256": info.get("sha256"), "checkpoint_key": info.get("checkpoint_key"),
-            "random_init": bool(info.get("random_init")), "weights": weights_fingerprint(model),
-            "img_size": _input_size(model)}
+    checkpoint key, random init (from the model's record), the weights fingerprint and the input size it was taken
+    at."""
+    record = model_record(model)
+    return {"checkpoint_sha256": record.sha256, "checkpoint_key": record.checkpoint_key,
+            "random_init": record.random_init, "weights": weights_fingerprint(model), "img_size": _input_size(model)}
 
 
 def _input_size(model: nn.Module) -> list[int] | None:
@@ -70,18 +70,18 @@ def _other_weights(head_meta: dict, model: nn.Module) -> tuple[str, str] | None:
     (e.g. a teacher's head on the student), or, at the same input size, another weights fingerprint; else
     ``None``. Heads saved before weights were recorded, and models not built by :func:`attnflow.load_model`,
     pass."""
-    info = getattr(model, "attnflow_info", None) or {}
-    if "random_init" not in head_meta or "random_init" not in info:
+    record = model_record(model)
+    if "random_init" not in head_meta or not record.known:
         return None
-    if bool(head_meta["random_init"]) != bool(info["random_init"]):
+    if bool(head_meta["random_init"]) != record.random_init:
         return (("random weights", "trained weights") if head_meta["random_init"]
                 else ("trained weights", "random weights"))
-    theirs, mine = head_meta.get("checkpoint_sha256"), info.get("sha256")
+    theirs, mine = head_meta.get("checkpoint_sha256"), record.sha256
     if theirs and mine and theirs != mine:
         return f"the checkpoint with sha256 {theirs[:12]}", f"the checkpoint with sha256 {mine[:12]}"
-    if "checkpoint_key" in head_meta and head_meta["checkpoint_key"] != info.get("checkpoint_key"):
+    if "checkpoint_key" in head_meta and head_meta["checkpoint_key"] != record.checkpoint_key:
         return (f"the checkpoint key {head_meta['checkpoint_key'] or '(default)'}",
-                f"the checkpoint key {info.get('checkpoint_key') or '(default)'}")
+                f"the checkpoint key {record.checkpoint_key or '(default)'}")
     if head_meta.get("weights") and head_meta.get("img_size") == _input_size(model):
         fingerprint = weights_fingerprint(model)
         if head_meta["weights"] != fingerprint:

@@ -28,6 +28,7 @@ from .bank import HeadBank
 from .cache import TokenCache, extract_tokens
 from ..encode import TokenEncoder
 from .fit import RESULT_COLUMNS, check_classes, result_tables
+from ..models.record import model_record
 from .backbone import backbone_record
 from .holdout import HoldoutSplit, held_out_total, holdout_split, no_split
 from .imagedata import SeededDataset, dataset_labels, image_loader
@@ -251,7 +252,7 @@ def train_seed(run: ProbeRun, seed: int, *, resume: bool, progress: bool) -> tup
 
 def save_heads(run: ProbeRun, folder: Path, bank: HeadBank, table: pd.DataFrame, options: TrainOptions) -> None:
     """Save every trained head with its provenance, last-epoch accuracy and whether its lr was kept."""
-    backbone = backbone_record(run.encoder.model, run.model_info)  # see check_head
+    backbone = backbone_record(run.encoder.model)  # see check_head
     for entry in bank.entries:
         row = table[(table["head"] == entry.spec.name) & (table["lr"] == entry.lr)]
         meta = {"model": run.model_name, "task": run.config.task, "seed": options.seed, "lr": entry.lr,
@@ -285,7 +286,7 @@ def _run_meta(run: ProbeRun, options: TrainOptions, table: pd.DataFrame, aggrega
 
 
 def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, out_dir: str | Path, *,
-                 model_name: str, model_info: dict[str, Any] | None = None, model_size: str | None = None,
+                 model_name: str, model_size: str | None = None,
                  device: torch.device | None = None, resume: bool = False, progress: bool = True,
                  reference: torch.nn.Module | None = None) -> pd.DataFrame:
     """Train the configured heads on a frozen encoder for every seed; write the run directory.
@@ -296,7 +297,6 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
         config: the resolved protocol.
         out_dir: the run directory (see :mod:`attnflow.probes.outputs` for its layout).
         model_name: preset or timm name (the ``model`` column).
-        model_info: provenance of the weights (``model.attnflow_info``).
         model_size: ``S/B/L/H`` (ImageNet: 50 epochs for L/H unless ``config.epochs`` is set).
         device: default CUDA when available; under torchrun ``cuda:LOCAL_RANK``.
         resume: continue interrupted seeds from their per-epoch checkpoints.
@@ -309,7 +309,7 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     """
     out = Path(out_dir)
     world, device = init_from_env(device)
-    model_info = dict(model_info or getattr(model, "attnflow_info", {}) or {})
+    model_info = model_record(model).to_dict()  # provenance of the weights
     encoder, aggregation = make_encoder(model, config, device, model_name, reference)
     specs = parse_head_list(config.heads)
     check_heads_fit(specs, encoder.has_cls)  # before any (long) cache extraction

@@ -246,6 +246,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
     from ..options import resolve_device
     from ..models.registry import find_spec
     from ..maps import model_maps
+    from ..models.record import model_record
 
     cfg = plan.config
     dev = resolve_device(device)
@@ -262,13 +263,13 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
         if not job.loads_model:
             continue
         model = load_entry(job.entry, cfg.img_size).to(dev)
-        info = getattr(model, "attnflow_info", {}) or {}
+        record = model_record(model)
         if job.compute:
             if cfg.data_root is None:  # plan_run refuses such a plan
                 raise ConfigError(f"{cfg.name}: no data root to compute the statistics of {job.entry.id} on: "
                                   "pass --data DIR")
             echo(f"computing {job.entry.id} over {cfg.data_root} ...")
-            key = job.key.to_json() | {"weights": f"sha256:{info['sha256']}" if info.get("sha256") else "random-init"}
+            key = job.key.to_json() | {"weights": f"sha256:{record.sha256}" if record.sha256 else "random-init"}
             result = attention_stats(
                 model, cfg.data_root, batch_size=cfg.batch_size, device=dev, amp=cfg.amp, workers=cfg.workers,
                 img_size=cfg.img_size, crop_pct=cfg.crop_pct, limit=cfg.limit, model_name=job.entry.id,
@@ -291,7 +292,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
             spec = find_spec(job.entry.name)
             data.maps_data.labels[job.entry.id] = job.entry.display.get("label") or (spec.label if spec
                                                                                        else job.entry.id)
-            if info.get("random_init"):
+            if record.random_init:
                 data.maps_data.random.append(job.entry.id)
         del model
     if figures:
