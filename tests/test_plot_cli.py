@@ -123,7 +123,7 @@ def test_maps_skips_corrupt_empty_and_oversized_images(photos, tmp_path, monkeyp
     """Every unreadable kind is skipped with its reason, and the readable images are kept in order."""
     from PIL import Image
 
-    from attnflow.cli.maps_cmd import load_images
+    from attnflow.data.images import load_images
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -144,7 +144,7 @@ def test_maps_skips_corrupt_empty_and_oversized_images(photos, tmp_path, monkeyp
 def test_maps_replaces_an_unreadable_chosen_image_by_the_next_readable_one(photos, tmp_path):
     from PIL import Image
 
-    from attnflow.cli.maps_cmd import load_images
+    from attnflow.data.images import load_images
 
     folder = tmp_path / "imgs"
     folder.mkdir()

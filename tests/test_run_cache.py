@@ -285,7 +285,7 @@ def test_maps_figure_draws_the_configured_block(env, photo_folder, monkeypatch, 
     """``block = 0`` in a maps figure: its [cls] maps are those of the first block, not the last."""
     import importlib
 
-    from attnflow.cli.maps_cmd import load_images
+    from attnflow.data.images import load_images
     from attnflow.data.transforms import eval_transform
     from attnflow.runner.execute import load_entry
 

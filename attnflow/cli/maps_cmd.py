@@ -47,35 +47,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def load_images(root: str | Path, limit: int | None):
-    """Up to ``limit`` evenly spaced readable images under ``root`` as ``(paths, PIL images)``, in file order.
-
-    Unreadable files are skipped with a warning, and the next readable files (in file order) take their
-    place, so a corrupt file among the chosen ones does not shrink the figure."""
-    from ..data.images import BadImage, DataError, evenly_spaced, find_images, read_sample
-
-    paths = find_images(root)
-    if limit is not None and limit <= 0:
-        raise AttnflowError(f"--limit must be positive, got {limit}")
-    chosen = evenly_spaced(len(paths), limit)
-    spare = sorted(set(range(len(paths))) - set(chosen))
-    wanted = len(chosen)
-    found: dict[int, object] = {}
-    for i in chosen + spare:
-        if len(found) == wanted:
-            break
-        sample = read_sample(paths[i], -1, i, None)  # a BadImage for empty, broken, undecodable, too large
-        if isinstance(sample, BadImage):
-            log.warning("skipping %s: %s", paths[i], sample.reason)
-            continue
-        found[i] = sample[0]
-    kept = [paths[i] for i in sorted(found)]
-    images = [found[i] for i in sorted(found)]
-    if not images:
-        raise DataError(f"{root}: none of the selected images could be read")
-    return kept, images
-
-
 def run(args: argparse.Namespace) -> int:
     import matplotlib
 
@@ -84,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..models.load import load_model
     from ..models.registry import find_spec
+    from ..data.images import load_images
     from ..maps import MAP_KINDS, model_maps
     from ..models.record import model_record
     from ..plot import plot_attention_maps, plot_head_maps

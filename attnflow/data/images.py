@@ -231,3 +231,30 @@ def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
     return ImageBatch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.int64),
                       torch.tensor([g[2] for g in good], dtype=torch.int64), bad,
                       torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2) if sizes else None)
+
+
+def load_images(root: str | Path, limit: int | None) -> tuple[list[Path], list[Image.Image]]:
+    """Up to ``limit`` evenly spaced readable images under ``root`` as ``(paths, PIL images)``, in file order.
+
+    Unreadable files are skipped with a warning, and the next readable files (in file order) take their
+    place, so a corrupt file among the chosen ones does not shrink the figure."""
+    paths = find_images(root)
+    if limit is not None and limit <= 0:
+        raise DataError(f"limit must be positive, got {limit}")
+    chosen = evenly_spaced(len(paths), limit)
+    spare = sorted(set(range(len(paths))) - set(chosen))
+    wanted = len(chosen)
+    found: dict[int, Image.Image] = {}
+    for i in chosen + spare:
+        if len(found) == wanted:
+            break
+        sample = read_sample(paths[i], -1, i, None)  # a BadImage for empty, broken, undecodable, too large
+        if isinstance(sample, BadImage):
+            log.warning("skipping %s: %s", paths[i], sample.reason)
+            continue
+        found[i] = sample[0]
+    kept = [paths[i] for i in sorted(found)]
+    images = [found[i] for i in sorted(found)]
+    if not images:
+        raise DataError(f"{root}: none of the selected images could be read")
+    return kept, images

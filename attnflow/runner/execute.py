@@ -326,7 +326,7 @@ def _write_result(result: Result, path: Path, state: Path) -> Path:
 
 
 def _maps_images(root: Path | None, limit: int) -> _MapsInput:
-    from ..cli.maps_cmd import load_images
+    from ..data.images import load_images
 
     if root is None:
         raise ConfigError("a maps figure needs images: set images = \"...\" or a data root")
