@@ -3,8 +3,8 @@ device rule.
 
 The same words mean the same thing, with the same defaults, in every Python entry point
 (:func:`~attnflow.attention_stats`, :func:`~attnflow.aggregation.aggregation_statistics`,
-:func:`~attnflow.localize.localize`, the probe) and in every command (``--batch-size``, ``--device``, ``--amp``,
-``--workers``, ``--limit``, ``--resume``, ``--checkpoint-every``):
+:func:`~attnflow.localize.localize`, the probe) and in every command (the options ``batch_size``, ``device``,
+``amp``, ``workers``, ``limit``, ``resume``, ``checkpoint_every``, spelled with dashes on the command line):
 
 * precision (``amp``): ``auto`` (bf16 on a CUDA device that supports it, else fp32), ``bf16``, ``fp16`` or
   ``fp32``; ``none`` is accepted for ``fp32``. It is autocast only: the softmax and every statistic stay fp32.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from .atomic import temporary_path, write_atomically
 from .errors import AttnflowError
 from .options import dtype_name
 from .provenance import weights_fingerprint
@@ -128,11 +128,6 @@ class RunState:
         self.path = path
         self.fingerprint = fingerprint
 
-    @staticmethod
-    def _tmp(path: Path) -> Path:
-        """The temporary file a save writes first."""
-        return path.with_name(path.name + ".tmp")
-
     def load(self) -> dict[str, Any] | None:
         """The saved state, or ``None`` when there is none.
 
@@ -162,21 +157,12 @@ class RunState:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        """Write ``state`` atomically: a temporary file, flushed to disk, then renamed over the old one (a run
-        killed while writing leaves the previous state intact)."""
+        """Write ``state`` atomically (see :mod:`attnflow.atomic`): a run killed while writing leaves the previous
+        state intact."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp(self.path)
-        try:
-            with open(tmp, "wb") as f:
-                torch.save({**state, "format": FORMAT, "fingerprint": self.fingerprint}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        payload = {**state, "format": FORMAT, "fingerprint": self.fingerprint}
+        write_atomically({self.path: lambda tmp: torch.save(payload, tmp)})
 
     def try_save(self, state: dict[str, Any]) -> bool:
         """:meth:`save`, logging instead of raising when the disk refuses (the run itself can go on)."""
@@ -191,7 +177,7 @@ class RunState:
         """Delete the state file (and a temporary file a killed save left)."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
-            self._tmp(self.path).unlink(missing_ok=True)
+            temporary_path(self.path).unlink(missing_ok=True)
 
 
 def keep_progress(state_file: RunState, state: dict[str, Any] | None, n_images: int, err: BaseException) -> None:

@@ -124,7 +124,7 @@ def test_sigkill_while_writing_the_state_keeps_the_previous_one(photo_folder, tm
     model = tiny_model()
     resumed = attention_stats(model, photo_folder, batch_size=1, state_path=state, resume=True, **KW)
     _same(resumed, attention_stats(model, photo_folder, batch_size=1, **KW))
-    assert not list(tmp_path.glob("s.state.pt*")), "neither the state nor its temporary file is left"
+    assert not list(tmp_path.glob("*s.state.pt*")), "neither the state nor its temporary file is left"
 
 
 def test_resume_refuses_a_folder_whose_images_were_replaced_under_the_same_names(photo_folder, tmp_path, interrupted):

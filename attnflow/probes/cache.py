@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AttnflowError
 from ..options import dtype_name
+from ..atomic import write_atomically
 from ..encode import TokenEncoder
 from .imagedata import SeededDataset, dataset_labels, image_loader
 from .loop import Batch
@@ -126,9 +127,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    text = json.dumps(data, indent=2, default=str)
+    write_atomically({path: lambda tmp: tmp.write_text(text)})
 
 
 @dataclass

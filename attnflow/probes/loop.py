@@ -7,7 +7,6 @@ image path (:mod:`attnflow.probes.train`); they differ only in how a micro-batch
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AttnflowError
 from .bank import HeadBank
+from ..atomic import write_atomically
 from ..dist import all_reduce_sum, current_world
 from .sampler import BatchPlan
 
@@ -79,10 +79,7 @@ def evaluate_bank(bank: HeadBank, batches: Iterable[Batch], device: torch.device
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomically({path: lambda tmp: torch.save(obj, tmp)})
 
 
 def _load_checkpoint(bank: HeadBank, path: Path, fingerprint: dict) -> tuple[int, list[dict]]:

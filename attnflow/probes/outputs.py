@@ -9,7 +9,7 @@ A run directory holds::
     seed{S}/checkpoint.pt           per-epoch training state (heads + optimizers + history) for --resume
     seed{S}/heads/{name}.pt         the final heads; ``load_head(path).scores(tokens)`` gives aggregation maps
 
-The three ``results`` files are written all or nothing (:func:`write_table_files`).
+The three ``results`` files are written all or nothing (:func:`attnflow.result.write_table`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import pandas as pd
 import torch
 
-from ..atomic import write_atomically
+from ..result import write_table
 from ..errors import AttnflowError
 from .heads import ProbeHead
 from .specs import parse_head_spec
@@ -78,25 +78,11 @@ def environment() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def write_table_files(frame: pd.DataFrame, meta: dict[str, Any], stem: Path) -> Path:
-    """Write ``STEM.csv``, ``STEM.json`` and ``STEM.parquet`` all or nothing (temporary files renamed into place
-    only once all three are complete; the parquet, which readers look for, last). The one place a probe table
-    is written: the shared table writer can replace this function."""
-    frame = frame.reset_index(drop=True)
-    sidecar = json.dumps({**meta, "environment": environment()}, indent=2, default=str)
-    parquet = stem.with_name(stem.name + ".parquet")
-    write_atomically({stem.with_name(stem.name + ".csv"): lambda tmp: frame.to_csv(tmp, index=False),
-                      stem.with_name(stem.name + ".json"): lambda tmp: tmp.write_text(sidecar),
-                      parquet: lambda tmp: frame.to_parquet(tmp, index=False)})
-    return parquet
-
-
 def write_run_table(frame: pd.DataFrame, meta: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write ``results.parquet``, ``results.csv`` and ``results.json`` into ``out_dir`` (all or nothing, see
-    :func:`write_table_files`); returns the parquet."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return write_table_files(frame, meta, out / TABLE_NAME)
+    """Write ``results.parquet``, ``results.csv`` and ``results.json`` into ``out_dir`` (all or nothing, with the
+    software environment in the sidecar; see :func:`attnflow.result.write_table`); returns the parquet."""
+    return write_table(Path(out_dir) / f"{TABLE_NAME}.parquet", frame.reset_index(drop=True),
+                       {**meta, "environment": environment()})
 
 
 def find_run_tables(paths: Iterable[str | Path]) -> list[Path]:

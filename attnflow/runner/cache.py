@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..atomic import write_atomically
 from ..models.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,7 @@ class ShaCache:
 
     def _save(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            text = json.dumps(self.entries, indent=1, sort_keys=True)
+            write_atomically({self.path: lambda tmp: tmp.write_text(text)})
         except OSError as err:  # a read-only run directory only loses the speed-up
             log.debug("cannot save %s: %s", self.path, err)
