@@ -12,7 +12,7 @@ from matplotlib.patches import Rectangle
 
 from attnflow.localize import localize, merge_curves, read_boxes
 from attnflow.plot.localization import plot_localization_examples
-from attnflow.localize.metric import LocalizationError
+from attnflow.localize.protocol import LocalizationError
 from attnflow.models.load import load_model
 from attnflow.probes.heads import ProbeHead
 from attnflow.probes.specs import parse_head_spec

@@ -43,7 +43,7 @@ def interval(text: str) -> float:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..localize.boxes import BOX_FORMATS
-    from ..localize.metric import INTERPOLATIONS
+    from ..localize.protocol import INTERPOLATIONS
 
     parser = sub.add_parser(
         "localize", help="object localization of [cls] and Selective Aggregation maps, MaxBoxAccV2 (Table 7)",
@@ -82,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..localize.metric import BoxProtocol
+    from ..localize.protocol import BoxProtocol
     from ..localize.result import TABLE
 
     check_data_and_amp(args.data, args.amp, args.device)

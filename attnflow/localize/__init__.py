@@ -20,8 +20,8 @@ _EXPORTS: dict[str, str] = {
     "GroundTruth": "attnflow.localize.boxes",
     "read_boxes": "attnflow.localize.boxes",
     "BoxAccuracy": "attnflow.localize.metric",
-    "IOU_THRESHOLDS": "attnflow.localize.metric",
-    "LocalizationError": "attnflow.localize.metric",
+    "IOU_THRESHOLDS": "attnflow.localize.protocol",
+    "LocalizationError": "attnflow.localize.protocol",
     "box_iou": "attnflow.localize.metric",
     "resize_boxes": "attnflow.localize.metric",
     "mask_boxes": "attnflow.localize.contours",
@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
     "LocalizationResult": "attnflow.localize.result",
     "merge_curves": "attnflow.localize.result",
     "localize": "attnflow.localize.evaluate",
-    "BoxProtocol": "attnflow.localize.metric",
+    "BoxProtocol": "attnflow.localize.protocol",
     "quantize_scoremaps": "attnflow.localize.scoremaps",
 }
 

@@ -34,7 +34,8 @@ from ..vit import check_divisible, model_blocks
 from .boxes import GroundTruth
 from .data import LocalizationImages, Matched, SizeCheck, gt_boxes, match_images, resize_transform
 from .examples import collect_examples
-from .metric import BoxAccuracy, BoxProtocol, LocalizationError
+from .metric import BoxAccuracy
+from .protocol import BoxProtocol, LocalizationError
 from .result import LocalizationResult, curve_frame, summary_frame
 from .scoremaps import CLS_SOURCE, HEAD_SOURCE_PREFIX, quantize_scoremaps, source_label
 

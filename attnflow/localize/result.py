@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from ..result import write_table
-from .metric import BoxAccuracy, LocalizationError
+from .metric import BoxAccuracy
+from .protocol import LocalizationError
 
 TABLE = "localization"
 CURVE = "curve"
