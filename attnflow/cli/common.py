@@ -91,8 +91,9 @@ def add_device_argument(parser: Any) -> None:
     parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
 
 
-def add_amp_argument(parser: Any) -> None:
-    parser.add_argument("--amp", default="auto", choices=PRECISION_CHOICES,
+def add_amp_argument(parser: Any, default: str | None = "auto") -> None:
+    """``--amp`` (``default=None``: not given, so a config file's value stands)."""
+    parser.add_argument("--amp", default=default, choices=PRECISION_CHOICES,
                         help="autocast precision: auto (bf16 on a GPU that supports it, else fp32), bf16, fp16 "
                              "(GPU only), fp32 (none is the same); the softmax and the numbers stay fp32")
 
@@ -111,6 +112,10 @@ def add_progress_argument(parser: Any) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_resume_argument(parser: Any) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
+
+
 def add_loop_arguments(parser: argparse.ArgumentParser, *, limit: str = "images") -> None:
     """The options of a resumable dataset loop (see :class:`attnflow.options.LoopOptions`), in one group."""
     group = parser.add_argument_group("run")
@@ -119,7 +124,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, limit: str = "images"
     add_amp_argument(group)
     add_workers_argument(group)
     add_limit_argument(group, limit)
-    group.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
+    add_resume_argument(group)
     group.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="BATCHES",
                        help="save resumable state every N batches (default 50)")
     add_progress_argument(group)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import AttnflowError
+from .common import add_device_argument, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "local caches or, when the network answers, the hub; models without weights run with random "
                     "weights behind a loud warning (their numbers are meaningless).")
     parser.add_argument("--out", default="attnflow-demo", help="output folder (default attnflow-demo/)")
-    parser.add_argument("--device", help="cuda, cpu (default: cuda if available)")
+    add_device_argument(parser)
     parser.add_argument("--limit", type=int, help="use the first N photos (default: all, 7-9)")
     parser.add_argument("--model", action="append", metavar="NAME",
                         help="run these presets instead of the four ViT-B/16 (repeatable)")
@@ -27,9 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="every model with random weights (pipeline check; numbers are meaningless)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
-    # for tests: tiny models at a small resolution
-    parser.add_argument("--img-size", type=int, default=224, help=argparse.SUPPRESS)
-    parser.add_argument("--model-kw", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--img-size", type=positive_int, default=224, help="input resolution (default 224)")
+    parser.add_argument("--model-kw", action="append", default=[], help=argparse.SUPPRESS)  # tests: tiny models
     parser.set_defaults(func=run)
     return parser
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import AttnflowError
+from .common import add_device_argument
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output figure (.png, .pdf, .svg or .eps)")
     parser.add_argument("--limit", type=int, default=4, help="number of images, evenly spaced (default 4)")
     parser.add_argument("--random-init", action="store_true",
-                        help="build without weights (smoke tests; the maps are meaningless)")
+                        help="build the architecture without weights (smoke tests; numbers are meaningless)")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
     parser.add_argument("--crop-pct", type=float, default=0.875,
                         help="center-crop fraction, the same for every model so that maps align (default 0.875)")
@@ -41,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="also write every head's [cls] map of the first image (OUT-heads-MODEL.EXT)")
     parser.add_argument("--model-kw", action="append", default=[], metavar="KEY=VALUE",
                         help="extra timm.create_model argument for every model (repeatable)")
-    parser.add_argument("--device", help="cuda, cpu (default: cuda if available)")
+    add_device_argument(parser)
     parser.add_argument("--dpi", type=int, default=200, help="resolution of PNG output (default 200)")
     parser.set_defaults(func=run)
     return parser

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AttnflowError
-from .common import add_model_arguments, add_reference_arguments, load_model_from, non_negative_int
+from .common import (add_amp_argument, add_device_argument, add_model_arguments, add_progress_argument,
+                     add_reference_arguments, add_resume_argument, add_workers_argument, load_model_from)
 
 if TYPE_CHECKING:
     from ..probes.protocols import ProbeConfig
@@ -68,12 +69,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     cache.add_argument("--views", type=int, help="augmented views per training image in the cache (default 1)")
     cache.add_argument("--cache-dtype", help="bf16 (default) or fp16")
     run_group = parser.add_argument_group("execution")
-    run_group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    run_group.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    run_group.add_argument("--amp", help="encoder autocast: auto, bf16, fp16, fp32 (none = fp32; default auto: "
-                                         "bf16 on GPU, fp32 on CPU)")
-    run_group.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default min(8, CPUs))")
-    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_resume_argument(run_group)
+    add_device_argument(run_group)
+    add_amp_argument(run_group, default=None)  # not given: the preset's or --config's
+    add_workers_argument(run_group)
+    add_progress_argument(run_group)
     parser.set_defaults(func=run)
     return parser
 

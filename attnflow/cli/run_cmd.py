@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_device_argument, add_limit_argument, add_progress_argument, add_workers_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "run", help="run an analysis config (analyses/*.toml): compute what is missing, render the figures",
-        description="Read an analysis config (see analyses/README.md), reuse every result its run directory "
+        description="Read an analysis config (see analyses/README.md; --limit, --batch-size and --workers override "
+                    "its [data] settings), reuse every result its run directory "
                     "already holds for the same model, weights (sha256), data and resolution, compute the rest "
                     "(an interrupted computation resumes where it stopped) and render the config's figures.")
     parser.add_argument("config", help="analysis config, e.g. analyses/fig3_6_vit_b.toml")
     parser.add_argument("--data", metavar="DIR", help="image folder, overriding the config's [data] root")
     parser.add_argument("--run-dir", metavar="DIR", help="where results are cached (default: the config's run_dir)")
-    parser.add_argument("--limit", type=int, help="use N evenly spaced images (a different cache entry)")
+    add_limit_argument(parser)
     parser.add_argument("--random-init", action="store_true",
                         help="every model without weights (smoke test; cached apart from real runs)")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    add_device_argument(parser)
     parser.add_argument("--batch-size", type=int, help="override the config's batch size")
-    parser.add_argument("--workers", type=int, help="DataLoader workers (default: the config's, else min(8, CPUs))")
+    add_workers_argument(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be reused and computed; do nothing (no --data needed: a missing data "
                              "root is reported, not checked)")
     parser.add_argument("--no-figures", action="store_true", help="compute the statistics only")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
     return parser
 
