@@ -27,10 +27,12 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .data.images import DataError, ImageBatch
 from .data.sources import ImageSource
 from .dist import World, current_world
+from .errors import AttnflowError
 from .options import LoopOptions
 from .reducers import Accumulator
 from .runstate import RunState, images_fingerprint, keep_progress, rank_state_path, signals_deferred
@@ -38,8 +40,16 @@ from .vit import TokenLayout
 
 log = logging.getLogger(__name__)
 
+LOADER_TIMEOUT: float = 600.0
+"""Seconds a DataLoader with workers may go without delivering a batch before the run stops with a
+:class:`LoaderError` (a hung worker, e.g. out of shared memory, would otherwise wait forever)."""
+
 Commit = Callable[[], None]
 """Adds one batch's results to the accumulators; fast, and never fails halfway (it runs with signals held)."""
+
+
+class LoaderError(AttnflowError):
+    """The image loader failed: a worker died or hung (one line, with what to try)."""
 
 
 class Pending(Protocol):
@@ -143,6 +153,7 @@ def run_loop(analysis: Analysis, source: ImageSource, options: LoopOptions) -> L
 
     Raises:
         DataError: no process read an image.
+        LoaderError: a DataLoader worker died or sent nothing for :data:`LOADER_TIMEOUT` seconds.
         StateFileError, StateMismatchError: with ``options.resume``, an unreadable state or one of another run.
         Whatever the step raises (after saving the state of the last whole batch).
     """
@@ -152,38 +163,23 @@ def run_loop(analysis: Analysis, source: ImageSource, options: LoopOptions) -> L
     state = RunState(rank_state_path(Path(options.state_path), world.rank, world.size)
                      if options.state_path is not None else None, _fingerprint(analysis, source, world))
     saved = state.load() if options.resume else None
-    progress = _Progress(saved)
     for name, accumulator in accumulators.items() if saved else ():
         accumulator.load_state_dict(saved["accumulators"][name])  # type: ignore[index]
     if saved:
         log.info("resuming %s from %s: %d images done", analysis.title, state.path, int(counts.images))
-    device = options.torch_device()
-    batches, total = source.shard(world.rank, world.size, progress.done, options.batch_size, options.num_workers,
-                                  pin_memory=device.type == "cuda")
-    bar = tqdm(total=total, initial=progress.done, unit="img" if source.is_dataset else "batch",
-               desc=analysis.title, disable=not options.progress or not world.is_main, dynamic_ncols=True)
-
-    def snapshot() -> dict[str, Any]:
-        return {"done": progress.done, "seconds": progress.seconds(),
-                "accumulators": {name: acc.state_dict() for name, acc in accumulators.items()}}
-
-    try:
-        _batches(analysis, source, batches, counts, progress, bar, lambda: state.try_save(snapshot()),
-                 options.checkpoint_every if state.path is not None else 0)
-    except BaseException as err:
-        keep_progress(state, snapshot() if progress.done else None, int(counts.images), err)
-        raise
-    finally:
-        bar.close()
-    final = snapshot() if options.keep_state and state.path is not None else None  # before the all-reduce
+    progress = _Progress(saved, accumulators)
+    _iterate(analysis, source, options, state, progress)
+    final = progress.snapshot() if options.keep_state and state.path is not None else None  # before the all-reduce
     for accumulator in accumulators.values():
         accumulator.all_reduce()
     run = LoopRun(int(counts.images), source.in_order(list(counts.skipped)), progress.seconds(), saved is not None,
                   world)
     if run.images == 0:
         state.remove()  # every file was unreadable: nothing to resume
-        example = f", e.g. {run.skipped[0][0]}: {run.skipped[0][1]}" if run.skipped else ""
-        raise DataError(f"no readable image in the data ({len(run.skipped)} skipped{example})")
+        raise DataError(f"no readable image in the data ({len(run.skipped)} skipped{_example(run.skipped)})")
+    if run.skipped and world.is_main:
+        log.warning("skipped %d unreadable file(s)%s; the result's provenance lists every one", len(run.skipped),
+                    _example(run.skipped))
     if final is not None:
         state.save(final)
     else:
@@ -191,27 +187,93 @@ def run_loop(analysis: Analysis, source: ImageSource, options: LoopOptions) -> L
     return run
 
 
+def _iterate(analysis: Analysis, source: ImageSource, options: LoopOptions, state: RunState,
+             progress: _Progress) -> None:
+    """The batches of this process, with the progress bar; on any failure or interrupt the loader is shut down
+    first, then the state of the last whole batch is saved (nothing can interrupt the save)."""
+    world, device = current_world(), options.torch_device()
+    batches, total = source.shard(world.rank, world.size, progress.done, options.batch_size, options.num_workers,
+                                  pin_memory=device.type == "cuda", timeout=LOADER_TIMEOUT)
+    bar = tqdm(total=total, initial=progress.done, unit="img" if source.is_dataset else "batch",
+               desc=analysis.title, disable=not options.progress or not world.is_main, dynamic_ncols=True)
+    every = options.checkpoint_every if state.path is not None else 0
+    try:
+        with logging_redirect_tqdm():  # log lines above the bar, never glued to it
+            _batches(analysis, source, batches, progress, bar, lambda: state.try_save(progress.snapshot()), every)
+    except BaseException as err:
+        with signals_deferred(reraise=False):  # neither a second Ctrl-C nor a worker's exit aborts the save
+            bar.close()
+            _shut_down(batches)
+            keep_progress(state, progress.snapshot() if progress.done else None, int(progress.counts.images), err)
+        loader_error = _loader_error(err)
+        if loader_error is not None:
+            raise loader_error from None
+        raise
+    bar.close()
+
+
+def _example(skipped: list[tuple[str, str]]) -> str:
+    return f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+
+
+def _loader_error(err: BaseException) -> LoaderError | None:
+    """A DataLoader's failure (a worker that died or hung; torch raises it from the next batch or from its SIGCHLD
+    watchdog, wherever the main process is) as one line with what to try; ``None`` for any other error."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not text.startswith("DataLoader"):
+        return None
+    hint = ("; a worker died (out of shared memory? a container's /dev/shm is 64 MB by default: give it more, e.g. "
+            "docker run --shm-size 8g, or use fewer workers, or workers=0)" if "timed out" not in text else
+            "; a worker hung (out of shared memory, or a stalled file system): try fewer workers, or workers=0")
+    return LoaderError(f"the image loader failed: {text.splitlines()[0].strip()}{hint}")
+
+
+def _shut_down(batches: Iterator[ImageBatch]) -> None:
+    """Stop a DataLoader's worker processes now, after a failure or an interrupt: they ignore Ctrl-C and SIGTERM
+    (the main process ends them) and a hung one would never stop by itself, so they are killed, then reaped."""
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception as err:  # noqa: BLE001 - a worker that is already gone: nothing left to stop
+            log.debug("shutting the loader down: %s", err)
+
+
 @dataclass
 class _Progress:
-    """Items of this process's shard done (positions or batches), and the time spent over the resumed runs."""
+    """Items of this process's shard done (positions or batches), its accumulators, and the time spent over the
+    resumed runs."""
 
     saved: dict[str, Any] | None
+    accumulators: dict[str, Accumulator]
     done: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         self.done = int(self.saved["done"]) if self.saved else 0
 
+    @property
+    def counts(self) -> LoopCounts:
+        return self.accumulators["loop"]  # type: ignore[return-value]
+
     def seconds(self) -> float:
         return float((self.saved or {}).get("seconds", 0.0)) + time.perf_counter() - self.started
 
+    def snapshot(self) -> dict[str, Any]:
+        """The state to save: items done, time, every accumulator's host copy."""
+        return {"done": self.done, "seconds": self.seconds(),
+                "accumulators": {name: acc.state_dict() for name, acc in self.accumulators.items()}}
 
-def _batches(analysis: Analysis, source: ImageSource, batches: Iterator[ImageBatch], counts: LoopCounts,
-             progress: _Progress, bar: Any, save: Callable[[], Any], every: int) -> None:
+
+def _batches(analysis: Analysis, source: ImageSource, batches: Iterator[ImageBatch], progress: _Progress, bar: Any,
+             save: Callable[[], Any], every: int) -> None:
     """Step through the batches; commit each whole batch once its step is done, oldest first, keeping at most
     ``analysis.in_flight`` batches under way."""
     pending: deque[tuple[Pending, ImageBatch]] = deque()
-    committed = 0
+    committed, counts = 0, progress.counts
 
     def drain(keep: int) -> None:
         nonlocal committed
@@ -225,7 +287,7 @@ def _batches(analysis: Analysis, source: ImageSource, batches: Iterator[ImageBat
                 counts.skipped.extend(batch.bad)
                 progress.done += source.items_in(batch)
             for path, reason in batch.bad:
-                log.warning("skipped %s (%s)", path, reason)
+                log.debug("skipped %s (%s)", path, reason)
             bar.update(source.items_in(batch))
             committed += 1
             if every and committed % every == 0:

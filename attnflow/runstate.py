@@ -195,24 +195,30 @@ def keep_progress(state_file: RunState, state: dict[str, Any] | None, n_images: 
 
 
 @contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while a batch's results are added to a run's state, so an interrupt never
-    lands between two of the additions (a state saved then would count part of a batch that the resumed run
-    counts again). A signal that arrives meanwhile is noted and raised again as soon as the block ends, for the
-    handlers in place before it. Python runs signal handlers in the main thread whichever thread the signal
-    reaches, so noting it there is enough; elsewhere (signals cannot be handled there) the block runs as is."""
+def signals_deferred(reraise: bool = True) -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGCHLD back while a batch's results are added to a run's state or the state is
+    saved, so an interrupt never lands between two of the additions (a state saved then would count part of a
+    batch that the resumed run counts again), and torch's DataLoader watchdog (a SIGCHLD handler that raises when a
+    worker dies) cannot abort them either. A signal that arrives meanwhile is noted and raised again as soon as the
+    block ends, for the handlers in place before it. Python runs signal handlers in the main thread whichever thread
+    the signal reaches, so noting it there is enough; elsewhere (signals cannot be handled there) the block runs as
+    is. Only Python handlers are held: a default or ignored SIGCHLD stays as it is. With ``reraise=False`` (saving
+    the state of a run that is already failing or interrupted) the noted signals are dropped: the run's own error
+    goes on."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     noted: list[int] = []
     previous: dict[int, Any] = {}
-    for held in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(held) is not None:  # None: a handler set outside Python, which could not be restored
-            previous[held] = signal.signal(held, lambda signum, frame: noted.append(signum))
+    for held in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        handler = signal.getsignal(held)
+        if handler is None or (held == signal.SIGCHLD and not callable(handler)):
+            continue  # None: a handler set outside Python (it could not be restored); SIG_DFL/SIG_IGN children
+        previous[held] = signal.signal(held, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for arrived in dict.fromkeys(noted):  # once each, in arrival order
+        for arrived in dict.fromkeys(noted) if reraise else ():  # once each, in arrival order
             signal.raise_signal(arrived)

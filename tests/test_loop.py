@@ -290,3 +290,42 @@ def test_an_interrupt_while_a_batch_is_being_counted_saves_whole_batches(folder,
     assert saved["done"] == 2 and int(saved["accumulators"]["cls_mean"]["_count"]) == 1  # batch 1: 1 image, 1 bad
     resumed = _localize(folder, batch_size=2, threads=1, state_path=state, resume=True)
     pd.testing.assert_frame_equal(resumed.curve, whole.curve)
+
+
+# --- a DataLoader worker that dies or hangs: one line, the state kept, no wait forever -------------------------------
+
+class _Faulty(torch.utils.data.Dataset):
+    """Photos read by a worker that dies (SIGKILL, as the OOM killer does) or hangs at position ``at``."""
+
+    def __init__(self, folder: Path, fault: str, at: int) -> None:
+        from attnflow.data.images import ImageFolderDataset
+        from attnflow.data.transforms import eval_transform
+
+        self.images = ImageFolderDataset(folder, eval_transform(tiny_model(), 64))
+        self.fault, self.at = fault, at
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Any:
+        import signal
+        import time
+
+        if i == self.at:
+            if self.fault == "dies":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)
+        return self.images[i]
+
+
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_a_worker_that_dies_or_hangs_ends_the_run_with_one_line(fault, photo_folder, tmp_path, monkeypatch):
+    from attnflow.loop import LoaderError
+
+    monkeypatch.setattr(loop, "LOADER_TIMEOUT", 3.0)
+    state = tmp_path / "s.state.pt"
+    with pytest.raises(LoaderError, match="the image loader failed: DataLoader") as err:
+        attention_stats(tiny_model(), _Faulty(photo_folder, fault, at=4), batch_size=1, device="cpu", workers=1,
+                        progress=False, state_path=state, checkpoint_every=100)
+    assert "\n" not in str(err.value) and ("died" in str(err.value) or "hung" in str(err.value))
+    assert _state(state)["done"] >= 1  # the whole batches before the fault are kept

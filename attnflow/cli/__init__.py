@@ -62,16 +62,40 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .common import sigterm_as_interrupt
+
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():  # a cluster's time limit ends a command as Ctrl-C does: state saved, exit 130
+            return int(args.func(args) or 0)
     except AttnflowError as err:
         print(f"attnflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"attnflow {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine's answer (a full disk, a folder without write permission): one line
+        if args.verbose:
+            raise
+        print(f"attnflow {args.command}: error: {_os_error(err)}", file=sys.stderr)
+        return 2 if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)) else 1
+
+
+def _os_error(err: OSError) -> str:
+    """``cannot write /x/y: Permission denied`` from an OSError."""
+    where = f" {err.filename}" if err.filename else ""
+    return f"cannot use{where}: {err.strerror or err}"
+
+
+def _quiet_logging(verbose: bool) -> None:
+    """INFO lines of attnflow; torch's compile-time chatter (no CUDA runtime on a CPU machine, deprecations inside
+    inductor) only with ``--verbose``."""
+    import warnings
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")

@@ -329,19 +329,25 @@ def nothing_to_resume(out: Path, state: Path, rank: int, world: int, resume: boo
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM (a cluster's time limit or preemption, torchrun stopping its workers) like Ctrl-C, so the
-    run saves its state before it exits."""
+    run saves its state before it exits. Both raise KeyboardInterrupt in this process only: a DataLoader worker
+    forked meanwhile inherits the handler and ignores the signal (the whole process group gets it; the main
+    process ends its workers itself)."""
+    pid = os.getpid()
+
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        if os.getpid() == pid:
+            raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 _REPORTED = "attnflow/error_reported"

@@ -12,7 +12,9 @@ iterable of batches (a ``DataLoader``, a list or generator of tensors, one big t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -61,15 +63,26 @@ class ImageSource:
             return len(self)
         return len(range(world.rank, len(self), world.size))
 
-    def shard(self, rank: int, world: int, done: int, batch_size: int, workers: int,
-              pin_memory: bool) -> tuple[Iterator[ImageBatch], int | None]:
+    def shard(self, rank: int, world: int, done: int, batch_size: int, workers: int, pin_memory: bool,
+              timeout: float = 0.0) -> tuple[Iterator[ImageBatch], int | None]:
         """This process's batches still to read after ``done`` items of its shard, and the shard's size in
-        items (positions of a dataset, batches of an iterable; ``None`` when unknown)."""
+        items (positions of a dataset, batches of an iterable; ``None`` when unknown).
+
+        A dataset's DataLoader workers ignore Ctrl-C and SIGTERM (a terminal or a cluster signals the whole
+        process group): the main process alone handles them, saves its state and shuts the workers down. With
+        workers, ``timeout`` seconds without a batch stop the loader (a hung worker would wait forever).
+        """
         if self.dataset is not None:
             positions = list(range(rank, len(self.dataset), world))  # type: ignore[arg-type]
-            loader = DataLoader(Subset(self.dataset, positions[done:]), batch_size=batch_size, shuffle=False,
-                                num_workers=workers, collate_fn=collate_skip_bad, pin_memory=pin_memory)
-            return iter(loader), len(positions)
+            todo = positions[done:]
+            workers = min(workers, -(-len(todo) // batch_size))  # no idle worker processes for a short rest
+            loader = DataLoader(Subset(self.dataset, todo), batch_size=batch_size, shuffle=False,
+                                num_workers=workers, collate_fn=collate_skip_bad, pin_memory=pin_memory,
+                                worker_init_fn=ignore_interrupts if workers else None,
+                                timeout=timeout if workers else 0.0)
+            with _interrupts_blocked():  # the workers start (fork) with Ctrl-C and SIGTERM held until they ignore them
+                batches = iter(loader)
+            return batches, len(positions)
         assert self.batches is not None
         total = len(self.batches) if hasattr(self.batches, "__len__") else None  # type: ignore[arg-type]
         if world > 1 and not _sharded_loader(self.batches):
@@ -132,6 +145,29 @@ def image_source(data: Any, *, transform: Callable | None = None, limit: int | N
                             "cut its own shard): pass its Dataset, or a torch Subset of it")
         data = _first_images(data, limit)
     return ImageSource(batches=data)
+
+
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores Ctrl-C and SIGTERM (its parent ends it), then lets them
+    through (they were held since the fork: one sent meanwhile is dropped here)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
+
+
+@contextlib.contextmanager
+def _interrupts_blocked() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held (not lost) in this thread inside the block, delivered after it. A DataLoader's
+    workers fork inside it, so none can die of a signal before :func:`ignore_interrupts` runs (torch's own worker
+    SIGTERM handler would let it die, and the parent's watchdog would then raise)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def as_batch(item: Any) -> ImageBatch:
