@@ -55,6 +55,14 @@ def test_wrong_keys_name_the_missing_and_unexpected_keys_and_the_preset(tmp_path
     assert "mae-vit-b16" in msg and "'mae'" in msg and "bad.pth" in msg
 
 
+def test_a_file_of_another_preset_names_the_preset_to_use(tmp_path):
+    sd = mae_file(tmp_path / "mae.pth")
+    torch.save({"state_dict": {f"module.base_encoder.{k}": v for k, v in sd.items()}}, tmp_path / "moco.pth")
+    with pytest.raises(CheckpointError, match="the file has the official layout of mocov3-vit-b16: use the model "
+                                              "mocov3-vit-b16$"):
+        load_model("mae-vit-b16", checkpoint=tmp_path / "moco.pth", img_size=64, **TINY)
+
+
 def test_many_missing_keys_show_the_first_few_and_the_count(tmp_path):
     mae_file(tmp_path / "d2.pth")  # depth 2 into a depth-3 model: block 2 is missing
     model3 = load_model("mae-vit-b16", random_init=True, img_size=64, **{**TINY, "depth": 3})
@@ -201,7 +209,7 @@ def test_offline_without_weights_names_the_url_and_the_checkpoint_option(offline
         load_model("mocov3-vit-b16", img_size=64, **TINY)
     msg = str(err.value)
     assert "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar" in msg
-    assert "--checkpoint" in msg and "offline" in msg
+    assert "and pass the file as checkpoint" in msg and "offline" in msg
     assert str(offline / "torch" / "hub" / "checkpoints" / "vit-b-300ep.pth.tar") in msg
 
 
@@ -209,7 +217,8 @@ def test_offline_error_names_the_hub_tag_too(offline):
     with pytest.raises(WeightsUnavailableError) as err:
         load_model("mae-vit-b16", img_size=64, **TINY)
     msg = str(err.value)
-    assert "vit_base_patch16_224.mae" in msg and "mae_pretrain_vit_base.pth" in msg and "--checkpoint" in msg
+    assert "vit_base_patch16_224.mae" in msg and "mae_pretrain_vit_base.pth" in msg
+    assert "pass the file as checkpoint" in msg
     assert not weights_cached("mae-vit-b16")
 
 
