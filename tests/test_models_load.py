@@ -55,14 +55,6 @@ def test_wrong_keys_name_the_missing_and_unexpected_keys_and_the_preset(tmp_path
     assert "mae-vit-b16" in msg and "'mae'" in msg and "bad.pth" in msg
 
 
-def test_a_file_of_another_preset_names_the_preset_to_use(tmp_path):
-    sd = mae_file(tmp_path / "mae.pth")
-    torch.save({"state_dict": {f"module.base_encoder.{k}": v for k, v in sd.items()}}, tmp_path / "moco.pth")
-    with pytest.raises(CheckpointError, match="the file has the official layout of mocov3-vit-b16: use the model "
-                                              "mocov3-vit-b16$"):
-        load_model("mae-vit-b16", checkpoint=tmp_path / "moco.pth", img_size=64, **TINY)
-
-
 def test_many_missing_keys_show_the_first_few_and_the_count(tmp_path):
     mae_file(tmp_path / "d2.pth")  # depth 2 into a depth-3 model: block 2 is missing
     model3 = load_model("mae-vit-b16", random_init=True, img_size=64, **{**TINY, "depth": 3})
