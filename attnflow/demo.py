@@ -118,11 +118,11 @@ def how_to_get_weights(name: str) -> str:
 
     spec = find_spec(name)
     if spec is None:
-        return f"{name}: pass --checkpoint {name}=PATH"
+        return f"{name}: give a local weights file as its checkpoint: {name}=PATH"
     where = [f"timm hub tag {spec.hub_tag}"] if spec.hub_tag else []
     where += [spec.url] if spec.url else []
     cache = f" and save it as {files.torch_hub_checkpoint_dir() / spec.cache_filename}" if spec.cache_filename else ""
-    return f"{name}: download {' or '.join(where)}{cache}, or pass --checkpoint {name}=PATH"
+    return f"{name}: download {' or '.join(where)}{cache}, or give the file as its checkpoint: {name}=PATH"
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -200,13 +200,13 @@ def run_demo(out_dir: str | Path = "attnflow-demo", *, device: str | None = None
     if unknown:
         from .errors import AttnflowError
 
-        raise AttnflowError(f"--checkpoint for {', '.join(unknown)}, which the demo does not run "
+        raise AttnflowError(f"a checkpoint is given for {', '.join(unknown)}, which the demo does not run "
                             f"({', '.join(models)})")
     photos = write_photos(out / "photos", limit)
     echo(f"attnflow demo: {len(photos)} photos -> {out / 'photos'}")
     weights, no_network = _choose_weights(models, checkpoint_paths, random_init, offline, img_size, model_kw, echo)
     random = [m for m in models if weights[m] == "random-init"]
-    why = ("--random-init was given" if random_init else
+    why = ("random weights were asked for (random_init)" if random_init else
            "no pretrained weights in the local caches, and " + ("the network is off or unreachable" if no_network
                                                                 else "the download failed"))
     report = DemoReport(out, weights=weights, random_init=random, banner=banner_lines(random, why))

@@ -64,7 +64,7 @@ def weights_fingerprint(model: nn.Module, samples: int = 256) -> str:
     """A short hash of a model's architecture and weights, the same on any device.
 
     It covers every state-dict entry's name, shape and dtype, and the exact bytes of up to ``samples`` evenly
-    strided values of each entry, so two models of one name but another ``--model-kw``, ``--checkpoint-key``
+    strided values of each entry, so two models of one name but another ``model_kw``, ``checkpoint_key``
     or weights file differ (at a cost of a few small host copies, not a pass over the weights).
     """
     digest = hashlib.sha256()

@@ -76,7 +76,7 @@ def state_files(path: Path) -> list[Path]:
 def images_fingerprint(paths: list[Path], root: Path) -> str:
     """A short hash of the image files of a run: their names relative to ``root`` and their sizes in bytes.
 
-    The same files moved elsewhere (a copy on a local disk) keep it; another folder, another ``--limit``, or
+    The same files moved elsewhere (a copy on a local disk) keep it; another folder, another ``limit``, or
     files replaced by other images under the same names (which almost always changes their sizes) change it.
     Contents are not hashed: reading ImageNet-val twice to resume would cost as much as the run. A file that
     cannot be stat'ed (a broken link) counts with size -1, as the run skips it.
@@ -103,7 +103,7 @@ def model_fingerprint(model: nn.Module, name: str, amp: torch.dtype | None, **ex
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """One phrase per differing key, e.g. ``--crop-pct 0.875 (now 0.5)``."""
+    """One phrase per differing key, e.g. ``crop_pct 0.875 (now 0.5)``."""
     keys = [k for k in OPTIONS if k in saved or k in current] + sorted((set(saved) | set(current)) - set(OPTIONS))
     out = []
     for key in keys:
@@ -182,7 +182,7 @@ class RunState:
 
 def keep_progress(state_file: RunState, state: dict[str, Any] | None, n_images: int, err: BaseException) -> None:
     """After a failed or interrupted loop: save ``state`` (the last completed batch; the failed one is redone)
-    when there is progress to resume, else remove the state file, so a plain rerun need not ask for --resume."""
+    when there is progress to resume, else remove the state file, so a plain rerun need not ask to resume."""
     if state_file.path is None:
         return
     if state is None:

@@ -188,7 +188,7 @@ def test_shipped_1pct_split(tmp_path):
     (tmp_path / TENCH).mkdir()
     with pytest.raises(DataError, match="12811 of 12811 files listed in manifest imagenet-1pct are missing"):
         imagenet_subset(tmp_path, "1pct")
-    with pytest.raises(DataError, match="--split-file"):
+    with pytest.raises(DataError, match="ships no split file; give its path as split_file"):
         imagenet_subset(tmp_path, "10pct")
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from attnflow.cli import main
-from attnflow.data.images import BadImage, ImageFolderDataset, find_images, load_rgb
+from attnflow.data.images import BadImage, DataError, ImageFolderDataset, evenly_spaced, find_images, load_rgb
 
 TINY = ["--model", "vit_small_patch16_224", "--random-init", "--model-kw", "depth=2", "--img-size", "32",
         "--workers", "0", "--no-progress"]
@@ -164,3 +164,9 @@ def test_unwritable_out_fails_before_the_run(photo_folder, tmp_path, capsys, mon
     code = main(["stats", *TINY, "--data", str(photo_folder), "--out", str(tmp_path / "runs" / "mae.parquet")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "cannot create the folder" in err and len(err.splitlines()) == 1
+
+
+def test_evenly_spaced_refuses_a_non_positive_limit_in_the_option_word():
+    assert evenly_spaced(5, 2) == [0, 4] and evenly_spaced(3, None) == [0, 1, 2]
+    with pytest.raises(DataError, match="^limit must be positive, got 0$"):
+        evenly_spaced(10, 0)

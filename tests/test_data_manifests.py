@@ -92,7 +92,7 @@ def test_imagenet_10pct_is_described_but_not_shipped():
     manifest = load_manifest("imagenet-10pct")
     assert manifest.data["split_file"]["file"] is None and manifest.num_images == 128116
     assert 128 * 884 + 129 * 116 == manifest.num_images
-    with pytest.raises(DataError, match="--split-file"):
+    with pytest.raises(DataError, match="manifest imagenet-10pct ships no split file; give its path as split_file"):
         manifest.split_entries()
 
 

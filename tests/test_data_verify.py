@@ -169,7 +169,7 @@ def test_cli_bad_usage_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean imagenet-val" in err
     assert main(["data", "verify", "imagenet-val", "--root", str(tmp_path / "nope")]) == 2
-    assert "no such folder" in capsys.readouterr().err
+    assert "nope: no such folder (the root of imagenet-val)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["data", "verify", "imagenet-val"])  # --root is required
     assert exc.value.code == 2
@@ -345,4 +345,4 @@ def test_split_file_where_it_does_not_apply_is_an_error(tmp_path, capsys, name):
         verify_dataset(name, tmp_path, split_file=split, progress=False)
     assert main(["data", "verify", name, "--root", str(tmp_path), "--split-file", str(split)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--split-file does not apply to {name}" in err, err
+    assert err.count("\n") == 1 and f"split_file does not apply to {name}" in err, err

@@ -144,7 +144,7 @@ def test_aggregate_error_lines(photo_folder, tmp_path, capsys):
     assert "is a 'cls' head" in run("--head", str(cls_head))
     assert "needs a reference model" in run("--sources", "central,reference:dino-vit-b16")
     # a reference: source must name the model given as --reference (it was computed with that one, mislabelled)
-    assert "reference:dino-vit-b16 names dino-vit-b16 but --reference is" in run(
+    assert "reference:dino-vit-b16 names dino-vit-b16 but the reference is" in run(
         *REF, "--sources", "central,reference:dino-vit-b16")
     assert "need --reference MODEL" in run("--reference-random-init")
     assert "softmax in low precision" in run("--amp", "bf16", "--device", "cpu")
@@ -166,7 +166,7 @@ def test_reference_source_must_name_the_reference_model(photo_folder):
 
     model = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
     reference = load_model("vit_small_patch16_224.dino", random_init=True, img_size=64, **KW)
-    with pytest.raises(AggregationError, match="names dino-vit-b16 but --reference is dino-vit-s16"):
+    with pytest.raises(AggregationError, match="names dino-vit-b16 but the reference is dino-vit-s16"):
         aggregation_statistics(model, photo_folder, reference=reference, reference_name="dino-vit-s16",
                                sources=["reference:dino-vit-b16"], progress=False)
 

@@ -297,7 +297,7 @@ def test_a_later_route_in_the_process_reuses_the_check(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         later(*_args(N=65, seed=2))
     assert later_calls["reference"] == 0 and later.name == "torch" and "disagrees" in later.fallback_reason
-    assert "continuing with the torch route" in caplog.text
+    assert "continuing with the torch route (qk_kernel torch)" in caplog.text
 
 
 def test_auto_route_falls_back_when_the_kernel_disagrees(monkeypatch, caplog):
@@ -306,7 +306,7 @@ def test_auto_route_falls_back_when_the_kernel_disagrees(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         values = route(*args)
     assert route.name == "torch" and "disagrees" in route.fallback_reason
-    assert "continuing with the torch route" in caplog.text
+    assert "continuing with the torch route (qk_kernel torch)" in caplog.text
     torch.testing.assert_close(values, metrics_from_qk(*[a.cpu() if torch.is_tensor(a) else a for a in args])
                                .to(values.device), equal_nan=True)
 
@@ -332,7 +332,7 @@ def test_unknown_or_unavailable_kernel_is_refused(monkeypatch):
     with pytest.raises(AttnflowError, match="unknown qk kernel 'cuda'; choose one of auto, triton, torch"):
         QKRoute("cuda", torch.device("cpu"), metrics_from_qk, metrics_from_qk)
     monkeypatch.setattr(route_module, "triton_supported", lambda device: False)  # CPU, no interpreter
-    with pytest.raises(AttnflowError, match=r"needs a CUDA device and Triton \(got cpu\); use --qk-kernel torch"):
+    with pytest.raises(AttnflowError, match=r"needs a CUDA device and Triton \(got cpu\); set qk_kernel to torch$"):
         QKRoute("triton", torch.device("cpu"), metrics_from_qk, metrics_from_qk)
 
 

@@ -354,7 +354,7 @@ def test_official_dinov2_file_given_the_timm_name_names_the_preset(tmp_path):
     path = save(tmp_path, {**sd, "mask_token": torch.randn(1, 32)}, "dinov2_vits14_pretrain.pth")
     msg = fit_error("vit_small_patch14_dinov2", path, img_size=56)
     assert "unexpected key(s): mask_token" in msg
-    assert "--model dinov2-vit-s14" in msg
+    assert "use the model dinov2-vit-s14" in msg
     for other in ("dinov2-vit-b14", "dinov2-reg4-vit-s14", "dinov2-reg4-vit-b14"):
         assert other not in msg
     assert_loaded(load_model("dinov2-vit-s14", checkpoint=path, img_size=56, **TINY), sd)
@@ -365,6 +365,7 @@ def test_official_dinov2_registers_file_names_only_the_register_presets(tmp_path
     path = save(tmp_path, {**sd, "mask_token": torch.randn(1, 32), "register_tokens": torch.randn(1, 4, 32)})
     msg = fit_error("vit_small_patch14_dinov2", path, img_size=56)
     assert "dinov2-reg4-vit-s14" in msg and "dinov2-reg4-vit-b14" in msg
+    assert msg.endswith("use one of them as the model")
     assert " dinov2-vit-s14" not in msg and "dinov2-vit-b14" not in msg
 
 
@@ -373,14 +374,14 @@ def test_official_mocov3_file_given_the_timm_name_names_the_preset_of_that_size(
     state = {**prefixed(base, "module.base_encoder."), **prefixed(base, "module.momentum_encoder.")}
     path = save(tmp_path, {"epoch": 300, "state_dict": state}, "vit-b-300ep.pth.tar")
     msg = fit_error("vit_base_patch16_224", path)
-    assert "--model mocov3-vit-b16" in msg and "mocov3-vit-s16" not in msg
+    assert "use the model mocov3-vit-b16" in msg and "mocov3-vit-s16" not in msg
 
 
 def test_official_ijepa_file_given_the_timm_name_names_the_preset(tmp_path):
     context = tiny_weights("ijepa-vit-h14", img_size=56)
     path = save(tmp_path, {"encoder": prefixed(context, "module."), "target_encoder": prefixed(context, "module."),
                            "predictor": {"module.mask_token": torch.randn(1, 1, 16)}, "epoch": 300})
-    assert "--model ijepa-vit-h14" in fit_error("vit_huge_patch14_gap_224", path, img_size=56)
+    assert "use the model ijepa-vit-h14" in fit_error("vit_huge_patch14_gap_224", path, img_size=56)
 
 
 def test_full_dino_checkpoint_given_the_timm_name_names_dino_and_ibot(tmp_path):
@@ -396,14 +397,15 @@ def test_full_dino_checkpoint_given_the_timm_name_names_dino_and_ibot(tmp_path):
 def test_official_file_given_another_preset_names_the_right_one(tmp_path):
     base = tiny_weights("mocov3-vit-b16")
     path = save(tmp_path, {"state_dict": prefixed(base, "module.base_encoder.")})
-    assert "--model mocov3-vit-b16" in fit_error("mae-vit-b16", path)
+    assert fit_error("mae-vit-b16", path).endswith("the file has the official layout of mocov3-vit-b16: use the model "
+                                                   "mocov3-vit-b16")
 
 
 def test_a_plain_timm_file_that_does_not_fit_suggests_no_preset(tmp_path):
     sd = tiny_weights("dino-vit-s16")
     sd["blocks.0.attn.qkv_weight"] = sd.pop("blocks.0.attn.qkv.weight")
     msg = fit_error("vit_small_patch16_224", save(tmp_path, {"model": sd}))
-    assert "missing key(s): blocks.0.attn.qkv.weight" in msg and "--model" not in msg
+    assert "missing key(s): blocks.0.attn.qkv.weight" in msg and "the file has the official layout of" not in msg
 
 
 @pytest.mark.parametrize("layout, expected", [

@@ -218,7 +218,7 @@ def test_official_weights_from_the_cache_then_missing_reuse_unchecked(env, photo
 
 
 def test_reuse_without_the_data_folder(env, photo_folder, calls, capsys):
-    """Figures re-render from stored results when the data is gone; computing without data says --data."""
+    """Figures re-render from stored results when the data is gone; computing without data asks for a data root."""
     cfg_path = write_config(env, photo_folder, figures='[[figures]]\nname = "p"\nkind = "panel"\nformats = ["png"]\n')
     assert run(capsys, str(cfg_path))[0] == 0
     moved = photo_folder.rename(photo_folder.with_name("elsewhere"))
@@ -227,7 +227,8 @@ def test_reuse_without_the_data_folder(env, photo_folder, calls, capsys):
     assert len(calls) == 2
     code = main(["run", str(cfg_path), "--limit", "2"])
     err = capsys.readouterr().err
-    assert code == 2 and "--data" in err and str(photo_folder) in err and err.count("\n") == 1
+    assert code == 2 and str(photo_folder) in err and err.count("\n") == 1
+    assert "give a data root (the config's data.root)" in err
     assert moved.exists()
 
 

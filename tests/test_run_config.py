@@ -90,7 +90,7 @@ def test_overrides():
     new = cfg.with_overrides(data="/d", run_dir="/r", limit=10, random_init=True, batch_size=4)
     assert new.data_root == Path("/d") and new.run_dir == Path("/r") and new.figures_dir == Path("/r/figures")
     assert new.limit == 10 and new.batch_size == 4 and all(m.random_init and m.checkpoint is None for m in new.models)
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(ConfigError, match="^limit must be positive, got 0$"):
         cfg.with_overrides(limit=0)
 
 
@@ -155,7 +155,8 @@ def test_shipped_configs_dry_run_without_data(name, tmp_path, monkeypatch, capsy
     assert "data data/imagenet/val (not found: not checked by a dry run)" in out
     missing = [line for line in out.splitlines() if line.startswith("  missing  ")]
     maps = [f.name for f in cfg.figures if f.kind == "maps"]
-    assert len(missing) == (len(maps) if maps else 1) and all("pass --data DIR" in line for line in missing)
+    assert len(missing) == (len(maps) if maps else 1)
+    assert all("give a data root (the config's data.root)" in line for line in missing)
     if not maps:
         assert out.count("would compute") == len(cfg.models) and "statistics of " + cfg.models[0].id in missing[0]
     assert out.splitlines()[-1].startswith("  dry run: nothing was read")

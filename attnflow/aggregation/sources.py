@@ -161,5 +161,5 @@ def default_sources(has_cls: bool, reference_name: str | None = None, head: Any 
 
 def reference_mismatch(source: Source, reference_name: str) -> str:
     """The error line for a ``reference:<name>`` source that names another model than the reference given."""
-    return (f"source {source.name} names {source.target} but --reference is {reference_name}: its vectors would "
+    return (f"source {source.name} names {source.target} but the reference is {reference_name}: its vectors would "
             f"be {reference_name}'s; use reference:{reference_name}")

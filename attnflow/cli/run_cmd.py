@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "already holds for the same model, weights (sha256), data and resolution, compute the rest "
                     "(an interrupted computation resumes where it stopped) and render the config's figures.")
     parser.add_argument("config", help="analysis config, e.g. analyses/fig3_6_vit_b.toml")
-    parser.add_argument("--data", metavar="DIR", help="image folder, overriding the config's [data] root")
+    parser.add_argument("--data", metavar="DIR", help="the data root (image folder); overrides the config's data.root")
     parser.add_argument("--run-dir", metavar="DIR", help="where results are cached (default: the config's run_dir)")
     add_limit_argument(parser)
     parser.add_argument("--random-init", action="store_true",

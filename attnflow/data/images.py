@@ -118,7 +118,7 @@ def evenly_spaced(n_total: int, limit: int | None) -> list[int]:
     if limit is None or limit >= n_total:
         return list(range(n_total))
     if limit <= 0:
-        raise DataError(f"--limit must be positive, got {limit}")
+        raise DataError(f"limit must be positive, got {limit}")
     return np.unique(np.linspace(0, n_total - 1, limit).round().astype(np.int64)).tolist()
 
 

@@ -213,7 +213,7 @@ class Manifest:
             text = self._read_text(spec["file"])
         else:
             upstream = spec.get("upstream_name", "the split file")
-            raise DataError(f"manifest {self.name} ships no split file; pass --split-file PATH ({upstream}, "
+            raise DataError(f"manifest {self.name} ships no split file; give its path as split_file ({upstream}, "
                             f"{spec.get('source', 'see the manifest')})")
         return [line.strip() for line in text.splitlines() if line.strip()]
 

@@ -124,7 +124,7 @@ DESCEND: dict[str, tuple[str, ...]] = {
     "imagenet-train": ("train", "ILSVRC/Data/CLS-LOC/train"),
     "imagenet-subset": ("train", "ILSVRC/Data/CLS-LOC/train"),
 }
-"""Sub-folders tried when ``--root`` points at the dataset's parent folder (ImageNet root, Kaggle root)."""
+"""Sub-folders tried when ``root`` points at the dataset's parent folder (ImageNet root, Kaggle root)."""
 
 
 def _looks_like(kind: str, root: Path) -> bool:
@@ -424,11 +424,11 @@ def verify_dataset(name: str | Path | Manifest, root: str | Path, *, check_image
     manifest = name if isinstance(name, Manifest) else load_manifest(name)
     if split_file is not None and manifest.kind != "imagenet-subset":
         kind = f" ({manifest.kind})" if manifest.kind != manifest.name else ""
-        raise DataError(f"--split-file does not apply to {manifest.name}{kind}; it applies to the "
+        raise DataError(f"split_file does not apply to {manifest.name}{kind}; it applies to the "
                         f"subset manifests: {', '.join(_subset_manifests()) or 'none found'}")
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder (the --root of {manifest.name})")
+        raise DataError(f"{root}: no such folder (the root of {manifest.name})")
     root, notes = locate_root(manifest.kind, root)
     if manifest.kind == "imagenet-val":
         report, to_check = _scan_val(manifest, root, progress)

@@ -4,4 +4,4 @@ Both modules import without Triton; the torch routes need none.
 """
 
 QK_KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
-"""Choices of ``attention_stats(qk_kernel=...)`` and ``attnflow stats --qk-kernel``."""
+"""Choices of the ``qk_kernel`` option: ``attention_stats(qk_kernel=...)``, also in ``attnflow stats``."""

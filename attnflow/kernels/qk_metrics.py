@@ -356,7 +356,7 @@ if triton is not None:
 
     # Tiles whose warps split only the query rows keep the row reductions inside a warp (BLOCK_M = 16 per
     # warp, or 64 per warpgroup on Hopper); benchmarks/kernel_resources.py builds each for sm_80/sm_90 and
-    # reports its registers and a static model of its hot loop (--pipes). The autotuner picks per (token
+    # reports its registers and a static model of its hot loop (its pipes mode). The autotuner picks per (token
     # count, heads, head size, prefix count, grid) on the GPU at hand. On an H100
     # (benchmarks/results/h100_qk_kernel_configs_b256.json, ViT-B/16 bf16, 224 and 448 px) every config that
     # computes the distances beat every one that reads them, and a two-pass variant (exact row max first, no

@@ -48,7 +48,7 @@ class QKRoute:
             raise AttnflowError(f"unknown qk kernel {kernel!r}; choose one of {', '.join(QK_KERNELS)}")
         if kernel == "triton" and not triton_supported(device):
             raise AttnflowError(f"the Triton kernel needs a CUDA device and Triton (got {device}); "
-                                "use --qk-kernel torch")
+                                "set qk_kernel to torch")
         self.kernel = kernel
         self.use_triton = kernel == "triton" or (kernel == "auto" and device.type == "cuda"
                                                  and triton_supported(device))
@@ -85,7 +85,7 @@ class QKRoute:
         return values
 
     def _fall_back(self, reason: str, q: torch.Tensor, k: torch.Tensor, args: tuple) -> torch.Tensor:
-        log.warning("%s; continuing with the torch route (--qk-kernel torch)", reason)
+        log.warning("%s; continuing with the torch route (qk_kernel torch)", reason)
         self.use_triton = False
         self.fallback_reason = reason
         return self.torch_fn(q, k, *args)

@@ -43,7 +43,7 @@ from ..errors import AttnflowError
 log = logging.getLogger(__name__)
 
 BOX_FORMATS: tuple[str, ...] = ("auto", "xml", "kaggle", "wsol", "csv")
-"""Values of ``read_boxes(format=...)`` and ``attnflow localize --boxes-format``."""
+"""Values of the boxes' ``format`` option: ``read_boxes(format=...)``, also in ``attnflow localize``."""
 
 _HEADERS: dict[tuple[str, ...], str] = {("path", "x1", "y1", "x2", "y2"): "x1y1x2y2",
                                         ("path", "xmin", "ymin", "xmax", "ymax"): "minmax",

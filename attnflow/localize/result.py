@@ -1,11 +1,11 @@
 """The localization result: a tidy summary table, the full BoxAcc curves, provenance and example boxes.
 
-On disk (``attnflow localize --out DIR``)::
+On disk (:meth:`LocalizationResult.write` into ``out_dir``; ``attnflow localize`` adds the examples)::
 
     localization.parquet / .csv   model, source, label, metric, iou_threshold, value, best_cam_threshold, images
     localization.json             provenance: model, checkpoint sha256, head, boxes file, protocol, images
     curve.parquet / .csv          model, source, iou_threshold, cam_threshold, hits, images, box_acc
-    examples.pdf / .png           Fig. 8-style boxes on a few images (with --examples)
+    examples.pdf / .png           Fig. 8-style boxes on a few images (``examples`` > 0)
 
 ``metric`` is ``MaxBoxAcc`` (one row per IoU threshold, with the best score-map threshold) or ``MaxBoxAccV2``
 (their mean; ``iou_threshold`` and ``best_cam_threshold`` empty). Values are percentages. The curve keeps the

@@ -7,7 +7,7 @@ Where the weights come from, in order (unless ``random_init``):
 2. the Hugging Face cache, when timm hosts the preset's weights (``hub_tag`` with an ``hf_hub_id``);
 3. the torch hub cache, ``torch.hub.get_dir()/checkpoints/<file>``, holding the authors' official file;
 4. when online: a download from the hub, else from the authors' URL (short timeouts);
-5. otherwise :class:`WeightsUnavailableError`, naming the URL / hub tag and the ``--checkpoint`` option.
+5. otherwise :class:`WeightsUnavailableError`, naming the URL / hub tag and the ``checkpoint`` option.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def hub_repo(spec: ModelSpec) -> str | None:
 
 def official_cache_path(spec: ModelSpec) -> Path | None:
     """Where the authors' file of ``spec`` is looked for (``torch.hub.get_dir()/checkpoints/<file>``), or
-    ``None`` without an official file. A file copied there by hand is used with no ``--checkpoint``."""
+    ``None`` without an official file. A file copied there by hand is used with no ``checkpoint``."""
     return files.torch_hub_checkpoint_dir() / spec.cache_filename if spec.cache_filename else None
 
 
@@ -244,14 +244,14 @@ def _unavailable(name: str, spec: ModelSpec | None, arch: str) -> WeightsUnavail
     if url:
         where.append(url)
     if not where:
-        return WeightsUnavailableError(f"{name}: no pretrained weights are known; pass --checkpoint PATH "
-                                       f"(checkpoint=...) or use --random-init")
+        return WeightsUnavailableError(f"{name}: no pretrained weights are known; pass a local weights file as "
+                                       "checkpoint, or set random_init")
     why = ("offline mode is on (HF_HUB_OFFLINE / ATTNFLOW_OFFLINE)" if files.offline()
            else "could not be downloaded (no network?)")
     cache = f" or save it as {files.torch_hub_checkpoint_dir() / filename}" if filename else ""
     return WeightsUnavailableError(
-        f"weights of {name} are not cached and {why}: get {' or '.join(where)} and pass --checkpoint PATH "
-        f"(checkpoint=... in Python){cache}; --random-init builds the model without weights")
+        f"weights of {name} are not cached and {why}: get {' or '.join(where)} and pass the file as checkpoint"
+        f"{cache}; random_init builds the model without weights")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -271,7 +271,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         checkpoint_key: top-level key holding the weights when it is not the format's default, e.g.
             ``"target_encoder"`` for I-JEPA or ``"student"`` for a DINO/iBOT full checkpoint.
         seed_name: with ``random_init``, the run's name that seeds the random weights (the ``model`` column of
-            its table: ``attnflow stats --name``, a config entry's ``id``); default ``name``. Ignored otherwise.
+            its table: a run's ``model_name``, a config entry's ``id``); default ``name``. Ignored otherwise.
         **timm_kwargs: architecture overrides passed to ``timm.create_model`` (e.g. ``depth=2`` in tests).
 
     Returns:
@@ -359,7 +359,7 @@ def _load_weights(model: nn.Module, weights: _Weights, spec: ModelSpec | None, a
         names = [] if spec is not None and spec.converter in official_formats(raw) else _presets_for(raw, arch)
         if not names:
             raise
-        use = f"--model {names[0]}" if len(names) == 1 else "--model with one of them"
+        use = f"the model {names[0]}" if len(names) == 1 else "one of them as the model"
         raise CheckpointError(f"{err}; the file has the official layout of {', '.join(names)}: use {use}") \
             from None
 

@@ -63,7 +63,7 @@ for _size, _arch, _folder in (
         url=f"{_IBOT}/{_folder}/checkpoint_teacher.pth", converter="ibot",
         filename=f"ibot_{_folder}_checkpoint_teacher.pth",
         notes="teacher backbone, block masking" + ("" if _size == "S" else
-              f"; the random-masking variant ({_folder}_rand_mask/) loads with --checkpoint")))
+              f"; the random-masking variant ({_folder}_rand_mask/) loads when passed as checkpoint")))
 
 # -------------------------------------------------------------------------------------------- BEiT-v2
 register(ModelSpec(
@@ -104,8 +104,8 @@ register(ModelSpec(
                  "init_values": 0.1, "global_pool": "token"},
     url="https://drive.google.com/file/d/1dJn6GYkwMIcoP3zqOEyW1_iQfpBi8UOw",
     filename="simmim_pretrain__vit_base__img224__800ep.pth", converter="simmim",
-    notes="only hosted on Google Drive: download it by hand and pass --checkpoint; the paper probes "
-          "SimMIM at the 8th block (attnflow probe --block 7)"))
+    notes="only hosted on Google Drive: download it by hand and pass it as checkpoint; the paper probes "
+          "SimMIM at the 8th block (block 7, counted from 0)"))
 
 # ----------------------------------------------------------------------------------------- MaskFeat
 register(ModelSpec(
@@ -120,4 +120,4 @@ register(ModelSpec(
     name="capi-vit-l14", arch="capi_vit_large_patch14", method="CAPI", family="MIM", size="L", patch_size=14,
     has_cls=False, url=f"{_FB}/capi/capi_vitl14_in1k.pth", converter="capi",
     notes="attnflow's own CAPI encoder (RMSNorm, 2-D RoPE, 16 registers, no [cls]); ImageNet-1k file "
-          "(the i22k, lvd and p205 files load with --checkpoint); the decoder is not loaded"))
+          "(the i22k, lvd and p205 files load when passed as checkpoint); the decoder is not loaded"))

@@ -110,7 +110,7 @@ def figure_label(index: int) -> int:
     """The number a figure shows for the 0-based block or head ``index``: ``index + 1``.
 
     The one rule: data count blocks and heads from 0 (result tables, CSV files, Python, options such as
-    ``--block`` and ``cls_head:H``); figures number them from 1, as the paper does (its "8-th ViT block" is
+    ``block`` and ``cls_head:H``); figures number them from 1, as the paper does (its "8-th ViT block" is
     block 7 in a table). Every figure label and tick of a block or head goes through this function.
     """
     return int(index) + 1

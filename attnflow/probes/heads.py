@@ -92,7 +92,7 @@ class AbMILPPool(nn.Module):
         include_cls: weigh the [cls] token too (``abmilp+cls``); otherwise patches only.
         scorer: ``"linear"`` (paper's main setting), ``"mlp-tanh"`` or ``"mlp-relu"``.
         self_attention: SA-AbMILP: tokens pass a 1-head self-attention first; its output feeds both the
-            scorer and the weighted sum (``--abmilp_sa both`` of the paper's code).
+            scorer and the weighted sum (the paper code's ``abmilp_sa`` set to ``both``).
     """
 
     def __init__(self, dim: int, has_cls: bool, include_cls: bool = False, scorer: str = "linear",

@@ -6,7 +6,7 @@ A run directory holds::
                                     holdout_top1, holdout_loss, selected (see attnflow.probes.fit.RESULT_COLUMNS)
     results.json                    provenance (model, checkpoint sha256, dataset, protocol, resolved batch and
                                     lrs, the lr each head kept per seed, versions, ...)
-    seed{S}/checkpoint.pt           per-epoch training state (heads + optimizers + history) for --resume
+    seed{S}/checkpoint.pt           per-epoch training state (heads + optimizers + history) to resume
     seed{S}/heads/{name}.pt         the final heads; ``load_head(path).scores(tokens)`` gives aggregation maps
 
 The three ``results`` files are written all or nothing (:func:`attnflow.result.write_table`).

@@ -2,9 +2,9 @@
 :class:`ProbeConfig` (a whole ``attnflow probe`` run: the paper's presets, Appendix B.2, overridable field by field).
 
 Every training setting has one name everywhere: a :class:`TrainOptions` field, the :class:`ProbeConfig` field
-of the same name (``seed`` there is ``seeds``, one run per seed), the TOML key and the ``probe`` flag
-(``base_lr`` is ``--blr``). Precedence of a run: preset < TOML config (``--config file.toml``, keys at top level
-or under ``[probe]``) < flags.
+of the same name (``seed`` there is ``seeds``, one run per seed), the TOML key and the ``attnflow probe``
+option (which spells ``base_lr`` as ``blr``). Precedence of a run: preset < TOML config file (keys at top level
+or under ``[probe]``) < command-line options.
 
 ===============  ========================================================================================
 preset           settings
@@ -14,7 +14,7 @@ preset           settings
                  accumulation over micro-batches), RandomResizedCrop(224, bicubic) + flip; val resize 256 +
                  center crop 224.
 ``imagenet-1pct``  the same but SGD (no momentum: the paper's code passes none), batch 1,024, the standard
-                 1% split file (``--split-file``); epochs/warm-up are not stated by the paper: 90/10 (the
+                 1% split file (``split_file``); epochs/warm-up are not stated by the paper: 90/10 (the
                  code's defaults).
 ``cub``          CUB-200-2011 with the ``imagenet-1pct`` settings.
 ``folder``       any ``ROOT/train`` + ``ROOT/val`` (or ``ROOT/test``) class-folder tree; not a paper protocol:

@@ -160,7 +160,7 @@ def make_encoder(model: torch.nn.Module, config: ProbeConfig, device: torch.devi
         aggregation = encoder.describe()
     else:
         encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
-    broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for --random-init)
+    broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for random_init)
     return encoder, aggregation
 
 

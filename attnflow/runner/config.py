@@ -59,7 +59,7 @@ class ModelEntry:
         checkpoint_key: top-level key of the checkpoint holding the weights, when not the format's default.
         random_init: build without weights (numbers are meaningless; for smoke tests).
         model_kw: ``timm.create_model`` overrides (e.g. ``{"depth": 2}`` in tests).
-        notes: free text shown by ``--dry-run``.
+        notes: free text shown by a dry run.
         display: ``label``, ``method``, ``family``, ``size`` for models that are not presets (e.g. your own
             MAE ViT-S checkpoint loaded into ``vit_small_patch16_224``); stored in the result's provenance,
             where the plots look them up.
@@ -154,7 +154,7 @@ class AnalysisConfig:
     def with_overrides(self, *, data: str | Path | None = None, run_dir: str | Path | None = None,
                        limit: int | None = None, random_init: bool = False,
                        batch_size: int | None = None, workers: int | None = None) -> "AnalysisConfig":
-        """A copy with command-line overrides applied (``--data``, ``--run-dir``, ``--limit``, ...)."""
+        """A copy with a run's overrides applied (``data``, ``run_dir``, ``limit``, ...), as ``attnflow run`` gives."""
         out = self
         if data is not None:
             out = replace(out, data_root=_path(str(data)))
@@ -166,7 +166,7 @@ class AnalysisConfig:
             out = replace(out, run_dir=new_run, figures_dir=figs)
         if limit is not None:
             if limit <= 0:
-                raise ConfigError(f"--limit must be positive, got {limit}")
+                raise ConfigError(f"limit must be positive, got {limit}")
             out = replace(out, limit=limit)
         if random_init:
             out = replace(out, models=tuple(replace(m, random_init=True, checkpoint=None) for m in out.models))

@@ -65,7 +65,7 @@ class Plan:
     jobs: list[Job]
     n_files: int | None
     missing_data: list[str] = field(default_factory=list)
-    """Why a real run would stop for want of data (``--data``); only a plan made with ``require_data=False``
+    """Why a real run would stop for want of data (a data root); only a plan made with ``require_data=False``
     (a dry run) holds any."""
 
     @property
@@ -177,7 +177,7 @@ def plan_run(cfg: AnalysisConfig, *, require_data: bool = True) -> Plan:
 
     Raises:
         ConfigError: a checkpoint file is missing; with ``require_data``, statistics must be computed and the
-            data root does not exist, or a maps figure has no images (the message names ``--data``).
+            data root does not exist, or a maps figure has no images (the message asks for a data root).
     """
     from ..data.images import find_images
 
@@ -200,18 +200,19 @@ def plan_run(cfg: AnalysisConfig, *, require_data: bool = True) -> Plan:
 
 def _missing_data(cfg: AnalysisConfig, jobs: list[Job], root_ok: bool) -> list[str]:
     """Why a run of ``jobs`` cannot proceed without data: statistics to compute without a data root, maps figures
-    without images; each a phrase that names ``--data``."""
+    without images; each a phrase that asks for a data root."""
     problems = []
     missing = [j.entry.id for j in jobs if j.compute]
     if missing and not root_ok:
         where = cfg.data_root if cfg.data_root is not None else "(none given)"
         problems.append(f"data root {where} does not exist, and the statistics of {', '.join(missing)} are not "
-                        f"cached in {cfg.run_dir}: pass --data DIR (e.g. the ImageNet validation folder)")
+                        f"cached in {cfg.run_dir}: give a data root (the config's data.root), e.g. the ImageNet "
+                        "validation folder")
     for fig in cfg.figures:
         images = fig.images or cfg.data_root
         if fig.kind == "maps" and (images is None or not images.exists()):
-            problems.append(f"figure {fig.name!r} draws maps on {images}, which does not exist: pass --data DIR "
-                            "or set images = \"...\" in the figure")
+            problems.append(f"figure {fig.name!r} draws maps on {images}, which does not exist: give a data "
+                            "root (the config's data.root) or set images = \"...\" in the figure")
     return problems
 
 
@@ -267,7 +268,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
         if job.compute:
             if cfg.data_root is None:  # plan_run refuses such a plan
                 raise ConfigError(f"{cfg.name}: no data root to compute the statistics of {job.entry.id} on: "
-                                  "pass --data DIR")
+                                  "give a data root (the config's data.root)")
             echo(f"computing {job.entry.id} over {cfg.data_root} ...")
             key = job.key.to_json() | {"weights": f"sha256:{record.sha256}" if record.sha256 else "random-init"}
             result = attention_stats(

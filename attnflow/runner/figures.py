@@ -51,7 +51,7 @@ class MapsData:
 
 
 def output_files(fig: FigureEntry, out_dir: Path, metrics: Sequence[str] | None = None) -> list[Path]:
-    """Files a figure entry writes, as far as they can be named before rendering (for ``--dry-run``).
+    """Files a figure entry writes, as far as they can be named before rendering (for a dry run).
 
     ``set`` figures also write ``NAME-sizes`` when the models span several sizes; that file is listed only when
     ``by_size`` is set.
