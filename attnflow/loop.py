@@ -222,8 +222,8 @@ def _loader_error(err: BaseException) -> LoaderError | None:
     text = str(err)
     if not isinstance(err, RuntimeError) or not text.startswith("DataLoader"):
         return None
-    hint = ("; a worker died (out of shared memory? a container's /dev/shm is 64 MB by default: give it more, e.g. "
-            "docker run --shm-size 8g, or use fewer workers, or workers=0)" if "timed out" not in text else
+    hint = ("; a worker died (out of shared memory? a container's /dev/shm is 64 MB by default: give it more with "
+            "Docker's shm-size option, or use fewer workers, or workers=0)" if "timed out" not in text else
             "; a worker hung (out of shared memory, or a stalled file system): try fewer workers, or workers=0")
     return LoaderError(f"the image loader failed: {text.splitlines()[0].strip()}{hint}")
 
