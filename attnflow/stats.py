@@ -13,7 +13,7 @@ import functools
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -124,7 +124,7 @@ class StatsStep:
         self.layouts = LayoutRecord()
         self.metric_fn, qk_torch_fn = attention_metrics, metrics_from_qk
         if compile:
-            self.metric_fn, qk_torch_fn = torch.compile(attention_metrics), torch.compile(metrics_from_qk)
+            self.metric_fn, qk_torch_fn = CompiledOrEager(attention_metrics), CompiledOrEager(metrics_from_qk)
         self.qk_route = QKRoute(qk_kernel, device, qk_torch_fn, metrics_from_qk) if fast_qk else None
         self.tap = AttentionTap(model, callback=self._on_attention, fast_qk=fast_qk)
         self.check = InputCheck(model, device)
@@ -168,6 +168,26 @@ class StatsStep:
         return {"fast_qk_blocks": len(self.tap.fast_blocks),
                 "qk_kernel": route.name if route and self.tap.fast_blocks else None,
                 "qk_kernel_fallback": route.fallback_reason if route else None}
+
+
+class CompiledOrEager:
+    """``torch.compile(fn)``, falling back to ``fn`` itself, once and with a warning, when compiling fails (a compile
+    cache left broken by a killed run, a missing C compiler): the numbers are the same either way, only slower.
+    An error of ``fn`` itself is raised by the eager call."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn, self.compiled = fn, torch.compile(fn)
+        self.failed = False
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # noqa: BLE001 - any compiler failure; the eager call below decides
+                self.failed = True
+                log.warning("torch.compile failed (%s: %s); computing the statistics without compiling",
+                            type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+        return self.fn(*args)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ are scaled up so that random-init maps are peaky: near-uniform maps hide swapped
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -168,3 +169,20 @@ def test_low_precision_autocast_refused_on_cpu(amp):
         attention_stats(model, [x], device="cpu", progress=False, amp=amp)
     assert math.isfinite(attention_stats(model, [x], device="cpu", progress=False, amp="fp32")
                          .frame["mean"].dropna().sum())
+
+
+def test_a_broken_compiler_falls_back_to_the_same_numbers(monkeypatch, caplog):
+    """A compile cache left broken by a killed run made every later compiled run fail: now the statistics are
+    computed eagerly, with one warning, and equal the eager run."""
+    import attnflow.stats as stats
+
+    def broken_compile(fn):
+        def compiled(*args):
+            raise ImportError("/tmp/torchinductor_root/x.main.so: file too short")
+        return compiled
+    model, images = tiny_model(), torch.randn(3, 3, 64, 64)
+    eager = attention_stats(model, images, device="cpu", progress=False, compile=False)
+    monkeypatch.setattr(stats.torch, "compile", broken_compile)
+    fallen = attention_stats(model, images, device="cpu", progress=False, compile=True)
+    pd.testing.assert_frame_equal(fallen.frame, eager.frame)
+    assert sum("torch.compile failed (ImportError" in r.getMessage() for r in caplog.records) == 1

@@ -214,10 +214,29 @@ def check_output_folder(out: Path) -> None:
 
 
 def output_dir(out: str, command: str) -> Path:
-    """``--out`` of a command that writes a directory: refused when it is a file."""
+    """``--out`` of a command that writes a directory: refused when it is a file or cannot be written; created."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise AttnflowError(f"--out {path} is a file; {command} writes a directory there")
+    check_output_folder(path / "x")
+    return path
+
+
+def output_table(out: str) -> Path:
+    """``--out`` of a command that writes one result table: ``NAME.parquet`` (``.csv``: the same table), with
+    ``NAME.csv`` and ``NAME.json`` beside it; its folder is created now (an unwritable one fails before the run).
+
+    Raises:
+        AttnflowError: a folder, or another suffix (one line naming what would be written).
+    """
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        raise AttnflowError(f"--out {out} is a folder: give the table's file name, e.g. {path / 'stats.parquet'}")
+    if path.suffix not in ("", ".parquet", ".csv"):
+        raise AttnflowError(f"--out {out}: a result table is written as .parquet, with .csv and .json beside it: "
+                            f"use {path.with_suffix('.parquet')}")
+    path = path.with_suffix(".parquet")
+    check_output_folder(path)
     return path
 
 
@@ -270,18 +289,21 @@ def run_resumable(args: argparse.Namespace, spec: Resumable, load: Callable[[], 
         compute: ``(loaded, LoopOptions) -> result`` with a ``write(path) -> Path`` method.
         report: ``(result, written path)`` -> prints the summary.
     """
+    from ..atomic import output_lock
     from ..dist import process_group
 
-    with process_group(args.device) as (world, device):
+    with process_group(args.device) as (world, device), contextlib.ExitStack() as held:
         with reported_by_rank0(command=spec.command):  # the same arguments and files in every process
+            if world.is_main:  # one run at a time per output: rank 0 holds the lock for the whole run
+                held.enter_context(output_lock(spec.write_to))
             if nothing_to_resume(spec.table, spec.state, world.rank, world.size, args.resume):
                 return 0
             loaded = load()
         with sigterm_as_interrupt(), reported_by_rank0(command=spec.command):
             result = compute(loaded, loop_options(args, device, spec.state))
             path = write_and_release(result, spec.write_to, spec.state, world.rank, world.size)
-    if world.is_main and path is not None:
-        report(result, path)
+        if world.is_main and path is not None:
+            report(result, path)
     return 0
 
 

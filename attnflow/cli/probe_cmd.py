@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,15 +188,25 @@ def print_results(table: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..vit import model_has_cls
+    from ..atomic import output_lock
+
+    config, heads_chosen = _config(args)
+    out = _check_out(args)
+    with contextlib.ExitStack() as held:
+        if int(os.environ.get("RANK", "0")) == 0:  # one run at a time per run directory
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(output_lock(out))
+        return _probe(args, config, heads_chosen, out)
+
+
+def _probe(args: argparse.Namespace, config: ProbeConfig, heads_chosen: bool, out: Path) -> int:
     from ..models.registry import find_spec
     from ..options import resolve_device
     from ..probes.specs import DEFAULT_HEADS_NO_CLS
     from ..probes.tasks import load_task
     from ..probes.train import probe_images, resolved_settings
+    from ..vit import model_has_cls
 
-    config, heads_chosen = _config(args)
-    out = _check_out(args)
     device = resolve_device(args.device)
     model = load_model_from(args)
     if args.random_init:

@@ -8,7 +8,8 @@ from typing import Any
 
 from ..kernels import QK_KERNELS
 from .common import (Resumable, add_loop_arguments, add_model_arguments, add_name_argument, check_data_and_amp,
-                     check_output_folder, crop_fraction, is_random, load_model_from, print_skipped, run_resumable)
+                     crop_fraction, is_random, load_model_from, output_table, print_skipped,
+                     run_resumable)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,10 +48,7 @@ def state_path_for(out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     check_data_and_amp(args.data, args.amp, args.device)  # before loading a model, which can take a minute
-    out = Path(args.out)
-    if out.suffix not in (".parquet", ".csv"):
-        out = out.with_suffix(".parquet")
-    check_output_folder(out)
+    out = output_table(args.out)
     spec = Resumable("stats", out, state_path_for(out), out)
     return run_resumable(args, spec, lambda: _load(args), lambda model, options: _compute(args, model, options),
                          _report)

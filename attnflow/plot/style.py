@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..atomic import write_atomically
 from ..errors import AttnflowError
 
 if TYPE_CHECKING:
@@ -148,8 +149,8 @@ def paper_style() -> Iterator[None]:
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 300) -> Path:
     """Write ``fig`` in the format named by the file extension (vector PDF/SVG/EPS or PNG).
 
-    Parent folders are created. PDFs carry no creation date, so re-rendering the same data gives the same
-    bytes.
+    Parent folders are created; the file is written all or nothing (:mod:`attnflow.atomic`). PDFs carry no creation
+    date, so re-rendering the same data gives the same bytes.
 
     Args:
         fig: the figure.
@@ -167,10 +168,12 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 300) -> Path:
     if fmt not in SAVE_FORMATS:
         raise PlotError(f"{path}: cannot tell the figure format from the extension "
                         f"(use one of {', '.join('.' + f for f in SAVE_FORMATS)})")
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"CreationDate": None} if fmt == "pdf" else ({"Date": None} if fmt == "svg" else None)
-    with mpl.rc_context({"svg.hashsalt": "attnflow"}):
-        fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.02, metadata=metadata)
+
+    def write(temporary: Path) -> None:
+        with mpl.rc_context({"svg.hashsalt": "attnflow"}):
+            fig.savefig(temporary, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.02, metadata=metadata)
+    write_atomically({path: write})  # a full disk leaves the previous figure, never a truncated one
     log.debug("wrote %s", path)
     return path
 
