@@ -122,7 +122,8 @@ class StatsStep:
         self.reducer = StatsReducer(len(model_blocks(model)), model_num_heads(model), METRICS,
                                     valid=valid_metrics(self.has_cls), device=device)
         self.layouts = LayoutRecord()
-        self.metric_fn, qk_torch_fn = attention_metrics, metrics_from_qk
+        self.metric_fn: Callable[..., torch.Tensor] = attention_metrics
+        qk_torch_fn: Callable[..., torch.Tensor] = metrics_from_qk
         if compile:
             self.metric_fn, qk_torch_fn = CompiledOrEager(attention_metrics), CompiledOrEager(metrics_from_qk)
         self.qk_route = QKRoute(qk_kernel, device, qk_torch_fn, metrics_from_qk) if fast_qk else None
