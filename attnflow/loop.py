@@ -81,6 +81,8 @@ class Analysis:
         fingerprint: what must not change between an interrupted and a resumed run besides the images and the
             processes, which the loop adds (see :func:`attnflow.runstate.model_fingerprint`).
         in_flight: batches whose step may still be under way while the next batch runs.
+        local: this process alone reads every image, even under torchrun (no sharding, no all-reduce): for work
+            that one process does while the others wait (extracting a token cache).
     """
 
     title: str
@@ -88,6 +90,7 @@ class Analysis:
     accumulators: Mapping[str, Accumulator]
     fingerprint: dict[str, Any]
     in_flight: int = 0
+    local: bool = False
 
 
 class LoopCounts(Accumulator):
@@ -157,7 +160,7 @@ def run_loop(analysis: Analysis, source: ImageSource, options: LoopOptions) -> L
         StateFileError, StateMismatchError: with ``options.resume``, an unreadable state or one of another run.
         Whatever the step raises (after saving the state of the last whole batch).
     """
-    world = current_world()
+    world = World() if analysis.local else current_world()
     counts = LoopCounts()
     accumulators: dict[str, Accumulator] = {"loop": counts, **analysis.accumulators}
     state = RunState(rank_state_path(Path(options.state_path), world.rank, world.size)
@@ -168,9 +171,9 @@ def run_loop(analysis: Analysis, source: ImageSource, options: LoopOptions) -> L
     if saved:
         log.info("resuming %s from %s: %d images done", analysis.title, state.path, int(counts.images))
     progress = _Progress(saved, accumulators)
-    _iterate(analysis, source, options, state, progress)
+    _iterate(analysis, source, options, state, progress, world)
     final = progress.snapshot() if options.keep_state and state.path is not None else None  # before the all-reduce
-    for accumulator in accumulators.values():
+    for accumulator in accumulators.values() if not analysis.local else ():
         accumulator.all_reduce()
     run = LoopRun(int(counts.images), source.in_order(list(counts.skipped)), progress.seconds(), saved is not None,
                   world)
@@ -187,11 +190,11 @@ def run_loop(analysis: Analysis, source: ImageSource, options: LoopOptions) -> L
     return run
 
 
-def _iterate(analysis: Analysis, source: ImageSource, options: LoopOptions, state: RunState,
-             progress: _Progress) -> None:
+def _iterate(analysis: Analysis, source: ImageSource, options: LoopOptions, state: RunState, progress: _Progress,
+             world: World) -> None:
     """The batches of this process, with the progress bar; on any failure or interrupt the loader is shut down
     first, then the state of the last whole batch is saved (nothing can interrupt the save)."""
-    world, device = current_world(), options.torch_device()
+    device = options.torch_device()
     batches, total = source.shard(world.rank, world.size, progress.done, options.batch_size, options.num_workers,
                                   pin_memory=device.type == "cuda", timeout=LOADER_TIMEOUT)
     bar = tqdm(total=total, initial=progress.done, unit="img" if source.is_dataset else "batch",

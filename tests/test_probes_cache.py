@@ -111,12 +111,14 @@ def test_interrupted_extraction_resumes_to_identical_cache(dataset, tmp_path, mo
         extract_tokens(enc, ds, tmp_path / "part", info=INFO, views=2, batch_size=2, progress=False)
     with pytest.raises(AttnflowError, match="not a complete"):
         TokenCache.open(tmp_path / "part")
-    done_before = json.loads((tmp_path / "part" / "progress.json").read_text())["done"]
-    assert done_before == [3, 0]
+    # the loop's state of view 0 holds three whole batches (six images); view 1 has not begun
+    assert torch.load(tmp_path / "part" / "view0.state.pt", weights_only=True)["done"] == 6
+    assert not (tmp_path / "part" / "view1.state.pt").exists()
     resumed = extract_tokens(enc, ds, tmp_path / "part", info=INFO, views=2, batch_size=2, progress=False)
     assert calls["n"] == 4 + (2 * len(range(0, len(ds), 2)) - 3)  # only the missing batches were encoded
     assert torch.equal(resumed.tokens.view(torch.int16), whole.tokens.view(torch.int16))
     assert torch.equal(resumed.labels, whole.labels)
+    assert not list((tmp_path / "part").glob("*.state.pt")), "a complete cache keeps no state"
 
 
 def test_cache_batches_follow_the_plan(dataset, tmp_path):

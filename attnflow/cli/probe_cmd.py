@@ -188,18 +188,12 @@ def print_results(table: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import output_lock
-
     config, heads_chosen = _config(args)
-    out = _check_out(args)
-    with contextlib.ExitStack() as held:
-        if int(os.environ.get("RANK", "0")) == 0:  # one run at a time per run directory
-            out.mkdir(parents=True, exist_ok=True)
-            held.enter_context(output_lock(out))
-        return _probe(args, config, heads_chosen, out)
+    return _probe(args, config, heads_chosen, _check_out(args))
 
 
 def _probe(args: argparse.Namespace, config: ProbeConfig, heads_chosen: bool, out: Path) -> int:
+    from ..atomic import output_lock
     from ..models.registry import find_spec
     from ..options import resolve_device
     from ..probes.specs import DEFAULT_HEADS_NO_CLS
@@ -222,9 +216,13 @@ def _probe(args: argparse.Namespace, config: ProbeConfig, heads_chosen: bool, ou
     settings = resolved_settings(config, data, device=device, world_size=world_size, model_size=size)
     if int(os.environ.get("RANK", "0")) == 0:
         print_settings(settings)
-    table = probe_images(model, data, config, out, model_name=args.model, model_size=size,
-                         device=device if args.device else None, resume=args.resume,
-                         progress=not args.no_progress, reference=reference)
+    with contextlib.ExitStack() as held:
+        if int(os.environ.get("RANK", "0")) == 0:  # one run at a time per run directory, from its first write
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(output_lock(out))
+        table = probe_images(model, data, config, out, model_name=args.model, model_size=size,
+                             device=device if args.device else None, resume=args.resume,
+                             progress=not args.no_progress, reference=reference)
     print_results(table)
     print(f"wrote {out / 'results.parquet'}")
     return 0

@@ -7,10 +7,11 @@ A cache directory holds::
     valid.npy       [n] bool (False for images that could not be read; they are skipped)
     manifest.json   model, checkpoint sha256, encoder fingerprint, dataset, transform, dtype, views, seed, block,
                     layernorm, ...
-    progress.json   batches completed per view (extraction resumes from here)
+    viewK.state.pt  while extracting: the loop's state of view K (:mod:`attnflow.loop`: the batches done)
 
-Extraction is resumable: an interrupted run continues at the first unfinished batch when the manifest
-matches; a different manifest is an error (use another directory). Each view's augmentation is seeded per
+Extraction runs on the one resumable loop (one pass per view, in this process alone): an interrupted run
+continues at the first unfinished batch when the manifest matches; a different manifest is an error (use another
+directory). Each view's augmentation is seeded per
 ``(seed, view, image)``, so a resumed cache is identical to an uninterrupted one.
 """
 
@@ -25,13 +26,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
-
-from ..errors import AttnflowError
-from ..options import dtype_name
 from ..atomic import write_atomically
+from ..data.sources import ImageSource
 from ..encode import TokenEncoder
-from .imagedata import SeededDataset, dataset_labels, image_loader
+from ..errors import AttnflowError
+from ..loop import Analysis, Ready, run_loop
+from ..options import LoopOptions, dtype_name
+from ..runstate import RunState
+from .imagedata import SeededDataset, dataset_labels
 from .loop import Batch
 from .sampler import BatchPlan
 
@@ -133,26 +135,26 @@ def _write_json(path: Path, data: dict) -> None:
 
 @dataclass
 class _Extraction:
-    """The state of an extraction: what is written so far (resumable from ``progress.json``)."""
+    """What an extraction has written so far: tokens (a memory map), labels and readable flags, all on disk after
+    each batch (the loop's state file per view says which batches)."""
 
     root: Path
     manifest: dict[str, Any]
     labels: np.ndarray  # [n] int64, -1 where not read yet
     readable: np.ndarray  # [n] bool
-    done: list[int]  # batches completed per view
     array: np.memmap | None  # [views, n, T, D], created at the first readable batch
 
     @classmethod
-    def start(cls, root: Path, manifest: dict[str, Any], n: int, views: int) -> "_Extraction":
-        done = (_read_json(root / "progress.json") or {}).get("done", [0] * views)
+    def start(cls, root: Path, manifest: dict[str, Any], n: int) -> "_Extraction":
         labels, readable = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
-        if (root / "valid.npy").is_file() and any(done):
+        array = None
+        if (root / "tokens.npy").is_file() and (root / "valid.npy").is_file():  # an interrupted extraction
             labels, readable = np.load(root / "labels.npy"), np.load(root / "valid.npy")
-        array = np.load(root / "tokens.npy", mmap_mode="r+") if any(done) else None
-        return cls(root, manifest, labels, readable, done, array)
+            array = np.load(root / "tokens.npy", mmap_mode="r+")
+        return cls(root, manifest, labels, readable, array)
 
     def add(self, view: int, indices: np.ndarray, labels: np.ndarray, tokens: torch.Tensor) -> None:
-        """Store one batch's tokens ``[b, T, D]`` (already in the cache dtype) of ``view``."""
+        """Store one batch's tokens ``[b, T, D]`` (already in the cache dtype) of ``view``, on disk."""
         dtype = self.manifest["dtype"]
         if self.array is None:
             shape = (self.manifest["views"], self.manifest["n"], *tokens.shape[1:])
@@ -163,15 +165,21 @@ class _Extraction:
         self.array[view, indices] = bits.numpy()
         self.labels[indices] = labels
         self.readable[indices] = True
-
-    def commit(self, view: int) -> None:
-        """Mark the next batch of ``view`` done, after its tokens and labels are on disk."""
-        if self.array is not None:
-            self.array.flush()
+        self.array.flush()
         np.save(self.root / "labels.npy", self.labels)
         np.save(self.root / "valid.npy", self.readable)
-        self.done[view] += 1
-        _write_json(self.root / "progress.json", {"done": self.done})
+
+
+class _TokenStep:
+    """The loop step of one view: the encoder's tokens of a batch, stored when the loop commits the batch."""
+
+    def __init__(self, encoder: TokenEncoder, extraction: _Extraction, view: int, dtype: str) -> None:
+        self.encoder, self.extraction, self.view, self.dtype = encoder, extraction, view, DTYPES[dtype][0]
+
+    def __call__(self, batch: Any) -> Ready:
+        tokens = self.encoder(batch.images).to(self.dtype).cpu()
+        indices, labels = batch.indices.numpy(), batch.labels.numpy()
+        return Ready(lambda: self.extraction.add(self.view, indices, labels, tokens))
 
 
 def _cache_manifest(encoder: TokenEncoder, info: dict[str, Any], n: int, views: int, seed: int, dtype: str
@@ -229,21 +237,18 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
     complete, manifest = _reusable(root, _cache_manifest(encoder, info, n, views, seed, dtype))
     if complete is not None:
         return complete
-    state = _Extraction.start(root, manifest, n, views)
-    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    bar = tqdm(total=views * len(batches) - sum(state.done), desc="extract", unit="batch", disable=not progress)
+    extraction = _Extraction.start(root, manifest, n)
+    for view in range(views):  # one pass of the loop per view; each keeps its state until the cache is complete
+        analysis = Analysis(f"extract view {view + 1}/{views}", _TokenStep(encoder, extraction, view, dtype), {},
+                            {"cache": {k: manifest.get(k) for k in IDENTITY_KEYS}, "view": view}, local=True)
+        options = LoopOptions(batch_size=batch_size, device=str(encoder.device), workers=workers, progress=progress,
+                              state_path=root / f"view{view}.state.pt", resume=True, checkpoint_every=1,
+                              keep_state=True)
+        run_loop(analysis, ImageSource(dataset=SeededDataset(dataset, seed, view)), options)
+    cache = _finish(extraction, dataset, info)
     for view in range(views):
-        todo = batches[state.done[view]:]
-        for batch in image_loader(SeededDataset(dataset, seed, view), todo, workers) if todo else ():
-            for path, reason in batch.bad:
-                log.warning("skipping %s: %s", path, reason)
-            if len(batch.indices):
-                tokens = encoder(batch.images).to(DTYPES[dtype][0]).cpu()
-                state.add(view, batch.indices.numpy(), batch.labels.numpy(), tokens)
-            state.commit(view)
-            bar.update(1)
-    bar.close()
-    return _finish(state, dataset, info)
+        RunState(root / f"view{view}.state.pt", {}).remove()
+    return cache
 
 
 def _finish(state: _Extraction, dataset: Dataset, info: dict[str, Any]) -> TokenCache:
