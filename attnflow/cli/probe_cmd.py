@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace, config: ProbeConfig, heads_chosen: bool, out: Path) -> int:
     from ..atomic import output_lock
     from ..models.registry import find_spec
+    from ..probes.fit import check_classes
     from ..options import resolve_device
     from ..probes.specs import DEFAULT_HEADS_NO_CLS
     from ..probes.tasks import load_task
@@ -216,6 +217,7 @@ def _probe(args: argparse.Namespace, config: ProbeConfig, heads_chosen: bool, ou
     settings = resolved_settings(config, data, device=device, world_size=world_size, model_size=size)
     if int(os.environ.get("RANK", "0")) == 0:
         print_settings(settings)
+    check_classes(data.num_classes, data.info["root"])  # a refused task leaves no run directory behind
     with contextlib.ExitStack() as held:
         if int(os.environ.get("RANK", "0")) == 0:  # one run at a time per run directory, from its first write
             out.mkdir(parents=True, exist_ok=True)
