@@ -9,7 +9,8 @@ import pytest
 import attnflow.plot.blocks
 import attnflow.plot.heads
 import attnflow.plot.mapfig
-from attnflow.plot import patch_maps, plot_attention_maps, plot_blocks, plot_head_heatmap, plot_head_maps
+from attnflow.maps import patch_maps
+from attnflow.plot import plot_attention_maps, plot_blocks, plot_head_heatmap, plot_head_maps
 from attnflow.plot.style import figure_label
 from test_plot_blocks import FAMILIES, make_result
 from test_plot_maps import layout, planted_attention
