@@ -1,5 +1,6 @@
-"""Every `attnflow ...` command the READMEs show parses with the real command line: a renamed or removed option
-fails here instead of in a reader's shell."""
+"""Every `attnflow ...` command the documentation shows (README.md, docs/*.md and the READMEs of analyses/,
+data_manifests/ and benchmarks/results/) parses with the real command line: a renamed or removed option fails here
+instead of in a reader's shell."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 from attnflow.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "analyses" / "README.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "analyses" / "README.md",
+        ROOT / "data_manifests" / "README.md", ROOT / "benchmarks" / "results" / "README.md"]
 
 
 def _shell_lines(text: str) -> list[str]:
@@ -68,7 +70,14 @@ CASES = [(path.relative_to(ROOT).as_posix(), args) for path in DOCS for args in 
 def test_the_readmes_show_every_command():
     shown = {shlex.split(args)[0] for _, args in CASES}
     assert set(COMMANDS) <= shown, set(COMMANDS) - shown
-    assert len(CASES) >= 25
+    assert len(CASES) >= 60
+
+
+def test_every_page_with_commands_is_read():
+    """The pages this test reads exist, and each docs page that shows a command is among them."""
+    assert all(path.is_file() for path in DOCS)
+    assert {d for d, _ in CASES} >= {"README.md", "docs/running.md", "docs/metrics.md", "docs/probes.md",
+                                     "docs/localization.md"}
 
 
 @pytest.mark.parametrize("doc,args", CASES, ids=[f"{d}:{a[:60]}" for d, a in CASES])
