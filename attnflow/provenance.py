@@ -53,6 +53,7 @@ def run_provenance(model: nn.Module, name: str) -> dict[str, Any]:
         "checkpoint_sha256": record.sha256,
         "weights_source": record.source,
         "random_init": record.random_init if record.known else None,
+        "seed_name": record.seed_name,
         "model_kw": record.model_kw,
         "checkpoint_key": record.checkpoint_key,
         "versions": package_versions(),

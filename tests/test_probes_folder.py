@@ -89,7 +89,11 @@ def test_small_folder_trains_on_defaults_and_prints_its_settings(tmp_path, photo
     labels = torch.tensor(train.labels)[held]
     seed0 = last[last["seed"] == 0]
     saved = sorted((out / "seed0" / "heads").glob("*.pt"))
-    assert len(saved) == len(HEADS) * len(DEFAULT_BASE_LRS)
+    # one file per (head, lr), and each head's kept one again under the spec's own name (what --head takes)
+    assert len(saved) == len(HEADS) * len(DEFAULT_BASE_LRS) + len(HEADS)
+    for head_name in HEADS:
+        kept_head = load_head(out / "seed0" / "heads" / f"{head_name}.pt")
+        assert kept_head.meta["selected"] and kept_head.meta["lr"] == meta["chosen_lrs"]["seed0"][head_name]
     for path in saved:
         head = load_head(path)
         with torch.no_grad():

@@ -189,3 +189,23 @@ def test_seeded_init_is_independent_of_global_rng():
     b = build_head(parse_head_spec("ap2"), D, K, True, seed=5)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_a_crafted_head_file_is_refused_without_running_code(tmp_path):
+    import os
+    import pickle
+
+    from attnflow.errors import AttnflowError
+    from attnflow.probes.outputs import load_head
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    path = tmp_path / "abmilp.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": 1, "spec": "abmilp", "meta": Payload()}, f)
+    with pytest.raises(AttnflowError, match="not a saved attnflow probe head"):
+        load_head(path)
+    assert not marker.exists(), "loading a head file must not run code"

@@ -83,7 +83,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def _load_checkpoint(bank: HeadBank, path: Path, fingerprint: dict) -> tuple[int, list[dict]]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fingerprint:
         diff = sorted(k for k in set(fingerprint) | set(state.get("fingerprint", {}))
                       if fingerprint.get(k) != state.get("fingerprint", {}).get(k))

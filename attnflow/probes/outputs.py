@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import pandas as pd
 import torch
 
+from ..atomic import write_atomically
 from ..result import write_table
 from ..errors import AttnflowError
 from .heads import ProbeHead
@@ -39,15 +40,18 @@ def safe_name(name: str) -> str:
 def save_head(path: str | Path, head: ProbeHead, meta: dict[str, Any] | None = None) -> Path:
     """Save a trained head with everything :func:`load_head` needs to rebuild it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": HEAD_FORMAT, "spec": head.spec.name, "dim": head.dim, "num_classes": head.num_classes,
-                "has_cls": head.has_cls, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
-                "meta": meta or {}}, path)
+    payload = {"format": HEAD_FORMAT, "spec": head.spec.name, "dim": head.dim, "num_classes": head.num_classes,
+               "has_cls": head.has_cls, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+               "meta": meta or {}}
+    write_atomically({path: lambda tmp: torch.save(payload, tmp)})
     return path
 
 
 def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> ProbeHead:
     """Rebuild a saved head in eval mode; ``head.scores(tokens)`` then gives per-image aggregation weights.
+
+    The file is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a
+    crafted file cannot run code.
 
     Raises:
         AttnflowError: when the file is missing or not a saved probe head.
@@ -56,7 +60,7 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Pro
     if not path.is_file():
         raise AttnflowError(f"no saved head at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # not a torch file at all (text, truncated download, ...)
         raise AttnflowError(f"{path} is not a saved attnflow probe head ({type(err).__name__}: "
                             f"{(str(err).splitlines() or [''])[0]})") from None

@@ -251,7 +251,8 @@ def train_seed(run: ProbeRun, seed: int, *, resume: bool, progress: bool) -> tup
 
 
 def save_heads(run: ProbeRun, folder: Path, bank: HeadBank, table: pd.DataFrame, options: TrainOptions) -> None:
-    """Save every trained head with its provenance, last-epoch accuracy and whether its lr was kept."""
+    """Save every trained head with its provenance, last-epoch accuracy and whether its lr was kept; the kept head
+    of a grid is also saved under its spec's own name (``heads/abmilp.pt``), as the head of a one-lr run is."""
     backbone = backbone_record(run.encoder.model)  # see check_head
     for entry in bank.entries:
         row = table[(table["head"] == entry.spec.name) & (table["lr"] == entry.lr)]
@@ -262,6 +263,8 @@ def save_heads(run: ProbeRun, folder: Path, bank: HeadBank, table: pd.DataFrame,
         if run.config.aggregation is not None:
             meta["aggregation"] = run.config.aggregation
         save_head(folder / f"{safe_name(entry.name)}.pt", entry.head, meta=meta)
+        if meta["selected"] and entry.name != entry.spec.name:
+            save_head(folder / f"{safe_name(entry.spec.name)}.pt", entry.head, meta=meta)
 
 
 def chosen_lrs(table: pd.DataFrame) -> dict[str, dict[str, float]]:
