@@ -90,7 +90,7 @@ def attention_metrics(attn: torch.Tensor, num_prefix: int, has_cls: bool,
     P = num_prefix
     to_patches = attn[..., P:]                                   # [B, H, N, Np]
     mass = to_patches.sum(-1)                                    # [B, H, N]
-    entropy = mass.log() - torch.special.xlogy(to_patches, to_patches).sum(-1) / mass  # [B, H, N]
+    entropy = row_entropy(to_patches, mass)                      # [B, H, N]
 
     pp = attn[..., P:, P:]                                       # [B, H, Np, Np]
     pmass = mass[..., P:]                                        # [B, H, Np]
@@ -164,13 +164,15 @@ def attention_metrics_from_logits(logits: torch.Tensor, num_prefix: int, has_cls
                                   "cls_patch_mass": mass[..., 0], "patch_cls": to_cls[..., P:].mean(-1)})
 
 
-def row_entropy(weights: torch.Tensor) -> torch.Tensor:
-    """Exact Shannon entropy (nats) of non-negative rows renormalised to sum to 1, ``0 log 0 = 0``.
+def row_entropy(weights: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact Shannon entropy (nats) of non-negative rows renormalised to sum to 1, ``0 log 0 = 0``: the one
+    definition behind every entropy attnflow reports (attention rows, aggregation vectors, map titles).
 
-    ``H = log s - sum(a log a) / s`` with ``s = sum(a)``, in the input's dtype (pass float64 for exactness).
+    ``H = log s - sum(a log a) / s`` with ``s = sum(a)`` (``total``, when the caller has it), in the input's dtype
+    (pass float64 for exactness).
 
     Shape:
-        ``[..., K] -> [...]``.
+        ``[..., K] -> [...]`` (``total``: ``[...]``).
     """
-    s = weights.sum(dim=-1)
+    s = weights.sum(dim=-1) if total is None else total
     return torch.log(s) - torch.special.xlogy(weights, weights).sum(dim=-1) / s
