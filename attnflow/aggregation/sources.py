@@ -120,13 +120,15 @@ def head_label(spec_name: str) -> str:
 
     spec = parse_head_spec(spec_name)
     if spec.kind == "abmilp":
-        label = ("SA-" if spec.self_attention else "") + "AbMILP"
-        extra = [x for x in ("+[cls]" if spec.include_cls else "", spec.scorer if spec.scorer != "linear" else "")
-                 if x]
+        label = {"none": "", "both": "SA-", "map": "SA(map)-"}[spec.sa_apply] + "AbMILP"
+        scorer = "" if spec.scorer == "linear" else (spec.scorer if spec.depth == 2
+                                                     else spec.scorer.replace("mlp", f"mlp{spec.depth}"))
+        extra = [x for x in ("+[cls]" if spec.include_cls else "", scorer, "PE" if spec.cond == "pe" else "") if x]
         return label + (f" ({', '.join(extra)})" if extra else "")
     if spec.kind == "attentive":
         return f"Attentive probing ({spec.num_heads} head{'s' if spec.num_heads > 1 else ''})"
-    return {"avg": "Average pooling", "cls": "[cls] token"}.get(spec.kind, spec.name)
+    return {"avg": "Average pooling", "cls": "[cls] token", "both": "[cls] and average pooling"}.get(spec.kind,
+                                                                                                 spec.name)
 
 
 def source_label(source: str | Source, model: str, reference: str | None = None) -> str:

@@ -53,8 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--task", help=TASK_HELP)
     parser.add_argument("--data", required=True, help=DATA_HELP)
     parser.add_argument("--out", required=True, help="run directory (results.parquet/.csv/.json, heads, checkpoints)")
-    parser.add_argument("--heads", help="comma-separated head specs: cls, avg, abmilp, abmilp+cls, abmilp-mlp-tanh, "
-                                        "abmilp-mlp-relu, sa-abmilp, ap1, ap12 (default cls,avg,abmilp,abmilp+cls)")
+    parser.add_argument("--heads", help="comma-separated head specs: cls, avg, both, abmilp, abmilp+cls, "
+                                        "abmilp-mlp-tanh, abmilp-mlp-relu, abmilp-mlpN-ACT, abmilp-pe, sa-abmilp, "
+                                        "sa-map-abmilp, ap1, ap12 (default cls,avg,abmilp,abmilp+cls)")
     parser.add_argument("--config", metavar="TOML", help="TOML file of probe settings (flags override it)")
     parser.add_argument("--aggregation", metavar="SOURCE",
                         help="fixed (non-trainable) aggregation of the patch tokens, paper Table 5: cls_mean, "
