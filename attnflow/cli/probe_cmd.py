@@ -59,8 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="TOML", help="TOML file of probe settings (flags override it)")
     parser.add_argument("--aggregation", metavar="SOURCE",
                         help="fixed (non-trainable) aggregation of the patch tokens, paper Table 5: cls_mean, "
-                             "cls_min_entropy, central or reference:<model-name>; trains the cls head on "
-                             "sum_i w_i x_i (the only head that applies)")
+                             "cls_min_entropy, central, caK, cpK, reference:<model-name> (the official code's "
+                             "features), central_sum, caK_sum, reference_sum:<model-name>, patch:R,C; trains the cls "
+                             "head on that one token per image (the only head that applies)")
     add_model_arguments(parser)
     add_reference_arguments(parser)
     _add_protocol_arguments(parser)
@@ -145,8 +146,9 @@ def _check_out(args: argparse.Namespace) -> Path:
 def _reference(args: argparse.Namespace, config: ProbeConfig, model: Any) -> Any:
     """The reference model of ``--aggregation reference:<name>`` (``None`` for other aggregations)."""
     ref_opts = args.reference_checkpoint or args.reference_random_init or args.reference_model_kw
-    if ref_opts and not (config.aggregation or "").startswith("reference:"):
-        raise AttnflowError("--reference-* options apply to --aggregation reference:<model-name> only")
+    if ref_opts and not (config.aggregation or "").startswith(("reference:", "reference_sum:", "reference-sum:")):
+        raise AttnflowError("--reference-* options apply to --aggregation reference:<model-name> only (or "
+                            "reference_sum:<model-name>)")
     if config.aggregation is None:
         return None
     from ..aggregation.sources import parse_source

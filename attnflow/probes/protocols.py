@@ -232,8 +232,9 @@ class ProbeConfig:
         split_file: ImageNet-1% split file (one ``CLASS/FILE`` or file name per line).
         limit: use at most this many training and validation images (quick checks).
         aggregation: a fixed, non-trainable aggregation of the patch tokens (paper Table 5): ``cls_mean``,
-            ``cls_min_entropy``, ``central`` or ``reference:<model-name>``; the encoder then gives one token
-            ``sum_i w_i x_i`` per image and only the ``cls`` head applies (see :mod:`attnflow.aggregation`).
+            ``cls_min_entropy``, ``central``, ``caK``, ``cpK``, ``reference:<model-name>``, ... (see
+            :mod:`attnflow.aggregation.sources`); the encoder then gives one token ``sum_i w_i x_i`` per image (the
+            official code's feature) and only the ``cls`` head applies.
     """
 
     task: str = "imagenet"
