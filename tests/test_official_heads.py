@@ -1,6 +1,6 @@
 """AbMILP's options and the ``both`` head against the paper's official code (github.com/gmum/beyond_cls,
 ``abmilp.py``: ``ABMILPHead``; ``util/pos_embed.py``: ``get_2d_sincos_pos_embed``; ``models_vit.py``: ``both``),
-written out below as it computes them."""
+written out below as it computes them; and the heads' fp16 evaluation as the official ``evaluate`` runs it."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from attnflow.encode import TokenEncoder
+from attnflow.probes.bank import HeadBank
 from attnflow.probes.heads import build_head, sincos_position_embedding
+from attnflow.probes.loop import evaluate_bank
+from attnflow.probes.protocols import TrainOptions, resolve_config
 from attnflow.probes.specs import HeadSpecError, parse_head_spec
+from attnflow.errors import AttnflowError
 from conftest import tiny_model
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
 
@@ -167,3 +171,58 @@ def test_both_concatenates_cls_and_the_patch_mean():
         head.scores(x)
     with pytest.raises(HeadSpecError, match="needs a model with a \\[cls\\] token"):
         build_head(parse_head_spec("both"), D, K, False)
+
+
+# ---- 5. fp16 autocast of the heads at evaluation ---------------------------------------------------------------
+
+def fp16_linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """What autocast(fp16) does to a Linear: inputs, weight and bias rounded to fp16, fp16 output."""
+    return F.linear(x.half(), layer.weight.half(), layer.bias.half())
+
+
+def test_fp16_evaluation_scores_the_official_fp16_logits():
+    """The official ``evaluate`` runs the head under ``torch.cuda.amp.autocast()``: fp16 Linear layers (the
+    AbMILP scorer, the classifier), float32 softmax, elementwise weighted sum and BatchNorm."""
+    x = tokens(n=64, patches=9, seed=5).float() * 30
+    y = torch.randint(0, K, (64,), generator=torch.Generator().manual_seed(6))
+    scores = {}
+    for amp in ("fp32", "fp16"):
+        bank = HeadBank.from_options([parse_head_spec("abmilp"), parse_head_spec("avg")], [0.1],
+                                     TrainOptions(eval_amp=amp), dim=D, num_classes=K, has_cls=True)
+        scores[amp] = evaluate_bank(bank, [(x, y)], torch.device("cpu"))
+    abmilp, avg = bank.heads
+    with torch.no_grad():
+        weights = F.softmax(fp16_linear(x[:, 1:], abmilp.pool.scorer).float(), dim=1)       # [n, 9, 1]
+        pooled = {"abmilp": (x[:, 1:] * weights).sum(dim=1), "avg": x[:, 1:].mean(dim=1)}
+        for i, (name, head) in enumerate(zip(("abmilp", "avg"), (abmilp, avg))):
+            logits16 = fp16_linear(head.norm(pooled[name]), head.fc)
+            loss16 = F.cross_entropy(logits16.float(), y).item()
+            top1 = 100.0 * (logits16.float().argmax(1) == y).float().mean().item()
+            assert scores["fp16"][i].loss == pytest.approx(loss16, rel=1e-6, abs=1e-7), name
+            assert scores["fp16"][i].top1 == pytest.approx(top1), name
+            assert scores["fp16"][i].loss != scores["fp32"][i].loss, name
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert abmilp.features(x).dtype == torch.float32      # the weighted sum stays in float32
+        assert abmilp(x).dtype == torch.float16                # the classifier runs in fp16
+
+
+def test_eval_amp_setting_reads_as_the_other_settings():
+    assert TrainOptions(eval_amp="none").eval_amp == "fp32"
+    with pytest.raises(AttnflowError, match="unknown eval_amp 'fp61'; did you mean fp16"):
+        TrainOptions(eval_amp="fp61")
+    config = resolve_config("cub", eval_amp="FP16")
+    assert config.eval_amp == "fp16" and config.train_options(0, n_train=2000).eval_amp == "fp16"
+
+
+def test_eval_amp_is_part_of_a_resumed_runs_identity_only_when_set(tmp_path):
+    from attnflow.probes.fit import fit_bank
+    from probe_data import planted_tokens
+
+    train, val = planted_tokens(40, seed=0, patches=4, dim=8), planted_tokens(12, seed=1, patches=4, dim=8)
+    kw = dict(epochs=1, batch_size=20, lr=0.5, optimizer="sgd", device="cpu", checkpoint=tmp_path / "c.pt")
+    fit_bank(train, val, "avg", **kw)
+    state = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert "eval_amp" not in state["fingerprint"]  # a checkpoint from before eval_amp existed reads the same
+    with pytest.raises(AttnflowError, match="differs in eval_amp"):
+        fit_bank(train, val, "avg", resume=True, eval_amp="fp16", **kw)
+    assert len(fit_bank(train, val, "avg", resume=True, **kw).history) == 1

@@ -108,6 +108,8 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-aug", help="rrc-flip (default) or none")
     group.add_argument("--crop-pct", type=float, help="validation center-crop fraction (default 0.875)")
     group.add_argument("--head-init", help="classifier init: default (torch, the paper's code) or mae")
+    group.add_argument("--eval-amp", help="autocast of the heads at evaluation: fp32 (default) or fp16 (the official "
+                                          "code's evaluate)")
     group.add_argument("--split-file", help="ImageNet-1%% split file (default: the shipped 1%% split)")
     group.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     group.add_argument("--limit", type=int, help="use N evenly spaced train and val images (quick checks)")
@@ -116,7 +118,7 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "accum_steps", "lr", "base_lr", "holdout",
              "optimizer", "momentum", "weight_decay", "warmup_epochs", "min_lr", "layernorm", "block", "train_aug",
              "crop_pct", "head_init", "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp",
-             "workers", "aggregation")
+             "workers", "aggregation", "eval_amp")
 
 
 def _config(args: argparse.Namespace) -> tuple[ProbeConfig, bool]:
