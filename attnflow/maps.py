@@ -7,7 +7,9 @@ maps with the rules of the fixed aggregations (:func:`attnflow.aggregation.vecto
 * ``cls_mean``: the [cls] row averaged over heads, restricted to patch keys and renormalised to sum to 1;
 * ``cls_heads``: each head's [cls] row over patch keys, renormalised (``[H, gh, gw]``);
 * ``cls_min_entropy``: the head whose renormalised [cls] row has the lowest entropy;
-* ``central``: the central patch's row, averaged over heads, restricted to patch keys and renormalised.
+* ``central``: the central patch's row, averaged over heads, restricted to patch keys and renormalised; the
+  central patch is ``((gh - 1) // 2, (gw - 1) // 2)``, the official code's ``ca1`` patch on even grids (``(6, 6)``
+  of 14x14) and the true centre on odd ones (:func:`attnflow.aggregation.vectors.central_window`).
 
 Models without [cls] get only ``central``. :func:`capture_maps` runs a model on images and returns the maps of one
 block; :func:`model_maps` does it for PIL images, with the crops the model saw; :func:`aggregation_maps` gives a
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .aggregation.vectors import aggregation_vectors, head_vectors
+from .aggregation.vectors import aggregation_vectors, central_window, head_vectors
 from .encode import TokenEncoder
 from .errors import AttnflowError
 from .metrics import row_entropy
@@ -47,7 +49,9 @@ class PatchMaps:
 
     Attributes:
         grid: ``(gh, gw)`` patch grid.
-        central_patch: ``(row, col)`` of the central patch whose attention is in ``central``.
+        central_patch: ``(row, col)`` (0-based) of the central patch whose attention is in ``central``:
+            ``((gh - 1) // 2, (gw - 1) // 2)``, e.g. ``(6, 6)`` on 14x14 (see
+            :func:`attnflow.aggregation.vectors.central_window`).
         central: ``[gh, gw]`` central patch -> patch attention, mean over heads, sums to 1.
         cls_heads: ``[H, gh, gw]`` [cls] -> patch attention per head, each renormalised to sum to 1
             (``None`` without [cls]).
@@ -114,7 +118,7 @@ def patch_maps(attn: torch.Tensor | np.ndarray, layout: TokenLayout) -> PatchMap
         return aggregation_vectors(one, layout, kind, dtype=torch.float64)[0].numpy().reshape(gh, gw)
 
     central = rule("central")
-    central_patch = (gh // 2, gw // 2)
+    central_patch = central_window((gh, gw), 1)
     if not layout.has_cls:
         return PatchMaps(grid=(gh, gw), central_patch=central_patch, central=central)
     cls_rows = one[0, :, 0, layout.num_prefix:]                                    # [H, P]

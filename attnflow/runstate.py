@@ -43,6 +43,7 @@ OPTIONS: dict[str, str] = {
     "boxes": "the ground-truth boxes",
     "metric": "the metric settings (IoU thresholds, cam curve interval, hole contours, interpolation)",
     "sources": "the aggregation sources",
+    "rules": "the version of the aggregation sources' definitions (attnflow 'rules' 2: the official central patch)",
     "reference": "the reference model's weights",
 }
 """Fingerprint keys and what a user changes them with (in the order a mismatch names them)."""

@@ -78,7 +78,7 @@ def test_sources_of_a_real_model_by_hand_and_in_patch_maps(photos):
         attn, lay = tap.maps[0], tap.layout
     assert lay.num_prefix == 3
     a = attn.double().numpy()                                   # [4, H, 19, 19]: [cls], 2 registers, 4x4 patches
-    centre = 3 + 2 * 4 + 2                                      # patch (row 2, col 2) of the 4x4 grid
+    centre = 3 + 1 * 4 + 1    # patch (row 1, col 1) of the 4x4 grid: ((4 - 1) // 2, (4 - 1) // 2), the official ca1
     for src in ("cls_mean", "cls_min_entropy", "central"):
         vec = aggregation_vectors(attn, lay, src)
         assert vec.dtype == torch.float32 and vec.shape == (4, 16)

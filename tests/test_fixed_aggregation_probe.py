@@ -45,9 +45,10 @@ def last_attention(model, images):
         return tap.maps[0], tap.layout
 
 
-@pytest.mark.parametrize("source", ["cls_mean", "cls_min_entropy", "central"])
+@pytest.mark.parametrize("source", ["cls_mean", "cls_min_entropy", "central_sum"])
 @pytest.mark.parametrize("block", [-1, 0])
 def test_features_are_the_hand_weighted_sum_of_patch_tokens(photos, source, block):
+    """The summed sources (the official scale of central / reference: is tested in test_official_code.py)."""
     model = tiny_model(img_size=64, reg_tokens=2)
     images = normalise(photo_batch(photos), MAIN_NORM)
     features, weights = fixed_aggregation_features(model, images, source, block=block, return_weights=True)
@@ -55,7 +56,7 @@ def test_features_are_the_hand_weighted_sum_of_patch_tokens(photos, source, bloc
     attn, lay = last_attention(model, images)                       # weights always from the last block
     assert features.shape == (4, 32) and weights.shape == (4, 16)
     for i in range(4):
-        w = getattr(patch_maps(attn[i], lay), source).reshape(-1)
+        w = getattr(patch_maps(attn[i], lay), source.removesuffix("_sum")).reshape(-1)
         np.testing.assert_allclose(weights[i].numpy(), w, rtol=1e-6, atol=1e-8)
         want = sum(float(w[j]) * tokens[i, 1 + j].double() for j in range(16))
         np.testing.assert_allclose(features[i].numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
@@ -66,7 +67,7 @@ def test_reference_sees_the_same_pixels_in_its_own_normalisation(photos):
     reference = tiny_model("vit_base_patch16_224.augreg_in21k", img_size=64, seed=3, embed_dim=48)
     assert (normalization(model), normalization(reference)) == (MAIN_NORM, REF_NORM)
     raw = photo_batch(photos)
-    features, weights = fixed_aggregation_features(model, normalise(raw, MAIN_NORM), "reference:augreg",
+    features, weights = fixed_aggregation_features(model, normalise(raw, MAIN_NORM), "reference_sum:augreg",
                                                    reference=reference, return_weights=True)
     ref_attn, ref_lay = last_attention(reference, normalise(raw, REF_NORM))  # by hand: the reference's own mean/std
     tokens = TokenEncoder(model)(normalise(raw, MAIN_NORM))

@@ -7,7 +7,8 @@ Two rules keep the command line out of the library (every module under attnflow/
 - no library string (messages, log lines, warnings, docstrings) or comment names a command-line flag: a Python
   user never sees ``--limit``, so the library names the option by the word both users share (``limit``,
   ``checkpoint``, ``qk_kernel``, the data root). Only the CLI's help texts and its own messages spell flags.
-  torchrun's ``--nproc_per_node`` is not an attnflow flag and may be named.
+  Flags of other programs (torchrun's ``--nproc_per_node``, the official code's ``--abmilp_sa``, Docker's) are not
+  attnflow's and may be named: a hit counts when it is one of attnflow's own options.
 """
 
 from __future__ import annotations
@@ -25,8 +26,25 @@ CLI = PACKAGE / "cli"
 FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 """A long option as a command line spells it: ``--limit``, ``--qk-kernel``, ``--nproc_per_node``."""
 
-ALLOWED_FLAGS = frozenset({"--nproc_per_node"})
-"""Flags of other programs a library text may name (torchrun's)."""
+def attnflow_flags() -> frozenset[str]:
+    """Every long option of every attnflow command (from the real parser)."""
+    import argparse
+
+    from attnflow.cli import build_parser
+
+    parser = build_parser()
+    flags = {o for a in parser._actions for o in a.option_strings}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= {o for a in sub._actions for o in a.option_strings}
+                for inner in sub._actions:  # `attnflow data verify ...`
+                    if isinstance(inner, argparse._SubParsersAction):
+                        flags |= {o for p in inner.choices.values() for a in p._actions for o in a.option_strings}
+    return frozenset(f for f in flags if f.startswith("--"))
+
+
+ATTNFLOW_FLAGS = attnflow_flags()
 
 
 def library_modules() -> list[Path]:
@@ -55,7 +73,7 @@ def flags_named(source: str) -> list[tuple[int, str, str]]:
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             hits += [(tok.start[0], m.group(), "comment") for m in FLAG.finditer(tok.string)]
-    return sorted(h for h in hits if h[1] not in ALLOWED_FLAGS)
+    return sorted(h for h in hits if h[1] in ATTNFLOW_FLAGS or h[1] == "--{...}")
 
 
 def cli_imports(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
@@ -127,7 +145,7 @@ def test_flag_scan_finds_strings_comments_and_built_flags():
               'x = 1  # matters for --random-init\n'
               'msg = f"pass --checkpoint {name}=PATH"\n'
               'opt = f"--{key}"\n'
-              'ok = "torchrun --nproc_per_node=2; a -- b; ---; x--y; qk_kernel"\n')
+              'ok = "torchrun --nproc_per_node=2; official --abmilp_sa both; a -- b; ---; x--y; qk_kernel"\n')
     assert [(line, flag) for line, flag, _ in flags_named(source)] == [
         (1, "--qk-kernel"), (2, "--random-init"), (3, "--checkpoint"), (4, "--{...}")]
 

@@ -38,7 +38,7 @@ def planted_attention(n_heads: int = 5, num_prefix: int = 3, seed: int = 0, cls_
         logits[h, 0, num_prefix + r * gw + c] += 9.0
     if central_peak is not None:
         r, c = central_peak
-        logits[:, num_prefix + (gh // 2) * gw + gw // 2, num_prefix + r * gw + c] += 9.0
+        logits[:, num_prefix + ((gh - 1) // 2) * gw + (gw - 1) // 2, num_prefix + r * gw + c] += 9.0
     return logits.softmax(-1)
 
 
@@ -70,9 +70,9 @@ def test_planted_cls_peak_and_lowest_entropy_head():
 def test_central_patch_map():
     attn = planted_attention(central_peak=(3, 0))
     maps = patch_maps(attn, layout())
-    assert maps.central_patch == (2, 3)
+    assert maps.central_patch == (1, 2)  # ((4 - 1) // 2, (6 - 1) // 2): the official ca1's rule
     assert np.unravel_index(maps.central.argmax(), GRID) == (3, 0)
-    query = 3 + 2 * 6 + 3
+    query = 3 + 1 * 6 + 2
     row = [sum(attn[h, query, 3 + k].item() for h in range(5)) for k in range(24)]
     np.testing.assert_allclose(maps.central.ravel(), np.array(row) / sum(row), atol=1e-12)
 

@@ -27,7 +27,7 @@ from ..provenance import run_name, run_provenance, weights_fingerprint
 from ..result import write_table
 from ..runstate import model_fingerprint
 from ..vit import model_blocks
-from .capture import AggregationCapture
+from .capture import RULES_VERSION, AggregationCapture
 from .sources import (AggregationError, Source, default_sources, model_label, parse_source, reference_mismatch,
                       source_label)
 from .statistics import Q_FLOOR, AggregationStats
@@ -104,7 +104,7 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, options
                           else None, limit=options.limit, batch_size=options.batch_size)
     fingerprint = model_fingerprint(
         model, name, step.capture.encoder.amp_dtype, img_size=img_size if folder else None,
-        crop_pct=crop_pct if folder else None, sources=",".join(s.name for s in parsed),
+        crop_pct=crop_pct if folder else None, sources=",".join(s.name for s in parsed), rules=RULES_VERSION,
         head=weights_fingerprint(head) if head is not None else None,
         reference=weights_fingerprint(reference) if reference is not None else None)
     run = run_loop(Analysis("aggregate", step, {"stats": step.stats, "layout": step.layouts}, fingerprint),
@@ -175,7 +175,7 @@ class AggregationStep:
         assert layout is not None  # the loop read at least one image
         return {
             "analysis": "fixed token aggregation (Beyond [cls], Appendix C.2, Table 5 / Fig. 7)",
-            "sources": [s.name for s in self.sources],
+            "sources": [s.name for s in self.sources], "rules": RULES_VERSION,
             "labels": {s.name: source_label(s, label, ref_label) for s in self.sources},
             "reference": ({**run_provenance(reference, self.reference_name or "reference"),
                            "renormalized": capture.renormalized} if reference is not None else None),

@@ -4,9 +4,10 @@
   last block's attention, through :class:`attnflow.tap.AttentionTap`) and, when given, a reference model once
   on the same pixels (re-normalised to the reference's mean/std when they differ).
 * :class:`FixedAggregationEncoder` is a drop-in for :class:`attnflow.encode.TokenEncoder` that
-  returns one token per image, ``sum_i w_i x_i`` (``[B, 1, D]``): the probe's feature cache, DDP and LARS
-  work unchanged, and the ``cls`` head trains a linear classifier on the fixed-weight representation
-  (paper Table 5's accuracy column).
+  returns one token per image, ``sum_i w_i x_i`` (``[B, 1, D]``) with the weights of
+  :func:`~attnflow.aggregation.vectors.feature_weights` (the official code's features): the probe's feature
+  cache, DDP and LARS work unchanged, and the ``cls`` head trains a linear classifier on the fixed-weight
+  representation (paper Table 5's accuracy column).
 * :func:`fixed_aggregation_features` is the notebook entry point.
 """
 
@@ -26,7 +27,11 @@ from ..provenance import weights_fingerprint
 from ..tap import AttentionTap
 from ..vit import TokenLayout, model_has_cls, patch_embedding, token_grid
 from .sources import AggregationError, Source, check_source_fits, parse_source
-from .vectors import aggregate_tokens, aggregation_vectors
+from .vectors import aggregate_tokens, aggregation_vectors, feature_weights
+
+RULES_VERSION = "2"
+"""Version of the sources' definitions, part of every fingerprint of their features and statistics: 2 = the
+official central patch ``((gh - 1) // 2, (gw - 1) // 2)`` and feature scale (1: ``(gh // 2, gw // 2)``, sums)."""
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +164,30 @@ class AggregationCapture:
             return aggregation_vectors(captured.ref_attn, captured.ref_layout, "cls_mean", dtype=dtype)
         return aggregation_vectors(captured.attn, captured.layout, src, dtype=dtype)
 
+    def weights(self, captured: Captured, source: str | Source, *, dtype: torch.dtype = torch.float32
+                ) -> torch.Tensor:
+        """The ``[B, N]`` weights of ``source``'s feature ``sum_i w_i x_i``, scaled as the official code scales it
+        (:func:`~attnflow.aggregation.vectors.feature_weights`)."""
+        src = parse_source(source) if isinstance(source, str) else source
+        if src.kind == "reference":
+            if captured.ref_attn is None:
+                raise AggregationError(f"aggregation {src.name} needs the reference model {src.target}")
+            return feature_weights(captured.ref_attn, captured.ref_layout, src, dtype=dtype)
+        return feature_weights(captured.attn, captured.layout, src, dtype=dtype)
+
 
 class FixedAggregationEncoder(TokenEncoder):
     """Drop-in for :class:`TokenEncoder`: ``images [B, 3, H, W] -> [B, 1, D]`` fixed-weight representations.
 
-    The one output token is ``sum_i w_i x_i`` over the patch tokens of ``block`` with ``w`` from ``source``;
-    it reads as a [cls] token (``has_cls`` is True), so the probe's ``cls`` head is a linear probe on it.
+    The one output token is ``sum_i w_i x_i`` over the patch tokens of ``block`` with ``w`` the feature weights
+    of ``source`` (:func:`~attnflow.aggregation.vectors.feature_weights`: the official code's features, e.g.
+    ``central`` is ``mean_i(w_i x_i)``); it reads as a [cls] token (``has_cls`` is True), so the probe's ``cls``
+    head is a linear probe on it.
 
     Args:
         model: the aggregated timm ViT.
-        source: ``cls_mean``, ``cls_min_entropy``, ``central`` or ``reference:<name>``.
+        source: a source of :mod:`attnflow.aggregation.sources` (``cls_mean``, ``central``, ``ca2``, ``cp3``,
+            ``reference:<name>``, ``central_sum``, ...).
         reference: the reference model (required for ``reference:`` sources, refused otherwise).
         block, layernorm, amp, device: as :class:`TokenEncoder`.
 
@@ -197,14 +216,15 @@ class FixedAggregationEncoder(TokenEncoder):
     @property
     def fingerprint(self) -> str:
         """Ties caches and checkpoints to the model's weights, the source and the reference's weights."""
-        parts = [self.capturer.encoder.fingerprint, self.source.name,
+        parts = [self.capturer.encoder.fingerprint, self.source.name, f"rules={RULES_VERSION}",
                  weights_fingerprint(self.reference) if self.reference is not None else "",
                  repr(self.capturer._renorm)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     def describe(self) -> dict:
         """Provenance of the aggregation for result sidecars."""
-        info = {"source": self.source.name, "block": self.block, "layernorm": self.layernorm}
+        info = {"source": self.source.name, "rules": RULES_VERSION, "block": self.block,
+                "layernorm": self.layernorm, "feature": "official scale" if self.source.official_scale else "sum"}
         if self.reference is not None:
             ref = model_record(self.reference)
             info["reference"] = {"name": self.source.target, "checkpoint": ref.checkpoint, "sha256": ref.sha256,
@@ -217,7 +237,7 @@ class FixedAggregationEncoder(TokenEncoder):
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W] -> [B, 1, D]`` float32."""
         captured = self.capturer.capture(images)
-        weights = self.capturer.vectors(captured, self.source)                      # [B, N]
+        weights = self.capturer.weights(captured, self.source)                      # [B, N]
         return aggregate_tokens(weights, captured.patches)[:, None]                # [B, 1, D]
 
 
@@ -227,18 +247,22 @@ def fixed_aggregation_features(model: nn.Module, images: torch.Tensor, source: s
                                amp: str = "none", device: torch.device | str | None = None,
                                return_weights: bool = False
                                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The fixed-weight representation ``sum_i w_i x_i`` of each image (paper Table 5).
+    """The fixed-weight representation ``sum_i w_i x_i`` of each image (paper Table 5), as the official code
+    computes it (:func:`~attnflow.aggregation.vectors.feature_weights`).
 
     Args:
         model: a timm ViT.
         images: ``[B, 3, H, W]`` normalised for ``model`` (a reference gets them re-normalised).
-        source: ``cls_mean``, ``cls_min_entropy``, ``central`` or ``reference:<name>``.
+        source: a source of :mod:`attnflow.aggregation.sources` (``cls_mean``, ``cls_min_entropy``,
+            ``central``, ``caK``, ``cpK``, ``reference:<name>``, ``central_sum``, ...).
         reference: the reference model for ``reference:`` sources.
         block: the block whose tokens are weighted (the weights always come from the last block).
         layernorm: apply the model's final norm to the tokens (the paper: no).
         amp: encoder autocast (default none: exact float32).
         device: where to run (default: the model's device).
-        return_weights: also return the weights.
+        return_weights: also return the weights ``w`` of the sum (for ``central`` / ``caK`` / ``reference:`` the
+            official scale, about ``1/N`` of the vector; the vector itself is
+            :meth:`AggregationCapture.vectors` / :func:`~attnflow.aggregation.vectors.aggregation_vectors`).
 
     Returns:
         ``[B, D]`` float32 representations, and with ``return_weights`` the ``[B, N]`` weights too.
@@ -247,6 +271,6 @@ def fixed_aggregation_features(model: nn.Module, images: torch.Tensor, source: s
     encoder = FixedAggregationEncoder(model, source, reference=reference, block=block, layernorm=layernorm,
                                       amp=amp, device=device)
     captured = encoder.capturer.capture(images)
-    weights = encoder.capturer.vectors(captured, encoder.source)
+    weights = encoder.capturer.weights(captured, encoder.source)
     features = aggregate_tokens(weights, captured.patches)
     return (features, weights) if return_weights else features

@@ -1,21 +1,41 @@
 """Sources of non-trainable token aggregation (paper Appendix C.2, Table 5 and Fig. 7).
 
-A fixed aggregation vector ``w`` (``[n_patches]``, non-negative, sums to 1) turns an image's patch tokens
-``x_i`` into one representation ``sum_i w_i x_i`` without any trainable pooling. The sources, each computed
-from the last block's post-softmax attention ``[B, H, N, N]`` of one forward pass:
+A fixed aggregation turns an image's patch tokens ``x_i`` into one representation ``sum_i w_i x_i`` without any
+trainable pooling. Each source has a *vector* (``[n_patches]``, non-negative, sums to 1: the Table 5 entropy,
+the Fig. 7 KL divergences and the Fig. 9 maps) and a *feature* (the representation the probe trains on, Table 5's
+accuracy). Both come from the last block's post-softmax attention ``[B, H, N, N]`` of one forward pass; the
+features are those of the paper's official code (github.com/gmum/beyond_cls, ``models_vit.py``), name for name:
 
-==================  ===================================================================================
-``cls_mean``        the [cls] -> patch row averaged over heads, renormalised over the patch keys
-                    (Table 5: "Average MAE [cls] token attention")
-``cls_min_entropy`` per image, the head whose renormalised [cls] -> patch row has the lowest entropy
-                    (Table 5: "Lowest-entropy MAE [cls] token attention")
-``central``         the central patch's row ``(gh // 2, gw // 2)`` averaged over heads, renormalised over the
-                    patch keys (Table 5: "MAE central patch token attention")
-``reference:NAME``  ``cls_mean`` of another (reference) model on the same image, used to weigh this model's
-                    tokens (Table 5: "Average DINO [cls] token attention"); same patch grid required
-==================  ===================================================================================
+=====================  ==============================================================================================
+``cls_mean``           the [cls] -> patch row averaged over heads, renormalised over the patch keys; feature
+                       ``sum_i w_i x_i`` (Table 5: "Average MAE [cls] token attention"; official ``attn-mn``)
+``cls_min_entropy``    per image, the head whose renormalised [cls] -> patch row has the lowest entropy; feature
+                       ``sum_i w_i x_i`` (Table 5: "Lowest-entropy MAE [cls] token attention"; official ``attn-lcte``)
+``central``            the same as ``ca1`` (Table 5: "MAE central patch token attention")
+``caK``                the attention of the central KxK window of patch queries (see :func:`central_window`),
+                       averaged over heads and window queries, restricted to patch keys and renormalised; feature
+                       ``mean_i(w_i x_i) = (1/N) sum_i w_i x_i`` with the official ``+1e-6`` in the renormalisation
+                       (official ``caK``, K = 1..4 there; any K >= 1 here)
+``cpK``                the plain mean of the central KxK patch tokens: vector ``1/K^2`` on the window, 0 elsewhere;
+                       feature the window's mean (official ``cpK``)
+``reference:NAME``     the [cls] -> patch attention of another (reference) model's last block on the same image,
+                       averaged over heads, weighing this model's tokens (Table 5: "Average DINO [cls] token
+                       attention"; official ``dino``); feature ``mean_i(a_i x_i)`` with ``a`` *not* renormalised (each
+                       image keeps its own [cls] -> patch mass); same patch grid required
+``central_sum``,       the vectors of ``central`` / ``caK`` / ``reference:NAME`` with the feature ``sum_i w_i x_i``
+``caK_sum``,           (``w`` renormalised exactly, no ``1/N``): attnflow's scale before it reproduced the official
+``reference_sum:NAME`` features, kept under these names
+``patch:R,C``          the attention of the one patch at 0-based row R, column C, averaged over heads,
+                       renormalised; feature ``sum_i w_i x_i`` (not in the official code; ``patch:7,7`` on a 14x14
+                       grid is what attnflow called ``central`` before it took the official central patch)
+=====================  ==============================================================================================
 
-This module names and parses the sources and labels them as the paper does; the vectors themselves are
+Why the scale matters: the probe normalises the feature with ``BatchNorm1d(affine=False, eps=1e-6)``, so a
+feature ``c`` times smaller behaves as the same feature with eps ``c^2`` times larger; with ``c = N = 196`` that is
+eps 0.038 instead of 1e-6, and the accuracies differ. ``reference:`` features also carry each image's own
+[cls] -> patch mass. See ``docs/official-code.md``.
+
+This module names and parses the sources and labels them as the paper does; the vectors and feature weights are
 computed in :mod:`attnflow.aggregation.vectors`, the forwards in :mod:`attnflow.aggregation.capture`, the
 dataset statistics (entropy, pairwise KL) in :mod:`attnflow.aggregation.statistics`.
 """
@@ -23,6 +43,7 @@ dataset statistics (entropy, pairwise KL) in :mod:`attnflow.aggregation.statisti
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +53,29 @@ from ..errors import AttnflowError
 from ..models.record import model_record
 
 SOURCES: tuple[str, ...] = ("cls_mean", "cls_min_entropy", "central")
-"""Sources computed from the aggregated model's own attention."""
+"""Table 5's sources computed from the aggregated model's own attention (the default sources of a run)."""
+
+WINDOW_SIZES: tuple[int, ...] = (1, 2, 3, 4)
+"""The central window sizes K of the official code's ``caK`` / ``cpK`` (any K >= 1 parses)."""
+
+OWN_KINDS: frozenset[str] = frozenset({"cls_mean", "cls_min_entropy", "ca", "cp", "patch"})
+"""Source kinds computed from the aggregated model's own attention."""
 
 CLS_SOURCES: frozenset[str] = frozenset({"cls_mean", "cls_min_entropy"})
 """Sources that need a [cls] token."""
 
 REFERENCE_PREFIX = "reference:"
+REFERENCE_SUM_PREFIX = "reference_sum:"
+PATCH_PREFIX = "patch:"
 HEAD_PREFIX = "head:"
+SUM_SUFFIX = "_sum"
+
+_WINDOW = re.compile(r"^(?P<kind>ca|cp)(?P<size>[1-9][0-9]*)(?P<sum>_sum)?$")
+_PATCH = re.compile(r"^\s*(?P<row>[0-9]+)\s*,\s*(?P<col>[0-9]+)\s*$")
+
+NAMES: tuple[str, ...] = (*SOURCES, "central_sum", *(f"ca{k}" for k in WINDOW_SIZES),
+                          *(f"ca{k}_sum" for k in WINDOW_SIZES), *(f"cp{k}" for k in WINDOW_SIZES))
+"""Every fixed source name (the patterns ``patch:R,C``, ``reference:NAME`` and ``reference_sum:NAME`` aside)."""
 
 
 class AggregationError(AttnflowError, ValueError):
@@ -50,54 +87,94 @@ class Source:
     """A parsed aggregation source.
 
     Attributes:
-        name: the canonical string (``"cls_mean"``, ``"reference:dino-vit-b16"``, ...).
-        kind: one of :data:`SOURCES`, ``"reference"`` or ``"head"``.
+        name: the canonical string (``"cls_mean"``, ``"ca2"``, ``"reference:dino-vit-b16"``, ...).
+        kind: ``"cls_mean"``, ``"cls_min_entropy"``, ``"ca"`` (``central`` and ``caK``), ``"cp"``, ``"patch"``,
+            ``"reference"`` or ``"head"``.
         target: the reference model name (``kind == "reference"``) or the head spec (``kind == "head"``).
+        size: the window side K of ``ca`` / ``cp`` (``central`` is 1); 0 for other kinds.
+        patch: ``(row, col)`` of a ``patch:R,C`` source.
+        summed: the feature is ``sum_i w_i x_i`` with ``w`` renormalised (``*_sum`` names) rather than the
+            official code's scale; always True for kinds whose official feature is that sum already
+            (``cls_mean``, ``cls_min_entropy``, ``cp``, ``patch``).
     """
 
     name: str
     kind: str
     target: str | None = None
+    size: int = 0
+    patch: tuple[int, int] | None = None
+    summed: bool = True
 
     @property
     def needs_cls(self) -> bool:
         """Whether the aggregated model itself must have a [cls] token."""
         return self.kind in CLS_SOURCES
 
+    @property
+    def official_scale(self) -> bool:
+        """Whether the feature is the official code's ``mean_i(w_i x_i)`` (``ca``, ``reference``) rather than a
+        sum with weights summing to 1."""
+        return not self.summed
+
+
+def _suggest(name: str) -> str:
+    patterns = ["reference:<model-name>", "reference_sum:<model-name>", "patch:<row>,<col>"]
+    close = difflib.get_close_matches(name, [*NAMES, "reference", "reference_sum", "patch"], n=3, cutoff=0.5)
+    close = [c if c not in ("reference", "reference_sum", "patch") else patterns[("reference", "reference_sum",
+                                                                                   "patch").index(c)] for c in close]
+    return (f"; did you mean {', '.join(close)}?" if close
+            else f"; choose from {', '.join(NAMES[:3])}, caK, caK_sum, cpK, central_sum, {', '.join(patterns)}")
+
 
 def parse_source(text: str, *, allow_head: bool = False) -> Source:
-    """Parse ``cls_mean``, ``cls_min_entropy``, ``central`` or ``reference:<model-name>``.
+    """Parse a source name (see the module docstring): ``cls_mean``, ``cls_min_entropy``, ``central``,
+    ``central_sum``, ``caK``, ``caK_sum``, ``cpK``, ``patch:R,C``, ``reference:<model-name>`` or
+    ``reference_sum:<model-name>``.
 
     Args:
-        text: the source string (dashes are accepted for underscores: ``cls-mean``).
+        text: the source string (dashes are accepted for underscores in the name: ``cls-mean``, ``ca2-sum``).
         allow_head: also accept ``head:<spec>`` (the statistics' name of a trained head's weights).
 
     Raises:
-        AggregationError: for an unknown source (close names suggested) or a reference without a name.
+        AggregationError: for an unknown source (close names suggested), a reference without a name or a
+            malformed patch position.
     """
     raw = str(text).strip()
-    if raw.startswith(REFERENCE_PREFIX):
-        target = raw[len(REFERENCE_PREFIX):].strip()
-        if not target:
-            raise AggregationError("reference: needs a model name, e.g. reference:dino-vit-b16")
-        return Source(f"{REFERENCE_PREFIX}{target}", "reference", target)
+    for prefix, summed in ((REFERENCE_PREFIX, False), (REFERENCE_SUM_PREFIX, True), ("reference-sum:", True)):
+        if raw.startswith(prefix):
+            target = raw[len(prefix):].strip()
+            canonical = REFERENCE_SUM_PREFIX if summed else REFERENCE_PREFIX
+            if not target:
+                raise AggregationError(f"{canonical} needs a model name, e.g. {canonical}dino-vit-b16")
+            return Source(f"{canonical}{target}", "reference", target, summed=summed)
     if allow_head and raw.startswith(HEAD_PREFIX):
         return Source(raw, "head", raw[len(HEAD_PREFIX):])
+    if raw.startswith(PATCH_PREFIX):
+        match = _PATCH.match(raw[len(PATCH_PREFIX):])
+        if not match:
+            raise AggregationError(f"{raw!r}: a patch source is patch:<row>,<col> (0-based), e.g. patch:7,7")
+        row, col = int(match["row"]), int(match["col"])
+        return Source(f"{PATCH_PREFIX}{row},{col}", "patch", patch=(row, col))
     name = raw.replace("-", "_")
-    if name in SOURCES:
+    if name in ("cls_mean", "cls_min_entropy"):
         return Source(name, name)
-    valid = [*SOURCES, "reference:<model-name>"]
-    close = difflib.get_close_matches(name, [*SOURCES, "reference"], n=3, cutoff=0.5)
-    close = [c if c != "reference" else "reference:<model-name>" for c in close]
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(valid)}"
-    raise AggregationError(f"unknown aggregation source {raw!r}{hint}")
+    if name in ("central", "central_sum"):
+        return Source(name, "ca", size=1, summed=name.endswith(SUM_SUFFIX))
+    match = _WINDOW.match(name)
+    if match and not (match["kind"] == "cp" and match["sum"]):
+        return Source(name, match["kind"], size=int(match["size"]),
+                      summed=match["kind"] == "cp" or bool(match["sum"]))
+    if match:  # cpK_sum
+        raise AggregationError(f"{raw!r}: cp{match['size']} is already the plain mean of its window (a sum with "
+                               f"weights 1/K^2); use cp{match['size']}")
+    raise AggregationError(f"unknown aggregation source {raw!r}{_suggest(name)}")
 
 
 def check_source_fits(source: Source, has_cls: bool, model_name: str = "the model") -> None:
     """Raise one line when ``source`` needs a [cls] token that the model lacks."""
     if source.needs_cls and not has_cls:
         raise AggregationError(f"aggregation {source.name} needs a [cls] token and {model_name} has none; "
-                               f"use central or reference:<model-name>")
+                               f"use central, caK, cpK or reference:<model-name>")
 
 
 def model_label(model: nn.Module, name: str | None = None) -> str:
@@ -120,17 +197,20 @@ def head_label(spec_name: str) -> str:
 
     spec = parse_head_spec(spec_name)
     if spec.kind == "abmilp":
-        label = ("SA-" if spec.self_attention else "") + "AbMILP"
-        extra = [x for x in ("+[cls]" if spec.include_cls else "", spec.scorer if spec.scorer != "linear" else "")
-                 if x]
+        label = {"none": "", "both": "SA-", "map": "SA(map)-"}[spec.sa_apply] + "AbMILP"
+        scorer = "" if spec.scorer == "linear" else (spec.scorer if spec.depth == 2
+                                                     else spec.scorer.replace("mlp", f"mlp{spec.depth}"))
+        extra = [x for x in ("+[cls]" if spec.include_cls else "", scorer, "PE" if spec.cond == "pe" else "") if x]
         return label + (f" ({', '.join(extra)})" if extra else "")
     if spec.kind == "attentive":
         return f"Attentive probing ({spec.num_heads} head{'s' if spec.num_heads > 1 else ''})"
-    return {"avg": "Average pooling", "cls": "[cls] token"}.get(spec.kind, spec.name)
+    return {"avg": "Average pooling", "cls": "[cls] token", "both": "[cls] and average pooling"}.get(spec.kind,
+                                                                                                 spec.name)
 
 
 def source_label(source: str | Source, model: str, reference: str | None = None) -> str:
-    """The paper's Table 5 name of a source, e.g. ``"Average MAE [cls] token attention"``.
+    """The paper's Table 5 name of a source, e.g. ``"Average MAE [cls] token attention"`` (sources the paper does
+    not list get a label in the same words).
 
     Args:
         source: the source.
@@ -138,22 +218,29 @@ def source_label(source: str | Source, model: str, reference: str | None = None)
         reference: the reference model's label (``"DINO"``) for ``reference:`` sources.
     """
     src = parse_source(source, allow_head=True) if isinstance(source, str) else source
+    summed = " (renormalised sum)" if src.kind in ("ca", "reference") and src.summed else ""
     if src.kind == "cls_mean":
         return f"Average {model} [cls] token attention"
     if src.kind == "cls_min_entropy":
         return f"Lowest-entropy {model} [cls] token attention"
-    if src.kind == "central":
-        return f"{model} central patch token attention"
+    if src.kind == "ca" and src.name.startswith("central"):
+        return f"{model} central patch token attention{summed}"
+    if src.kind == "ca":
+        return f"{model} central {src.size}x{src.size} patch token attention{summed}"
+    if src.kind == "cp":
+        return f"Mean of {model}'s central {src.size}x{src.size} patch tokens"
+    if src.kind == "patch" and src.patch is not None:
+        return f"{model} patch ({src.patch[0]}, {src.patch[1]}) token attention"
     if src.kind == "reference":
-        return f"Average {reference or src.target} [cls] token attention"
+        return f"Average {reference or src.target} [cls] token attention{summed}"
     return head_label(src.target or "")
 
 
 def default_sources(has_cls: bool, reference_name: str | None = None, head: Any = None) -> list[str]:
-    """Every source that fits: the model's own (the [cls] ones only with [cls]), the reference's, the head's."""
+    """Table 5's sources that fit: the model's own (the [cls] ones only with [cls]), the reference's, the head's."""
     out = [s for s in SOURCES if has_cls or s == "central"]
     if reference_name is not None:
-        out.append(f"reference:{reference_name}")
+        out.append(f"{REFERENCE_PREFIX}{reference_name}")
     if head is not None:
         out.append(f"{HEAD_PREFIX}{head.spec.name}")
     return out
@@ -162,4 +249,5 @@ def default_sources(has_cls: bool, reference_name: str | None = None, head: Any 
 def reference_mismatch(source: Source, reference_name: str) -> str:
     """The error line for a ``reference:<name>`` source that names another model than the reference given."""
     return (f"source {source.name} names {source.target} but the reference is {reference_name}: its vectors would "
-            f"be {reference_name}'s; use reference:{reference_name}")
+            f"be {reference_name}'s; use {REFERENCE_SUM_PREFIX if source.summed else REFERENCE_PREFIX}"
+            f"{reference_name}")

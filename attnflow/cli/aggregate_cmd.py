@@ -33,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_name_argument(parser)
     parser.add_argument("--reference", metavar="MODEL", help="reference model, e.g. dino-vit-b16")
     parser.add_argument("--head", metavar="PATH", help="a trained probe head (e.g. runs/probe/seed0/heads/abmilp.pt)")
-    parser.add_argument("--sources", help="comma-separated sources (default: every one that fits): cls_mean, "
-                                          "cls_min_entropy, central, reference:<name>, head:<spec>")
+    parser.add_argument("--sources", help="comma-separated sources (default: Table 5's that fit): cls_mean, "
+                                          "cls_min_entropy, central, reference:<name>, head:<spec>; also caK, cpK "
+                                          "(central KxK window), patch:R,C")
     add_model_arguments(parser)
     add_reference_arguments(parser)
     parser.add_argument("--crop-pct", type=crop_fraction, help="override the model's center-crop fraction")

@@ -54,13 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--task", help=TASK_HELP)
     parser.add_argument("--data", required=True, help=DATA_HELP)
     parser.add_argument("--out", required=True, help="run directory (results.parquet/.csv/.json, heads, checkpoints)")
-    parser.add_argument("--heads", help="comma-separated head specs: cls, avg, abmilp, abmilp+cls, abmilp-mlp-tanh, "
-                                        "abmilp-mlp-relu, sa-abmilp, ap1, ap12 (default cls,avg,abmilp,abmilp+cls)")
+    parser.add_argument("--heads", help="comma-separated head specs: cls, avg, both, abmilp, abmilp+cls, "
+                                        "abmilp-mlp-tanh, abmilp-mlp-relu, abmilp-mlpN-ACT, abmilp-pe, sa-abmilp, "
+                                        "sa-map-abmilp, ap1, ap12 (default cls,avg,abmilp,abmilp+cls)")
     parser.add_argument("--config", metavar="TOML", help="TOML file of probe settings (flags override it)")
     parser.add_argument("--aggregation", metavar="SOURCE",
                         help="fixed (non-trainable) aggregation of the patch tokens, paper Table 5: cls_mean, "
-                             "cls_min_entropy, central or reference:<model-name>; trains the cls head on "
-                             "sum_i w_i x_i (the only head that applies)")
+                             "cls_min_entropy, central, caK, cpK, reference:<model-name> (the official code's "
+                             "features), central_sum, caK_sum, reference_sum:<model-name>, patch:R,C; trains the cls "
+                             "head on that one token per image (the only head that applies)")
     add_model_arguments(parser)
     add_reference_arguments(parser)
     _add_protocol_arguments(parser)
@@ -107,6 +109,8 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-aug", help="rrc-flip (default) or none")
     group.add_argument("--crop-pct", type=float, help="validation center-crop fraction (default 0.875)")
     group.add_argument("--head-init", help="classifier init: default (torch, the paper's code) or mae")
+    group.add_argument("--eval-amp", help="autocast of the heads at evaluation: fp32 (default) or fp16 (the official "
+                                          "code's evaluate)")
     group.add_argument("--split-file", help="ImageNet-1%% split file (default: the shipped 1%% split)")
     group.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     group.add_argument("--limit", type=int, help="use N evenly spaced train and val images (quick checks)")
@@ -115,7 +119,7 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "accum_steps", "lr", "base_lr", "holdout",
              "optimizer", "momentum", "weight_decay", "warmup_epochs", "min_lr", "layernorm", "block", "train_aug",
              "crop_pct", "head_init", "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp",
-             "workers", "aggregation")
+             "workers", "aggregation", "eval_amp")
 
 
 def _config(args: argparse.Namespace) -> tuple[ProbeConfig, bool]:
@@ -145,8 +149,9 @@ def _check_out(args: argparse.Namespace) -> Path:
 def _reference(args: argparse.Namespace, config: ProbeConfig, model: Any) -> Any:
     """The reference model of ``--aggregation reference:<name>`` (``None`` for other aggregations)."""
     ref_opts = args.reference_checkpoint or args.reference_random_init or args.reference_model_kw
-    if ref_opts and not (config.aggregation or "").startswith("reference:"):
-        raise AttnflowError("--reference-* options apply to --aggregation reference:<model-name> only")
+    if ref_opts and not (config.aggregation or "").startswith(("reference:", "reference_sum:", "reference-sum:")):
+        raise AttnflowError("--reference-* options apply to --aggregation reference:<model-name> only (or "
+                            "reference_sum:<model-name>)")
     if config.aggregation is None:
         return None
     from ..aggregation.sources import parse_source

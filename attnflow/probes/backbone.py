@@ -34,6 +34,9 @@ def check_head(head: ProbeHead, encoder: TokenEncoder, path: str = "the head", m
     if head.spec.kind == "cls":
         raise HeadMismatchError(f"{path} is a 'cls' head: its weights sit on [cls], not on the patches; pass an "
                                "AbMILP or attentive-probing head")
+    if not head.spec.has_vector:
+        raise HeadMismatchError(f"{path} is a '{head.spec.name}' head: it concatenates [cls] and the patch average "
+                               "and has no aggregation vector; pass an AbMILP or attentive-probing head")
     trained_on = meta.get("model")
     record = model_record(encoder.model)
     this = record.preset or record.arch

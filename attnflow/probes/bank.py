@@ -62,33 +62,39 @@ class HeadBank(nn.Module):
         weight_decay: optimizer weight decay.
         seed: run seed (head initialisation).
         head_init: classifier initialisation (see :data:`attnflow.probes.heads.HEAD_INITS`).
+        patch_grid: the patch grid of ``-pe`` AbMILP heads (``None``: square, inferred from the tokens).
+        eval_amp: autocast of the heads at evaluation, ``"fp32"`` (none), ``"fp16"`` (the official code's
+            ``evaluate``) or ``"bf16"`` (see :func:`attnflow.probes.loop.evaluate_bank`).
     """
 
     def __init__(self, specs: Sequence[HeadSpec], lrs: Sequence[float], *, dim: int, num_classes: int,
                  has_cls: bool, optimizer: str = "lars", momentum: float = 0.9, weight_decay: float = 0.0,
-                 seed: int = 0, head_init: str = "default") -> None:
+                 seed: int = 0, head_init: str = "default", patch_grid: tuple[int, int] | None = None,
+                 eval_amp: str = "fp32") -> None:
         super().__init__()
         self.heads = nn.ModuleList()
         self.entries: list[BankEntry] = []
         grid = len(lrs) > 1
         for spec in specs:
             for lr in lrs:
-                head = build_head(spec, dim, num_classes, has_cls, seed=head_seed(seed, spec.name), init=head_init)
+                head = build_head(spec, dim, num_classes, has_cls, seed=head_seed(seed, spec.name), init=head_init,
+                                  grid=patch_grid)
                 opt = make_optimizer(optimizer, head.parameters(), lr=lr, momentum=momentum,
                                      weight_decay=weight_decay)
                 self.heads.append(head)
                 self.entries.append(BankEntry(entry_name(spec.name, lr, grid), spec, float(lr), head, opt))
         self.optimizer_name = optimizer
         self.dim, self.num_classes, self.has_cls = dim, num_classes, has_cls
+        self.eval_amp = eval_amp
 
     @classmethod
     def from_options(cls, specs: Sequence[HeadSpec], lrs: Sequence[float], options: "TrainOptions", *, dim: int,
-                     num_classes: int, has_cls: bool) -> "HeadBank":
-        """A bank of ``specs`` x ``lrs`` with the optimizer, momentum, weight decay, head init and seed of
-        ``options``."""
+                     num_classes: int, has_cls: bool, patch_grid: tuple[int, int] | None = None) -> "HeadBank":
+        """A bank of ``specs`` x ``lrs`` with the optimizer, momentum, weight decay, head init, seed and evaluation
+        autocast of ``options``."""
         return cls(specs, lrs, dim=dim, num_classes=num_classes, has_cls=has_cls, optimizer=options.optimizer,
                    momentum=options.momentum, weight_decay=options.weight_decay, seed=options.seed,
-                   head_init=options.head_init)
+                   head_init=options.head_init, patch_grid=patch_grid, eval_amp=options.eval_amp)
 
     @property
     def names(self) -> list[str]:

@@ -149,8 +149,10 @@ def _check_inputs(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Ten
 
 def _fingerprint(options: TrainOptions, bank: HeadBank, data: _Tokens, split: HoldoutSplit, has_cls: bool
                  ) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resumption."""
-    return {**options.to_dict(), "heads": bank.names, "lrs": [e.lr for e in bank.entries],
+    """What must not change between an interrupted run and its resumption (``eval_amp`` only when not the default
+    ``fp32``, so that checkpoints from before it existed resume)."""
+    settings = {k: v for k, v in options.to_dict().items() if k != "eval_amp" or v != "fp32"}
+    return {**settings, "heads": bank.names, "lrs": [e.lr for e in bank.entries],
             "n_train": len(data.yt), "n_holdout": len(split.held), "dim": data.xt.shape[2],
             "num_classes": data.num_classes, "has_cls": has_cls}
 

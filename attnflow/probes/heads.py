@@ -4,10 +4,14 @@ Every head reads tokens ``[n, P + N, D]`` where ``P = 1`` when the model has a [
 and ``P = 0`` otherwise, and ``N`` is the number of patch tokens (registers are dropped at extraction).
 Each pooling also returns its aggregation weights aligned with the input tokens (``[n, P + N]``, zero for
 tokens it does not read, summing to 1), so a trained head gives per-image selection maps
-(``head.scores(tokens)``) for the maps and localization work.
+(``head.scores(tokens)``) for the maps and localization work; ``both`` ([cls] and the patch average concatenated)
+has no such vector. The options of the official code's ``ABMILPHead`` (self-attention mode, scorer depth, position
+conditioning) are those of :class:`AbMILPPool`; ``docs/official-code.md`` maps them to head specs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -20,6 +24,10 @@ HEAD_INITS: tuple[str, ...] = ("default", "mae")
 """Classifier initialisations: ``default`` = torch's ``nn.Linear`` init (what the paper's code
 github.com/gmum/beyond_cls ends up with), ``mae`` = trunc-normal(std 0.01) weights and zero bias (MAE's
 main_linprobe.py)."""
+
+
+_LOW = (torch.float16, torch.bfloat16)
+"""Autocast's reduced precisions: a softmax of such logits runs in float32, as CUDA autocast runs it."""
 
 
 def _pad_weights(weights: torch.Tensor, start: int) -> torch.Tensor:
@@ -56,9 +64,28 @@ class MeanPool(nn.Module):
         return patches.mean(dim=1), _pad_weights(weights, self.start)
 
 
+class ConcatPool(nn.Module):
+    """[cls] and the average of the patch tokens, concatenated (the official code's ``both``): ``[n, 2D]``.
+
+    It reads two representations, so it has no aggregation vector (:attr:`HeadSpec.has_vector` is False).
+    """
+
+    def __init__(self, has_cls: bool) -> None:
+        super().__init__()
+        if not has_cls:
+            raise HeadSpecError("head 'both' needs a model with a [cls] token; use avg, abmilp or apK")
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, 1 + N, D]`` -> pooled ``[n, 2D]``, weights ``[n, 1 + N]`` (NaN: no single vector)."""
+        weights = torch.full(tokens.shape[:2], float("nan"), dtype=tokens.dtype, device=tokens.device)
+        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1), weights
+
+
 class SelfAttentionHead(nn.Module):
     """One trainable self-attention head (qkv without bias, output projection; no residual, no norm), as the
     SA-AbMILP of the paper's code (``Attention(dim, num_heads=1)`` in beyond_cls abmilp.py).
+
+    The softmax runs in float32 under autocast too (as CUDA autocast runs it for the official code).
 
     Shape:
         ``[n, T, D] -> [n, T, D]``.
@@ -71,47 +98,128 @@ class SelfAttentionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each [n, T, D]
-        attn = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(1, 2), dim=-1)  # [n, T, T]
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(1, 2)  # [n, T, T]
+        attn = torch.softmax(logits.float() if logits.dtype in _LOW else logits, dim=-1)
         return self.proj(attn @ v)
 
 
-def _scorer(dim: int, kind: str) -> nn.Module:
-    """AbMILP's t: R^D -> R (one linear layer, or D -> D -> 1 with tanh / relu)."""
+def _scorer(dim: int, kind: str, depth: int = 2) -> nn.Module:
+    """AbMILP's t: R^D -> R: one linear layer, or ``depth - 1`` hidden Linear(D, D) + tanh / ReLU layers then
+    Linear(D, 1) (the official ``ABMILPHead.attention_predictor``)."""
     if kind == "linear":
         return nn.Linear(dim, 1)
-    act = nn.Tanh() if kind == "mlp-tanh" else nn.ReLU()
-    return nn.Sequential(nn.Linear(dim, dim), act, nn.Linear(dim, 1))
+    layers: list[nn.Module] = []
+    for _ in range(depth - 1):
+        layers += [nn.Linear(dim, dim), nn.Tanh() if kind == "mlp-tanh" else nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(dim, 1))
+
+
+def sincos_position_embedding(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The fixed 2-D sin-cos position embedding of MAE / the official ``get_2d_sincos_pos_embed``: ``[gh * gw, D]``
+    float32, patches row-major.
+
+    The first ``D/2`` channels encode the patch's column, the last ``D/2`` its row (the official code meshes
+    ``(w, h)`` and encodes ``grid[0]``, the column, first); each half is ``[sin(p * w_k), cos(p * w_k)]`` with
+    ``w_k = 10000^(-k / (D/4))``, ``k = 0 .. D/4 - 1``. Computed in float64, returned in float32 as the official
+    ``.float()``.
+
+    Raises:
+        HeadSpecError: ``D`` not divisible by 4.
+    """
+    if dim % 4:
+        raise HeadSpecError(f"a 2-D sin-cos position embedding needs a width divisible by 4; D={dim}")
+    gh, gw = int(grid[0]), int(grid[1])
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))  # [D/4]
+    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
+                                indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega[None]  # [P, D/4]
+        return torch.cat([out.sin(), out.cos()], dim=1)  # [P, D/2]
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def _weighted_sum(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i x_i`` for ``[n, T]`` weights and ``[n, T, D]`` tokens, never in reduced precision: the official
+    ``(x * attn_map).sum(dim=1)`` is elementwise, which autocast leaves in float32."""
+    dtype = torch.promote_types(torch.promote_types(weights.dtype, x.dtype), torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.bmm(weights.to(dtype).unsqueeze(1), x.to(dtype)).squeeze(1)  # [n, D]
 
 
 class AbMILPPool(nn.Module):
-    """AbMILP Selective Aggregation (paper Eq. 5): ``s = softmax_i t(z_i)``, pooled ``= sum_i s_i z_i``.
+    """AbMILP Selective Aggregation (paper Eq. 5): ``s = softmax_i t(z_i)``, pooled ``= sum_i s_i z_i``, with every
+    option of the official ``ABMILPHead`` (beyond_cls abmilp.py).
 
     Args:
         dim: token width D.
         has_cls: whether ``tokens[:, 0]`` is a [cls] token.
-        include_cls: weigh the [cls] token too (``abmilp+cls``); otherwise patches only.
+        include_cls: weigh the [cls] token too (``abmilp+cls``, official ``--abmilp_content all``); otherwise
+            patches only (``--abmilp_content patch``).
         scorer: ``"linear"`` (paper's main setting), ``"mlp-tanh"`` or ``"mlp-relu"``.
-        self_attention: SA-AbMILP: tokens pass a 1-head self-attention first; its output feeds both the
-            scorer and the weighted sum (the paper code's ``abmilp_sa`` set to ``both``).
+        depth: Linear layers of an MLP scorer (the official code's ``abmilp_depth``; 2 in Table 4).
+        sa_apply: SA-AbMILP mode (the official code's ``abmilp_sa``): ``"none"``; ``"both"``: tokens pass a 1-head self-attention
+            whose output feeds the scorer and is weighted; ``"map"``: its output feeds the scorer only and the
+            original tokens are weighted.
+        cond: ``"pe"`` (the official code's ``abmilp_cond`` set to ``pe``): a fixed 2-D sin-cos position embedding
+            (:func:`sincos_position_embedding`; a zero row for [cls] with ``include_cls``) is added to the scorer's
+            input (after the self-attention), never trained; ``"none"``.
+        grid: the patch grid ``(gh, gw)`` for ``cond="pe"``; ``None``: a square grid inferred from the number of
+            patch tokens (the official code supports square grids only).
     """
 
-    def __init__(self, dim: int, has_cls: bool, include_cls: bool = False, scorer: str = "linear",
-                 self_attention: bool = False) -> None:
+    def __init__(self, dim: int, has_cls: bool, include_cls: bool = False, scorer: str = "linear", *,
+                 depth: int = 2, sa_apply: str = "none", cond: str = "none",
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         if include_cls and not has_cls:
             raise HeadSpecError("'+cls' needs a model with a [cls] token; drop '+cls' for this model")
+        if cond == "pe" and dim % 4:
+            raise HeadSpecError(f"position conditioning (-pe) needs a token width divisible by 4; D={dim}")
         self.start = 0 if include_cls else int(has_cls)
-        self.attention = SelfAttentionHead(dim) if self_attention else None
-        self.scorer = _scorer(dim, scorer)
+        self.dim, self.with_cls = dim, include_cls
+        self.sa_apply, self.cond = sa_apply, cond
+        self.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
+        self.attention = SelfAttentionHead(dim) if sa_apply != "none" else None
+        self.scorer = _scorer(dim, scorer, depth)
+        self._pe: dict[tuple, torch.Tensor] = {}
+
+    def position_embedding(self, n_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The fixed ``[T, D]`` embedding added to the scorer's input (a zero row first when [cls] is weighed).
+
+        Raises:
+            HeadSpecError: the tokens do not fill the grid, or (without a grid) their number is not a square.
+        """
+        n_patches = n_tokens - int(self.with_cls)
+        grid = self.grid
+        if grid is None:
+            side = math.isqrt(n_patches)
+            if side * side != n_patches:
+                raise HeadSpecError(f"position conditioning needs the patch grid: {n_patches} patch tokens are not "
+                                    "a square grid; build the head with grid=(rows, cols)")
+            grid = (side, side)
+        if grid[0] * grid[1] != n_patches:
+            raise HeadSpecError(f"position conditioning for a {grid[0]}x{grid[1]} grid got {n_patches} patch tokens")
+        key = (grid, n_tokens, device, dtype)
+        if key not in self._pe:
+            pe = sincos_position_embedding(self.dim, grid)
+            if self.with_cls:
+                pe = torch.cat([pe.new_zeros(1, pe.shape[1]), pe])
+            self._pe[key] = pe.to(device=device, dtype=dtype)
+        return self._pe[key]
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[n, P + N, D]`` -> pooled ``[n, D]``, weights ``[n, P + N]``."""
         x = tokens[:, self.start:]  # [n, T, D]
-        if self.attention is not None:
-            x = self.attention(x)
-        weights = torch.softmax(self.scorer(x).squeeze(-1), dim=1)  # [n, T]
-        pooled = torch.bmm(weights.unsqueeze(1), x).squeeze(1)  # [n, D]
-        return pooled, _pad_weights(weights, self.start)
+        mixed = self.attention(x) if self.attention is not None else x
+        scorer_in = mixed
+        if self.cond == "pe":
+            scorer_in = mixed + self.position_embedding(x.shape[1], x.device, torch.float32)
+        logits = self.scorer(scorer_in).squeeze(-1)  # [n, T]
+        weights = torch.softmax(logits.float() if logits.dtype in _LOW else logits, dim=1)  # [n, T]
+        pooled = _weighted_sum(weights, mixed if self.sa_apply == "both" else x)  # [n, D]
+        return pooled, _pad_weights(weights.to(tokens.dtype), self.start)
 
 
 class AttentivePool(nn.Module):
@@ -162,14 +270,17 @@ class AttentivePool(nn.Module):
         return self.proj(out.flatten(1)), _pad_weights(weights.mean(dim=1), self.start)
 
 
-def build_pool(spec: HeadSpec, dim: int, has_cls: bool) -> nn.Module:
-    """The pooling module of a head spec."""
+def build_pool(spec: HeadSpec, dim: int, has_cls: bool, grid: tuple[int, int] | None = None) -> nn.Module:
+    """The pooling module of a head spec (``grid``: the patch grid of a ``-pe`` AbMILP head)."""
     if spec.kind == "cls":
         return ClsPool(has_cls)
     if spec.kind == "avg":
         return MeanPool(has_cls)
+    if spec.kind == "both":
+        return ConcatPool(has_cls)
     if spec.kind == "abmilp":
-        return AbMILPPool(dim, has_cls, spec.include_cls, spec.scorer, spec.self_attention)
+        return AbMILPPool(dim, has_cls, spec.include_cls, spec.scorer, depth=spec.depth, sa_apply=spec.sa_apply,
+                          cond=spec.cond, grid=grid)
     return AttentivePool(dim, spec.num_heads, has_cls, spec.include_cls)
 
 
@@ -182,20 +293,27 @@ class ProbeHead(nn.Module):
         num_classes: classifier outputs K.
         has_cls: whether ``tokens[:, 0]`` is a [cls] token.
         init: classifier initialisation, one of :data:`HEAD_INITS`.
+        grid: the patch grid ``(gh, gw)`` of a ``-pe`` AbMILP head (``None``: square, inferred from the tokens).
+
+    Attributes:
+        width: the pooled representation's width (D; 2D for ``both``), the BatchNorm's and classifier's input.
 
     Shape:
         tokens ``[n, P + N, D]`` -> logits ``[n, K]``.
     """
 
-    def __init__(self, spec: HeadSpec, dim: int, num_classes: int, has_cls: bool, init: str = "default") -> None:
+    def __init__(self, spec: HeadSpec, dim: int, num_classes: int, has_cls: bool, init: str = "default",
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         if init not in HEAD_INITS:
             raise HeadSpecError(f"unknown head init {init!r}; choose from {', '.join(HEAD_INITS)}")
         self.spec = spec
         self.dim, self.num_classes, self.has_cls = dim, num_classes, has_cls
-        self.pool = build_pool(spec, dim, has_cls)
-        self.norm = ProbeBatchNorm(dim)
-        self.fc = nn.Linear(dim, num_classes)
+        self.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
+        self.width = 2 * dim if spec.kind == "both" else dim
+        self.pool = build_pool(spec, dim, has_cls, self.grid)
+        self.norm = ProbeBatchNorm(self.width)
+        self.fc = nn.Linear(self.width, num_classes)
         if init == "mae":
             nn.init.trunc_normal_(self.fc.weight, std=0.01)
             nn.init.zeros_(self.fc.bias)
@@ -205,7 +323,7 @@ class ProbeHead(nn.Module):
         return self.fc(self.norm(pooled))
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The aggregated representation before BatchNorm: ``[n, P + N, D] -> [n, D]``."""
+        """The aggregated representation before BatchNorm: ``[n, P + N, D] -> [n, D]`` (``[n, 2D]`` for ``both``)."""
         return self.pool(tokens)[0]
 
     @torch.no_grad()
@@ -214,7 +332,13 @@ class ProbeHead(nn.Module):
 
         For AbMILP these are the Selective Aggregation scores of Eq. 5 (zero on [cls] unless ``+cls``);
         attentive probing averages its heads; ``cls`` is one-hot, ``avg`` uniform over patches.
+
+        Raises:
+            HeadSpecError: a ``both`` head, which concatenates two representations and has no single vector.
         """
+        if not self.spec.has_vector:
+            raise HeadSpecError(f"head {self.spec.name!r} concatenates [cls] and the patch average: it has no "
+                                "aggregation vector")
         return self.pool(tokens)[1]
 
     def extra_repr(self) -> str:
@@ -222,13 +346,13 @@ class ProbeHead(nn.Module):
 
 
 def build_head(spec: HeadSpec, dim: int, num_classes: int, has_cls: bool, *, seed: int | None = None,
-               init: str = "default") -> ProbeHead:
+               init: str = "default", grid: tuple[int, int] | None = None) -> ProbeHead:
     """A fresh head; with ``seed`` its initial weights depend on the seed only (not on the global RNG)."""
     if seed is None:
-        return ProbeHead(spec, dim, num_classes, has_cls, init)
+        return ProbeHead(spec, dim, num_classes, has_cls, init, grid)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ProbeHead(spec, dim, num_classes, has_cls, init)
+        return ProbeHead(spec, dim, num_classes, has_cls, init, grid)
 
 
 def num_trainable(module: nn.Module) -> int:

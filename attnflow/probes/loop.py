@@ -6,6 +6,7 @@ image path (:mod:`attnflow.probes.train`); they differ only in how a micro-batch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +50,19 @@ class Scores(NamedTuple):
     loss: float
 
 
+EVAL_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""Autocast dtypes of :attr:`HeadBank.eval_amp` (``TrainOptions.eval_amp``)."""
+
+
 @torch.no_grad()
 def evaluate_bank(bank: HeadBank, batches: Iterable[Batch], device: torch.device) -> list[Scores]:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of every entry over all processes' shards;
     top-5 is NaN with 5 classes or fewer, where it would be 100 whatever the head.
+
+    With ``bank.eval_amp`` ``"fp16"`` (or ``"bf16"``) the heads run under autocast, as the official code's
+    ``evaluate`` runs its model and head under ``torch.cuda.amp.autocast()`` (fp16): the linear layers compute in
+    fp16 (logits in fp16), BatchNorm, softmax and the weighted sums stay in float32, and the cross-entropy is
+    taken in float32 of the fp16 logits.
 
     Raises:
         AttnflowError: the set is empty (on every process).
@@ -61,9 +71,13 @@ def evaluate_bank(bank: HeadBank, batches: Iterable[Batch], device: torch.device
     k = min(5, bank.num_classes)
     sums = torch.zeros(len(bank.entries), 3, dtype=torch.float64, device=device)  # [entries, (top1, top5, loss)]
     count = torch.zeros(1, dtype=torch.float64, device=device)
+    dtype = EVAL_DTYPES[getattr(bank, "eval_amp", "fp32")]
     for tokens, labels in batches:
         tokens, labels = tokens.to(device, non_blocking=True).float(), labels.to(device, non_blocking=True)
-        for i, logits in enumerate(bank(tokens)):
+        with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            outputs = bank(tokens)
+        for i, logits in enumerate(outputs):
+            logits = logits.float()
             hits = logits.topk(k, dim=1).indices == labels[:, None]  # [n, k]
             sums[i, 0] += hits[:, 0].sum()
             sums[i, 1] += hits.any(dim=1).sum()

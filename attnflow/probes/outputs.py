@@ -41,8 +41,8 @@ def save_head(path: str | Path, head: ProbeHead, meta: dict[str, Any] | None = N
     """Save a trained head with everything :func:`load_head` needs to rebuild it."""
     path = Path(path)
     payload = {"format": HEAD_FORMAT, "spec": head.spec.name, "dim": head.dim, "num_classes": head.num_classes,
-               "has_cls": head.has_cls, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
-               "meta": meta or {}}
+               "has_cls": head.has_cls, "grid": getattr(head, "grid", None),
+               "state_dict": {k: v.cpu() for k, v in head.state_dict().items()}, "meta": meta or {}}
     write_atomically({path: lambda tmp: torch.save(payload, tmp)})
     return path
 
@@ -66,7 +66,8 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Pro
                             f"{(str(err).splitlines() or [''])[0]})") from None
     if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
         raise AttnflowError(f"{path} is not a saved attnflow probe head")
-    head = ProbeHead(parse_head_spec(state["spec"]), state["dim"], state["num_classes"], state["has_cls"])
+    head = ProbeHead(parse_head_spec(state["spec"]), state["dim"], state["num_classes"], state["has_cls"],
+                     grid=state.get("grid"))
     head.load_state_dict(state["state_dict"])
     head.meta = state.get("meta", {})
     return head.eval()

@@ -64,6 +64,16 @@ DEFAULT_HOLDOUT = 0.1
 
 OPTIMIZERS: tuple[str, ...] = ("lars", "sgd")
 HEAD_INITS: tuple[str, ...] = ("default", "mae")
+EVAL_AMPS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+"""Autocast of the heads at evaluation: ``fp32`` (none, the default) or ``fp16``, the official code's evaluation
+(``torch.cuda.amp.autocast()``); ``none`` reads as ``fp32``."""
+
+
+def _eval_amp(value: Any) -> str:
+    word = {"none": "fp32"}.get(str(value).strip().lower(), str(value).strip().lower())
+    if word not in EVAL_AMPS:
+        raise unknown("eval_amp", str(value), EVAL_AMPS)
+    return word
 
 
 def _floats(name: str, value: Any) -> tuple[float, ...]:
@@ -120,6 +130,8 @@ class TrainOptions:
         head_init: classifier initialisation, ``"default"`` (torch) or ``"mae"``.
         eval_every: evaluate every N epochs (and after the last).
         seed: data order, held-out split and head initialisation.
+        eval_amp: autocast of the heads when they are scored (validation, held-out): ``"fp32"`` (none) or
+            ``"fp16"`` as the official code's evaluation (see :data:`EVAL_AMPS`); training is float32 either way.
     """
 
     epochs: int = 90
@@ -136,6 +148,7 @@ class TrainOptions:
     head_init: str = "default"
     eval_every: int = 1
     seed: int = 0
+    eval_amp: str = "fp32"
 
     def __post_init__(self) -> None:
         _count("epochs", self.epochs)
@@ -146,6 +159,7 @@ class TrainOptions:
         _holdout(self.holdout)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("head_init", self.head_init, HEAD_INITS)
+        object.__setattr__(self, "eval_amp", _eval_amp(self.eval_amp))
         if self.lr is not None:
             object.__setattr__(self, "lr", _floats("lr", self.lr))
         object.__setattr__(self, "base_lr", _floats("base_lr", self.base_lr))
@@ -232,8 +246,10 @@ class ProbeConfig:
         split_file: ImageNet-1% split file (one ``CLASS/FILE`` or file name per line).
         limit: use at most this many training and validation images (quick checks).
         aggregation: a fixed, non-trainable aggregation of the patch tokens (paper Table 5): ``cls_mean``,
-            ``cls_min_entropy``, ``central`` or ``reference:<model-name>``; the encoder then gives one token
-            ``sum_i w_i x_i`` per image and only the ``cls`` head applies (see :mod:`attnflow.aggregation`).
+            ``cls_min_entropy``, ``central``, ``caK``, ``cpK``, ``reference:<model-name>``, ... (see
+            :mod:`attnflow.aggregation.sources`); the encoder then gives one token ``sum_i w_i x_i`` per image (the
+            official code's feature) and only the ``cls`` head applies.
+        eval_amp: autocast of the heads at evaluation, ``fp32`` (default) or ``fp16`` (the official code's).
     """
 
     task: str = "imagenet"
@@ -267,6 +283,7 @@ class ProbeConfig:
     split_file: str | None = None
     limit: int | None = None
     aggregation: str | None = None
+    eval_amp: str = "fp32"
 
     def train_options(self, seed: int, *, n_train: int, world_size: int = 1, model_size: str | None = None
                       ) -> TrainOptions:
@@ -277,7 +294,7 @@ class ProbeConfig:
             lr=tuple(self.lr) if self.lr else None, base_lr=_floats("base_lr", self.base_lr), holdout=self.holdout,
             optimizer=self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay,
             warmup_epochs=self.warmup_epochs, min_lr=self.min_lr, head_init=self.head_init,
-            eval_every=self.eval_every, seed=seed)
+            eval_every=self.eval_every, seed=seed, eval_amp=self.eval_amp)
         batch = options.resolved_batch(n_train)
         return dataclasses.replace(options, batch_size=batch,
                                    accum_steps=self.resolved_accum_steps(world_size, batch))
@@ -364,6 +381,8 @@ def _coerce(name: str, value: Any) -> Any:
         value = ",".join(value)
     if name == "amp":
         value = parse_precision(value)
+    if name == "eval_amp":
+        value = _eval_amp(value)
     if name in _CHOICES and value not in _CHOICES[name]:
         raise unknown(name, str(value), _CHOICES[name])
     return value
@@ -416,7 +435,8 @@ def check_config(config: ProbeConfig) -> None:
                  lr=tuple(config.lr) if config.lr else None, base_lr=_floats("base_lr", config.base_lr),
                  holdout=config.holdout, optimizer=config.optimizer, momentum=config.momentum,
                  weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs, min_lr=config.min_lr,
-                 head_init=config.head_init, eval_every=config.eval_every, seed=min(config.seeds))
+                 head_init=config.head_init, eval_every=config.eval_every, seed=min(config.seeds),
+                 eval_amp=config.eval_amp)
     if config.split_file is not None and config.task != "imagenet-1pct":
         raise AttnflowError(f"split_file applies to task imagenet-1pct only, not {config.task!r} "
                             "(its train split is the dataset's own)")

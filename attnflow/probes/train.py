@@ -210,9 +210,11 @@ class ProbeRun:
         return holdout_split(self.source.train_labels(), self.config.holdout, seed)
 
     def fingerprint(self, options: TrainOptions, bank: HeadBank, split: HoldoutSplit) -> dict[str, Any]:
-        """Every setting that changes the training (not: seeds, workers, eval cadence, micro-batch size); a resume
-        with other ones would mix two runs in one table."""
-        skip = ("seeds", "workers", "eval_every", "micro_batch")
+        """Every setting that changes the training (not: seeds, workers, eval cadence, micro-batch size) or the
+        scores (``eval_amp``, recorded when not the default ``fp32``, so runs from before it existed resume); a
+        resume with other ones would mix two runs in one table."""
+        skip = ("seeds", "workers", "eval_every", "micro_batch", *(("eval_amp",) if self.config.eval_amp == "fp32"
+                                                                    else ()))
         fingerprint = {"model": self.model_name, "checkpoint_sha256": self.model_info.get("sha256"),
                        "encoder": self.encoder.fingerprint, "task": self.config.task, "heads": bank.names,
                        "seed": options.seed, "epochs": options.epochs, "batch_size": options.batch_size,
