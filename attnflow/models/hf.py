@@ -2,7 +2,8 @@
 
 Supported: ViT, ViT-MAE (encoder), DINOv2 with and without registers, BEiT, the CLIP and SigLIP vision towers
 (also inside a two-tower ``CLIPModel`` / ``SiglipModel``, and under the ``...ForImageClassification`` /
-``...ForPreTraining`` heads), as ``transformers`` (5.x) builds them, unmodified.
+``...ForPreTraining`` heads), as ``transformers`` 5.9 or later builds them (the first release in which every one
+of these families lists its attention modules; 4.x builds CLIP and BEiT another way), unmodified.
 
 Capture (:meth:`HFVisionAdapter.attention_capture`). transformers loads vision models with SDPA attention by
 default, which never forms the map. Inside the tap the model is switched to **eager** attention: the
@@ -125,15 +126,18 @@ def _layers(tower: nn.Module) -> nn.ModuleList | None:
     return None
 
 
-def _attention_target(tower: nn.Module) -> tuple[type | None, str | None, int]:
+def _attention_target(*owners: nn.Module) -> tuple[type | None, str | None, int]:
     """``(class, class-name suffix, output index)`` of the attention modules the model itself records for
-    ``output_attentions`` (its ``_can_record_outputs["attentions"]``)."""
-    entry: Any = (getattr(type(tower), "_can_record_outputs", None) or {}).get("attentions")
+    ``output_attentions`` (``_can_record_outputs["attentions"]`` of the first of ``owners`` that has it: the
+    vision tower, else the model holding it)."""
+    entry: Any = next((spec["attentions"] for owner in owners
+                       if "attentions" in (spec := getattr(type(owner), "_can_record_outputs", None) or {})), None)
     if isinstance(entry, (list, tuple)):
         entry = entry[0] if entry else None
     if entry is None:
-        raise _unsupported(f"{type(tower).__name__} does not say which modules compute its attention maps "
-                           "(no _can_record_outputs['attentions']; transformers 5 or later is needed)")
+        raise _unsupported(f"{type(owners[-1]).__name__} does not say which modules compute its attention maps "
+                           "(no _can_record_outputs['attentions'], which transformers 5.9 has for every family "
+                           "attnflow supports: pip install 'transformers>=5.9')")
     if isinstance(entry, type):
         return entry, None, 1
     if isinstance(entry, str):
@@ -141,13 +145,14 @@ def _attention_target(tower: nn.Module) -> tuple[type | None, str | None, int]:
     return getattr(entry, "target_class", None), getattr(entry, "class_name", None), int(entry.index)
 
 
-def attention_modules(tower: nn.Module, layers: nn.ModuleList) -> tuple[list[nn.Module], int]:
-    """The attention module of each block and the index of the map in its output.
+def attention_modules(model: nn.Module, tower: nn.Module, layers: nn.ModuleList) -> tuple[list[nn.Module], int]:
+    """The attention module of each block of ``tower`` (the vision tower of ``model``) and the index of the map
+    in its output.
 
     Raises:
         UnsupportedModelError: a block without exactly one such module.
     """
-    cls, suffix, index = _attention_target(tower)
+    cls, suffix, index = _attention_target(tower, model)
     found = []
     for i, layer in enumerate(layers):
         mods = [m for m in layer.modules() if (cls is not None and isinstance(m, cls))
@@ -220,7 +225,7 @@ class HFVisionAdapter(ModelAdapter):
         layers = _layers(tower)
         assert layers is not None  # vision_tower checked it
         object.__setattr__(self, "_layers", layers)
-        modules, self._map_index = attention_modules(tower, layers)
+        modules, self._map_index = attention_modules(model, tower, layers)
         object.__setattr__(self, "attn_modules", modules)
         params = inspect.signature(tower.forward).parameters
         self._interpolate_arg = "interpolate_pos_encoding" in params

@@ -13,7 +13,8 @@ the values on that path. Nothing of the module changes; outside the tap the mode
 open_clip's custom attention (``CustomResidualAttentionBlock``: qk-norm, scaled cosine or head scaling) are refused.
 
 Prefix tokens: open_clip's ``VisionTransformer`` always prepends its ``class_embedding``: one [cls] token, no
-registers. Tokens must be batch-first (open_clip's default since 2.24; older towers run ``[N, B, D]``).
+registers. Blocks must run batch-first (open_clip's default since 2.26; older towers run ``[N, B, D]`` and are
+refused).
 
 Names: ``open_clip:<arch>/<tag>`` as ``open_clip.list_pretrained()`` spells them, e.g.
 ``open_clip:ViT-B-16/laion2b_s34b_b88k``. Weights come from open_clip's own caches without network: the
@@ -92,9 +93,9 @@ class OpenCLIPVisionAdapter(ModelAdapter):
                 or getattr(visual, "class_embedding", None) is None:
             raise _unsupported(f"{type(visual).__name__} is not an open_clip VisionTransformer (conv1, "
                                "class_embedding, transformer.resblocks)")
-        if getattr(transformer, "batch_first", True) is False:
+        if getattr(transformer, "batch_first", False) is not True:  # open_clip before 2.26 had no such flag
             raise _unsupported("this open_clip tower runs its blocks sequence-first ([N, B, D]); attnflow needs "
-                               "open_clip 2.24 or later (batch-first blocks)")
+                               "batch-first blocks: pip install 'open_clip_torch>=2.26.1'")
         attns: list[Any] = [getattr(block, "attn", None) for block in blocks]
         for i, (block, attn) in enumerate(zip(blocks, attns)):
             if not isinstance(attn, nn.MultiheadAttention):
@@ -283,14 +284,17 @@ def _model_kwargs(arch: str, model_kw: dict[str, Any], img_size: int) -> dict[st
 def _build(arch: str, img_size: int, model_kw: dict[str, Any], seed: int) -> nn.Module:
     """The whole open_clip model at ``img_size`` with random weights drawn under ``seed`` (no download: base
     tower weights are not fetched)."""
+    import inspect
+
     import open_clip
 
+    accepted = inspect.signature(open_clip.create_model).parameters
+    no_base_weights = {k: False for k in ("pretrained_image", "pretrained_text", "pretrained_hf") if k in accepted}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
             model: nn.Module = open_clip.create_model(arch, pretrained=None, force_image_size=img_size,
-                                                      pretrained_image=False, pretrained_text=False,
-                                                      **_model_kwargs(arch, model_kw, img_size))
+                                                      **no_base_weights, **_model_kwargs(arch, model_kw, img_size))
         except TypeError as err:
             raise AttnflowError(f"cannot build open_clip {arch} with {model_kw}: {err}") from None
     return model
