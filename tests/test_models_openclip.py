@@ -151,3 +151,14 @@ def test_tower_on_a_timm_trunk_is_measured_as_that_timm_model():
 
     tower = TimmModel("test_vit", embed_dim=16, pool="", proj="none")
     assert adapt_model(tower) is tower.trunk and model_num_prefix(tower) == 1
+
+
+def test_maps_command_with_an_open_clip_name(offline, photo_folder, capsys):
+    from attnflow.cli import main
+
+    out = offline / "maps.png"
+    kw = ["--model-kw", f"vision_cfg={VISION}", "--model-kw", f"text_cfg={TEXT}", "--model-kw", "embed_dim=16"]
+    code = main(["maps", "--model", "open_clip:ViT-B-16", "--random-init", *kw, "--images", str(photo_folder),
+                 "--limit", "1", "--img-size", "32", "--out", str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert out.is_file()
