@@ -193,6 +193,9 @@ def test_hf_name_from_the_cache_offline(offline, tmp_path):
     assert model.pretrained_cfg["interpolation"] == "bilinear"
     record = attnflow.models.record.model_record(model)
     assert record.source == f"hf-hub:{repo}" and record.sha256 and not record.random_init
+    random = load_model(f"hf:{repo}", random_init=True, img_size=48)  # the cached config.json, at 48 px
+    assert random.tower.config.image_size == 48 and random.tower.config.hidden_size == 32
+    assert attnflow.models.record.model_record(random).source == "random-init"
     folder_model = load_model("hf:any/name", checkpoint=folder, img_size=32)
     torch.testing.assert_close(folder_model.wrapped.state_dict(), source.state_dict())
 

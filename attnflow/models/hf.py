@@ -474,7 +474,7 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
         raise AttnflowError(f"checkpoint_key does not apply to {name}: transformers folders hold one model")
     folder = Path(checkpoint).expanduser() if checkpoint is not None else None
     kwargs = dict(model_kw)
-    if random_init and "model_type" in kwargs:
+    if random_init:  # built at the run's resolution (pretrained weights interpolate their positions instead)
         kwargs.setdefault("image_size", img_size)
     model, source = _build(name, repo, folder, random_init, random_init_seed(seed_name or name), kwargs)
     model.eval()
