@@ -11,6 +11,10 @@ Final LayerNorm: the paper's numbers use the tokens *without* the encoder's fina
 for [cls], average pooling and AbMILP alike. ``layernorm=True`` applies the model's own ``model.norm``
 instead (what MAE's original linear probe does for [cls]); note that timm models built for average pooling
 (``fc_norm``) have an identity ``norm``.
+
+Hugging Face ``transformers`` vision models and ``open_clip`` towers are read through their
+:class:`~attnflow.models.adapter.ModelAdapter` (made here when the model itself is given): the hooked block is the
+model's own layer, ``forward_features`` runs the model's own forward, and ``norm`` is its final norm.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AttnflowError
+from .models.adapter import adapt_model
 from .options import autocast_dtype
 from .provenance import weights_fingerprint
 from .vit import model_has_cls, model_num_prefix, resolve_block
@@ -35,7 +40,8 @@ class TokenEncoder:
     """Callable ``images [B, 3, H, W] -> tokens [B, P + N, D]`` of a frozen timm ViT.
 
     Args:
-        model: a timm ViT-family model (``blocks``, ``num_prefix_tokens``, ``cls_token``).
+        model: a timm ViT-family model (``blocks``, ``num_prefix_tokens``, ``cls_token``), or a transformers /
+            open_clip vision model (wrapped in its adapter).
         block: index of the block to read (negative counts from the end; default the last).
         layernorm: apply the model's final ``norm`` to the tokens.
         amp: autocast precision (:data:`attnflow.options.PRECISIONS`; auto: bf16 on CUDA, fp32 on the CPU).
@@ -48,6 +54,7 @@ class TokenEncoder:
 
     def __init__(self, model: nn.Module, *, block: int = -1, layernorm: bool = False, amp: str = "auto",
                  device: torch.device | str = "cpu") -> None:
+        model = adapt_model(model)
         if not hasattr(model, "forward_features"):
             raise AttnflowError(f"{type(model).__name__} is not a timm ViT-family model (no forward_features)")
         self.block = resolve_block(model, block)

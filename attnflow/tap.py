@@ -13,6 +13,12 @@ callback receives the block's normalised queries and keys as a :class:`QueryKey`
 map is ``softmax((q * scale) @ k^T)`` - the very operations timm's non-fused path runs. Other blocks (BEiT's
 relative position bias, EVA's rope, ...) always use the ``attn_drop`` route.
 
+Hugging Face ``transformers`` vision models and ``open_clip`` visual towers are tapped unmodified through their
+:class:`~attnflow.models.adapter.ModelAdapter` (made on entry when the model itself is given): the adapter's
+``attention_capture`` hands over each block's exact post-softmax map (transformers: switched to eager attention
+for this model inside the tap; open_clip: ``MultiheadAttention`` asked for its per-head weights), and the same
+checks apply (one map per block per forward, shape ``[B, H, N, N]``). They have no ``fast_qk`` route.
+
 Example::
 
     with AttentionTap(model) as tap:
@@ -26,11 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import AttnflowError
+from .models.adapter import adapt_model, as_adapter
 from .vit import (BlockIndexError, TokenLayout, UnsupportedModelError, model_blocks, model_has_cls, model_num_prefix,
                   patch_embedding, token_grid, token_stride)
 
@@ -84,7 +93,8 @@ class AttentionTap:
     """Context manager that hooks every (or selected) block's post-softmax attention.
 
     Args:
-        model: an unmodified timm ViT-family model.
+        model: an unmodified timm ViT-family model, Hugging Face ``transformers`` vision model or ``open_clip``
+            visual tower (see :mod:`attnflow.models.adapter`).
         callback: if given, called as ``callback(block_index, attn)`` for every hooked block and forward;
             nothing is stored (streaming mode). Otherwise the maps of the last forward are kept in
             :attr:`maps`.
@@ -101,6 +111,8 @@ class AttentionTap:
     def __init__(self, model: nn.Module, callback: AttentionCallback | None = None,
                  blocks: Iterable[int] | None = None, fast_qk: bool = False) -> None:
         self.model = model
+        self.adapter = as_adapter(model)  # None for timm models
+        self._root = self.adapter.tower if self.adapter is not None else adapt_model(model)  # what a forward runs
         all_blocks = model_blocks(model)
         n = len(all_blocks)
         idx = list(range(n)) if blocks is None else [b + n if b < 0 else b for b in blocks]
@@ -111,8 +123,8 @@ class AttentionTap:
         self.block_indices: list[int] = sorted(set(idx))
         self._blocks = all_blocks
         self.callback = callback
-        self.fast_blocks: set[int] = {b for b in self.block_indices
-                                      if fast_qk and callback is not None and supports_fast_qk(_attention(all_blocks[b]))}
+        self.fast_blocks: set[int] = {b for b in self.block_indices if fast_qk and callback is not None
+                                      and self.adapter is None and supports_fast_qk(_attention(all_blocks[b]))}
         self._pending_q: dict[int, torch.Tensor] = {}
         self.num_prefix = model_num_prefix(model)
         self.has_cls = model_has_cls(model)
@@ -124,6 +136,7 @@ class AttentionTap:
         self._fired: dict[int, int] = {}
         self._handles: list[RemovableHandle] = []
         self._saved_fused: list[tuple[Any, bool]] = []
+        self._capture = contextlib.ExitStack()
         self._active = False
 
     # ------------------------------------------------------------------ hooks
@@ -193,7 +206,9 @@ class AttentionTap:
         if self._active:
             raise RuntimeError("AttentionTap is already active")
         try:
-            for i in self.block_indices:
+            if self.adapter is not None:
+                self._enter_adapter(self.adapter)
+            for i in (self.block_indices if self.adapter is None else []):
                 attn = _attention(self._blocks[i])
                 if i in self.fast_blocks:  # keeps its fused attention; the map is rebuilt from q and k
                     self._handles.append(attn.q_norm.register_forward_hook(self._make_q_hook(i)))
@@ -208,18 +223,25 @@ class AttentionTap:
                 self._handles.append(attn.attn_drop.register_forward_pre_hook(
                     self._make_attn_hook(i, int(heads) if isinstance(heads, int) else None)))
             self._handles.append(self._embed.register_forward_pre_hook(self._on_patch_embed))
-            self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
-            self._handles.append(self.model.register_forward_hook(self._on_model_end))
+            self._handles.append(self._root.register_forward_pre_hook(self._on_model_start))
+            self._handles.append(self._root.register_forward_hook(self._on_model_end))
         except BaseException:
             self._restore()
             raise
         self._active = True
         return self
 
+    def _enter_adapter(self, adapter: Any) -> None:
+        """Each hooked block's map from the adapter's capture (through the same checks as ``attn_drop``)."""
+        hooks = {i: self._make_attn_hook(i, adapter.num_heads) for i in self.block_indices}
+        self._capture.enter_context(adapter.attention_capture(self.block_indices,
+                                                              lambda i, attn: hooks[i](None, (attn,))))
+
     def __exit__(self, *exc: object) -> None:
         self._restore()
 
     def _restore(self) -> None:
+        self._capture.close()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -244,7 +266,8 @@ class AttentionTap:
         if silent:
             raise HookNotFiredError(
                 f"attention hooks of blocks {silent} did not fire: the model bypassed `attn_drop` "
-                "(fused attention forced elsewhere, or a custom attention forward)")
+                "(fused attention forced elsewhere, or a custom attention forward)" if self.adapter is None else
+                f"attention hooks of blocks {silent} did not fire: the blocks did not run in this forward")
         if repeated:
             raise HookNotFiredError(f"attention hooks of blocks {repeated} fired more than once in one forward")
 

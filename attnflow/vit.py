@@ -1,6 +1,10 @@
 """Model introspection of timm ViT-family models: blocks, heads, prefix tokens, the patch grid, the token layout of a
 forward, and the checks every analysis makes on a model and its input (one place each).
 
+Hugging Face ``transformers`` vision models and ``open_clip`` visual towers are recognised here too: every function
+below first passes its model through :func:`attnflow.models.adapter.adapt_model`, which presents such a model with
+timm's names (see :mod:`attnflow.models.adapter`) and returns any other model as it is.
+
 Token order is ``[cls?, registers..., patches (row-major)]``: ``num_prefix`` non-patch tokens ([cls], registers,
 a distillation token) come first, and "patch" always excludes every one of them.
 """
@@ -15,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AttnflowError
+from .models.adapter import ModelAdapter, adapt_model
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,7 @@ def patch_embedding(model: nn.Module) -> nn.Module:
     Raises:
         UnsupportedModelError: the model has neither, so the patch grid of a forward cannot be known.
     """
+    model = adapt_model(model)
     for name in ("patch_embed", "embeds"):
         module = getattr(model, name, None)
         if isinstance(module, nn.Module):
@@ -86,10 +92,13 @@ def patch_embedding(model: nn.Module) -> nn.Module:
 
 def token_stride(embed: nn.Module) -> tuple[int, int]:
     """Input pixels per patch token ``(sh, sw)``: the patch size, times the backbone's reduction for hybrid
-    (CNN stem) embeddings, from timm's ``feat_ratio``."""
+    (CNN stem) embeddings, from timm's ``feat_ratio``; the stride of an embedding that is one ``nn.Conv2d``
+    (CLIP, SigLIP, open_clip)."""
     ratio = getattr(embed, "feat_ratio", None)
     if callable(ratio):
         return _pair(ratio(as_scalar=False))
+    if isinstance(embed, nn.Conv2d):
+        return _pair(embed.stride)
     return _pair(getattr(embed, "patch_size", 1))
 
 
@@ -110,6 +119,9 @@ def model_blocks(model: nn.Module) -> list[nn.Module]:
         UnsupportedModelError: the model has no ``blocks`` or a block's attention has no ``attn_drop`` /
             ``fused_attn`` (e.g. convolutional or hierarchical models).
     """
+    model = adapt_model(model)
+    if isinstance(model, ModelAdapter):  # its blocks hand over their maps through attention_capture
+        return list(model.blocks)
     name = type(model).__name__
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
@@ -129,6 +141,7 @@ def model_blocks(model: nn.Module) -> list[nn.Module]:
 
 def model_has_cls(model: nn.Module) -> bool:
     """Whether the model prepends a [cls] token (timm's ``has_class_token`` or a ``cls_token``)."""
+    model = adapt_model(model)
     flag = getattr(model, "has_class_token", None)
     if flag is not None:
         return bool(flag)
@@ -137,6 +150,7 @@ def model_has_cls(model: nn.Module) -> bool:
 
 def model_num_prefix(model: nn.Module) -> int:
     """Number of prefix tokens ([cls], registers, distillation) of a timm model."""
+    model = adapt_model(model)
     n = getattr(model, "num_prefix_tokens", None)
     if n is not None:
         return int(n)
@@ -149,6 +163,9 @@ def model_num_heads(model: nn.Module) -> int:
     Raises:
         UnsupportedModelError: the attention module has no ``num_heads``.
     """
+    model = adapt_model(model)
+    if isinstance(model, ModelAdapter):
+        return model.num_heads
     attn = model_blocks(model)[0].attn
     heads = getattr(attn, "num_heads", None)
     if heads is None:
@@ -197,6 +214,7 @@ class InputCheck:
     """
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
+        model = adapt_model(model)
         param = next(model.parameters(), None)
         self.device, self.dtype = device, (param.dtype if param is not None else torch.float32)
         embed = patch_embedding(model)

@@ -12,7 +12,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "models", help="list the model presets and whether their weights are cached",
         description="List the model presets of the paper's models. Any timm architecture name also works "
-                    "wherever a model is asked for. 'cached' says whether the weights are on this machine "
+                    "wherever a model is asked for, and so do models of two other libraries, unmodified: "
+                    "hf:REPO_ID, a Hugging Face transformers vision model (ViT, ViT-MAE, DINOv2 with or without "
+                    "registers, BEiT, CLIP or SigLIP vision tower), e.g. --model hf:facebook/dinov2-small "
+                    "(pip install attnflow[hf]), and open_clip:ARCH/TAG, an open_clip visual tower, e.g. "
+                    "--model open_clip:ViT-B-16/laion2b_s34b_b88k (pip install attnflow[open_clip]); their "
+                    "weights come from the Hugging Face cache (open_clip: also ~/.cache/clip) without network, "
+                    "and --model-kw sets config values. 'cached' says whether the weights are on this machine "
                     "(Hugging Face cache or torch hub cache); otherwise pass --checkpoint PATH.")
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help="show these presets in full: official URL, the cache path to copy the file to "
@@ -59,6 +65,8 @@ def describe(name: str) -> str:
     from ..models.load import cached_weights_path, hub_repo, official_cache_path
     from ..models.registry import get_spec
 
+    if name.startswith(("hf:", "open_clip:")):
+        return describe_external(name)
     spec = get_spec(name)
     found, target, repo = cached_weights_path(name), official_cache_path(spec), hub_repo(spec)
     kwargs = f" {spec.arch_kwargs}" if spec.arch_kwargs else ""
@@ -79,6 +87,35 @@ def describe(name: str) -> str:
     lines.append(f"  format:    {converter.name}: {converter.description}")
     if spec.notes:
         lines.append(f"  notes:     {spec.notes}")
+    return "\n".join(lines)
+
+
+def describe_external(name: str) -> str:
+    """Where the weights of an ``hf:REPO_ID`` or ``open_clip:ARCH/TAG`` model are looked for, and whether they are
+    there (no network).
+
+    Raises:
+        MissingExtraError: the library is not installed (the line says what to install).
+        UnknownModelError: an open_clip architecture or tag that open_clip does not know.
+    """
+    from ..models import files
+    from ..models.load import cached_weights_path
+
+    found = cached_weights_path(name)
+    lines = [f"{name}: " + ("a Hugging Face transformers vision model" if name.startswith("hf:")
+                            else "an open_clip visual tower"),
+             f"  weights:   {f'cached: {found}' if found else 'not cached'}"]
+    if name.startswith("hf:"):
+        repo = name[3:]
+        lines.append(f"  cache:     {files.hf_cache_dir()} (download on a machine with internet: hf download {repo}; "
+                     "then copy the cache), or pass --checkpoint FOLDER written by save_pretrained")
+    else:
+        from ..models.openclip import parse_name, url_cache_dir
+
+        arch, tag = parse_name(name)
+        lines.append(f"  cache:     the Hugging Face cache {files.hf_cache_dir()}, or {url_cache_dir()} for a URL, "
+                     f"as open_clip.create_model('{arch}', pretrained='{tag}') stores them; or pass --checkpoint "
+                     "PATH")
     return "\n".join(lines)
 
 
@@ -116,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows))
-        print(f"\n{len(rows)} presets; any timm architecture name works too. Models not cached: "
+        print(f"\n{len(rows)} presets; any timm architecture name works too, and hf:REPO_ID (transformers) or "
+              "open_clip:ARCH/TAG names. Models not cached: "
               "download the source and pass --checkpoint PATH, or use --random-init; `attnflow models NAME` "
               "shows the URL and the cache path to copy a downloaded file to.")
     return 0

@@ -1,4 +1,8 @@
-"""Per-model evaluation transforms, resolved from the model's own timm pretrained config."""
+"""Per-model evaluation transforms, resolved from the model's own timm pretrained config.
+
+A transformers or open_clip model is first wrapped in its :class:`~attnflow.models.adapter.ModelAdapter`, whose
+``pretrained_cfg`` holds that model's own normalisation (its preprocessor configuration, its pretrained tag's).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import numpy as np
 import timm.data
 import torch
 import torch.nn as nn
+
+from ..models.adapter import adapt_model
 
 
 def eval_transform(model: nn.Module, img_size: int = 224, crop_pct: float | None = None) -> Callable:
@@ -25,13 +31,13 @@ def eval_transform(model: nn.Module, img_size: int = 224, crop_pct: float | None
     args: dict = {"input_size": (3, img_size, img_size)}
     if crop_pct is not None:
         args["crop_pct"] = crop_pct
-    config = timm.data.resolve_data_config(args, model=model)
+    config = timm.data.resolve_data_config(args, model=adapt_model(model))
     return timm.data.create_transform(**config, is_training=False)
 
 
 def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input ``(mean, std)`` a timm model expects (its pretrained config)."""
-    config = timm.data.resolve_data_config({}, model=model)
+    config = timm.data.resolve_data_config({}, model=adapt_model(model))
     return tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"])
 
 

@@ -8,6 +8,11 @@ Where the weights come from, in order (unless ``random_init``):
 3. the torch hub cache, ``torch.hub.get_dir()/checkpoints/<file>``, holding the authors' official file;
 4. when online: a download from the hub, else from the authors' URL (short timeouts);
 5. otherwise :class:`WeightsUnavailableError`, naming the URL / hub tag and the ``checkpoint`` option.
+
+Names of other libraries' models: ``hf:<repo id>`` (a Hugging Face ``transformers`` vision model,
+:mod:`attnflow.models.hf`) and ``open_clip:<arch>/<tag>`` (an ``open_clip`` visual tower,
+:mod:`attnflow.models.openclip`), each from its library's cache, in a
+:class:`~attnflow.models.adapter.ModelAdapter`; without the optional library, one line says what to install.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch.nn as nn
 from ..errors import AttnflowError
 from . import files
 from ..vit import model_has_cls
+from .adapter import external_cached_path, external_prefix, load_external
 from .converters import CheckpointError, get_converter, load_converted, official_formats
 from .record import ATTRIBUTE, ModelRecord
 from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list_specs
@@ -64,7 +70,7 @@ def known_arch(name: str) -> bool:
     :data:`CUSTOM_ARCHS`."""
     import timm
 
-    if name in CUSTOM_ARCHS:
+    if name in CUSTOM_ARCHS or external_prefix(name) is not None:
         return True
     if not timm.is_model(name):  # checks the architecture part only
         return False
@@ -218,7 +224,10 @@ def cached_weights_path(name: str) -> Path | None:
 
     Raises:
         UnknownModelError: ``name`` is neither a preset nor a timm architecture.
+        MissingExtraError: an ``hf:`` / ``open_clip:`` name without its library.
     """
+    if external_prefix(name) is not None:
+        return external_cached_path(name)
     spec, arch = _resolve(name)
     found = _find_weights(spec, arch, download=False)
     return found.path if found is not None else None
@@ -262,7 +271,10 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
     """Build a preset (or any timm architecture) at ``img_size`` and load its weights; eval mode.
 
     Args:
-        name: a preset (``attnflow models``), e.g. ``"mocov3-vit-b16"``, or a timm name (``arch[.tag]``).
+        name: a preset (``attnflow models``), e.g. ``"mocov3-vit-b16"``, a timm name (``arch[.tag]``), a
+            Hugging Face repo ``"hf:facebook/dinov2-small"`` or an open_clip model
+            ``"open_clip:ViT-B-16/laion2b_s34b_b88k"`` (see :mod:`attnflow.models.hf`,
+            :mod:`attnflow.models.openclip`; their ``model_kw`` are config values).
         checkpoint: a local file in the preset's official format (or a timm state dict).
         random_init: build without weights (smoke tests); ``checkpoint`` must then be ``None``. The random
             weights are seeded by ``seed_name`` (see :func:`random_init_seed`): every process and every rerun
@@ -284,9 +296,13 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         UnknownModelError: unknown name (with close matches).
         CheckpointError: unreadable file or keys that do not fit (names the missing and unexpected keys).
         WeightsUnavailableError: no checkpoint given, none cached, and no download possible.
+        MissingExtraError: an ``hf:`` / ``open_clip:`` name without its library (one line: what to install).
     """
     if random_init and checkpoint is not None:
         raise AttnflowError("random_init and checkpoint exclude each other")
+    if external_prefix(name) is not None:
+        return load_external(name, checkpoint=checkpoint, random_init=random_init, img_size=img_size,
+                             checkpoint_key=checkpoint_key, seed_name=seed_name, model_kw=dict(timm_kwargs))
     spec, arch = _resolve(name)
     weights: _Weights | None = None
     if checkpoint is not None:
