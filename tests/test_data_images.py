@@ -170,3 +170,39 @@ def test_evenly_spaced_refuses_a_non_positive_limit_in_the_option_word():
     assert evenly_spaced(5, 2) == [0, 4] and evenly_spaced(3, None) == [0, 1, 2]
     with pytest.raises(DataError, match="^limit must be positive, got 0$"):
         evenly_spaced(10, 0)
+
+
+# --- extreme aspect ratios -------------------------------------------------------------------------------------
+
+def _strip(path, width, height):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(path)
+    return path
+
+
+def test_an_extreme_aspect_ratio_is_skipped_before_the_resize(tmp_path, photos):
+    """The rule (attnflow.limits.MAX_RESIZE_FACTOR): the resized image may hold at most 64x the crop's pixels.
+    A 1 x 3,000 strip at a 32 px crop would be resized to 36 x 108,000 px: 3,797x."""
+    from attnflow.data.images import ImageSizeError, load_images, read_sample
+    from attnflow.data.transforms import BoundedResize, eval_resize, eval_transform
+    from attnflow.localize.data import resize_transform
+    from attnflow.probes.imagedata import train_transform
+    from conftest import tiny_model
+
+    model = tiny_model(img_size=32)
+    transform = eval_transform(model, 32, crop_pct=0.875)
+    strip = _strip(tmp_path / "d" / "b_strip.png", 1, 3000)
+    wide = _strip(tmp_path / "d" / "c_wide.png", 1400, 30)  # 46.7:1 -> 36 x 1680 px, 59x the crop: kept
+    _save(tmp_path / "d" / "a.png", photos["rocket"])
+    with pytest.raises(ImageSizeError, match="1x3000 px would be resized to 36x108000 before the 32x32 crop"):
+        transform(Image.open(strip))
+    bad = read_sample(strip, 0, 1, transform)
+    assert isinstance(bad, BadImage) and "extreme aspect ratio" in bad.reason
+    assert read_sample(wide, 0, 2, transform)[0].shape == (3, 32, 32)
+    # the maps read a folder with the same rule, before any model is loaded, and take the next image instead
+    paths, images = load_images(tmp_path / "d", 2, check=eval_resize(32, 0.875).check)
+    assert [p.name for p in paths] == ["a.png", "c_wide.png"]
+    # every transform attnflow builds bounds its resize; resizing to a fixed square never refuses an image
+    square = resize_transform(model, 32)
+    assert any(isinstance(t, BoundedResize) for t in square.transforms)
+    assert square(Image.open(strip)).shape == train_transform(model, 32)(Image.open(strip)).shape == (3, 32, 32)

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AttnflowError
 from .common import (add_amp_argument, add_device_argument, add_model_arguments, add_progress_argument,
-                     add_reference_arguments, add_resume_argument, add_workers_argument, load_model_from)
+                     add_reference_arguments, add_resume_argument, add_workers_argument, crop_fraction,
+                     load_model_from, non_negative_float)
 
 if TYPE_CHECKING:
     from ..probes.protocols import ProbeConfig
@@ -97,14 +98,14 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--optimizer", help="lars or sgd")
     group.add_argument("--momentum", type=float)
     group.add_argument("--weight-decay", type=float)
-    group.add_argument("--warmup-epochs", type=float)
+    group.add_argument("--warmup-epochs", type=non_negative_float)
     group.add_argument("--min-lr", type=float)
     group.add_argument("--layernorm", dest="layernorm", action="store_true", default=None,
                        help="apply the encoder's final LayerNorm to the tokens (the paper's numbers: no)")
     group.add_argument("--no-layernorm", dest="layernorm", action="store_false")
     group.add_argument("--block", type=int, help="encoder block to read (default -1, the last; SimMIM: 7)")
     group.add_argument("--train-aug", help="rrc-flip (default) or none")
-    group.add_argument("--crop-pct", type=float, help="validation center-crop fraction (default 0.875)")
+    group.add_argument("--crop-pct", type=crop_fraction, help="validation center-crop fraction (default 0.875)")
     group.add_argument("--head-init", help="classifier init: default (torch, the paper's code) or mae")
     group.add_argument("--split-file", help="ImageNet-1%% split file (default: the shipped 1%% split)")
     group.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")

@@ -30,6 +30,12 @@ class DataError(AttnflowError, ValueError):
     """A dataset path that cannot be used (empty folder, not an image, ...); the message is one clear line."""
 
 
+class ImageSizeError(DataError):
+    """An image whose resize would exceed :data:`attnflow.limits.MAX_RESIZE_FACTOR` times the pixels of the
+    model's input (raised by :class:`attnflow.data.transforms.BoundedResize` before it allocates anything; the
+    datasets turn it into a :class:`BadImage`, skipped and counted)."""
+
+
 @dataclass(frozen=True)
 class BadImage:
     """Placeholder a dataset returns for an unreadable file; the collate function drops and records it."""
@@ -189,7 +195,8 @@ def read_sample(path: Path, label: int, index: int,
 
 def read_sample(path: Path, label: int, index: int,
                 transform: Callable | None) -> tuple[Any, int, int] | BadImage:
-    """``(transform(image), label, index)``, or a :class:`BadImage` for an empty or undecodable file.
+    """``(transform(image), label, index)``, or a :class:`BadImage` for an empty or undecodable file, or one the
+    transform refuses to resize (:class:`ImageSizeError`: an extreme aspect ratio).
 
     Without a transform the first item is the RGB PIL image itself.
     """
@@ -203,7 +210,12 @@ def read_sample(path: Path, label: int, index: int,
         return BadImage(str(path), f"too large: {err} (raise PIL.Image.MAX_IMAGE_PIXELS to read it)")
     except IMAGE_READ_ERRORS as err:
         return BadImage(str(path), f"unreadable image: {err}")
-    return (transform(img) if transform is not None else img), label, index
+    if transform is None:
+        return img, label, index
+    try:
+        return transform(img), label, index
+    except ImageSizeError as err:
+        return BadImage(str(path), str(err))
 
 
 def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
@@ -233,11 +245,14 @@ def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
                       torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2) if sizes else None)
 
 
-def load_images(root: str | Path, limit: int | None) -> tuple[list[Path], list[Image.Image]]:
+def load_images(root: str | Path, limit: int | None,
+                check: Callable[[int, int], None] | None = None) -> tuple[list[Path], list[Image.Image]]:
     """Up to ``limit`` evenly spaced readable images under ``root`` as ``(paths, PIL images)``, in file order.
 
     Unreadable files are skipped with a warning, and the next readable files (in file order) take their
-    place, so a corrupt file among the chosen ones does not shrink the figure."""
+    place, so a corrupt file among the chosen ones does not shrink the figure. ``check(width, height)`` may
+    refuse an image by raising :class:`ImageSizeError` (e.g. ``eval_resize(img_size, crop_pct).check``: an
+    image the eval transform would refuse), which is skipped the same way."""
     paths = find_images(root)
     if limit is not None and limit <= 0:
         raise DataError(f"limit must be positive, got {limit}")
@@ -252,6 +267,12 @@ def load_images(root: str | Path, limit: int | None) -> tuple[list[Path], list[I
         if isinstance(sample, BadImage):
             log.warning("skipping %s: %s", paths[i], sample.reason)
             continue
+        if check is not None:
+            try:
+                check(*sample[0].size)
+            except ImageSizeError as err:
+                log.warning("skipping %s: %s", paths[i], err)
+                continue
         found[i] = sample[0]
     kept = [paths[i] for i in sorted(found)]
     images = [found[i] for i in sorted(found)]

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AttnflowError
+from ..limits import check_img_size
 from . import files
 from ..vit import model_has_cls
 from .converters import CheckpointError, get_converter, load_converted, official_formats
@@ -281,12 +282,14 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         ``model_kw`` overrides and ``checkpoint_key`` it was built with, and the ``seed_name`` of random weights).
 
     Raises:
+        OptionError: an ``img_size`` outside ``1 ..`` :data:`attnflow.limits.MAX_IMG_SIZE`.
         UnknownModelError: unknown name (with close matches).
         CheckpointError: unreadable file or keys that do not fit (names the missing and unexpected keys).
         WeightsUnavailableError: no checkpoint given, none cached, and no download possible.
     """
     if random_init and checkpoint is not None:
         raise AttnflowError("random_init and checkpoint exclude each other")
+    check_img_size(img_size)
     spec, arch = _resolve(name)
     weights: _Weights | None = None
     if checkpoint is not None:

@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import AttnflowError
+from ..limits import check_dpi
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
@@ -161,7 +162,9 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 300) -> Path:
 
     Raises:
         PlotError: for an unknown extension.
+        OptionError: a ``dpi`` outside ``1 ..`` :data:`attnflow.limits.MAX_DPI`.
     """
+    check_dpi(dpi)
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in SAVE_FORMATS:

@@ -46,7 +46,8 @@ else:  # pragma: no cover  (Python 3.10: tomli is a dependency there)
     import tomli as tomllib
 
 from ..errors import AttnflowError
-from ..options import OptionError, check_fraction, parse_precision
+from ..limits import check_crop_pct, check_img_size, check_non_negative, check_workers
+from ..options import OptionError, parse_precision
 from .specs import DEFAULT_HEADS, parse_head_list
 
 TASKS: tuple[str, ...] = ("imagenet", "imagenet-1pct", "cub", "folder")
@@ -144,6 +145,7 @@ class TrainOptions:
         _count("eval_every", self.eval_every)
         _count("seed", self.seed, minimum=0)
         _holdout(self.holdout)
+        check_non_negative("warmup_epochs", self.warmup_epochs)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("head_init", self.head_init, HEAD_INITS)
         if self.lr is not None:
@@ -405,9 +407,10 @@ def check_config(config: ProbeConfig) -> None:
     for name in ("views", "micro_batch"):
         _count(name, getattr(config, name))
     _count("accum_steps", config.accum_steps, allow_none=True)
-    _count("workers", config.workers, minimum=0, allow_none=True)
+    check_workers(config.workers)
     _count("epochs", config.epochs, allow_none=True)
-    check_fraction("crop_pct", config.crop_pct)
+    check_crop_pct(config.crop_pct, allow_none=False)
+    check_img_size(config.img_size)
     if not config.seeds:
         raise OptionError("no seeds to train; e.g. seeds = [0, 1, 2]")
     parse_precision(config.amp)
