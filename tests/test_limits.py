@@ -253,14 +253,18 @@ def run_limited(cases: list[list[str]], tmp_path: Path, limit_gib: float = 8.0) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_extreme_aspect_ratio_is_skipped_mid_folder(photo_folder, tmp_path):
+def test_extreme_aspect_ratio_is_skipped_mid_folder_and_an_absurd_table_is_refused(photo_folder, tmp_path):
     """A 1 x 100,000 px PNG (300 bytes) in the middle of a folder: the eval transform would resize it to
-    256 x 25.6 M px (18 GB); it is skipped and counted and the run finishes."""
+    256 x 25.6 M px (18 GB); it is skipped and counted and the run finishes. A table with block 1e9 would make
+    a plot draw a tick per block: refused in one line."""
     _strip(photo_folder / "ILSVRC2012_val_00000003_strip.png", 1, 100_000)
     out = tmp_path / "s.parquet"
-    stats, = run_limited([
+    table = tmp_path / "absurd.csv"
+    _frame().assign(block=[0, 1_000_000_000]).to_csv(table, index=False)
+    stats, plot = run_limited([
         ["stats", *TINY, "--img-size", "224", "--data", str(photo_folder), "--out", str(out), "--workers", "0",
          "--batch-size", "4", "--no-progress", "--no-compile"],
+        ["plot", str(table), "--out", str(tmp_path / "p.png")],
     ], tmp_path)
     assert stats["error"] is None and stats["code"] == 0, stats
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -268,4 +272,6 @@ def test_extreme_aspect_ratio_is_skipped_mid_folder(photo_folder, tmp_path):
     reason = meta["skipped"][0]["reason"]
     assert meta["skipped"][0]["path"].endswith("_strip.png") and "extreme aspect ratio" in reason, reason
     assert "skipped 1 unreadable file(s)" in stats["stdout"]
+    assert plot["error"] is None and plot["code"] == 2, plot
+    assert plot["stderr"].strip().endswith("block must be a whole number in 0..4095, got 1000000000 (row 2 of 2)")
 
