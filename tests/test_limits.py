@@ -275,3 +275,15 @@ def test_extreme_aspect_ratio_is_skipped_mid_folder_and_an_absurd_table_is_refus
     assert plot["error"] is None and plot["code"] == 2, plot
     assert plot["stderr"].strip().endswith("block must be a whole number in 0..4095, got 1000000000 (row 2 of 2)")
 
+
+# ---------------------------------------------------------------------------------------- devices
+
+DEVICES = ["foo", "tpu", "meta", "cuda:7"] + ([] if __import__("torch").cuda.is_available() else ["cuda"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_device_this_machine_cannot_use_is_one_line_in_every_command(inputs, capsys, device):
+    for name in ("stats", "aggregate", "localize", "probe", "maps", "demo", "run"):
+        line = refused([*command(name, inputs), "--device", device], capsys)
+        assert repr(device) in line and ("use cpu" in line or "CUDA device" in line), (name, line)
+    assert not inputs["out"].exists()  # refused before any output (the demo's photos included)

@@ -195,9 +195,9 @@ def run(args: argparse.Namespace) -> int:
     from ..probes.tasks import load_task
     from ..probes.train import probe_images, resolved_settings
 
+    device = resolve_device(args.device)
     config, heads_chosen = _config(args)
     out = _check_out(args)
-    device = resolve_device(args.device)
     model = load_model_from(args)
     if args.random_init:
         print("attnflow: --random-init: weights are random, the accuracies are meaningless", flush=True)

@@ -12,10 +12,11 @@ Where the weights come from, in order (unless ``random_init``):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,8 @@ def _build(spec: ModelSpec | None, arch: str, img_size: int, timm_kwargs: dict[s
         module_name, fn_name = CUSTOM_ARCHS[base].split(":")
         builder: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), fn_name)
         kwargs.pop("num_classes", None)
-        return _check_img_size(builder(img_size=img_size, **kwargs), img_size, arch)
+        with _build_errors(arch, timm_kwargs):
+            return _check_img_size(builder(img_size=img_size, **kwargs), img_size, arch)
     import timm
 
     kwargs.setdefault("num_classes", 0)
@@ -130,11 +132,23 @@ def _build(spec: ModelSpec | None, arch: str, img_size: int, timm_kwargs: dict[s
             overlay.update(url=spec.url or "", hf_hub_id=None, tag=None)
         kwargs.setdefault("pretrained_cfg_overlay", overlay)
         arch = spec.hub_tag or arch
-    try:
+    with _build_errors(arch, timm_kwargs):
         model = timm.create_model(arch, pretrained=False, img_size=img_size, **kwargs)
-    except TypeError as err:
-        raise AttnflowError(f"cannot build {arch} with {kwargs}: {err}") from None
     return _check_img_size(model, img_size, arch)
+
+
+@contextlib.contextmanager
+def _build_errors(arch: str, model_kw: dict[str, Any],
+                  errors: tuple[type[Exception], ...] = (TypeError, AssertionError, ValueError)) -> Iterator[None]:
+    """Turn what a model's constructor raises for arguments that do not fit it (a ``TypeError`` for an unknown
+    one, timm's ``assert dim % num_heads == 0``, a ``ValueError``) into one line naming the ``model_kw``."""
+    try:
+        yield
+    except errors as err:
+        given = ", ".join(f"{k}={v!r}" for k, v in model_kw.items() if k != "pretrained_cfg_overlay")
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AttnflowError(f"cannot build {arch}" + (f" with model_kw {given}" if given else "") + f": {why}") \
+            from None
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -284,7 +298,10 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
     Raises:
         OptionError: an ``img_size`` outside ``1 ..`` :data:`attnflow.limits.MAX_IMG_SIZE`.
         UnknownModelError: unknown name (with close matches).
-        CheckpointError: unreadable file or keys that do not fit (names the missing and unexpected keys).
+        AttnflowError: ``timm_kwargs`` the architecture cannot be built with (e.g. ``num_heads`` that does not
+            divide the width).
+        CheckpointError: unreadable file, keys that do not fit (names the missing and unexpected keys), or a
+            tensor holding NaN or infinite values.
         WeightsUnavailableError: no checkpoint given, none cached, and no download possible.
     """
     if random_init and checkpoint is not None:
@@ -387,8 +404,9 @@ def _build_timm_pretrained(arch: str, img_size: int, timm_kwargs: dict[str, Any]
     kwargs = {"num_classes": 0, **timm_kwargs}
     overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": str(path)}
     try:
-        model = timm.create_model(arch, pretrained=True, img_size=img_size, pretrained_cfg_overlay=overlay,
-                                  **kwargs)
+        with _build_errors(arch, timm_kwargs, (TypeError, AssertionError)):  # a ValueError: the file's
+            model = timm.create_model(arch, pretrained=True, img_size=img_size, pretrained_cfg_overlay=overlay,
+                                      **kwargs)
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"timm could not load {path.name} into {arch}: {str(err).splitlines()[0]}") \
             from None

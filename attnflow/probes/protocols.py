@@ -342,9 +342,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Probe settings from a TOML file (top-level keys, or the ``[probe]`` table); dashes become underscores."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AttnflowError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise AttnflowError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                            f"{err.start}); a TOML config is UTF-8 text") from None
     except tomllib.TOMLDecodeError as err:
         raise AttnflowError(f"config file {path} is not valid TOML: {err}") from None
     data = data.get("probe", data)

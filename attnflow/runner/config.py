@@ -396,13 +396,17 @@ def load_config(path: str | Path) -> AnalysisConfig:
     """Read and validate an analysis config (TOML).
 
     Raises:
-        ConfigError: missing file, TOML syntax error, unknown key/model/metric (with close matches), wrong type.
+        ConfigError: missing file, not UTF-8 text, TOML syntax error, unknown key/model/metric (with close matches),
+            wrong type, a value outside its option's limits (:mod:`attnflow.limits`).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file (the shipped ones are in analyses/)")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          "a TOML config is UTF-8 text") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     return parse_config(raw, source=path)
