@@ -603,6 +603,17 @@ def test_provenance_records_the_architecture_overrides_and_checkpoint_key():
 
 # --------------------------------------------------------------------------------------- weights that cannot work
 
+def test_weights_with_nan_are_refused_naming_the_tensor(tmp_path):
+    """A diverged run's checkpoint would give all-NaN statistics with exit code 0."""
+    sd = mae_file(tmp_path / "good.pth")
+    sd["blocks.1.mlp.fc1.weight"][3, :5] = float("nan")
+    sd["blocks.1.mlp.fc1.weight"][4, 0] = float("inf")
+    torch.save({"model": sd}, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"nan\.pth: tensor blocks\.1\.mlp\.fc1\.weight \(64, 32\) holds 6 NaN "
+                                              r"or infinite value\(s\) of 2048"):
+        load_model("mae-vit-b16", checkpoint=tmp_path / "nan.pth", img_size=64, **TINY)
+
+
 def test_model_kw_the_architecture_cannot_take_is_one_line_naming_it(tmp_path, capsys):
     code = cli_main(["stats", "--model", "vit_small_patch16_224", "--random-init", "--model-kw", "embed_dim=32",
                      "--model-kw", "num_heads=5", "--img-size", "32", "--data", str(tmp_path), "--out",

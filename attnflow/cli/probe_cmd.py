@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,6 +188,20 @@ def print_results(table: Any) -> None:
         print(f"{head:>20s}  lr {lrs:<10s} top-1 {rows['top1'].mean():.2f}{std}{note}")
 
 
+def print_skipped_images(meta: dict[str, Any], sidecar: Path, shown: int = 20) -> None:
+    """The unreadable files of a run (``images_skipped`` per split in ``results.json``), at most ``shown`` of them."""
+    counts = meta.get("images_skipped") or {}
+    total = sum(counts.values())
+    if not total:
+        return
+    print(f"skipped {total} unreadable file(s) (train {counts.get('train', 0)}, val {counts.get('val', 0)}):")
+    listed = meta.get("skipped") or []
+    for item in listed[:shown]:
+        print(f"  {item['split']}: {item['path']}: {item['reason']}")
+    if len(listed) > shown:
+        print(f"  ... and {len(listed) - shown} more (listed in {sidecar})")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..vit import model_has_cls
     from ..models.registry import find_spec
@@ -216,5 +231,8 @@ def run(args: argparse.Namespace) -> int:
                          device=device if args.device else None, resume=args.resume,
                          progress=not args.no_progress, reference=reference)
     print_results(table)
+    sidecar = out / "results.json"
+    if int(os.environ.get("RANK", "0")) == 0 and sidecar.is_file():
+        print_skipped_images(json.loads(sidecar.read_text(encoding="utf-8")), sidecar)
     print(f"wrote {out / 'results.parquet'}")
     return 0

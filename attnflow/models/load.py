@@ -34,7 +34,7 @@ from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WeightsUnavailableError", "cached_weights_path", "hub_repo", "known_arch", "load_model",
+__all__ = ["WeightsUnavailableError", "cached_weights_path", "check_finite", "hub_repo", "known_arch", "load_model",
            "official_cache_path", "random_init_seed", "sha256_file", "weights_cached"]
 
 sha256_file = files.sha256_file
@@ -324,6 +324,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         if weights is not None:
             logger.info("loading %s weights from %s", name, weights.path)
             _load_weights(model, weights, spec, arch, checkpoint_key)
+    if weights is not None:
+        check_finite(model, weights.path)
     sha = files.sha256_file(weights.path) if weights is not None else None
     model.eval()
     record = ModelRecord(
@@ -337,6 +339,21 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
                   for k, v in timm_kwargs.items()})
     setattr(model, ATTRIBUTE, record)  # a plain attribute, not a parameter or sub-module
     return model
+
+
+def check_finite(model: nn.Module, path: str | Path) -> None:
+    """Refuse weights with a NaN or infinite value: every statistic of such a model would be NaN (a diverged
+    training run, a corrupt conversion).
+
+    Raises:
+        CheckpointError: naming the first such tensor and how many of its values are not finite.
+    """
+    for key, param in model.named_parameters():  # buffers are the architecture's (an attention mask may hold -inf)
+        tensor = param.detach()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{Path(path).name}: tensor {key} {tuple(tensor.shape)} holds {bad} NaN or infinite "
+                                  f"value(s) of {tensor.numel()}: the weights are corrupt (a diverged training run?)")
 
 
 def random_init_seed(seed_name: str) -> int:

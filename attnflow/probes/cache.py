@@ -6,7 +6,7 @@ A cache directory holds::
     labels.npy      [n] int64
     valid.npy       [n] bool (False for images that could not be read; they are skipped)
     manifest.json   model, checkpoint sha256, encoder fingerprint, dataset, transform, dtype, views, seed, block,
-                    layernorm, ...
+                    layernorm, ..., and once complete the unreadable files (``unreadable``, ``skipped``)
     progress.json   batches completed per view (extraction resumes from here)
 
 Extraction is resumable: an interrupted run continues at the first unfinished batch when the manifest
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -141,15 +141,18 @@ class _Extraction:
     readable: np.ndarray  # [n] bool
     done: list[int]  # batches completed per view
     array: np.memmap | None  # [views, n, T, D], created at the first readable batch
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> reason of the files that could not be read
 
     @classmethod
     def start(cls, root: Path, manifest: dict[str, Any], n: int, views: int) -> "_Extraction":
-        done = (_read_json(root / "progress.json") or {}).get("done", [0] * views)
+        progress = _read_json(root / "progress.json") or {}
+        done = progress.get("done", [0] * views)
         labels, readable = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
         if (root / "valid.npy").is_file() and any(done):
             labels, readable = np.load(root / "labels.npy"), np.load(root / "valid.npy")
         array = np.load(root / "tokens.npy", mmap_mode="r+") if any(done) else None
-        return cls(root, manifest, labels, readable, done, array)
+        skipped = dict(progress.get("skipped", {})) if any(done) else {}
+        return cls(root, manifest, labels, readable, done, array, skipped)
 
     def add(self, view: int, indices: np.ndarray, labels: np.ndarray, tokens: torch.Tensor) -> None:
         """Store one batch's tokens ``[b, T, D]`` (already in the cache dtype) of ``view``."""
@@ -171,7 +174,7 @@ class _Extraction:
         np.save(self.root / "labels.npy", self.labels)
         np.save(self.root / "valid.npy", self.readable)
         self.done[view] += 1
-        _write_json(self.root / "progress.json", {"done": self.done})
+        _write_json(self.root / "progress.json", {"done": self.done, "skipped": self.skipped})
 
 
 def _cache_manifest(encoder: TokenEncoder, info: dict[str, Any], n: int, views: int, seed: int, dtype: str
@@ -236,7 +239,9 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
         todo = batches[state.done[view]:]
         for batch in image_loader(SeededDataset(dataset, seed, view), todo, workers) if todo else ():
             for path, reason in batch.bad:
-                log.warning("skipping %s: %s", path, reason)
+                if path not in state.skipped:
+                    log.warning("skipping %s: %s", path, reason)
+                state.skipped.setdefault(path, reason)
             if len(batch.indices):
                 tokens = encoder(batch.images).to(DTYPES[dtype][0]).cpu()
                 state.add(view, batch.indices.numpy(), batch.labels.numpy(), tokens)
@@ -254,5 +259,6 @@ def _finish(state: _Extraction, dataset: Dataset, info: dict[str, Any]) -> Token
     if not np.array_equal(state.labels[state.readable], expected[state.readable]):
         raise AttnflowError(f"labels read during extraction disagree with the dataset's labels in {state.root}")
     _write_json(state.root / "manifest.json", {**state.manifest, "complete": True, "shape": list(state.array.shape),
-                                               "unreadable": int((~state.readable).sum())})
+                                               "unreadable": int((~state.readable).sum()),
+                                               "skipped": [{"path": p, "reason": r} for p, r in state.skipped.items()]})
     return TokenCache.open(state.root)
