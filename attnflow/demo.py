@@ -191,8 +191,12 @@ def run_demo(out_dir: str | Path = "attnflow-demo", *, device: str | None = None
     import matplotlib
 
     matplotlib.use("Agg")
+    from .limits import check_img_size
+    from .options import resolve_device
     from .runner import execute, parse_config, plan_run
 
+    resolve_device(device)  # before any photo is written or model loaded
+    check_img_size(img_size)
     start = time.perf_counter()
     out = Path(out_dir)
     checkpoint_paths = {k: Path(v) for k, v in (checkpoints or {}).items()}

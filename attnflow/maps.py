@@ -174,6 +174,11 @@ def model_maps(model: torch.nn.Module, images: Sequence[Any], *, img_size: int =
 
     Returns:
         ``(crops, maps)``: uint8 ``[img_size, img_size, 3]`` crops and one :class:`PatchMaps` per image.
+
+    Raises:
+        OptionError: ``img_size`` or ``crop_pct`` outside their limits (:mod:`attnflow.limits`).
+        ImageSizeError: an image the eval transform refuses to resize (an extreme aspect ratio; the ``maps``
+            command and ``attnflow run`` skip such images when they read the folder).
     """
     import timm.data
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,10 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import AttnflowError
+from .limits import OptionError, check_crop_pct, check_fraction, check_img_size, check_workers
+
+__all__ = ["LoopOptions", "OptionError", "PRECISIONS", "Precision", "autocast_dtype", "check_crop_pct",
+           "check_fraction", "check_img_size", "default_workers", "dtype_name", "parse_precision", "resolve_device"]
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 """Autocast precision of a forward pass (``none`` is accepted as an alias of ``fp32``)."""
@@ -36,10 +38,6 @@ PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 PRECISION_ALIASES: dict[str, str] = {"none": "fp32"}
 
 _DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-class OptionError(AttnflowError, ValueError):
-    """An option value that cannot be used (its name and the accepted values are in the message)."""
 
 
 def parse_precision(value: str) -> str:
@@ -144,7 +142,7 @@ class LoopOptions:
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)
         _positive("checkpoint_every", self.checkpoint_every)
-        _positive("workers", self.workers, allow_none=True, minimum=0)
+        check_workers(self.workers)
         _positive("limit", self.limit, allow_none=True)
         object.__setattr__(self, "amp", parse_precision(self.amp))
         if isinstance(self.device, torch.device):
@@ -174,14 +172,3 @@ class LoopOptions:
         """The resolved device (see :func:`resolve_device`)."""
         return resolve_device(self.device)
 
-
-def check_fraction(name: str, value: float | None, *, allow_none: bool = True) -> None:
-    """Refuse a fraction outside ``(0, 1]`` (e.g. ``crop_pct``), NaN included.
-
-    Raises:
-        OptionError: naming the option and the value.
-    """
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 < value <= 1:
-        raise OptionError(f"{name} must be a number in (0, 1], got {value!r}")

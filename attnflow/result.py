@@ -30,6 +30,10 @@ COLUMNS: tuple[str, ...] = ("model", "block", "head", "metric", "mean", "std", "
 _DTYPES = {"model": "string", "block": "int64", "head": "int64", "metric": "string",
            "mean": "float64", "std": "float64", "count": "int64"}
 
+MAX_INDEX: int = 4095
+"""The largest ``block`` or ``head`` index a table may hold (no ViT comes near it; a larger one is a corrupt or
+hand-edited table, which would have a plot draw a tick per block)."""
+
 
 class ResultError(AttnflowError, ValueError):
     """A result table that cannot be built, combined or queried as asked."""
@@ -62,11 +66,14 @@ class Result:
         missing = [c for c in COLUMNS if c not in self.frame.columns]
         if missing:
             raise ResultError(f"result table lacks columns {missing}; expected {list(COLUMNS)}")
+        expected = ", ".join(f"{c}: {t}" for c, t in _DTYPES.items())
         try:
+            _check_values(self.frame)
             self.frame = self.frame.loc[:, list(COLUMNS)].astype(_DTYPES).reset_index(drop=True)
+        except _BadValue:
+            raise
         except (TypeError, ValueError) as err:  # e.g. text in the block column
-            raise ResultError(f"result table has a column of the wrong type ({err}); expected "
-                              f"{', '.join(f'{c}: {t}' for c, t in _DTYPES.items())}") from None
+            raise ResultError(f"result table has a column of the wrong type ({err}); expected {expected}") from None
 
     # ------------------------------------------------------------------ views
     def to_frame(self) -> pd.DataFrame:
@@ -136,10 +143,15 @@ class Result:
                               f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from err
         side = sidecar_path(path)
         try:
-            meta = json.loads(side.read_text()) if side.exists() else {}
+            meta = json.loads(side.read_text(encoding="utf-8")) if side.exists() else {}
         except (OSError, ValueError) as err:
             raise ResultError(f"{side}: the provenance sidecar is not valid JSON ({err}); delete or repair it "
                               "to read the table alone") from err
+        try:
+            check_meta(meta)
+        except ResultError as err:
+            raise ResultError(f"{side}: a malformed provenance sidecar: {err}; delete or repair it to read the "
+                              "table alone") from None
         try:
             return cls(frame, meta)
         except ResultError as err:
@@ -171,6 +183,78 @@ class Result:
             runs.extend(r.meta.get("runs", [r.meta]))
         frame = pd.concat([r.frame for r in results], ignore_index=True)
         return cls(frame, {"runs": runs})
+
+
+class _BadValue(ResultError):
+    """A value outside its column's range (a :class:`ResultError` that is not a type error)."""
+
+
+def _check_values(frame: pd.DataFrame) -> None:
+    """Refuse values no statistics run writes: a ``block`` or ``head`` that is not a whole number in
+    ``0 ..`` :data:`MAX_INDEX`, a negative or fractional ``count``, an infinite ``mean`` or ``std`` or a negative
+    ``std`` (NaN is a missing statistic, kept).
+
+    Raises:
+        _BadValue: naming the column, the value and its row.
+        TypeError, ValueError: a column that is not numeric.
+    """
+    for column in ("block", "head", "count", "mean", "std"):
+        values = pd.to_numeric(frame[column]).astype("float64").to_numpy()
+        if column in ("mean", "std"):
+            bad = np.isinf(values) | ((values < 0) if column == "std" else False)
+            rule = "a finite number or NaN (missing)" + (" >= 0" if column == "std" else "")
+        else:
+            top = MAX_INDEX if column != "count" else np.inf
+            bad = ~np.isfinite(values) | (values != np.round(values)) | (values < 0) | (values > top)
+            rule = f"a whole number in 0..{MAX_INDEX}" if column != "count" else "a whole number >= 0"
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            value = frame[column].iloc[row]
+            raise _BadValue(f"result table: {column} must be {rule}, got {getattr(value, 'item', lambda: value)()!r} "
+                            f"(row {row + 1} of {len(frame)})")
+
+
+_META_TEXT = ("model", "preset", "label", "method", "family", "size", "arch")
+"""Provenance keys the plots read as text."""
+
+
+def check_meta(meta: Any) -> None:
+    """Refuse provenance of a shape no attnflow run writes, in the keys the plots and ``attnflow run`` read
+    (``runs`` a list of objects; ``model``, ``preset``, ``label``, ``method``, ``family``, ``size`` text;
+    ``random_init`` true/false; ``n_patches`` a positive integer; ``img_size`` and ``patch_size`` positive
+    integers or pairs of them; ``grid`` a pair; ``analysis_key`` an object). ``null`` is accepted for each.
+
+    Raises:
+        ResultError: naming the key and its value.
+    """
+    if not isinstance(meta, dict):
+        raise ResultError(f"it holds a JSON {type(meta).__name__}, not an object")
+    runs = meta.get("runs")
+    if "runs" in meta and not (isinstance(runs, list) and all(isinstance(r, dict) for r in runs)):
+        raise ResultError(f"runs must be a list of objects, got {runs!r:.80}")
+    for i, run in enumerate(runs if isinstance(runs, list) else [meta]):
+        where = f"runs[{i}]." if "runs" in meta else ""
+
+        def refuse(key: str, rule: str) -> ResultError:
+            return ResultError(f"{where}{key} must be {rule}, got {run[key]!r:.80}")
+
+        for key in _META_TEXT:
+            if run.get(key) is not None and not isinstance(run[key], str):
+                raise refuse(key, "text")
+        if run.get("random_init") is not None and not isinstance(run["random_init"], bool):
+            raise refuse("random_init", "true or false")
+        if run.get("analysis_key") is not None and not isinstance(run["analysis_key"], dict):
+            raise refuse("analysis_key", "an object")
+        for key, pair in (("n_patches", False), ("img_size", True), ("patch_size", True), ("grid", True)):
+            value = run.get(key)
+            if value is None:
+                continue
+            items = value if pair and isinstance(value, list) and len(value) == 2 else [value]
+            if key == "grid" and not isinstance(value, list):
+                items = [None]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+                raise refuse(key, "a pair of positive integers" if key == "grid" else
+                             "a positive integer" + (" or a pair of them" if pair else ""))
 
 
 def write_table(path: str | Path, frame: pd.DataFrame, meta: dict[str, Any] | None = None, *,

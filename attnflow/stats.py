@@ -24,7 +24,8 @@ from .data.transforms import eval_transform
 from .kernels.route import QKRoute
 from .loop import Analysis, LayoutRecord, Ready, run_loop
 from .metrics import METRICS, attention_metrics, attention_metrics_from_logits, patch_distances, valid_metrics
-from .options import LoopOptions, autocast_dtype, check_fraction, dtype_name
+from .limits import check_crop_pct, check_img_size
+from .options import LoopOptions, autocast_dtype, dtype_name
 from .provenance import run_name
 from .provenance import run_provenance
 from .reducers import StatsReducer
@@ -79,7 +80,8 @@ def attention_stats(model: nn.Module, data: Dataset | DataLoader | Iterable | st
             or that are not floating point (e.g. uint8 pixels).
     """
     options = LoopOptions.of(options, **loop)
-    check_fraction("crop_pct", crop_pct)
+    check_crop_pct(crop_pct)
+    check_img_size(img_size)
     device = options.torch_device()
     amp = autocast_dtype(options.amp, device)
     name = run_name(model, model_name)

@@ -204,3 +204,24 @@ def test_macos_dot_underscore_files_are_not_images(tmp_path, jpegs):
     write(train / TENCH / ".thumbs" / f"{TENCH}_2.JPEG", jpegs[1])
     ds = imagenet_train(train)
     assert [Path(p).name for p, _ in ds.samples] == [f"{TENCH}_1.JPEG"] and ds.targets == [0]
+
+
+def test_an_unreadable_class_folder_of_imagenet_train_is_refused(tmp_path, jpegs, monkeypatch):
+    """torchvision's ImageFolder walk would leave it out without a word. (Tested with a patched listing: this
+    suite may run as root, whom chmod does not stop.)"""
+    import os
+
+    root = tmp_path / "train"
+    write(root / TENCH / f"{TENCH}_1.JPEG", jpegs[0])
+    write(root / TOILET_TISSUE / f"{TOILET_TISSUE}_5.JPEG", jpegs[1])
+    locked, real = root / TOILET_TISSUE, os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=f"{TOILET_TISSUE}: cannot read the folder .Permission denied., so its "
+                                        "images would be left out uncounted"):
+        imagenet_train(root)

@@ -170,3 +170,82 @@ def test_evenly_spaced_refuses_a_non_positive_limit_in_the_option_word():
     assert evenly_spaced(5, 2) == [0, 4] and evenly_spaced(3, None) == [0, 1, 2]
     with pytest.raises(DataError, match="^limit must be positive, got 0$"):
         evenly_spaced(10, 0)
+
+
+# --- float images, GIFs, unreadable folders, extreme aspect ratios -----------------------------------------------
+
+def test_float_image_in_unit_range_is_scaled_not_black(tmp_path, photos):
+    gray8 = np.asarray(Image.fromarray(photos["astronaut"]).convert("L"))
+    Image.fromarray((gray8 / 255.0).astype(np.float32), mode="F").save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    rgb = np.asarray(load_rgb(tmp_path / "unit.tif"))
+    assert rgb.shape == gray8.shape + (3,) and np.array_equal(rgb[..., 1], gray8)  # PIL alone: 0 and 1, black
+    Image.fromarray(gray8.astype(np.float32) + 0.4, mode="F").save(tmp_path / "bytes.tif")  # 0..255 floats
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "bytes.tif"))[..., 0], gray8)
+    nan = np.full((8, 8), np.nan, np.float32)
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    bad = ImageFolderDataset(tmp_path)[1]  # bytes.tif, nan.tif, unit.tif
+    assert isinstance(bad, BadImage) and bad.path.endswith("nan.tif") and "NaN" in bad.reason
+
+
+def test_a_gif_is_read_as_its_first_frame(tmp_path, photos):
+    frames = [Image.new("RGB", (40, 30), color) for color in ((200, 20, 20), (20, 20, 200))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    _save(tmp_path / "b.png", photos["chelsea"])
+    dataset = ImageFolderDataset(tmp_path)
+    assert [p.name for p in dataset.paths] == ["anim.gif", "b.png"]
+    image, _, _ = dataset[0]
+    assert image.size == (40, 30) and np.asarray(image)[0, 0].tolist() == [200, 20, 20]
+
+
+def test_an_unreadable_sub_folder_is_refused_in_one_line(photo_folder, tmp_path, capsys, monkeypatch):
+    """(Tested with a patched listing: this suite may run as root, whom chmod does not stop.)"""
+    locked = photo_folder / "locked"
+    _save(locked / "hidden_from_the_run.png", np.zeros((8, 8, 3), np.uint8))
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match="cannot read the folder .Permission denied., so its images would be left"):
+        find_images(photo_folder)
+    code = main(["stats", *TINY, "--data", str(photo_folder), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{locked}: cannot read the folder" in err and len(err.splitlines()) == 1, err
+
+
+def _strip(path, width, height):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(path)
+    return path
+
+
+def test_an_extreme_aspect_ratio_is_skipped_before_the_resize(tmp_path, photos):
+    """The rule (attnflow.limits.MAX_RESIZE_FACTOR): the resized image may hold at most 64x the crop's pixels.
+    A 1 x 3,000 strip at a 32 px crop would be resized to 36 x 108,000 px: 3,797x."""
+    from attnflow.data.images import ImageSizeError, load_images, read_sample
+    from attnflow.data.transforms import BoundedResize, eval_resize, eval_transform
+    from attnflow.localize.data import resize_transform
+    from attnflow.probes.imagedata import train_transform
+    from conftest import tiny_model
+
+    model = tiny_model(img_size=32)
+    transform = eval_transform(model, 32, crop_pct=0.875)
+    strip = _strip(tmp_path / "d" / "b_strip.png", 1, 3000)
+    wide = _strip(tmp_path / "d" / "c_wide.png", 1400, 30)  # 46.7:1 -> 36 x 1680 px, 59x the crop: kept
+    _save(tmp_path / "d" / "a.png", photos["rocket"])
+    with pytest.raises(ImageSizeError, match="1x3000 px would be resized to 36x108000 before the 32x32 crop"):
+        transform(Image.open(strip))
+    bad = read_sample(strip, 0, 1, transform)
+    assert isinstance(bad, BadImage) and "extreme aspect ratio" in bad.reason
+    assert read_sample(wide, 0, 2, transform)[0].shape == (3, 32, 32)
+    # the maps read a folder with the same rule, before any model is loaded, and take the next image instead
+    paths, images = load_images(tmp_path / "d", 2, check=eval_resize(32, 0.875).check)
+    assert [p.name for p in paths] == ["a.png", "c_wide.png"]
+    # every transform attnflow builds bounds its resize; resizing to a fixed square never refuses an image
+    square = resize_transform(model, 32)
+    assert any(isinstance(t, BoundedResize) for t in square.transforms)
+    assert square(Image.open(strip)).shape == train_transform(model, 32)(Image.open(strip)).shape == (3, 32, 32)

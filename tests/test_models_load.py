@@ -599,3 +599,35 @@ def test_provenance_records_the_architecture_overrides_and_checkpoint_key():
     images = torch.randn(2, 3, 64, 64)
     result = attention_stats(model, images, device="cpu", progress=False)
     assert result.meta["model_kw"]["depth"] == 2
+
+
+# --------------------------------------------------------------------------------------- weights that cannot work
+
+def test_weights_with_nan_are_refused_naming_the_tensor(tmp_path):
+    """A diverged run's checkpoint would give all-NaN statistics with exit code 0."""
+    sd = mae_file(tmp_path / "good.pth")
+    sd["blocks.1.mlp.fc1.weight"][3, :5] = float("nan")
+    sd["blocks.1.mlp.fc1.weight"][4, 0] = float("inf")
+    torch.save({"model": sd}, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"nan\.pth: tensor blocks\.1\.mlp\.fc1\.weight \(64, 32\) holds 6 NaN "
+                                              r"or infinite value\(s\) of 2048"):
+        load_model("mae-vit-b16", checkpoint=tmp_path / "nan.pth", img_size=64, **TINY)
+
+
+def test_model_kw_the_architecture_cannot_take_is_one_line_naming_it(tmp_path, capsys):
+    code = cli_main(["stats", "--model", "vit_small_patch16_224", "--random-init", "--model-kw", "embed_dim=32",
+                     "--model-kw", "num_heads=5", "--img-size", "32", "--data", str(tmp_path), "--out",
+                     str(tmp_path / "o.parquet")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "cannot build vit_small_patch16_224 with model_kw embed_dim=32, num_heads=5: dim should be divisible " \
+           "by num_heads" in err
+
+
+def test_a_checkpoint_of_another_layout_at_another_resolution_names_the_keys(tmp_path):
+    """A file without [cls] (4 position rows at 32 px) loaded at 64 px into a model with [cls]: the keys that
+    differ are named, not a position table that cannot be resampled."""
+    mae_file(tmp_path / "no_cls.pth", img_size=32, class_token=False, global_pool="avg")
+    with pytest.raises(CheckpointError) as err:
+        load_model("mae-vit-b16", checkpoint=tmp_path / "no_cls.pth", img_size=64, **TINY)
+    assert "missing key(s): cls_token" in str(err.value) and "pos_embed" not in str(err.value)

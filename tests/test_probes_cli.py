@@ -289,3 +289,23 @@ def test_table_bolds_the_best_per_task_and_every_head_tied_as_printed():
     # although an ImageNet head is higher)
     assert row.count("**71.6**") == 2 and "**40.0**" in row and "**68.0**" not in row and "**39.0**" not in row
     assert to_latex(summary).count(r"\textbf{") == 3
+
+
+@pytest.mark.parametrize("extra", [[], ["--cache"]], ids=["images", "cache"])
+def test_unreadable_images_are_counted_in_results_json_and_the_summary(tmp_path, photos, capsys, extra):
+    """n_train and n_val count the files; the unreadable ones among them are counted and listed, per split."""
+    data = folder_task(tmp_path / "two", photos, classes=2)
+    (data / "train" / "class0" / "9_truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 a download cut short")
+    (data / "val" / "class1" / "9_empty.jpg").write_bytes(b"")
+    out = tmp_path / "run"
+    assert main(["probe", *TINY, "--task", "folder", "--data", str(data), "--out", str(out), "--heads", "cls",
+                 "--epochs", "1", "--seeds", "1", "--lr", "0.1", "--holdout", "0", "--workers", "0",
+                 "--no-progress", *extra]) == 0
+    meta = json.loads((out / "results.json").read_text())
+    assert meta["data"]["n_train"] == 9 and meta["data"]["n_val"] == 5
+    assert meta["images_skipped"] == {"train": 1, "val": 1}
+    assert [(s["split"], Path(s["path"]).name) for s in meta["skipped"]] == [("train", "9_truncated.jpg"),
+                                                                            ("val", "9_empty.jpg")]
+    assert meta["skipped"][1]["reason"] == "empty file"
+    stdout = capsys.readouterr().out
+    assert "skipped 2 unreadable file(s) (train 1, val 1):" in stdout and "val: " in stdout

@@ -133,3 +133,15 @@ def test_no_function_over_80_lines_or_12_parameters(path):
 def test_options_are_checked_before_any_tensor_work():
     with pytest.raises(AttnflowError, match="did you mean epochs"):
         fit_heads((torch.zeros(2, 3), torch.zeros(2)), (torch.zeros(2, 3), torch.zeros(2)), "avg", epoch=1)
+
+
+def test_a_probe_config_that_is_not_utf8_text_is_one_line(tmp_path, capsys):
+    from attnflow.cli import main
+
+    config = tmp_path / "latin1.toml"
+    config.write_bytes('heads = "cls"  # tête\n'.encode("latin-1"))
+    code = main(["probe", "--model", "vit_small_patch16_224", "--random-init", "--task", "folder", "--data",
+                 str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"attnflow probe: error: config file {config} is not UTF-8 text (byte 0xea at "
+                                 "offset 18); a TOML config is UTF-8 text")

@@ -139,3 +139,18 @@ def test_run_table_is_written_all_or_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_run_table(first.assign(top1=99.0), {"n": 2}, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the csv and json were not replaced either
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("results.parquet", b"PAR1 a download cut short", "not a readable probe result table (ArrowInvalid"),
+    ("results.csv", b"head,seed\n\x00\xff\xfe\x81 binary\n", "not a readable probe result table (UnicodeDecodeError"),
+    ("results.csv", b"", "not a readable probe result table (EmptyDataError"),
+    ("results.csv", b"head,seed,epoch,top1\ncls,0,1,abc\n", "its top1 column is not numeric (e.g. 'abc')"),
+    ("results.csv", b"head,seed,epoch,top1\ncls,0,1,n/a\n", "its top1 column holds no number"),
+])
+def test_a_corrupt_run_table_is_one_line(tmp_path, capsys, name, content, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / name).write_bytes(content)
+    assert main(["table", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and name in err and len(err.splitlines()) == 1, err

@@ -81,3 +81,49 @@ def test_read_names_the_file_for_every_kind_of_bad_input(tmp_path):
         with pytest.raises(AttnflowError, match=phrase) as err:
             Result.read(path)
         assert path.name in str(err.value) or path.with_suffix(".json").name in str(err.value)
+
+
+@pytest.mark.parametrize("column,value,message", [
+    ("block", 1_000_000_000, "block must be a whole number in 0..4095, got 1000000000"),  # a plot: 1e9 ticks
+    ("block", 1.5, "block must be a whole number in 0..4095, got 1.5"),  # read as block 1 before
+    ("block", -1, "block must be a whole number in 0..4095, got -1"),
+    ("head", -2, "head must be a whole number in 0..4095, got -2"),
+    ("mean", np.inf, "mean must be a finite number or NaN (missing), got inf"),
+    ("std", -0.5, "std must be a finite number or NaN (missing) >= 0, got -0.5"),
+    ("count", -3, "count must be a whole number >= 0, got -3"),
+])
+def test_values_no_run_writes_are_refused_naming_column_value_and_row(tmp_path, column, value, message):
+    frame = _frame("a")
+    frame[column] = frame[column].astype(float if isinstance(value, float) else frame[column].dtype)
+    frame.loc[4, column] = value
+    with pytest.raises(ValueError) as err:
+        Result(frame)
+    assert f"{message} (row 5 of 12)" in str(err.value)
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError) as err:
+        Result.read(tmp_path / "t.csv")
+    assert f"t.csv: result table: {message}" in str(err.value)
+
+
+@pytest.mark.parametrize("sidecar,message", [
+    ("[1, 2]", "it holds a JSON list, not an object"),
+    ('{"runs": 5}', "runs must be a list of objects, got 5"),
+    ('{"runs": [1]}', "runs must be a list of objects, got [1]"),
+    ('{"model": "a", "n_patches": "abc"}', "n_patches must be a positive integer, got 'abc'"),
+    ('{"model": "a", "n_patches": -3}', "n_patches must be a positive integer, got -3"),
+    ('{"model": "a", "family": ["vit"]}', "family must be text, got ['vit']"),
+    ('{"model": "a", "random_init": "no"}', "random_init must be true or false, got 'no'"),
+    ('{"model": "a", "grid": [14]}', "grid must be a pair of positive integers, got [14]"),
+    ('{"runs": [{"model": "a", "img_size": [224, 0]}]}', "runs[0].img_size must be a positive integer or a pair"),
+])
+def test_a_malformed_sidecar_is_one_line_naming_the_key(tmp_path, capsys, sidecar, message):
+    from attnflow.cli import main
+
+    path = Result(_frame("a"), {"model": "a"}).write(tmp_path / "r.parquet")
+    path.with_suffix(".json").write_text(sidecar)
+    with pytest.raises(ValueError) as err:
+        Result.read(path)
+    assert str(err.value).startswith(f"{path.with_suffix('.json')}: a malformed provenance sidecar: {message}")
+    assert main(["plot", str(path), "--out", str(tmp_path / "p.png")]) == 2
+    out = capsys.readouterr().err.strip()
+    assert message in out and len(out.splitlines()) == 1, out

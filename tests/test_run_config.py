@@ -176,3 +176,14 @@ def test_dry_run_with_data_reports_nothing_missing(photo_folder, tmp_path, monke
     out = capsys.readouterr().out
     assert f"data {photo_folder} ({len(list(photo_folder.iterdir()))} images)" in out
     assert "missing" not in out and "dry run:" not in out
+
+
+def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path, capsys):
+    from attnflow.cli import main
+
+    config = tmp_path / "latin1.toml"
+    config.write_bytes('name = "réseau"\n'.encode("latin-1"))  # saved by an editor in Latin-1
+    assert main(["run", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"attnflow run: error: {config}: not a UTF-8 text file (byte 0xe9 at offset 9); a TOML config is "
+                   "UTF-8 text")

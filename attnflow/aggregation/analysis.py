@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 from ..data.sources import image_source
 from ..data.transforms import eval_transform
 from ..loop import Analysis, LayoutRecord, LoopRun, Ready, run_loop
-from ..options import LoopOptions, check_fraction, dtype_name
+from ..limits import check_crop_pct, check_img_size
+from ..options import LoopOptions, dtype_name
 from ..probes.backbone import check_head
 from ..probes.heads import ProbeHead
 from ..provenance import run_name, run_provenance, weights_fingerprint
@@ -94,7 +95,8 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, options
         StateFileError, StateMismatchError: with ``resume``, an unreadable state or one of another run.
     """
     options = LoopOptions.of(options, **loop)
-    check_fraction("crop_pct", crop_pct)
+    check_crop_pct(crop_pct)
+    check_img_size(img_size)
     device = options.torch_device()
     name = run_name(model, model_name)
     step = AggregationStep(model, reference, reference_name, head, head_path, device, options.amp, name)

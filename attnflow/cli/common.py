@@ -48,15 +48,65 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def crop_fraction(text: str) -> float:
-    """argparse type: a center-crop fraction in (0, 1] (the resize side is ``img_size / crop_pct``)."""
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+
+
+def _checked(value: Any, check: Callable[..., None]) -> Any:
+    """``value`` when ``check`` (a rule of :mod:`attnflow.limits`, the one the Python API applies) accepts it."""
+    from ..limits import OptionError
+
+    try:
+        check(value, name="")
+    except OptionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
+
+
+def crop_fraction(text: str) -> float:
+    """argparse type: a center-crop fraction (:func:`attnflow.limits.check_crop_pct`: the resize side is
+    ``img_size / crop_pct``, bounded)."""
+    from ..limits import check_crop_pct
+
+    return _checked(_float(text), check_crop_pct)
+
+
+def image_size(text: str) -> int:
+    """argparse type: an input resolution (:func:`attnflow.limits.check_img_size`)."""
+    from ..limits import check_img_size
+
+    return _checked(_int(text), check_img_size)
+
+
+def cam_curve_interval(text: str) -> float:
+    """argparse type: the spacing of score-map thresholds (:func:`attnflow.limits.check_cam_curve_interval`)."""
+    from ..limits import check_cam_curve_interval
+
+    return _checked(_float(text), check_cam_curve_interval)
+
+
+def dpi(text: str) -> int:
+    """argparse type: a figure resolution (:func:`attnflow.limits.check_dpi`)."""
+    from ..limits import check_dpi
+
+    return _checked(_int(text), check_dpi)
+
+
+def digits(text: str) -> int:
+    """argparse type: a number of decimals (:func:`attnflow.limits.check_digits`)."""
+    from ..limits import check_digits
+
+    return _checked(_int(text), check_digits)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (:func:`attnflow.limits.check_non_negative`)."""
+    from ..limits import check_non_negative
+
+    return _checked(_float(text), lambda value, name: check_non_negative(name, value))
 
 
 # ------------------------------------------------------------------------------------------ shared options
@@ -71,7 +121,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "(e.g. target_encoder for I-JEPA, student for DINO/iBOT full checkpoints)")
     group.add_argument("--random-init", action="store_true",
                        help="build the architecture without weights (smoke tests; numbers are meaningless)")
-    group.add_argument("--img-size", type=positive_int, default=224, help="input resolution (default 224)")
+    group.add_argument("--img-size", type=image_size, default=224, help="input resolution (default 224)")
     group.add_argument("--model-kw", action="append", default=[], metavar="KEY=VALUE",
                        help="extra timm.create_model argument, e.g. dynamic_img_size=True (repeatable)")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import non_negative_int
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``attnflow data`` with its ``list`` and ``verify`` actions."""
@@ -28,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="only check presence and empty files, do not decode images")
     verify.add_argument("--limit", type=int, default=None, help="decode only N evenly spaced images")
     verify.add_argument("--split-file", default=None, help="split file of a subset (e.g. SimCLR's 10percent.txt)")
-    verify.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count)")
+    verify.add_argument("--workers", type=non_negative_int, default=None,
+                        help="decoding threads (default: CPU count; 0: decode in the main thread)")
     verify.add_argument("--json", action="store_true", help="print the full report as JSON")
     verify.add_argument("--show", type=int, default=5, metavar="N", help="names listed per problem (default 5)")
     parser.set_defaults(func=run, parser=parser)

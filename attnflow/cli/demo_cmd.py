@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import AttnflowError
-from .common import add_device_argument, positive_int
+from .common import add_device_argument, image_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="every model with random weights (pipeline check; numbers are meaningless)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
-    parser.add_argument("--img-size", type=positive_int, default=224, help="input resolution (default 224)")
+    parser.add_argument("--img-size", type=image_size, default=224, help="input resolution (default 224)")
     parser.add_argument("--model-kw", action="append", default=[], help=argparse.SUPPRESS)  # tests: tiny models
     parser.set_defaults(func=run)
     return parser

@@ -8,9 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .common import (Resumable, add_loop_arguments, add_model_arguments, add_name_argument, check_data_and_amp,
-                     is_random, load_model_from, non_negative_int, output_dir, positive_int, print_skipped,
-                     run_resumable)
+from .common import (Resumable, add_loop_arguments, add_model_arguments, add_name_argument, cam_curve_interval,
+                     check_data_and_amp, is_random, load_model_from, non_negative_int, output_dir, positive_int,
+                     print_skipped, run_resumable)
 
 EXAMPLES = "examples"
 """Stem of the example figure written into ``--out``."""
@@ -29,16 +29,6 @@ def iou_list(text: str) -> list[int]:
     if not values or any(not 0 < v <= 100 for v in values):
         raise argparse.ArgumentTypeError(f"IoU thresholds must be percentages in 1..100, got {text!r}")
     return values
-
-
-def interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"the cam curve interval must be in (0, 1), got {text!r}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -69,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                           help="image resizing (default bilinear, as wsolevaluation)")
     protocol.add_argument("--iou-thresholds", type=iou_list, default=[30, 50, 70], metavar="D,D,...",
                           help="IoU thresholds in percent (default 30,50,70)")
-    protocol.add_argument("--cam-curve-interval", type=interval, default=0.01,
+    protocol.add_argument("--cam-curve-interval", type=cam_curve_interval, default=0.01,
                           help="spacing of the score-map thresholds, in [0.001, 1) (default 0.01)")
     protocol.add_argument("--no-hole-contours", dest="holes", action="store_false",
                           help="boxes of outer contours only (wsolevaluation also counts holes: OpenCV RETR_TREE)")
@@ -82,9 +72,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..limits import check_img_size
     from ..localize.protocol import BoxProtocol
     from ..localize.result import TABLE
 
+    check_img_size(args.img_size)  # the shared --img-size type checks only that it is positive
     check_data_and_amp(args.data, args.amp, args.device)
     protocol = BoxProtocol(tuple(args.iou_thresholds), args.cam_curve_interval, args.holes, args.interpolation)
     out = output_dir(args.out, "localize")

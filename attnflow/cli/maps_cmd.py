@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import AttnflowError
-from .common import add_device_argument
+from .common import add_device_argument, crop_fraction, dpi, image_size, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="weights for the --model at the same position (repeat once per model, or omit)")
     parser.add_argument("--images", required=True, help="an image file or a folder (recursive)")
     parser.add_argument("--out", required=True, help="output figure (.png, .pdf, .svg or .eps)")
-    parser.add_argument("--limit", type=int, default=4, help="number of images, evenly spaced (default 4)")
+    parser.add_argument("--limit", type=positive_int, default=4, help="number of images, evenly spaced (default 4)")
     parser.add_argument("--random-init", action="store_true",
                         help="build the architecture without weights (smoke tests; numbers are meaningless)")
-    parser.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
-    parser.add_argument("--crop-pct", type=float, default=0.875,
+    parser.add_argument("--img-size", type=image_size, default=224, help="input resolution (default 224)")
+    parser.add_argument("--crop-pct", type=crop_fraction, default=0.875,
                         help="center-crop fraction, the same for every model so that maps align (default 0.875)")
     parser.add_argument("--kind", action="append", metavar="KIND",
                         help="map kind: cls_mean, cls_min_entropy, central or cls_head:H (repeatable; "
@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--model-kw", action="append", default=[], metavar="KEY=VALUE",
                         help="extra timm.create_model argument for every model (repeatable)")
     add_device_argument(parser)
-    parser.add_argument("--dpi", type=int, default=200, help="resolution of PNG output (default 200)")
+    parser.add_argument("--dpi", type=dpi, default=200, help="resolution of PNG output (default 200)")
     parser.set_defaults(func=run)
     return parser
 
@@ -52,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import torch
-
     from ..models.load import load_model
     from ..models.registry import find_spec
     from ..data.images import load_images
+    from ..data.transforms import eval_resize
     from ..maps import MAP_KINDS, model_maps
+    from ..options import resolve_device
     from ..models.record import model_record
     from ..plot import plot_attention_maps, plot_head_maps
     from ..plot.style import SAVE_FORMATS, close, save_figure
@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
         head = kind.split(":", 1)[1] if kind.startswith("cls_head:") else None
         if kind not in MAP_KINDS and not (head is not None and head.isdigit()):
             raise AttnflowError(f"unknown map kind {kind!r}; choose from {', '.join(MAP_KINDS)} or cls_head:H")
-    paths, images = load_images(args.images, args.limit)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model_kw = parse_model_kwargs(args.model_kw)
+    paths, images = load_images(args.images, args.limit, check=eval_resize(args.img_size, args.crop_pct).check)
 
     crops, maps, labels, random = None, {}, {}, []
     for name, checkpoint in zip(args.model, checkpoints):

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import AttnflowError
+from .common import dpi
 
 WIDTHS = {"single": 3.3, "double": 6.9}
 
@@ -35,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="figure width: single (3.3 in), double (6.9 in) or inches "
                              "(default: single for one metric, else double)")
     parser.add_argument("--title", help="figure title")
-    parser.add_argument("--dpi", type=int, default=300, help="resolution of PNG output (default 300)")
+    parser.add_argument("--dpi", type=dpi, default=300, help="resolution of PNG output (default 300)")
     parser.set_defaults(func=run)
     return parser
 
@@ -73,14 +74,19 @@ def read_results(items: list[str]):
 
 
 def _width(text: str | None, n_metrics: int) -> float:
+    """The figure width in inches (:func:`attnflow.limits.check_figure_width`)."""
+    from ..limits import check_figure_width
+
     if text is None:
         return WIDTHS["single" if n_metrics == 1 else "double"]
     if text in WIDTHS:
         return WIDTHS[text]
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise AttnflowError(f"--width must be single, double or inches, got {text!r}") from None
+    check_figure_width(value, name="--width")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

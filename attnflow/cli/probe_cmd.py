@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AttnflowError
 from .common import (add_amp_argument, add_device_argument, add_model_arguments, add_progress_argument,
-                     add_reference_arguments, add_resume_argument, add_workers_argument, load_model_from)
+                     add_reference_arguments, add_resume_argument, add_workers_argument, crop_fraction,
+                     load_model_from, non_negative_float)
 
 if TYPE_CHECKING:
     from ..probes.protocols import ProbeConfig
@@ -100,14 +102,14 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--optimizer", help="lars or sgd")
     group.add_argument("--momentum", type=float)
     group.add_argument("--weight-decay", type=float)
-    group.add_argument("--warmup-epochs", type=float)
+    group.add_argument("--warmup-epochs", type=non_negative_float)
     group.add_argument("--min-lr", type=float)
     group.add_argument("--layernorm", dest="layernorm", action="store_true", default=None,
                        help="apply the encoder's final LayerNorm to the tokens (the paper's numbers: no)")
     group.add_argument("--no-layernorm", dest="layernorm", action="store_false")
     group.add_argument("--block", type=int, help="encoder block to read (default -1, the last; SimMIM: 7)")
     group.add_argument("--train-aug", help="rrc-flip (default) or none")
-    group.add_argument("--crop-pct", type=float, help="validation center-crop fraction (default 0.875)")
+    group.add_argument("--crop-pct", type=crop_fraction, help="validation center-crop fraction (default 0.875)")
     group.add_argument("--head-init", help="classifier init: default (torch, the paper's code) or mae")
     group.add_argument("--eval-amp", help="autocast of the heads at evaluation: fp32 (default) or fp16 (the official "
                                           "code's evaluate)")
@@ -192,6 +194,20 @@ def print_results(table: Any) -> None:
         print(f"{head:>20s}  lr {lrs:<10s} top-1 {rows['top1'].mean():.2f}{std}{note}")
 
 
+def print_skipped_images(meta: dict[str, Any], sidecar: Path, shown: int = 20) -> None:
+    """The unreadable files of a run (``images_skipped`` per split in ``results.json``), at most ``shown`` of them."""
+    counts = meta.get("images_skipped") or {}
+    total = sum(counts.values())
+    if not total:
+        return
+    print(f"skipped {total} unreadable file(s) (train {counts.get('train', 0)}, val {counts.get('val', 0)}):")
+    listed = meta.get("skipped") or []
+    for item in listed[:shown]:
+        print(f"  {item['split']}: {item['path']}: {item['reason']}")
+    if len(listed) > shown:
+        print(f"  ... and {len(listed) - shown} more (listed in {sidecar})")
+
+
 def run(args: argparse.Namespace) -> int:
     config, heads_chosen = _config(args)
     return _probe(args, config, heads_chosen, _check_out(args))
@@ -231,5 +247,8 @@ def _probe(args: argparse.Namespace, config: ProbeConfig, heads_chosen: bool, ou
                              device=device if args.device else None, resume=args.resume,
                              progress=not args.no_progress, reference=reference)
     print_results(table)
+    sidecar = out / "results.json"
+    if int(os.environ.get("RANK", "0")) == 0 and sidecar.is_file():
+        print_skipped_images(json.loads(sidecar.read_text(encoding="utf-8")), sidecar)
     print(f"wrote {out / 'results.parquet'}")
     return 0

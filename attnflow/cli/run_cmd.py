@@ -36,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    from ..options import resolve_device
     from ..runner import execute, load_config, plan_run
     from ..runner.figures import quiet_random_init_warnings
 
+    resolve_device(args.device)  # before the plan hashes any weights
     cfg = load_config(args.config).with_overrides(
         data=args.data, run_dir=args.run_dir, limit=args.limit, random_init=args.random_init,
         batch_size=args.batch_size, workers=args.workers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import digits
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
@@ -25,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "choice: the best mean) or every lr")
     parser.add_argument("--heads", help="only these head specs, comma-separated, in this order")
     parser.add_argument("--task", help="only this task")
-    parser.add_argument("--digits", type=int, default=1, help="decimals (default 1, as the paper)")
+    parser.add_argument("--digits", type=digits, default=1, help="decimals (default 1, as the paper)")
     parser.set_defaults(func=run)
     return parser
 

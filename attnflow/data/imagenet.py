@@ -24,7 +24,7 @@ from typing import Callable
 
 from torchvision.datasets import ImageFolder
 
-from .images import DataError, evenly_spaced, is_hidden, is_image_file, read_sample
+from .images import DataError, evenly_spaced, is_hidden, is_image_file, read_sample, unreadable_folder
 from .labeled import LabeledImageList
 from .manifests import Manifest, load_manifest
 from .verify import WNID_DIR, locate_root
@@ -261,6 +261,12 @@ class ImageNetTrain(ImageFolder):
         missing = len(self._wnids) - len(dirs)
         if missing:
             log.warning("%s: %d of %d class folders are absent", directory, missing, len(self._wnids))
+        for d in dirs:  # ImageFolder's own walk would leave an unreadable folder out without a word
+            try:
+                with os.scandir(os.path.join(directory, d)):
+                    pass
+            except OSError as err:
+                raise unreadable_folder(err, directory) from None
         return list(self._wnids), {d: index[d] for d in dirs if WNID_DIR.match(d)}
 
     def __getitem__(self, index: int):  # -> tuple[Tensor, int, int] | BadImage

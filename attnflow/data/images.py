@@ -2,6 +2,12 @@
 
 Supports any folder of images, searched recursively: ImageFolder-style class folders
 (``root/<class>/<img>``) and flat folders such as ImageNet-val's ``ILSVRC2012_val_00000001.JPEG``.
+
+What counts as an image (:data:`IMAGE_EXTENSIONS`, GIFs by their first frame) and how it is decoded
+(:func:`load_rgb`: 16-bit and float images scaled to 8 bits, EXIF orientation *not* applied) is decided here.
+A file that cannot be used (empty, truncated, undecodable, over PIL's decompression-bomb limit, or of an aspect
+ratio so extreme that its resize would exceed :data:`attnflow.limits.MAX_RESIZE_FACTOR` times the model's input)
+is skipped and counted; a sub-folder that cannot be listed is an error (its images would vanish uncounted).
 """
 
 from __future__ import annotations
@@ -22,12 +28,19 @@ from ..errors import AttnflowError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+    {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 )
+"""File extensions read as images (case-insensitive); a GIF is read as its first frame."""
 
 
 class DataError(AttnflowError, ValueError):
     """A dataset path that cannot be used (empty folder, not an image, ...); the message is one clear line."""
+
+
+class ImageSizeError(DataError):
+    """An image whose resize would exceed :data:`attnflow.limits.MAX_RESIZE_FACTOR` times the pixels of the
+    model's input (raised by :class:`attnflow.data.transforms.BoundedResize` before it allocates anything; the
+    datasets turn it into a :class:`BadImage`, skipped and counted)."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +84,17 @@ def is_hidden(name: str) -> bool:
 def _walk_images(root: Path) -> list[Path]:
     """Image files under the folder ``root``, following linked folders (each real folder once, so link cycles
     end) and keeping links to files even when their target is gone (they are then reported, not lost).
-    Hidden files and folders are skipped."""
+    Hidden files and folders are skipped.
+
+    Raises:
+        DataError: a folder that cannot be listed (its images would be left out without a count).
+    """
+    def unreadable(err: OSError) -> None:
+        raise unreadable_folder(err, root)
+
     paths: list[Path] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
@@ -85,6 +105,12 @@ def _walk_images(root: Path) -> list[Path]:
     return sorted(paths)
 
 
+def unreadable_folder(err: OSError, root: str | Path) -> DataError:
+    """The error for a folder under ``root`` that cannot be listed (refused: its images would vanish uncounted)."""
+    return DataError(f"{err.filename}: cannot read the folder ({err.strerror or err}), so its images would be "
+                     f"left out uncounted; make it readable, or move it out of {root}")
+
+
 def find_images(root: str | Path) -> list[Path]:
     """All image files under ``root`` (recursive, through linked folders), sorted by path.
 
@@ -93,7 +119,8 @@ def find_images(root: str | Path) -> list[Path]:
     kept, so that reading them reports them as skipped.
 
     Raises:
-        DataError: if ``root`` does not exist, is a non-image file, or holds no image.
+        DataError: if ``root`` does not exist, is a non-image file, holds no image, or has a folder that cannot
+            be listed (a permission error: refused rather than its images left out uncounted).
     """
     root = Path(root)
     if not root.exists():
@@ -133,15 +160,42 @@ SIXTEEN_BIT_MODES: frozenset[str] = frozenset({"I;16", "I;16B", "I;16L", "I;16N"
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image fully (so truncated files fail here) and convert it to RGB.
 
-    16-bit grayscale images are scaled to 8 bits (``round(v / 257)``, 65535 -> 255) first: PIL's own
-    conversion clips every value above 255 to white. Older Pillow versions open 16-bit PNGs in mode ``I``.
+    * 16-bit grayscale images are scaled to 8 bits (``round(v / 257)``, 65535 -> 255) first: PIL's own
+      conversion clips every value above 255 to white. Older Pillow versions open 16-bit PNGs in mode ``I``.
+    * 32-bit float images (mode ``F``, e.g. a float32 TIFF) whose values all lie in ``[0, 1]`` are scaled to
+      ``round(255 v)``: PIL's own conversion truncates them to 0 or 1, a black image. Float images with values
+      beyond 1 (or below 0) are read as 0..255 values, rounded and clipped to that range (PIL clips too, but
+      truncates); NaN or infinite pixels make the file unreadable (skipped and counted).
+    * A GIF (or any multi-frame file) is read as its first frame.
+    * The EXIF orientation tag is **not** applied: pixels are used as stored, as torchvision's ``ImageFolder`` and
+      the paper's pipeline read them, so a photo a viewer shows upright may reach the model rotated.
+
+    Raises:
+        OSError, ValueError, ...: see :data:`IMAGE_READ_ERRORS`.
     """
     with Image.open(path) as img:
         img.load()
         if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PNG"):
             gray = np.asarray(img).astype(np.float64) / 257.0
             return Image.fromarray(np.clip(gray.round(), 0, 255).astype(np.uint8)).convert("RGB")
+        if img.mode == "F":
+            return Image.fromarray(float_to_uint8(np.asarray(img))).convert("RGB")
         return img.convert("RGB")
+
+
+def float_to_uint8(values: np.ndarray) -> np.ndarray:
+    """8-bit pixels of a float image: ``round(255 v)`` when every value is in ``[0, 1]``, else the values taken as
+    0..255 (rounded and clipped).
+
+    Raises:
+        ValueError: NaN or infinite pixels.
+    """
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("a float image with NaN or infinite pixels")
+    if values.size and values.min() >= 0 and values.max() <= 1:
+        values = values * 255.0
+    return np.clip(values.round(), 0, 255).astype(np.uint8)
 
 
 class ImageFolderDataset(Dataset):
@@ -189,7 +243,8 @@ def read_sample(path: Path, label: int, index: int,
 
 def read_sample(path: Path, label: int, index: int,
                 transform: Callable | None) -> tuple[Any, int, int] | BadImage:
-    """``(transform(image), label, index)``, or a :class:`BadImage` for an empty or undecodable file.
+    """``(transform(image), label, index)``, or a :class:`BadImage` for an empty or undecodable file, or one the
+    transform refuses to resize (:class:`ImageSizeError`: an extreme aspect ratio).
 
     Without a transform the first item is the RGB PIL image itself.
     """
@@ -203,7 +258,12 @@ def read_sample(path: Path, label: int, index: int,
         return BadImage(str(path), f"too large: {err} (raise PIL.Image.MAX_IMAGE_PIXELS to read it)")
     except IMAGE_READ_ERRORS as err:
         return BadImage(str(path), f"unreadable image: {err}")
-    return (transform(img) if transform is not None else img), label, index
+    if transform is None:
+        return img, label, index
+    try:
+        return transform(img), label, index
+    except ImageSizeError as err:
+        return BadImage(str(path), str(err))
 
 
 def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
@@ -233,11 +293,14 @@ def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
                       torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2) if sizes else None)
 
 
-def load_images(root: str | Path, limit: int | None) -> tuple[list[Path], list[Image.Image]]:
+def load_images(root: str | Path, limit: int | None,
+                check: Callable[[int, int], None] | None = None) -> tuple[list[Path], list[Image.Image]]:
     """Up to ``limit`` evenly spaced readable images under ``root`` as ``(paths, PIL images)``, in file order.
 
     Unreadable files are skipped with a warning, and the next readable files (in file order) take their
-    place, so a corrupt file among the chosen ones does not shrink the figure."""
+    place, so a corrupt file among the chosen ones does not shrink the figure. ``check(width, height)`` may
+    refuse an image by raising :class:`ImageSizeError` (e.g. ``eval_resize(img_size, crop_pct).check``: an
+    image the eval transform would refuse), which is skipped the same way."""
     paths = find_images(root)
     if limit is not None and limit <= 0:
         raise DataError(f"limit must be positive, got {limit}")
@@ -252,6 +315,12 @@ def load_images(root: str | Path, limit: int | None) -> tuple[list[Path], list[I
         if isinstance(sample, BadImage):
             log.warning("skipping %s: %s", paths[i], sample.reason)
             continue
+        if check is not None:
+            try:
+                check(*sample[0].size)
+            except ImageSizeError as err:
+                log.warning("skipping %s: %s", paths[i], err)
+                continue
         found[i] = sample[0]
     kept = [paths[i] for i in sorted(found)]
     images = [found[i] for i in sorted(found)]

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..limits import check_workers
 from .cub import read_index
 from .images import DataError, evenly_spaced
 from .manifests import Manifest, list_manifests, load_manifest
@@ -410,7 +411,7 @@ def verify_dataset(name: str | Path | Manifest, root: str | Path, *, check_image
         check_images: fully decode every present image with PIL (empty files are flagged either way).
         limit: decode only ``limit`` evenly spaced present images (presence is always checked for all).
         split_file: split file of a subset manifest (required when the manifest ships none).
-        workers: decoding threads (default: the number of CPUs).
+        workers: decoding threads (default: the number of CPUs; 0: decode in this thread).
         progress: show tqdm progress bars.
 
     Returns:
@@ -421,6 +422,7 @@ def verify_dataset(name: str | Path | Manifest, root: str | Path, *, check_image
         DataError: when ``root`` is not a folder, a needed split file is not available, or ``split_file`` is
             given for a manifest that is not a subset.
     """
+    check_workers(workers)
     manifest = name if isinstance(name, Manifest) else load_manifest(name)
     if split_file is not None and manifest.kind != "imagenet-subset":
         kind = f" ({manifest.kind})" if manifest.kind != manifest.name else ""
@@ -445,14 +447,20 @@ def verify_dataset(name: str | Path | Manifest, root: str | Path, *, check_image
     if check_images:
         candidates = sorted(rel for rel, size in to_check.items() if size > 0)
         chosen = [candidates[i] for i in evenly_spaced(len(candidates), limit)] if candidates else []
-        n_workers = workers or os.cpu_count() or 1
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            futures = {pool.submit(_decode_error, base / rel): rel for rel in chosen}
-            for future in tqdm(as_completed(futures), total=len(futures), desc=f"decoding {manifest.name}",
-                               unit="img", disable=not progress, leave=False):
-                reason = future.result()
+        desc = f"decoding {manifest.name}"
+        if workers == 0:  # in this thread
+            for rel in tqdm(chosen, desc=desc, unit="img", disable=not progress, leave=False):
+                reason = _decode_error(base / rel)
                 if reason is not None:
-                    corrupt.append((futures[future], reason))
+                    corrupt.append((rel, reason))
+        else:
+            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+                futures = {pool.submit(_decode_error, base / rel): rel for rel in chosen}
+                for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="img",
+                                   disable=not progress, leave=False):
+                    reason = future.result()
+                    if reason is not None:
+                        corrupt.append((futures[future], reason))
         report.decoded = len(chosen)
     report.corrupt = sorted(corrupt)
     log.debug("%s: %d/%d found, %d missing, %d extra, %d corrupt", manifest.name, report.found, report.expected,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data.images import BadImage, ImageFolderDataset, evenly_spaced, read_sample
+from ..data.images import BadImage, ImageFolderDataset, ImageSizeError, evenly_spaced, read_sample
 from ..reducers import Accumulator
 from .boxes import BoxFileError, GroundTruth
 from .metric import resize_boxes
@@ -23,18 +23,25 @@ log = logging.getLogger(__name__)
 def resize_transform(model: nn.Module, img_size: int = 224, interpolation: str = "bilinear") -> Callable:
     """wsolevaluation's test transform with the model's own normalisation: resize the whole image to
     ``img_size x img_size`` (aspect ratio not kept, nothing cropped), to tensor, normalise with the model's
-    mean/std.
+    mean/std. The resize is a :class:`~attnflow.data.transforms.BoundedResize`, as in every transform attnflow
+    builds; to a fixed square it holds exactly the input's pixels, so no image is ever refused for its size.
 
     Returns:
         PIL image -> ``[3, img_size, img_size]`` float tensor.
+
+    Raises:
+        OptionError: an ``img_size`` outside :func:`attnflow.limits.check_img_size`.
     """
     from torchvision import transforms as T
 
-    from ..data.transforms import normalization
+    from ..data.transforms import BoundedResize, normalization
+    from ..limits import check_img_size
 
+    check_img_size(img_size)
     mean, std = normalization(model)
     mode = T.InterpolationMode(interpolation)
-    return T.Compose([T.Resize((img_size, img_size), interpolation=mode), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([BoundedResize((img_size, img_size), (img_size, img_size), interpolation=mode), T.ToTensor(),
+                      T.Normalize(mean, std)])
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,10 @@ class LocalizationImages(torch.utils.data.Dataset):
             return sample
         image = sample[0]
         width, height = image.size
-        return self.transform(image), -1, i, (int(width), int(height))
+        try:
+            return self.transform(image), -1, i, (int(width), int(height))
+        except ImageSizeError as err:
+            return BadImage(str(self.paths[i]), str(err))
 
 
 class SizeCheck(Accumulator):

@@ -24,6 +24,7 @@ from ..aggregation.capture import AggregationCapture
 from ..aggregation.vectors import aggregation_vectors, head_vectors
 from ..data.images import ImageBatch
 from ..data.sources import ImageSource
+from ..limits import check_img_size
 from ..loop import Analysis, Commit, LoopRun, run_loop
 from ..options import LoopOptions, dtype_name
 from ..probes.backbone import check_head
@@ -111,6 +112,7 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, options: Lo
         StateFileError, StateMismatchError: with ``resume``, an unreadable state or one of another run.
     """
     options = LoopOptions.of(options, **loop)
+    check_img_size(img_size)
     protocol = protocol or BoxProtocol()
     name = run_name(model, model_name)
     capture = MapCapture(model, head, head_path=head_path, amp=options.amp, device=options.torch_device(),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AttnflowError
+from ..limits import OptionError, check_cam_curve_interval
 
 IOU_THRESHOLDS: tuple[int, ...] = (30, 50, 70)
 """wsolevaluation's ``iou_threshold_list`` (percent)."""
@@ -19,10 +20,6 @@ CAM_CURVE_INTERVAL: float = 0.01
 
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest")
 """Image resampling choices; wsolevaluation's ``transforms.Resize((224, 224))`` is bilinear."""
-
-MIN_CAM_CURVE_INTERVAL: float = 0.001
-"""The finest spacing of score-map thresholds (1,000 thresholds): the hit counts and the box search grow with it."""
-
 
 class LocalizationError(AttnflowError, ValueError):
     """Localization settings or inputs that cannot be evaluated (one clear line)."""
@@ -35,7 +32,7 @@ class BoxProtocol:
     Attributes:
         iou_thresholds: IoU thresholds in percent.
         cam_curve_interval: spacing of the score-map thresholds (0.01: 100 thresholds), at least
-            :data:`MIN_CAM_CURVE_INTERVAL`.
+            :data:`MIN_CAM_CURVE_INTERVAL` (:func:`attnflow.limits.check_cam_curve_interval`).
         holes: count hole contours as OpenCV's ``RETR_TREE`` does (wsolevaluation); ``False``: outer contours only.
         interpolation: image resampling to the square input, one of :data:`INTERPOLATIONS`.
     """
@@ -50,9 +47,10 @@ class BoxProtocol:
         if not ious or any(not 0 < d <= 100 for d in ious) or len(set(ious)) != len(ious):
             raise LocalizationError(f"IoU thresholds must be distinct percentages in 1..100, got {list(ious)}")
         object.__setattr__(self, "iou_thresholds", ious)
-        interval = self.cam_curve_interval
-        if not isinstance(interval, (int, float)) or not MIN_CAM_CURVE_INTERVAL <= interval < 1:
-            raise LocalizationError(f"cam_curve_interval must be in [{MIN_CAM_CURVE_INTERVAL}, 1), got {interval!r}")
+        try:
+            check_cam_curve_interval(self.cam_curve_interval)
+        except OptionError as err:
+            raise LocalizationError(str(err)) from None
         if self.interpolation not in INTERPOLATIONS:
             raise LocalizationError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
                                     f"{self.interpolation!r}")

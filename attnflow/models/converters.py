@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -422,22 +422,33 @@ def load_converted(model: nn.Module, state_dict: StateDict, *, expected: str, po
     Raises:
         CheckpointError: naming the first missing and unexpected keys and their counts, or shape mismatches.
     """
-    sd = adapt_state_dict(state_dict, model, pos_resample=pos_resample)
+    sd = dict(state_dict)
     if _features_only(model):
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
+    if missing or unexpected:  # before any resampling, which could only fail on a table of another layout
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing key(s): {_head(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_head(unexpected)}")
         raise CheckpointError(f"checkpoint does not fit {expected}: {'; '.join(parts)}")
+    _check_shapes(own, sd, expected, skip=_resolution_keys(sd))  # the rest: the tables are resampled first
+    sd = adapt_state_dict(sd, model, pos_resample=pos_resample)
+    _check_shapes(own, sd, expected)
+    model.load_state_dict(sd, strict=True)
+
+
+def _resolution_keys(state_dict: StateDict) -> set[str]:
+    """The keys whose shape follows the input resolution (resampled by :func:`adapt_state_dict`)."""
+    return {k for k in state_dict if k == "pos_embed" or k.endswith("relative_position_bias_table")}
+
+
+def _check_shapes(own: StateDict, sd: StateDict, expected: str, skip: Collection[str] = ()) -> None:
     wrong = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-             if tuple(sd[k].shape) != tuple(v.shape)]
+             if k not in skip and tuple(sd[k].shape) != tuple(v.shape)]
     if wrong:
         raise CheckpointError(f"checkpoint does not fit {expected}: {len(wrong)} shape mismatch(es): "
                               f"{_head(wrong, 3)}")
-    model.load_state_dict(sd, strict=True)

@@ -17,10 +17,11 @@ Names of other libraries' models: ``hf:<repo id>`` (a Hugging Face ``transformer
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AttnflowError
+from ..limits import check_img_size
 from . import files
 from ..vit import model_has_cls
 from .adapter import external_cached_path, external_prefix, load_external
@@ -38,7 +40,7 @@ from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WeightsUnavailableError", "cached_weights_path", "hub_repo", "known_arch", "load_model",
+__all__ = ["WeightsUnavailableError", "cached_weights_path", "check_finite", "hub_repo", "known_arch", "load_model",
            "official_cache_path", "random_init_seed", "sha256_file", "weights_cached"]
 
 sha256_file = files.sha256_file
@@ -123,7 +125,8 @@ def _build(spec: ModelSpec | None, arch: str, img_size: int, timm_kwargs: dict[s
         module_name, fn_name = CUSTOM_ARCHS[base].split(":")
         builder: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), fn_name)
         kwargs.pop("num_classes", None)
-        return _check_img_size(builder(img_size=img_size, **kwargs), img_size, arch)
+        with _build_errors(arch, timm_kwargs):
+            return _check_img_size(builder(img_size=img_size, **kwargs), img_size, arch)
     import timm
 
     kwargs.setdefault("num_classes", 0)
@@ -135,11 +138,23 @@ def _build(spec: ModelSpec | None, arch: str, img_size: int, timm_kwargs: dict[s
             overlay.update(url=spec.url or "", hf_hub_id=None, tag=None)
         kwargs.setdefault("pretrained_cfg_overlay", overlay)
         arch = spec.hub_tag or arch
-    try:
+    with _build_errors(arch, timm_kwargs):
         model = timm.create_model(arch, pretrained=False, img_size=img_size, **kwargs)
-    except TypeError as err:
-        raise AttnflowError(f"cannot build {arch} with {kwargs}: {err}") from None
     return _check_img_size(model, img_size, arch)
+
+
+@contextlib.contextmanager
+def _build_errors(arch: str, model_kw: dict[str, Any],
+                  errors: tuple[type[Exception], ...] = (TypeError, AssertionError, ValueError)) -> Iterator[None]:
+    """Turn what a model's constructor raises for arguments that do not fit it (a ``TypeError`` for an unknown
+    one, timm's ``assert dim % num_heads == 0``, a ``ValueError``) into one line naming the ``model_kw``."""
+    try:
+        yield
+    except errors as err:
+        given = ", ".join(f"{k}={v!r}" for k, v in model_kw.items() if k != "pretrained_cfg_overlay")
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AttnflowError(f"cannot build {arch}" + (f" with model_kw {given}" if given else "") + f": {why}") \
+            from None
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -293,13 +308,18 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         ``model_kw`` overrides and ``checkpoint_key`` it was built with, and the ``seed_name`` of random weights).
 
     Raises:
+        OptionError: an ``img_size`` outside ``1 ..`` :data:`attnflow.limits.MAX_IMG_SIZE`.
         UnknownModelError: unknown name (with close matches).
-        CheckpointError: unreadable file or keys that do not fit (names the missing and unexpected keys).
+        AttnflowError: ``timm_kwargs`` the architecture cannot be built with (e.g. ``num_heads`` that does not
+            divide the width).
+        CheckpointError: unreadable file, keys that do not fit (names the missing and unexpected keys), or a
+            tensor holding NaN or infinite values.
         WeightsUnavailableError: no checkpoint given, none cached, and no download possible.
         MissingExtraError: an ``hf:`` / ``open_clip:`` name without its library (one line: what to install).
     """
     if random_init and checkpoint is not None:
         raise AttnflowError("random_init and checkpoint exclude each other")
+    check_img_size(img_size)
     if external_prefix(name) is not None:
         return load_external(name, checkpoint=checkpoint, random_init=random_init, img_size=img_size,
                              checkpoint_key=checkpoint_key, seed_name=seed_name, model_kw=dict(timm_kwargs))
@@ -320,6 +340,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         if weights is not None:
             logger.info("loading %s weights from %s", name, weights.path)
             _load_weights(model, weights, spec, arch, checkpoint_key)
+    if weights is not None:
+        check_finite(model, weights.path)
     sha = files.sha256_file(weights.path) if weights is not None else None
     model.eval()
     record = ModelRecord(
@@ -333,6 +355,21 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
                   for k, v in timm_kwargs.items()})
     setattr(model, ATTRIBUTE, record)  # a plain attribute, not a parameter or sub-module
     return model
+
+
+def check_finite(model: nn.Module, path: str | Path) -> None:
+    """Refuse weights with a NaN or infinite value: every statistic of such a model would be NaN (a diverged
+    training run, a corrupt conversion).
+
+    Raises:
+        CheckpointError: naming the first such tensor and how many of its values are not finite.
+    """
+    for key, param in model.named_parameters():  # buffers are the architecture's (an attention mask may hold -inf)
+        tensor = param.detach()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{Path(path).name}: tensor {key} {tuple(tensor.shape)} holds {bad} NaN or infinite "
+                                  f"value(s) of {tensor.numel()}: the weights are corrupt (a diverged training run?)")
 
 
 def random_init_seed(seed_name: str) -> int:
@@ -400,8 +437,9 @@ def _build_timm_pretrained(arch: str, img_size: int, timm_kwargs: dict[str, Any]
     kwargs = {"num_classes": 0, **timm_kwargs}
     overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": str(path)}
     try:
-        model = timm.create_model(arch, pretrained=True, img_size=img_size, pretrained_cfg_overlay=overlay,
-                                  **kwargs)
+        with _build_errors(arch, timm_kwargs, (TypeError, AssertionError)):  # a ValueError: the file's
+            model = timm.create_model(arch, pretrained=True, img_size=img_size, pretrained_cfg_overlay=overlay,
+                                      **kwargs)
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"timm could not load {path.name} into {arch}: {str(err).splitlines()[0]}") \
             from None

@@ -24,6 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.artist import Artist
 
+from ..limits import check_figure_width
 from ..result import Result
 from .info import SIZE_ORDER, DataLike, ModelInfo, as_result, entropy_bound, model_info, random_init_models
 from .style import (DOUBLE_COLUMN, ENTROPY_METRICS, PAPER_METRICS, RANDOM_INIT_BANNER, SINGLE_COLUMN, PlotError,
@@ -271,6 +272,7 @@ def plot_metrics(data: DataLike, metrics: Sequence[str] | None = None, *, band: 
     Returns:
         The figure; ``fig.axes`` are the panels in metric order.
     """
+    check_figure_width(width, allow_none=False)
     result = as_result(data)
     metrics = _default_metrics(result, metrics)
     ncols = ncols or min(len(metrics), 4 if width > 5 else 2)
@@ -327,6 +329,7 @@ def plot_size_grid(data: DataLike, metrics: Sequence[str] | None = None, *, size
     Returns:
         The figure; ``fig.axes`` row by row.
     """
+    check_figure_width(width, allow_none=False)
     result = as_result(data)
     metrics = _default_metrics(result, metrics)
     chosen = _select_models(result, models)

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..limits import check_figure_width
 from .blocks import _figure_banner, _select_models
 from .info import DataLike, as_result, entropy_bound, model_info
 from .style import DOUBLE_COLUMN, ENTROPY_METRICS, PlotError, check_metrics, figure_label, metric_label, paper_style
@@ -87,6 +88,7 @@ def plot_heads(data: DataLike, metric: str, *, models: Sequence[str] | None = No
     Returns:
         The figure; the heatmap axes come first in ``fig.axes`` (one per model), then the colour bar.
     """
+    check_figure_width(width, allow_none=False)
     result = as_result(data)
     check_metrics([metric], result.metrics)
     chosen = _select_models(result, models)

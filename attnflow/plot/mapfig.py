@@ -20,6 +20,7 @@ from matplotlib.text import Text
 import torch
 import torch.nn.functional as F
 
+from ..limits import check_figure_width
 from ..maps import MAP_KINDS, PatchMaps
 from ..metrics import row_entropy
 from .style import DOUBLE_COLUMN, PlotError, figure_label, paper_style
@@ -147,6 +148,7 @@ def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequenc
     Returns:
         The figure.
     """
+    check_figure_width(width, allow_none=False)
     if rows not in ("images", "models"):
         raise PlotError(f"rows must be 'images' or 'models', got {rows!r}")
     for model, per_image in maps.items():
@@ -299,6 +301,7 @@ def plot_head_maps(image: np.ndarray, maps: PatchMaps, *, ncols: int = 6, overla
     Returns:
         The figure (one axes per head, in head order, then unused axes removed).
     """
+    check_figure_width(width, allow_none=False)
     cls_heads = maps.cls_heads
     if not maps.has_cls or cls_heads is None:
         raise PlotError("per-head [cls] maps need a model with a [cls] token")

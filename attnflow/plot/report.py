@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..limits import check_dpi
 from ..result import Result
 from .blocks import model_sizes, plot_blocks, plot_metrics, plot_size_grid
 from .heads import plot_heads
@@ -42,6 +43,7 @@ def block_figures(data: DataLike, out_dir: str | Path, *, stem: str = "", metric
     Returns:
         Written paths, in the order above.
     """
+    check_dpi(dpi)
     result: Result = as_result(data)
     out_dir = Path(out_dir)
     metrics = list(metrics or [m for m in PAPER_METRICS if m in result.metrics] or result.metrics)

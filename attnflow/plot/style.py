@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from ..atomic import write_atomically
 from ..errors import AttnflowError
+from ..limits import check_dpi
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
@@ -162,7 +163,9 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 300) -> Path:
 
     Raises:
         PlotError: for an unknown extension.
+        OptionError: a ``dpi`` outside ``1 ..`` :data:`attnflow.limits.MAX_DPI`.
     """
+    check_dpi(dpi)
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in SAVE_FORMATS:

@@ -6,7 +6,7 @@ A cache directory holds::
     labels.npy      [n] int64
     valid.npy       [n] bool (False for images that could not be read; they are skipped)
     manifest.json   model, checkpoint sha256, encoder fingerprint, dataset, transform, dtype, views, seed, block,
-                    layernorm, ...
+                    layernorm, ..., and once complete the unreadable files (``unreadable``, ``skipped``)
     viewK.state.pt  while extracting: the loop's state of view K (:mod:`attnflow.loop`: the batches done)
 
 Extraction runs on the one resumable loop (one pass per view, in this process alone): an interrupted run
@@ -238,26 +238,30 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
     if complete is not None:
         return complete
     extraction = _Extraction.start(root, manifest, n)
+    skipped: dict[str, str] = {}  # path -> reason of the files that could not be read (in any view)
     for view in range(views):  # one pass of the loop per view; each keeps its state until the cache is complete
         analysis = Analysis(f"extract view {view + 1}/{views}", _TokenStep(encoder, extraction, view, dtype), {},
                             {"cache": {k: manifest.get(k) for k in IDENTITY_KEYS}, "view": view}, local=True)
         options = LoopOptions(batch_size=batch_size, device=str(encoder.device), workers=workers, progress=progress,
                               state_path=root / f"view{view}.state.pt", resume=True, checkpoint_every=1,
                               keep_state=True)
-        run_loop(analysis, ImageSource(dataset=SeededDataset(dataset, seed, view)), options)
-    cache = _finish(extraction, dataset, info)
+        run = run_loop(analysis, ImageSource(dataset=SeededDataset(dataset, seed, view)), options)
+        for path, reason in run.skipped:
+            skipped.setdefault(path, reason)
+    cache = _finish(extraction, dataset, info, skipped)
     for view in range(views):
         RunState(root / f"view{view}.state.pt", {}).remove()
     return cache
 
 
-def _finish(state: _Extraction, dataset: Dataset, info: dict[str, Any]) -> TokenCache:
-    """Check the labels, mark the cache complete and open it."""
+def _finish(state: _Extraction, dataset: Dataset, info: dict[str, Any], skipped: dict[str, str]) -> TokenCache:
+    """Check the labels, mark the cache complete (with its unreadable files) and open it."""
     if state.array is None:
         raise AttnflowError(f"no readable image in {info.get('dataset', 'the dataset')}")
     expected = dataset_labels(dataset).numpy()
     if not np.array_equal(state.labels[state.readable], expected[state.readable]):
         raise AttnflowError(f"labels read during extraction disagree with the dataset's labels in {state.root}")
     _write_json(state.root / "manifest.json", {**state.manifest, "complete": True, "shape": list(state.array.shape),
-                                               "unreadable": int((~state.readable).sum())})
+                                               "unreadable": int((~state.readable).sum()),
+                                               "skipped": [{"path": p, "reason": r} for p, r in skipped.items()]})
     return TokenCache.open(state.root)

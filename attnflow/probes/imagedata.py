@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from ..data.images import collate_skip_bad
+from ..limits import check_img_size
 
 
 def train_transform(model: torch.nn.Module, img_size: int = 224, scale: tuple[float, float] = (0.08, 1.0)
@@ -23,8 +24,15 @@ def train_transform(model: torch.nn.Module, img_size: int = 224, scale: tuple[fl
     """MAE linear-probe augmentation: RandomResizedCrop(bicubic) + horizontal flip + the model's mean/std.
 
     (MAE uses a TF-style RandomResizedCrop without torchvision's 10-try loop; the crop distribution is the
-    same up to that fallback.)
+    same up to that fallback.) The bound of every transform attnflow builds (a resize to at most
+    :data:`attnflow.limits.MAX_RESIZE_FACTOR` times the input's pixels) holds here by construction: the crop is
+    resized straight to ``img_size x img_size``, so no image is refused for its shape (the eval transform of
+    the validation images may refuse one of an extreme aspect ratio).
+
+    Raises:
+        OptionError: an ``img_size`` outside :func:`attnflow.limits.check_img_size`.
     """
+    check_img_size(img_size)
     config = timm.data.resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
     return T.Compose([
         T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),

@@ -140,16 +140,32 @@ def _tell_datasets_apart(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _read_table(table: Path) -> pd.DataFrame:
+    """A run table, or one line saying why the file cannot be read (truncated parquet, binary or empty CSV)."""
+    try:
+        return pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid, pandas' ParserError and UnicodeDecodeError too
+        detail = (str(err).splitlines() or [""])[0]
+        raise AttnflowError(f"{table}: not a readable probe result table ({type(err).__name__}: {detail})") \
+            from None
+
+
 def read_run_tables(paths: Iterable[str | Path]) -> pd.DataFrame:
     """Concatenate the probe tables of many runs, with a ``run`` column (the run directory) and ``data_root`` and
     ``random_init`` columns (from each run's JSON sidecar); a table without ``model`` gets its directory name.
     A task run on several dataset roots (e.g. two ``folder`` datasets) is split into one task per root."""
     frames = []
     for table in find_run_tables(paths):
-        frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table)
+        frame = _read_table(table)
         missing = {"head", "seed", "epoch", "top1"} - set(frame.columns)
         if missing:
             raise AttnflowError(f"{table} is not a probe result table (lacks {', '.join(sorted(missing))})")
+        for column in ("seed", "epoch", "top1", "lr"):
+            if column in frame.columns and not pd.api.types.is_numeric_dtype(frame[column]):
+                raise AttnflowError(f"{table} is not a probe result table: its {column} column is not numeric "
+                                    f"(e.g. {frame[column].iloc[0]!r})")
+        if frame["top1"].isna().all():
+            raise AttnflowError(f"{table} is not a probe result table: its top1 column holds no number")
         if "model" not in frame.columns:
             frame = frame.assign(model=table.parent.name)
         if "task" not in frame.columns:

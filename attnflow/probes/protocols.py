@@ -46,7 +46,8 @@ else:  # pragma: no cover  (Python 3.10: tomli is a dependency there)
     import tomli as tomllib
 
 from ..errors import AttnflowError
-from ..options import OptionError, check_fraction, parse_precision
+from ..limits import check_crop_pct, check_img_size, check_non_negative, check_workers
+from ..options import OptionError, parse_precision
 from .specs import DEFAULT_HEADS, parse_head_list
 
 TASKS: tuple[str, ...] = ("imagenet", "imagenet-1pct", "cub", "folder")
@@ -157,6 +158,7 @@ class TrainOptions:
         _count("eval_every", self.eval_every)
         _count("seed", self.seed, minimum=0)
         _holdout(self.holdout)
+        check_non_negative("warmup_epochs", self.warmup_epochs)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("head_init", self.head_init, HEAD_INITS)
         object.__setattr__(self, "eval_amp", _eval_amp(self.eval_amp))
@@ -357,9 +359,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Probe settings from a TOML file (top-level keys, or the ``[probe]`` table); dashes become underscores."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AttnflowError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise AttnflowError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                            f"{err.start}); a TOML config is UTF-8 text") from None
     except tomllib.TOMLDecodeError as err:
         raise AttnflowError(f"config file {path} is not valid TOML: {err}") from None
     data = data.get("probe", data)
@@ -424,9 +429,10 @@ def check_config(config: ProbeConfig) -> None:
     for name in ("views", "micro_batch"):
         _count(name, getattr(config, name))
     _count("accum_steps", config.accum_steps, allow_none=True)
-    _count("workers", config.workers, minimum=0, allow_none=True)
+    check_workers(config.workers)
     _count("epochs", config.epochs, allow_none=True)
-    check_fraction("crop_pct", config.crop_pct)
+    check_crop_pct(config.crop_pct, allow_none=False)
+    check_img_size(config.img_size)
     if not config.seeds:
         raise OptionError("no seeds to train; e.g. seeds = [0, 1, 2]")
     parse_precision(config.amp)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from ..atomic import write_atomically
 from ..errors import AttnflowError
+from ..limits import check_digits
 from .specs import EXAMPLES
 
 SUMMARY_COLUMNS = ("model", "task", "head", "lr", "mean", "std", "n_seeds", "random_init")
@@ -178,7 +179,11 @@ def pivot(summary: pd.DataFrame, digits: int = 1, heads: list[str] | None = None
     Columns are the heads in ``heads`` order (default :data:`TABLE_ORDER`, then others) per task. The best of a
     row is taken per task (an ImageNet and a CUB column are not compared), on the means as printed: heads tied
     at ``digits`` decimals are all best, as a reader of the table sees them.
+
+    Raises:
+        OptionError: ``digits`` outside :func:`attnflow.limits.check_digits`.
     """
+    check_digits(digits)
     tasks = list(dict.fromkeys(summary["task"]))
     columns = [(t, h) for t in tasks
                for h in head_order(list(dict.fromkeys(summary[summary["task"] == t]["head"])), heads)]
@@ -241,7 +246,9 @@ def write_summary(summary: pd.DataFrame, path: str | Path, digits: int = 1, head
 
     Raises:
         AttnflowError: another extension.
+        OptionError: ``digits`` outside :func:`attnflow.limits.check_digits`.
     """
+    check_digits(digits)
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:

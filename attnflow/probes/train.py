@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..dist import World, broadcast_module, current_world, init_from_env, wait_for_main
+from ..dist import World, broadcast_module, current_world, gather_objects, init_from_env, wait_for_main
 from ..options import autocast_dtype, default_workers, dtype_name
 from .bank import HeadBank
 from .cache import TokenCache, extract_tokens
@@ -42,6 +42,43 @@ from .tasks import TaskData
 log = logging.getLogger(__name__)
 
 EvalBatches = Callable[[], Iterator[Batch]]
+Record = Callable[[list[tuple[str, str]]], None]
+"""Where a loader reports the ``(path, reason)`` of the files of a batch it could not read."""
+
+
+class SkippedImages:
+    """The unreadable files a probe run met, each once, by split: ``train`` (training and held-out images) and
+    ``val``. Images are read again every epoch; a file is counted once however often it fails. (Without a cache,
+    a training image that no epoch's batches include, the partial last batch being dropped, is never read.)"""
+
+    SPLITS = ("train", "val")
+
+    def __init__(self) -> None:
+        self.found: dict[str, dict[str, str]] = {split: {} for split in self.SPLITS}
+        self.counts: dict[str, int] = {}  # a split whose count is known without every path (an old cache)
+
+    def recorder(self, split: str) -> Record:
+        """A callback that adds a batch's unreadable files to ``split``."""
+        def record(bad: list[tuple[str, str]]) -> None:
+            for path, reason in bad:
+                self.found[split].setdefault(path, reason)
+
+        return record
+
+    def gathered(self) -> "SkippedImages":
+        """Every process's files (under torchrun each reads its shard), on every process."""
+        out = SkippedImages()
+        out.counts = dict(self.counts)
+        items = [(split, path, reason) for split, files in self.found.items() for path, reason in files.items()]
+        for split, path, reason in gather_objects(items):
+            out.found[split].setdefault(path, reason)
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        """``images_skipped`` (count per split) and ``skipped`` (``split, path, reason`` of each) for results.json."""
+        return {"images_skipped": {s: max(len(self.found[s]), self.counts.get(s, 0)) for s in self.SPLITS},
+                "skipped": [{"split": s, "path": p, "reason": r} for s in self.SPLITS
+                            for p, r in sorted(self.found[s].items())]}
 
 
 def _encode(encoder: TokenEncoder, images: torch.Tensor, shape: list) -> torch.Tensor:
@@ -58,9 +95,10 @@ def _encode(encoder: TokenEncoder, images: torch.Tensor, shape: list) -> torch.T
     return tokens
 
 
-def image_train_batches(encoder: TokenEncoder, dataset: Dataset, plan: BatchPlan, seed: int, workers: int
-                        ) -> Callable[[int], Iterator[Batch]]:
-    """Training micro-batches encoded on the fly; augmentation seeded per ``(seed, epoch, image)``."""
+def image_train_batches(encoder: TokenEncoder, dataset: Dataset, plan: BatchPlan, seed: int, workers: int,
+                        record: Record | None = None) -> Callable[[int], Iterator[Batch]]:
+    """Training micro-batches encoded on the fly; augmentation seeded per ``(seed, epoch, image)``; the files that
+    cannot be read go to ``record``."""
     shape: list = []
 
     def epoch_batches(epoch: int) -> Iterator[Batch]:
@@ -68,13 +106,17 @@ def image_train_batches(encoder: TokenEncoder, dataset: Dataset, plan: BatchPlan
         loader = image_loader(SeededDataset(dataset, seed, epoch), flat, workers,
                               pin_memory=encoder.device.type == "cuda")
         for batch in loader:
+            if record is not None and batch.bad:
+                record(batch.bad)
             yield _encode(encoder, batch.images, shape), batch.labels
 
     return epoch_batches
 
 
-def image_eval_batches(encoder: TokenEncoder, dataset: Dataset, batch_size: int, workers: int) -> EvalBatches:
-    """This process's contiguous shard of an evaluation set, encoded on the fly."""
+def image_eval_batches(encoder: TokenEncoder, dataset: Dataset, batch_size: int, workers: int,
+                       record: Record | None = None) -> EvalBatches:
+    """This process's contiguous shard of an evaluation set, encoded on the fly; the files that cannot be read go
+    to ``record``."""
     world = current_world()
     shard = shard_range(len(dataset), world.size, world.rank)  # type: ignore[arg-type]
     chunks = [list(range(lo, min(lo + batch_size, shard.stop))) for lo in range(shard.start, shard.stop, batch_size)]
@@ -82,6 +124,8 @@ def image_eval_batches(encoder: TokenEncoder, dataset: Dataset, batch_size: int,
 
     def batches() -> Iterator[Batch]:
         for batch in image_loader(dataset, chunks, workers, pin_memory=encoder.device.type == "cuda"):
+            if record is not None and batch.bad:
+                record(batch.bad)
             yield _encode(encoder, batch.images, shape), batch.labels
 
     return batches
@@ -101,6 +145,7 @@ class ImageSource:
 
     def __init__(self, encoder: TokenEncoder, data: TaskData, workers: int, eval_size: int) -> None:
         self.encoder, self.data, self.workers, self.eval_size = encoder, data, workers, eval_size
+        self.skipped = SkippedImages()
 
     def size(self) -> int:
         """Training images (the plan's and the split's index space)."""
@@ -112,10 +157,12 @@ class ImageSource:
 
     def batches(self, plan: BatchPlan, seed: int, split: HoldoutSplit) -> SeedBatches:
         train = Subset(self.data.train, split.fit.tolist()) if split.active else self.data.train
+        record = self.skipped.recorder("train")
         held = (image_eval_batches(self.encoder, Subset(self.data.train_eval(), split.held.tolist()),
-                                   self.eval_size, self.workers) if split.active else None)
-        return SeedBatches(image_train_batches(self.encoder, train, plan, seed, self.workers),
-                           image_eval_batches(self.encoder, self.data.val, self.eval_size, self.workers), held)
+                                   self.eval_size, self.workers, record) if split.active else None)
+        return SeedBatches(image_train_batches(self.encoder, train, plan, seed, self.workers, record),
+                           image_eval_batches(self.encoder, self.data.val, self.eval_size, self.workers,
+                                              self.skipped.recorder("val")), held)
 
 
 class CacheSource:
@@ -123,6 +170,15 @@ class CacheSource:
 
     def __init__(self, train: TokenCache, val: TokenCache, train_eval: TokenCache | None, eval_size: int) -> None:
         self.train, self.val, self.train_eval, self.eval_size = train, val, train_eval, eval_size
+        self.skipped = SkippedImages()  # every image was read once, at extraction: the caches know them all
+        for split, caches in (("train", (train, train_eval)), ("val", (val,))):
+            for cache in caches:
+                if cache is None:
+                    continue
+                record = self.skipped.recorder(split)
+                record([(item["path"], item["reason"]) for item in cache.manifest.get("skipped", [])])
+                unreadable = int(cache.manifest.get("unreadable", 0))  # caches written before paths were kept
+                self.skipped.counts[split] = max(self.skipped.counts.get(split, 0), unreadable)
 
     def size(self) -> int:
         """Readable training images (the plan's and the split's index space)."""
@@ -310,7 +366,9 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
 
     Returns:
         The run table (columns ``model, task`` + :data:`attnflow.probes.fit.RESULT_COLUMNS`), every evaluated
-        epoch of every seed.
+        epoch of every seed. ``results.json`` counts the unreadable files met per split (``images_skipped``:
+        ``train`` covers the held-out images, ``val``) and lists each (``skipped``); ``data.n_train`` and
+        ``data.n_val`` count the files, readable or not.
     """
     out = Path(out_dir)
     world, device = init_from_env(device)
@@ -324,12 +382,13 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     source = token_source(encoder, data, config, out / "cache", ident, progress)
     run = ProbeRun(encoder, data, config, source, specs, out, model_name, model_info, model_size, world, device)
     seeds = [train_seed(run, seed, resume=resume, progress=progress) for seed in config.seeds]
+    skipped = source.skipped.gathered()
     table = pd.concat([h for h, _ in seeds], ignore_index=True).assign(model=model_name, task=config.task)
     table = table.loc[:, ["model", "task", *RESULT_COLUMNS]]
     if aggregation is not None:  # the cls head read the fixed-weight token: name the column after the source
         table["head"] = f"fixed:{config.aggregation}"
     if world.is_main:
-        write_run_table(table, _run_meta(run, seeds[0][1], table, aggregation), out)
+        write_run_table(table, {**_run_meta(run, seeds[0][1], table, aggregation), **skipped.meta()}, out)
         log.info("wrote %s", out / "results.parquet")
     return table
 

@@ -21,6 +21,7 @@ else:  # pragma: no cover  (Python 3.10)
     import tomli as tomllib
 
 from ..errors import AttnflowError
+from ..limits import OptionError, check_crop_pct, check_dpi, check_figure_width, check_img_size, check_workers
 
 FIGURE_KINDS: dict[str, str] = {
     "set": "the standard per-block set: NAME-metrics (one panel per metric) and NAME-<metric> per metric "
@@ -173,6 +174,7 @@ class AnalysisConfig:
         if batch_size is not None:
             out = replace(out, batch_size=batch_size)
         if workers is not None:
+            check_workers(workers)
             out = replace(out, workers=workers)
         return out
 
@@ -218,6 +220,16 @@ def _get(table: Mapping[str, Any], key: str, types: type | tuple[type, ...], whe
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         names = "/".join(t.__name__ for t in types)
         raise ConfigError(f"{where}: {key} must be of type {names}, got {value!r}")
+    return value
+
+
+def _checked(check: Any, value: Any, key: str, where: str) -> Any:
+    """``value`` when the option rule ``check`` (:mod:`attnflow.limits`, the same as the command line's and the
+    Python API's) accepts it."""
+    try:
+        check(value, name=key)
+    except OptionError as err:
+        raise ConfigError(f"{where}: {err}") from None
     return value
 
 
@@ -318,12 +330,13 @@ def _parse_figure(raw: Any, i: int, model_ids: list[str], where: str) -> FigureE
     if limit <= 0:
         raise ConfigError(f"{w}: limit must be positive, got {limit}")
     images = _get(raw, "images", str, w)
-    width = _get(raw, "width", (int, float), w)
+    width = _checked(check_figure_width, _get(raw, "width", (int, float), w), "width", w)
+    dpi = _checked(check_dpi, _get(raw, "dpi", int, w, 200), "dpi", w)
     return FigureEntry(
         name=name, kind=kind, paper=_get(raw, "paper", str, w), title=_get(raw, "title", str, w), models=models,
         metrics=metrics, band=band, formats=tuple(f.lstrip(".").lower() for f in formats),
         per_head=bool(_get(raw, "per_head", bool, w, False)), by_size=_get(raw, "by_size", bool, w),
-        dpi=_get(raw, "dpi", int, w, 200), width=float(width) if width is not None else None,
+        dpi=dpi, width=float(width) if width is not None else None,
         images=_path(images, f"{w}: images") if images else None, limit=limit, kinds=kinds, rows=rows,
         overlay=bool(_get(raw, "overlay", bool, w, True)), block=_get(raw, "block", int, w))
 
@@ -344,7 +357,9 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None, name: st
     limit = _get(data, "limit", int, w)
     if limit is not None and limit <= 0:
         raise ConfigError(f"{w}: limit must be positive, got {limit}")
-    crop = _get(data, "crop_pct", (int, float), w)
+    crop = _checked(check_crop_pct, _get(data, "crop_pct", (int, float), w), "crop_pct", w)
+    img_size = _checked(check_img_size, _get(data, "img_size", int, w, 224), "img_size", w)
+    workers = _checked(check_workers, _get(data, "workers", int, w), "workers", w)
     amp = _get(data, "amp", str, w, "auto")
     if amp not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"{w}: amp must be auto, bf16, fp16 or fp32, got {amp!r}")
@@ -368,9 +383,9 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None, name: st
     figures_dir = _get(raw, "figures_dir", str, where)
     return AnalysisConfig(
         name=cfg_name, title=_get(raw, "title", str, where) or cfg_name, source=source,
-        data_root=_path(root, f"{w}: root") if root else None, img_size=_get(data, "img_size", int, w, 224),
+        data_root=_path(root, f"{w}: root") if root else None, img_size=img_size,
         crop_pct=float(crop) if crop is not None else None, limit=limit,
-        batch_size=_get(data, "batch_size", int, w, 64), amp=amp, workers=_get(data, "workers", int, w),
+        batch_size=_get(data, "batch_size", int, w, 64), amp=amp, workers=workers,
         checkpoint_every=_get(data, "checkpoint_every", int, w, 50),
         expected_images=_get(data, "expected_images", int, w), run_dir=run_dir,
         figures_dir=_path(figures_dir, f"{where}: figures_dir") if figures_dir else run_dir / "figures",
@@ -381,13 +396,17 @@ def load_config(path: str | Path) -> AnalysisConfig:
     """Read and validate an analysis config (TOML).
 
     Raises:
-        ConfigError: missing file, TOML syntax error, unknown key/model/metric (with close matches), wrong type.
+        ConfigError: missing file, not UTF-8 text, TOML syntax error, unknown key/model/metric (with close matches),
+            wrong type, a value outside its option's limits (:mod:`attnflow.limits`).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file (the shipped ones are in analyses/)")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          "a TOML config is UTF-8 text") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     return parse_config(raw, source=path)

@@ -252,7 +252,8 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
     cfg = plan.config
     dev = resolve_device(device)
     outcome = RunOutcome()
-    maps_data = {f.name: _maps_images(f.images or cfg.data_root, f.limit)
+    maps_crop = cfg.crop_pct if cfg.crop_pct is not None else 0.875
+    maps_data = {f.name: _maps_images(f.images or cfg.data_root, f.limit, cfg.img_size, maps_crop)
                  for f in cfg.figures if f.kind == "maps"}
     figure_blocks = {f.name: f.block for f in cfg.figures if f.kind == "maps"}
     for job in plan.jobs:
@@ -285,8 +286,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
             echo(f"wrote {path} ({result.meta['images_used']} images, {result.meta['seconds']:.1f} s)")
         for name in job.maps:
             data = maps_data[name]
-            crops, maps = model_maps(model, data.images, img_size=cfg.img_size,
-                                     crop_pct=cfg.crop_pct if cfg.crop_pct is not None else 0.875,
+            crops, maps = model_maps(model, data.images, img_size=cfg.img_size, crop_pct=maps_crop,
                                      block=figure_blocks[name], device=dev)
             data.maps_data.crops = data.maps_data.crops if data.maps_data.crops is not None else crops
             data.maps_data.maps[job.entry.id] = maps
@@ -326,12 +326,13 @@ def _write_result(result: Result, path: Path, state: Path) -> Path:
     return written
 
 
-def _maps_images(root: Path | None, limit: int) -> _MapsInput:
+def _maps_images(root: Path | None, limit: int, img_size: int, crop_pct: float) -> _MapsInput:
     from ..data.images import load_images
+    from ..data.transforms import eval_resize
 
     if root is None:
         raise ConfigError("a maps figure needs images: set images = \"...\" or a data root")
-    paths, images = load_images(root, limit)
+    paths, images = load_images(root, limit, check=eval_resize(img_size, crop_pct).check)
     return _MapsInput(images, MapsData(paths=list(paths)))
 
 
