@@ -2,9 +2,10 @@
 
 Each (head spec, learning rate) entry owns its parameters, its BatchNorm statistics and its own optimizer
 (own momentum buffers, own LARS trust ratios, own schedule peak), and its initial weights depend only on
-``(seed, spec)`` (``abmilp-k1`` shares ``abmilp``'s: :attr:`HeadSpec.init_name`). The bank's loss is the sum of the entries' losses; since the entries share no parameters
-and the tokens are constants, every entry gets exactly the gradient it would get alone, so a bank trains
-each entry as if it ran by itself (tested: bitwise equal to separate runs).
+``(seed, spec)`` (``abmilp-k1`` starts from ``abmilp``'s: :attr:`~attnflow.probes.specs.HeadSpec.init_name`).
+The bank's loss is the sum of the entries' losses; since the entries share no parameters and the tokens are
+constants, every entry gets exactly the gradient it would get alone, so a bank trains each entry as if it ran
+by itself (tested: bitwise equal to separate runs).
 """
 
 from __future__ import annotations
