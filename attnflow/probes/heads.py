@@ -392,7 +392,7 @@ class ProbeHead(nn.Module):
         Raises:
             HeadSpecError: a ``both`` head (no aggregation vector).
         """
-        if hasattr(self.pool, "pool_patterns"):
+        if isinstance(self.pool, (AbMILPPool, AttentivePool)):
             return self.pool.pool_patterns(tokens)[1]
         return self.scores(tokens).unsqueeze(1)
 
