@@ -192,7 +192,8 @@ def model_label(model: nn.Module, name: str | None = None) -> str:
 
 
 def head_label(spec_name: str) -> str:
-    """Display name of a trained head's aggregation (``abmilp`` -> ``AbMILP``)."""
+    """Display name of a trained head's aggregation (``abmilp`` -> ``AbMILP``, ``abmilp-k4-mean`` -> ``AbMILP (4
+    patterns, mean)``)."""
     from ..probes.specs import parse_head_spec
 
     spec = parse_head_spec(spec_name)
@@ -200,7 +201,10 @@ def head_label(spec_name: str) -> str:
         label = {"none": "", "both": "SA-", "map": "SA(map)-"}[spec.sa_apply] + "AbMILP"
         scorer = "" if spec.scorer == "linear" else (spec.scorer if spec.depth == 2
                                                      else spec.scorer.replace("mlp", f"mlp{spec.depth}"))
-        extra = [x for x in ("+[cls]" if spec.include_cls else "", scorer, "PE" if spec.cond == "pe" else "") if x]
+        patterns = "" if spec.patterns == 1 and spec.name == spec.init_name else (
+            f"{spec.patterns} pattern{'s' if spec.patterns > 1 else ''}" + (", mean" if spec.combine == "mean" else ""))
+        extra = [x for x in ("+[cls]" if spec.include_cls else "", patterns, scorer, "PE" if spec.cond == "pe" else "")
+                 if x]
         return label + (f" ({', '.join(extra)})" if extra else "")
     if spec.kind == "attentive":
         return f"Attentive probing ({spec.num_heads} head{'s' if spec.num_heads > 1 else ''})"

@@ -2,9 +2,10 @@
 
 Each (head spec, learning rate) entry owns its parameters, its BatchNorm statistics and its own optimizer
 (own momentum buffers, own LARS trust ratios, own schedule peak), and its initial weights depend only on
-``(seed, spec)``. The bank's loss is the sum of the entries' losses; since the entries share no parameters
-and the tokens are constants, every entry gets exactly the gradient it would get alone, so a bank trains
-each entry as if it ran by itself (tested: bitwise equal to separate runs).
+``(seed, spec)`` (``abmilp-k1`` starts from ``abmilp``'s: :attr:`~attnflow.probes.specs.HeadSpec.init_name`).
+The bank's loss is the sum of the entries' losses; since the entries share no parameters and the tokens are
+constants, every entry gets exactly the gradient it would get alone, so a bank trains each entry as if it ran
+by itself (tested: bitwise equal to separate runs).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class HeadBank(nn.Module):
         grid = len(lrs) > 1
         for spec in specs:
             for lr in lrs:
-                head = build_head(spec, dim, num_classes, has_cls, seed=head_seed(seed, spec.name), init=head_init,
-                                  grid=patch_grid)
+                head = build_head(spec, dim, num_classes, has_cls, seed=head_seed(seed, spec.init_name),
+                                  init=head_init, grid=patch_grid)
                 opt = make_optimizer(optimizer, head.parameters(), lr=lr, momentum=momentum,
                                      weight_decay=weight_decay)
                 self.heads.append(head)

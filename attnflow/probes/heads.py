@@ -7,6 +7,9 @@ tokens it does not read, summing to 1), so a trained head gives per-image select
 (``head.scores(tokens)``) for the maps and localization work; ``both`` ([cls] and the patch average concatenated)
 has no such vector. The options of the official code's ``ABMILPHead`` (self-attention mode, scorer depth, position
 conditioning) are those of :class:`AbMILPPool`; ``docs/official-code.md`` maps them to head specs.
+
+Heads that aggregate with several patterns (``abmilp-kK``: K aggregation vectors; ``apK``: K attention heads) give
+them all with ``head.patterns(tokens)`` (``[n, K, P + N]``); their ``scores`` are the mean of the K patterns.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .norm import ProbeBatchNorm
-from .specs import HeadSpec, HeadSpecError
+from .specs import COMBINES, HeadSpec, HeadSpecError
 
 HEAD_INITS: tuple[str, ...] = ("default", "mae")
 """Classifier initialisations: ``default`` = torch's ``nn.Linear`` init (what the paper's code
@@ -103,15 +106,17 @@ class SelfAttentionHead(nn.Module):
         return self.proj(attn @ v)
 
 
-def _scorer(dim: int, kind: str, depth: int = 2) -> nn.Module:
-    """AbMILP's t: R^D -> R: one linear layer, or ``depth - 1`` hidden Linear(D, D) + tanh / ReLU layers then
-    Linear(D, 1) (the official ``ABMILPHead.attention_predictor``)."""
+def _scorer(dim: int, kind: str, depth: int = 2, outputs: int = 1) -> nn.Module:
+    """AbMILP's t: R^D -> R^K: one linear layer, or ``depth - 1`` hidden Linear(D, D) + tanh / ReLU layers then
+    Linear(D, K) (the official ``ABMILPHead.attention_predictor``, whose last layer has ``ATTENTION_BRANCHES``
+    outputs). ``outputs`` = K scores per token: with a linear scorer K independent scorers (row k of the weight
+    is scorer k), with an MLP K read-outs of one shared hidden representation."""
     if kind == "linear":
-        return nn.Linear(dim, 1)
+        return nn.Linear(dim, outputs)
     layers: list[nn.Module] = []
     for _ in range(depth - 1):
         layers += [nn.Linear(dim, dim), nn.Tanh() if kind == "mlp-tanh" else nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(dim, 1))
+    return nn.Sequential(*layers, nn.Linear(dim, outputs))
 
 
 def sincos_position_embedding(dim: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -141,10 +146,13 @@ def sincos_position_embedding(dim: int, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def _weighted_sum(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``sum_i w_i x_i`` for ``[n, T]`` weights and ``[n, T, D]`` tokens, never in reduced precision: the official
-    ``(x * attn_map).sum(dim=1)`` is elementwise, which autocast leaves in float32."""
+    """``sum_i w_i x_i`` for ``[n, T]`` weights and ``[n, T, D]`` tokens (``[n, D]``), or for ``[n, K, T]`` weights
+    per pattern (``[n, K, D]``), never in reduced precision: the official ``(x * attn_map).sum(dim=1)`` is
+    elementwise, which autocast leaves in float32."""
     dtype = torch.promote_types(torch.promote_types(weights.dtype, x.dtype), torch.float32)
     with torch.autocast(x.device.type, enabled=False):
+        if weights.dim() == 3:
+            return torch.bmm(weights.to(dtype), x.to(dtype))  # [n, K, D]
         return torch.bmm(weights.to(dtype).unsqueeze(1), x.to(dtype)).squeeze(1)  # [n, D]
 
 
@@ -167,22 +175,31 @@ class AbMILPPool(nn.Module):
             input (after the self-attention), never trained; ``"none"``.
         grid: the patch grid ``(gh, gw)`` for ``cond="pe"``; ``None``: a square grid inferred from the number of
             patch tokens (the official code supports square grids only).
+        patterns: K aggregation vectors (``-kK``): the scorer gives K scores per token, each softmaxed over the
+            tokens into one pattern; the self-attention and the position embedding are shared. K = 1 is AbMILP,
+            with the same parameters created in the same order and the same operations.
+        combine: K > 1 pooled features ``[n, K, D]`` are concatenated (``"concat"``: ``[n, K * D]``) or averaged
+            (``"mean"``: ``[n, D]``, the weighted sum under the mean of the K patterns).
     """
 
     def __init__(self, dim: int, has_cls: bool, include_cls: bool = False, scorer: str = "linear", *,
                  depth: int = 2, sa_apply: str = "none", cond: str = "none",
-                 grid: tuple[int, int] | None = None) -> None:
+                 grid: tuple[int, int] | None = None, patterns: int = 1, combine: str = "concat") -> None:
         super().__init__()
         if include_cls and not has_cls:
             raise HeadSpecError("'+cls' needs a model with a [cls] token; drop '+cls' for this model")
         if cond == "pe" and dim % 4:
             raise HeadSpecError(f"position conditioning (-pe) needs a token width divisible by 4; D={dim}")
+        if patterns < 1 or combine not in COMBINES:
+            raise HeadSpecError(f"AbMILP needs patterns >= 1 and combine in {', '.join(COMBINES)}; got {patterns}, "
+                                f"{combine!r}")
         self.start = 0 if include_cls else int(has_cls)
         self.dim, self.with_cls = dim, include_cls
         self.sa_apply, self.cond = sa_apply, cond
+        self.num_patterns, self.combine = patterns, combine
         self.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
         self.attention = SelfAttentionHead(dim) if sa_apply != "none" else None
-        self.scorer = _scorer(dim, scorer, depth)
+        self.scorer = _scorer(dim, scorer, depth, patterns)
         self._pe: dict[tuple, torch.Tensor] = {}
 
     def position_embedding(self, n_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -209,17 +226,33 @@ class AbMILPPool(nn.Module):
             self._pe[key] = pe.to(device=device, dtype=dtype)
         return self._pe[key]
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[n, P + N, D]`` -> pooled ``[n, D]``, weights ``[n, P + N]``."""
+    def pool_patterns(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, P + N, D]`` -> pooled ``[n, D]`` (``[n, K * D]`` for K > 1 with ``concat``), patterns
+        ``[n, K, P + N]`` (each row a softmax over the read tokens, zero on the others)."""
         x = tokens[:, self.start:]  # [n, T, D]
         mixed = self.attention(x) if self.attention is not None else x
         scorer_in = mixed
         if self.cond == "pe":
             scorer_in = mixed + self.position_embedding(x.shape[1], x.device, torch.float32)
-        logits = self.scorer(scorer_in).squeeze(-1)  # [n, T]
-        weights = torch.softmax(logits.float() if logits.dtype in _LOW else logits, dim=1)  # [n, T]
-        pooled = _weighted_sum(weights, mixed if self.sa_apply == "both" else x)  # [n, D]
+        logits = self.scorer(scorer_in)  # [n, T, K]
+        values = mixed if self.sa_apply == "both" else x
+        if self.num_patterns == 1:  # AbMILP's own operations, bit for bit
+            logits = logits.squeeze(-1)  # [n, T]
+            weights = torch.softmax(logits.float() if logits.dtype in _LOW else logits, dim=1)  # [n, T]
+            pooled = _weighted_sum(weights, values)  # [n, D]
+            weights = weights.unsqueeze(1)  # [n, 1, T]
+        else:
+            logits = logits.transpose(1, 2)  # [n, K, T]
+            weights = torch.softmax(logits.float() if logits.dtype in _LOW else logits, dim=2)  # [n, K, T]
+            per_pattern = _weighted_sum(weights, values)  # [n, K, D]
+            pooled = per_pattern.flatten(1) if self.combine == "concat" else per_pattern.mean(dim=1)
         return pooled, _pad_weights(weights.to(tokens.dtype), self.start)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, P + N, D]`` -> pooled ``[n, D]`` (``[n, K * D]``: K > 1, ``concat``), weights ``[n, P + N]`` (the
+        mean of the K patterns; for ``mean`` exactly the weights of the pooled feature)."""
+        pooled, patterns = self.pool_patterns(tokens)
+        return pooled, patterns.squeeze(1) if self.num_patterns == 1 else patterns.mean(dim=1)
 
 
 class AttentivePool(nn.Module):
@@ -263,11 +296,16 @@ class AttentivePool(nn.Module):
         logits = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)  # [n, H, 1, T]
         return torch.softmax(logits.squeeze(2), dim=-1), v
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[n, P + N, D]`` -> pooled ``[n, D]``, head-averaged weights ``[n, P + N]``."""
+    def pool_patterns(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, P + N, D]`` -> pooled ``[n, D]``, per-head weights ``[n, H, P + N]``."""
         weights, v = self.attention(tokens)
         out = (weights.unsqueeze(2) @ v).squeeze(2)  # [n, H, d_h]
-        return self.proj(out.flatten(1)), _pad_weights(weights.mean(dim=1), self.start)
+        return self.proj(out.flatten(1)), _pad_weights(weights, self.start)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, P + N, D]`` -> pooled ``[n, D]``, head-averaged weights ``[n, P + N]``."""
+        pooled, patterns = self.pool_patterns(tokens)
+        return pooled, patterns.mean(dim=1)
 
 
 def build_pool(spec: HeadSpec, dim: int, has_cls: bool, grid: tuple[int, int] | None = None) -> nn.Module:
@@ -280,7 +318,7 @@ def build_pool(spec: HeadSpec, dim: int, has_cls: bool, grid: tuple[int, int] | 
         return ConcatPool(has_cls)
     if spec.kind == "abmilp":
         return AbMILPPool(dim, has_cls, spec.include_cls, spec.scorer, depth=spec.depth, sa_apply=spec.sa_apply,
-                          cond=spec.cond, grid=grid)
+                          cond=spec.cond, grid=grid, patterns=spec.patterns, combine=spec.combine)
     return AttentivePool(dim, spec.num_heads, has_cls, spec.include_cls)
 
 
@@ -296,7 +334,8 @@ class ProbeHead(nn.Module):
         grid: the patch grid ``(gh, gw)`` of a ``-pe`` AbMILP head (``None``: square, inferred from the tokens).
 
     Attributes:
-        width: the pooled representation's width (D; 2D for ``both``), the BatchNorm's and classifier's input.
+        width: the pooled representation's width (D; 2D for ``both``; K x D for ``abmilp-kK``, K > 1, which
+            concatenates), the BatchNorm's and classifier's input.
 
     Shape:
         tokens ``[n, P + N, D]`` -> logits ``[n, K]``.
@@ -310,7 +349,7 @@ class ProbeHead(nn.Module):
         self.spec = spec
         self.dim, self.num_classes, self.has_cls = dim, num_classes, has_cls
         self.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
-        self.width = 2 * dim if spec.kind == "both" else dim
+        self.width = spec.pooled_width(dim)
         self.pool = build_pool(spec, dim, has_cls, self.grid)
         self.norm = ProbeBatchNorm(self.width)
         self.fc = nn.Linear(self.width, num_classes)
@@ -323,7 +362,8 @@ class ProbeHead(nn.Module):
         return self.fc(self.norm(pooled))
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The aggregated representation before BatchNorm: ``[n, P + N, D] -> [n, D]`` (``[n, 2D]`` for ``both``)."""
+        """The aggregated representation before BatchNorm: ``[n, P + N, D] -> [n, width]`` (D; 2D for ``both``; the
+        K pooled features one after the other for a concatenating ``abmilp-kK``)."""
         return self.pool(tokens)[0]
 
     @torch.no_grad()
@@ -331,7 +371,10 @@ class ProbeHead(nn.Module):
         """Aggregation weights ``[n, P + N]`` aligned with the input tokens (sum to 1 over each row).
 
         For AbMILP these are the Selective Aggregation scores of Eq. 5 (zero on [cls] unless ``+cls``);
-        attentive probing averages its heads; ``cls`` is one-hot, ``avg`` uniform over patches.
+        attentive probing averages its heads; ``cls`` is one-hot, ``avg`` uniform over patches. A multi-pattern
+        ``abmilp-kK`` head (K > 1) averages its K patterns, as attentive probing its heads: for ``-mean`` these
+        are exactly the weights of its pooled feature; a concatenating head has no single vector (its feature
+        is K weighted sums) and this is where its patterns look on average (:meth:`patterns` gives each).
 
         Raises:
             HeadSpecError: a ``both`` head, which concatenates two representations and has no single vector.
@@ -340,6 +383,18 @@ class ProbeHead(nn.Module):
             raise HeadSpecError(f"head {self.spec.name!r} concatenates [cls] and the patch average: it has no "
                                 "aggregation vector")
         return self.pool(tokens)[1]
+
+    @torch.no_grad()
+    def patterns(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every aggregation pattern ``[n, K, P + N]`` (each row sums to 1): the K patterns of ``abmilp-kK``, the H
+        heads of ``apH``; one pattern (:meth:`scores`) for the other heads.
+
+        Raises:
+            HeadSpecError: a ``both`` head (no aggregation vector).
+        """
+        if isinstance(self.pool, (AbMILPPool, AttentivePool)):
+            return self.pool.pool_patterns(tokens)[1]
+        return self.scores(tokens).unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, dim={self.dim}, classes={self.num_classes}, has_cls={self.has_cls}"
@@ -356,5 +411,6 @@ def build_head(spec: HeadSpec, dim: int, num_classes: int, has_cls: bool, *, see
 
 
 def num_trainable(module: nn.Module) -> int:
-    """Number of trainable parameters (the paper's Sec. 5.2 overhead: (D+1)K vs (D+1)(K+1))."""
+    """Number of trainable parameters (the paper's Sec. 5.2 overhead: (D+1)K vs (D+1)(K+1) for K classes; with P
+    patterns, ``abmilp-kP``: P(D+1) + (PD+1)K concatenating, P(D+1) + (D+1)K averaging)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -6,9 +6,14 @@ Grammar (one spec per head; the CLI takes a comma-separated list)::
     avg                         linear classifier on the average of the patch tokens
     both                        linear classifier on [cls] and the patch average concatenated (width 2D; the
                                 official code's ``both``)
-    [SA-]abmilp[+cls][-mlp[N]-ACT][-pe]
+    [SA-]abmilp[+cls][-kK[-mean]][-mlp[N]-ACT][-pe]
                                 AbMILP Selective Aggregation (paper Eq. 5) over the patch tokens
                                 (``+cls``: over [cls] + patches, the official ``--abmilp_content all``)
+      -kK                       multi-pattern Selective Aggregation: K aggregation vectors (the scorer's last
+                                layer has K outputs, the official ``ATTENTION_BRANCHES``); the K pooled
+                                features are concatenated (width K x D) before BatchNorm + linear, or with
+                                ``-mean`` averaged (width D). ``-k1`` is AbMILP itself (same weights, same ops)
+                                under its own name; ``-k1-mean`` reads as ``-k1``
       scorer t                  one linear layer (``--abmilp_depth 1``), or ``-mlp-tanh`` / ``-mlp-relu``: a
                                 2-layer MLP D -> D -> 1 (paper Table 4), ``-mlpN-ACT``: N layers, N - 1 hidden
                                 Linear(D, D) + ACT, then Linear(D, 1) (``--abmilp_depth N --abmilp_act ACT``)
@@ -22,7 +27,8 @@ Grammar (one spec per head; the CLI takes a comma-separated list)::
     apK[+cls]                   attentive probing (Table 6, ref. [21]): a learned query cross-attends to
                                 the patch tokens with K heads (``ap1``, ``ap12``)
 
-Names are canonical: ``abmilp-mlp2-relu`` reads as ``abmilp-mlp-relu``. ``docs/official-code.md`` maps each flag
+Names are canonical: ``abmilp-mlp2-relu`` reads as ``abmilp-mlp-relu``; the options keep the order above
+(``sa-abmilp+cls-k4-mean-mlp-relu-pe``). ``docs/official-code.md`` maps each flag
 combination of the official ``main_linprobe.py`` to its spec.
 """
 
@@ -43,6 +49,15 @@ OTHER_EXAMPLES: tuple[str, ...] = ("both", "sa-map-abmilp", "abmilp-pe", "abmilp
 """Further specs of the official code's options (``both``, ``--abmilp_sa map``, ``--abmilp_cond pe``,
 ``--abmilp_depth``)."""
 
+MULTI_PATTERN_EXAMPLES: tuple[str, ...] = ("abmilp-k2", "abmilp-k4", "abmilp-k12", "abmilp-k2-mean", "abmilp-k4-mean",
+                                           "abmilp-k12-mean")
+"""Multi-pattern AbMILP (the paper's Sec. 5.3 suggestion that attentive probing's strength is an ensemble of
+Selective Aggregation patterns): K aggregation vectors, concatenated (default) or averaged."""
+
+COMBINES: tuple[str, ...] = ("concat", "mean")
+"""How a multi-pattern AbMILP head joins its K pooled features: ``concat`` (width K x D, the default: the form of
+attentive probing's heads and of Ilse et al.'s multi-branch AbMILP) or ``mean`` (width D)."""
+
 SCORERS: tuple[str, ...] = ("linear", "mlp-tanh", "mlp-relu")
 SA_MODES: tuple[str, ...] = ("none", "both", "map")
 """Where the SA-AbMILP self-attention output goes (the official ``--abmilp_sa``): nowhere, to the scorer and the
@@ -55,7 +70,7 @@ DEFAULT_HEADS = "cls,avg,abmilp,abmilp+cls"
 DEFAULT_HEADS_NO_CLS = "avg,abmilp"
 """Table 1's heads for a model without [cls] (I-JEPA, CAPI): average pooling and AbMILP over the patches."""
 
-_ABMILP = re.compile(r"^(?P<sa>sa-(?P<map>map-)?)?abmilp(?P<cls>\+cls)?"
+_ABMILP = re.compile(r"^(?P<sa>sa-(?P<map>map-)?)?abmilp(?P<cls>\+cls)?(?:-k(?P<k>[1-9][0-9]*)(?P<mean>-mean)?)?"
                      r"(?:-mlp(?P<depth>[0-9]+)?-(?P<act>tanh|relu))?(?P<pe>-pe)?$")
 _AP = re.compile(r"^ap(?P<heads>[1-9][0-9]*)(?P<cls>\+cls)?$")
 
@@ -78,6 +93,8 @@ class HeadSpec:
         sa_apply: SA-AbMILP mode, one of :data:`SA_MODES` (``sa-``: ``both``, ``sa-map-``: ``map``).
         cond: ``"pe"`` when a fixed sin-cos position embedding conditions the scorer, else ``"none"``.
         num_heads: attention heads of attentive probing (0 for other kinds).
+        patterns: AbMILP aggregation vectors K (``-kK``; 1 for plain AbMILP and for other kinds).
+        combine: how K > 1 pooled features are joined, one of :data:`COMBINES`.
     """
 
     name: str
@@ -88,6 +105,8 @@ class HeadSpec:
     sa_apply: str = "none"
     cond: str = "none"
     num_heads: int = 0
+    patterns: int = 1
+    combine: str = "concat"
 
     @property
     def self_attention(self) -> bool:
@@ -100,6 +119,21 @@ class HeadSpec:
         return self.kind in ("cls", "both") or self.include_cls
 
     @property
+    def init_name(self) -> str:
+        """The spec whose seed initialises this head: ``abmilp-k1`` starts from ``abmilp``'s weights (it is the same
+        head), every other spec from its own name."""
+        if self.kind == "abmilp" and self.patterns == 1:
+            return abmilp_name(self.include_cls, self.scorer, self.depth, self.sa_apply, self.cond)
+        return self.name
+
+    def pooled_width(self, dim: int) -> int:
+        """Width of the pooled representation (the BatchNorm's and classifier's input) for tokens of width ``dim``:
+        ``2 dim`` for ``both``, ``K dim`` for a concatenating ``-kK`` head, else ``dim``."""
+        if self.kind == "both":
+            return 2 * dim
+        return dim * self.patterns if self.combine == "concat" else dim
+
+    @property
     def has_vector(self) -> bool:
         """Whether the head aggregates with one weight per token (its ``scores`` are an aggregation vector); ``both``
         concatenates two representations and has none."""
@@ -107,12 +141,14 @@ class HeadSpec:
 
 
 def abmilp_name(include_cls: bool = False, scorer: str = "linear", depth: int = 1, sa_apply: str = "none",
-                cond: str = "none") -> str:
+                cond: str = "none", patterns: int | None = None, combine: str = "concat") -> str:
     """The canonical spec of an AbMILP head, e.g. ``abmilp_name(True, "mlp-relu", 3, "map", "pe")`` ->
-    ``"sa-map-abmilp+cls-mlp3-relu-pe"``."""
+    ``"sa-map-abmilp+cls-mlp3-relu-pe"``; ``patterns=4, combine="mean"`` adds ``-k4-mean`` after ``+cls``
+    (``patterns=None``: no ``-kK``; ``patterns=1``: ``-k1``, whatever ``combine``)."""
     sa = {"none": "", "both": "sa-", "map": "sa-map-"}[sa_apply]
+    k = "" if patterns is None else f"-k{patterns}" + ("-mean" if patterns > 1 and combine == "mean" else "")
     mlp = "" if scorer == "linear" else "-" + (scorer if depth == 2 else scorer.replace("mlp", f"mlp{depth}"))
-    return f"{sa}abmilp{'+cls' if include_cls else ''}{mlp}{'-pe' if cond == 'pe' else ''}"
+    return f"{sa}abmilp{'+cls' if include_cls else ''}{k}{mlp}{'-pe' if cond == 'pe' else ''}"
 
 
 def _abmilp(match: re.Match, text: str) -> HeadSpec:
@@ -124,9 +160,11 @@ def _abmilp(match: re.Match, text: str) -> HeadSpec:
     scorer = "linear" if act is None else f"mlp-{act}"
     sa_apply = "none" if not match["sa"] else ("map" if match["map"] else "both")
     cond = "pe" if match["pe"] else "none"
-    name = abmilp_name(bool(match["cls"]), scorer, depth, sa_apply, cond)
+    patterns = None if match["k"] is None else int(match["k"])
+    combine = "mean" if match["mean"] and patterns != 1 else "concat"
+    name = abmilp_name(bool(match["cls"]), scorer, depth, sa_apply, cond, patterns, combine)
     return HeadSpec(name=name, kind="abmilp", include_cls=bool(match["cls"]), scorer=scorer, depth=depth,
-                    sa_apply=sa_apply, cond=cond)
+                    sa_apply=sa_apply, cond=cond, patterns=patterns or 1, combine=combine)
 
 
 def parse_head_spec(text: str) -> HeadSpec:
@@ -144,7 +182,7 @@ def parse_head_spec(text: str) -> HeadSpec:
     match = _AP.match(spec)
     if match:
         return HeadSpec(name=spec, kind="attentive", include_cls=bool(match["cls"]), num_heads=int(match["heads"]))
-    close = difflib.get_close_matches(spec, (*EXAMPLES, *OTHER_EXAMPLES), n=3, cutoff=0.4)
+    close = difflib.get_close_matches(spec, (*EXAMPLES, *OTHER_EXAMPLES, *MULTI_PATTERN_EXAMPLES), n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid examples: {', '.join(EXAMPLES)}"
     raise HeadSpecError(f"unknown head spec {text!r}{hint}")
 

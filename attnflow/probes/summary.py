@@ -19,16 +19,19 @@ import pandas as pd
 from ..atomic import write_atomically
 from ..errors import AttnflowError
 from ..limits import check_digits
-from .specs import EXAMPLES
+from .specs import EXAMPLES, MULTI_PATTERN_EXAMPLES
 
 SUMMARY_COLUMNS = ("model", "task", "head", "lr", "mean", "std", "n_seeds", "random_init")
 FORMATS = {".md": "markdown", ".markdown": "markdown", ".tex": "latex", ".csv": "csv"}
 RANDOM_NOTE = "random weights: numbers meaningless"
 DAGGER_TEX = r"$^\dagger$"
 
-TABLE_ORDER: tuple[str, ...] = ("avg", *(h for h in EXAMPLES if h != "avg"))
+TABLE_ORDER: tuple[str, ...] = ("avg", *(h for h in EXAMPLES if h not in ("avg", "ap1", "ap12")),
+                                 *MULTI_PATTERN_EXAMPLES, "ap1", "ap12")
 """Default head order: the paper's Table 1 (average pooling, [cls], AbMILP, AbMILP + [cls]), then Tables 4
-and 6 (AbMILP scorers, SA-AbMILP, attentive probing ap1, ap12); other heads follow in order of appearance."""
+and 6 (AbMILP scorers, SA-AbMILP), multi-pattern AbMILP (``abmilp-k2`` ... ``abmilp-k12-mean``) and attentive
+probing (ap1, ap12) last, so that K patterns sit between AbMILP and AP; other heads follow in order of
+appearance."""
 
 
 def head_order(present: list[str], heads: list[str] | None = None) -> list[str]:
