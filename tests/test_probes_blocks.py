@@ -119,3 +119,11 @@ def test_block_bank_trains_each_blocks_heads_as_a_bank_on_that_blocks_tokens_alo
     with pytest.raises(ValueError, match=r"tokens \[n, 2, tokens, D\]"):
         together.losses(train[0][0], labels)
 
+
+
+def test_shipped_probe_blocks_config_resolves():
+    from pathlib import Path
+
+    config = resolve_config("cub", Path(__file__).resolve().parents[1] / "analyses" / "probe_blocks_cub.toml")
+    assert (config.task, config.heads, config.blocks, config.seeds) == ("cub", "cls,avg,abmilp", "all", [0, 1, 2])
+    assert (config.optimizer, config.batch_size, config.block) == ("sgd", 1024, -1)  # the paper's CUB preset
