@@ -187,6 +187,7 @@ def test_cached_probe_of_several_blocks_equals_a_cached_run_of_one_block(cub, tm
     assert probe(cub, tmp_path / "b0", *args, "--block", "0") == 0
     train = tmp_path / "both" / "cache" / "train"
     assert sorted(p.name for p in train.glob("tokens*.npy")) == ["tokens_b0.npy", "tokens_b1.npy"]
+    assert (tmp_path / "both" / "blocks.png").is_file() and not (tmp_path / "b0" / "blocks.png").exists()
     both = pd.read_parquet(tmp_path / "both" / "results.parquet")
     pd.testing.assert_frame_equal(both[both["block"] == 0].reset_index(drop=True),
                                   pd.read_parquet(tmp_path / "b0" / "results.parquet"))

@@ -204,18 +204,20 @@ def print_results(table: Any) -> None:
 
 
 def write_block_figure(table: Any, out: Path) -> list[Path]:
-    """``OUT/blocks.pdf`` and ``.png``: top-1 of [cls], avg and AbMILP against block, for a run of several
-    blocks (nothing for a one-block run)."""
+    """``OUT/blocks.pdf`` and ``.png``: top-1 of [cls], avg and AbMILP (those the run trained, else every head it
+    trained) against block, for a run of several blocks (nothing for a one-block run)."""
     if table["block"].nunique() < 2:
         return []
     import matplotlib
 
     matplotlib.use("Agg")
-    from ..plot import plot_probe_blocks
+    from ..plot import PROBE_HEADS, plot_probe_blocks
     from ..plot.style import close, root_figure, save_figure
 
+    trained = list(dict.fromkeys(table["head"]))
+    heads = [h for h in PROBE_HEADS if h in trained] or trained
     try:
-        ax = plot_probe_blocks(out)  # the run as `attnflow plot --probes OUT` reads it (random weights marked)
+        ax = plot_probe_blocks(out, heads=heads)  # read as `attnflow plot --probes OUT` reads it (random weights)
     except AttnflowError as err:  # e.g. none of the drawn heads was trained: the run itself is fine
         print(f"attnflow: no per-block figure: {err}", flush=True)
         return []
