@@ -188,3 +188,53 @@ def test_cache_of_another_model_with_the_same_name_is_refused(dataset, tmp_path)
     same = tiny_model(img_size=32)
     same.load_state_dict(model.state_dict())  # another instance with the same weights reuses the cache
     extract_tokens(TokenEncoder(same, amp="none"), ds, tmp_path / "c", info=INFO, batch_size=4, progress=False)
+
+
+def test_cache_of_several_blocks_writes_one_file_per_block_batch_by_batch_and_resumes(dataset, tmp_path,
+                                                                                       monkeypatch):
+    import numpy as np
+
+    from attnflow.encode import BlockTokenEncoder
+
+    model, ds = dataset
+    enc = BlockTokenEncoder(model, blocks="all", amp="none")
+    calls = {"n": 0}
+    real_call = BlockTokenEncoder.__call__
+
+    def flaky(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_call(self, images)
+
+    monkeypatch.setattr(BlockTokenEncoder, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        extract_tokens(enc, ds, tmp_path / "c", info=INFO, batch_size=2, progress=False)
+    readable = [i for i in range(4) if ds.paths[i].name != "broken.jpg"]
+    images = torch.stack([ds[i][0] for i in readable])
+    for b in (0, 1):  # the two committed batches are on disk already, in their block's file (numpy reads it)
+        on_disk = torch.from_numpy(np.load(tmp_path / "c" / f"tokens_b{b}.npy")).view(torch.bfloat16)
+        assert on_disk.shape == (1, len(ds), 5, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(on_disk[0, readable].float(), manual_blocks(model, images, b).bfloat16().float())
+    assert not (tmp_path / "c" / "tokens.npy").exists()
+    cache = extract_tokens(enc, ds, tmp_path / "c", info=INFO, batch_size=2, progress=False)  # resumed
+    assert calls["n"] == 3 + len(range(0, len(ds), 2)) - 2  # only the missing batches were encoded
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["blocks"] == [0, 1] and manifest["files"] == ["tokens_b0.npy", "tokens_b1.npy"]
+    assert cache.blocks == [0, 1] and manifest["shape"] == [1, len(ds), 5, 32]
+    rows = cache.valid
+    every = torch.stack([ds[i][0] for i in rows.tolist()])
+    with torch.no_grad():
+        for b in (0, 1):
+            torch.testing.assert_close(cache.block_tokens(b)[0, rows].float(),
+                                       manual_blocks(model, every, b).bfloat16().float())
+    with pytest.raises(AttnflowError, match="block_tokens"):
+        cache.tokens
+    plan = BatchPlan(len(rows), batch_size=4, accum_steps=2, seed=0)
+    for (tokens, _), idx in zip(cache.train_batches(plan, seed=0)(0), [i for s in plan.epoch(0) for i in s]):
+        assert tokens.shape == (len(idx), 2, 5, 32)  # [m, L, T, D]: block b's rows from its own file
+        assert all(torch.equal(tokens[:, b], cache.block_tokens(b)[0, rows[idx]].float()) for b in (0, 1))
+    with pytest.raises(AttnflowError, match="differs in block, blocks"):  # a cache of other blocks is not reused
+        extract_tokens(BlockTokenEncoder(model, blocks=[0], amp="none"), ds, tmp_path / "c", info=INFO,
+                       progress=False)

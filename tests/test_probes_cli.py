@@ -58,8 +58,9 @@ def test_probe_cub_end_to_end_and_saved_abmilp_scores(cub, tmp_path, capsys):
     out = tmp_path / "run"
     assert probe(cub, out) == 0
     table = pd.read_parquet(out / "results.parquet")
-    assert list(table.columns) == ["model", "task", "head", "lr", "seed", "epoch", "top1", "top5", "train_loss",
-                                   "holdout_top1", "holdout_loss", "selected"]
+    assert list(table.columns) == ["model", "task", "block", "head", "lr", "seed", "epoch", "top1", "top5",
+                                   "train_loss", "holdout_top1", "holdout_loss", "selected"]
+    assert set(table["block"]) == {1}  # the last of 2 blocks, 0-based
     assert table["selected"].all() and table["holdout_top1"].isna().all()  # one lr: kept, no held-out split
     assert len(table) == 4 * 2 * 2  # heads x seeds x epochs
     assert set(table["task"]) == {"cub"} and set(table["seed"]) == {0, 1}
@@ -130,6 +131,80 @@ def test_probe_from_feature_cache(cub, tmp_path):
     assert "RandomResizedCrop" in manifest["transform"]
     assert json.loads((out / "cache" / "val" / "manifest.json").read_text())["views"] == 1
     assert len(pd.read_parquet(out / "results.parquet")) == 4 * 2
+
+
+def test_probe_of_several_blocks_equals_one_run_per_block_from_one_encoder_pass(cub, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from attnflow.encode import BlockTokenEncoder
+
+    calls = {"n": 0}
+    real_call = BlockTokenEncoder.__call__
+
+    def counting(self, images):
+        calls["n"] += 1
+        return real_call(self, images)
+
+    monkeypatch.setattr(BlockTokenEncoder, "__call__", counting)
+    args = ("--seeds", "1", "--epochs", "2", "--heads", "cls,avg,abmilp")
+    assert probe(cub, tmp_path / "both", *args, "--blocks", "all") == 0
+    assert calls["n"] == 2 * (2 * 2 + 2)  # epochs x (steps x micro-batches + val batches): both blocks, one pass
+    out = capsys.readouterr().out
+    assert "blocks:       all" in out and "block 1 abmilp" in out and "blocks.png" in out
+    both = pd.read_parquet(tmp_path / "both" / "results.parquet")
+    assert sorted(set(both["block"])) == [0, 1] and len(both) == 2 * 3 * 2  # blocks x heads x epochs
+    assert (tmp_path / "both" / "blocks.pdf").stat().st_size > 0 and (tmp_path / "both" / "blocks.png").is_file()
+    for block in (0, 1):
+        assert probe(cub, tmp_path / f"b{block}", *args, "--block", str(block)) == 0
+        alone = pd.read_parquet(tmp_path / f"b{block}" / "results.parquet")
+        pd.testing.assert_frame_equal(both[both["block"] == block].reset_index(drop=True), alone)
+        for head in ("cls", "avg", "abmilp"):
+            mine = load_head(tmp_path / "both" / "seed0" / "heads" / f"block{block}" / f"{head}.pt")
+            ref = load_head(tmp_path / f"b{block}" / "seed0" / "heads" / f"{head}.pt")
+            assert mine.meta["block"] == ref.meta["block"] == block
+            assert all(torch.equal(v, ref.state_dict()[k]) for k, v in mine.state_dict().items()), (block, head)
+    meta = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert meta["blocks"] == [0, 1] and meta["n_blocks"] == 2 and set(meta["chosen_lrs"]["seed0"]) == {
+        f"block{b}/{h}" for b in (0, 1) for h in ("cls", "avg", "abmilp")}
+
+    real_train = train_module.train_bank
+
+    def interrupted(*a, **kw):
+        def stop(done):
+            if done == 1:
+                raise KeyboardInterrupt
+        return real_train(*a, **kw, on_epoch_end=stop)
+
+    monkeypatch.setattr(train_module, "train_bank", interrupted)
+    assert probe(cub, tmp_path / "part", *args, "--blocks", "0,1") == 130
+    monkeypatch.setattr(train_module, "train_bank", real_train)
+    assert probe(cub, tmp_path / "part", *args, "--blocks", "0,-1", "--resume") == 0  # the same blocks
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "part" / "results.parquet"), both)
+
+
+def test_cached_probe_of_several_blocks_equals_a_cached_run_of_one_block(cub, tmp_path):
+    args = ("--seeds", "1", "--epochs", "1", "--heads", "avg,abmilp", "--cache")
+    assert probe(cub, tmp_path / "both", *args, "--blocks", "0,1") == 0
+    assert probe(cub, tmp_path / "b0", *args, "--block", "0") == 0
+    train = tmp_path / "both" / "cache" / "train"
+    assert sorted(p.name for p in train.glob("tokens*.npy")) == ["tokens_b0.npy", "tokens_b1.npy"]
+    assert (tmp_path / "both" / "blocks.png").is_file() and not (tmp_path / "b0" / "blocks.png").exists()
+    both = pd.read_parquet(tmp_path / "both" / "results.parquet")
+    pd.testing.assert_frame_equal(both[both["block"] == 0].reset_index(drop=True),
+                                  pd.read_parquet(tmp_path / "b0" / "results.parquet"))
+
+
+def test_block_options_are_checked_in_one_line(cub, tmp_path, capsys):
+    out = str(tmp_path / "x")
+    with pytest.raises(SystemExit):
+        main(["probe", *TINY, "--task", "cub", "--data", str(cub), "--out", out, "--block", "1", "--blocks", "all"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["probe", *TINY, "--task", "cub", "--data", str(cub), "--out", out, "--blocks", "0,2"]) == 2
+    assert "block 2 does not exist: the model has 2 blocks" in capsys.readouterr().err
+    assert main(["probe", *TINY, "--task", "cub", "--data", str(cub), "--out", out, "--blocks", "6-12"]) == 2
+    assert "counted from 0 (e.g. 5,8,11)" in capsys.readouterr().err
+    assert main(["probe", *TINY, "--task", "cub", "--data", str(cub), "--out", out, "--blocks", "all",
+                 "--aggregation", "cls_mean"]) == 2
+    assert "use block, not blocks" in capsys.readouterr().err
 
 
 def test_bad_cli_input_is_one_line(cub, tmp_path, capsys):

@@ -154,3 +154,29 @@ def test_a_corrupt_run_table_is_one_line(tmp_path, capsys, name, content, messag
     assert main(["table", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and name in err and len(err.splitlines()) == 1, err
+
+
+def test_heads_of_several_blocks_are_kept_apart_in_block_order(tmp_path):
+    """A several-block run (blocks 9 and 10) and two one-block runs of another model (blocks 2 and 11): per block
+    its own mean; `head@block=B` columns in numeric block order; by_block gives the per-block rows."""
+    def block_rows(model: str, block: int, offset: float) -> pd.DataFrame:
+        rows = [dict(model=model, task="cub", block=block, head=head, lr=0.4, seed=seed, epoch=2,
+                     top1=offset + 10 * h + seed, selected=True)
+                for h, head in enumerate(("cls", "abmilp")) for seed in (0, 1)]
+        return pd.DataFrame(rows)
+
+    write_run_table(pd.concat([block_rows("mae", 10, 50.0), block_rows("mae", 9, 40.0)]), {}, tmp_path / "both")
+    write_run_table(block_rows("dino", 2, 20.0), {}, tmp_path / "b2")
+    write_run_table(block_rows("dino", 11, 30.0), {}, tmp_path / "b11")
+    frame = read_run_tables([tmp_path])
+    table = summarize(frame).set_index(["model", "head"])["mean"]
+    assert list(table.loc["mae"].index) == ["cls@block=9", "cls@block=10", "abmilp@block=9", "abmilp@block=10"]
+    assert table[("mae", "abmilp@block=10")] == 50.0 + 10 + 0.5 and table[("mae", "cls@block=9")] == 40.5
+    assert table[("dino", "cls@block=2")] == 20.5 and table[("dino", "abmilp@block=11")] == 40.5
+    per_block = summarize(frame, by_block=True)
+    assert list(per_block.columns) == ["model", "task", "block", *SUMMARY_COLUMNS[2:]]
+    mae = per_block[per_block["model"] == "mae"]
+    assert mae[["block", "head"]].values.tolist() == [[9, "cls"], [9, "abmilp"], [10, "cls"], [10, "abmilp"]]
+    assert mae["mean"].tolist() == [40.5, 50.5, 50.5, 60.5]
+    one_block = summarize(read_run_tables([tmp_path / "b2"]))  # one block: the heads keep their names
+    assert one_block["head"].tolist() == ["cls", "abmilp"]

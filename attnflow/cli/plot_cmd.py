@@ -1,4 +1,5 @@
-"""``attnflow plot``: per-block comparison figures from stored results (the paper's Figs. 3-6 and 10-13)."""
+"""``attnflow plot``: per-block comparison figures from stored results (the paper's Figs. 3-6 and 10-13), and probe
+accuracy per block (runs of ``attnflow probe --blocks``) alone or next to them."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Draw per-block comparisons of one or more runs (written by `attnflow stats`): one line "
                     "per model, a band for the spread over heads or images, the ln(N) bound for entropies. "
                     "One metric gives a single-column plot, several give one panel each; --by-size gives "
-                    "the ViT-S/B/L grid of the paper's Figs. 10-13. The format follows --out's extension.")
-    parser.add_argument("results", nargs="+", metavar="RESULT",
+                    "the ViT-S/B/L grid of the paper's Figs. 10-13. --probes adds a panel of probe top-1 "
+                    "against block (runs of `attnflow probe --blocks`), or draws it alone without RESULT. The "
+                    "format follows --out's extension.")
+    parser.add_argument("results", nargs="*", metavar="RESULT",
                         help="result files (.parquet/.csv) or folders of .parquet files")
     parser.add_argument("--out", required=True, help="output figure (.pdf, .png, .svg or .eps)")
     what = parser.add_mutually_exclusive_group()
@@ -35,6 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--width", default=None,
                         help="figure width: single (3.3 in), double (6.9 in) or inches "
                              "(default: single for one metric, else double)")
+    parser.add_argument("--probes", action="append", metavar="RUN",
+                        help="probe run directory or results table of `attnflow probe --blocks` (repeatable): "
+                             "a panel of top-1 against block after the metrics' panels, or alone without RESULT")
+    parser.add_argument("--probe-heads", default="cls,avg,abmilp", metavar="LIST",
+                        help="heads drawn in the probe panel (default cls,avg,abmilp)")
     parser.add_argument("--title", help="figure title")
     parser.add_argument("--dpi", type=dpi, default=300, help="resolution of PNG output (default 300)")
     parser.set_defaults(func=run)
@@ -99,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower().lstrip(".") not in SAVE_FORMATS:
         raise AttnflowError(f"--out {out}: use one of {', '.join('.' + f for f in SAVE_FORMATS)}")
+    if not args.results and not args.probes:
+        raise AttnflowError("nothing to plot: give RESULT files of `attnflow stats` and/or --probes RUN")
+    if args.probes and args.by_size:
+        raise AttnflowError("--by-size draws statistics only; leave out --probes")
+    if not args.results:
+        return _probe_figure(args, out)
     result = read_results(args.results)
     available = result.metrics
     if args.all:
@@ -110,7 +124,12 @@ def run(args: argparse.Namespace) -> int:
         metrics = [m for m in PAPER_METRICS if m in available] or available
     width = _width(args.width, len(metrics))
     common = dict(band=args.band, models=args.model)
-    if args.by_size:
+    if args.probes:
+        from ..plot import plot_blocks_with_probes
+
+        fig = plot_blocks_with_probes(result, args.probes, metrics, heads=_heads(args.probe_heads),
+                                      width=_width(args.width, len(metrics) + 1), title=args.title, **common)
+    elif args.by_size:
         fig = plot_size_grid(result, metrics, width=width, title=args.title, **common)
     elif len(metrics) == 1:
         fig = root_figure(plot_blocks(result, metrics[0], title=args.title, **common))
@@ -126,4 +145,21 @@ def run(args: argparse.Namespace) -> int:
             close(fig)
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def _heads(text: str) -> list[str]:
+    return [h.strip() for h in text.split(",") if h.strip()]
+
+
+def _probe_figure(args: argparse.Namespace, out: Path) -> int:
+    """Probe top-1 against block alone (no statistics given)."""
+    from ..plot import plot_probe_blocks
+    from ..plot.style import close, root_figure, save_figure
+
+    fig = root_figure(plot_probe_blocks(args.probes, heads=_heads(args.probe_heads), models=args.model,
+                                        title=args.title))
+    fig.set_size_inches(_width(args.width, 1), fig.get_figheight())
+    print(f"wrote {save_figure(fig, out, dpi=args.dpi)}")
+    close(fig)
     return 0

@@ -107,7 +107,14 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layernorm", dest="layernorm", action="store_true", default=None,
                        help="apply the encoder's final LayerNorm to the tokens (the paper's numbers: no)")
     group.add_argument("--no-layernorm", dest="layernorm", action="store_false")
-    group.add_argument("--block", type=int, help="encoder block to read (default -1, the last; SimMIM: 7)")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--block", type=int, help="encoder block to read, counted from 0 (default -1, the last; "
+                                                 "SimMIM: 7)")
+    which.add_argument("--blocks", metavar="LIST",
+                       help="train the heads on each of several blocks, all from one frozen forward pass: block "
+                            "indices counted from 0 like --block (the paper's 1-based blocks 6, 9, 12 of ViT-B are "
+                            "--blocks 5,8,11; negative from the end) or 'all'; adds OUT/blocks.pdf/.png, top-1 "
+                            "against block")
     group.add_argument("--train-aug", help="rrc-flip (default) or none")
     group.add_argument("--crop-pct", type=crop_fraction, help="validation center-crop fraction (default 0.875)")
     group.add_argument("--head-init", help="classifier init: default (torch, the paper's code) or mae")
@@ -119,7 +126,8 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 OVERRIDES = ("heads", "seeds", "epochs", "batch_size", "micro_batch", "accum_steps", "lr", "base_lr", "holdout",
-             "optimizer", "momentum", "weight_decay", "warmup_epochs", "min_lr", "layernorm", "block", "train_aug",
+             "optimizer", "momentum", "weight_decay", "warmup_epochs", "min_lr", "layernorm", "block", "blocks",
+             "train_aug",
              "crop_pct", "head_init", "split_file", "eval_every", "limit", "cache", "views", "cache_dtype", "amp",
              "workers", "aggregation", "eval_amp")
 
@@ -180,13 +188,16 @@ def print_settings(settings: dict[str, Any]) -> None:
 
 
 def print_results(table: Any) -> None:
-    """Per head: the lr kept (per seed when they differ), its validation top-1 (mean ± std over seeds) and, when
-    chosen on held-out images, its held-out top-1; every lr of a grid reported without a held-out choice."""
+    """Per head (and block, when a run trained several): the lr kept (per seed when they differ), its validation
+    top-1 (mean ± std over seeds) and, when chosen on held-out images, its held-out top-1; every lr of a grid
+    reported without a held-out choice."""
     last = table[table["epoch"] == table.groupby(["seed"])["epoch"].transform("max")]
     kept = last[last["selected"]] if last["selected"].any() else last
-    group = ["head"] if last["selected"].any() else ["head", "lr"]
+    blocks = "block" in last.columns and last["block"].nunique() > 1
+    group = (["block"] if blocks else []) + (["head"] if last["selected"].any() else ["head", "lr"])
     for key, rows in kept.groupby(group, sort=False):
-        head = key[0] if isinstance(key, tuple) else key
+        key = key if isinstance(key, tuple) else (key,)
+        head = f"block {key[0]} {key[1]}" if blocks else key[0]
         lrs = ",".join(f"{x:.3g}" for x in dict.fromkeys(rows["lr"]))
         std = "" if len(rows) < 2 else f" ± {rows['top1'].std():.2f}"
         held = rows["holdout_top1"].mean()
@@ -206,6 +217,30 @@ def print_skipped_images(meta: dict[str, Any], sidecar: Path, shown: int = 20) -
         print(f"  {item['split']}: {item['path']}: {item['reason']}")
     if len(listed) > shown:
         print(f"  ... and {len(listed) - shown} more (listed in {sidecar})")
+
+
+def write_block_figure(table: Any, out: Path) -> list[Path]:
+    """``OUT/blocks.pdf`` and ``.png``: top-1 of [cls], avg and AbMILP (those the run trained, else every head it
+    trained) against block, for a run of several blocks (nothing for a one-block run)."""
+    if table["block"].nunique() < 2:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ..plot import PROBE_HEADS, plot_probe_blocks
+    from ..plot.style import close, root_figure, save_figure
+
+    trained = list(dict.fromkeys(table["head"]))
+    heads = [h for h in PROBE_HEADS if h in trained] or trained
+    try:
+        ax = plot_probe_blocks(out, heads=heads)  # read as `attnflow plot --probes OUT` reads it (random weights)
+    except AttnflowError as err:  # e.g. none of the drawn heads was trained: the run itself is fine
+        print(f"attnflow: no per-block figure: {err}", flush=True)
+        return []
+    fig = root_figure(ax)
+    written = [save_figure(fig, out / f"blocks.{ext}") for ext in ("pdf", "png")]
+    close(fig)
+    return written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -251,4 +286,7 @@ def _probe(args: argparse.Namespace, config: ProbeConfig, heads_chosen: bool, ou
     if int(os.environ.get("RANK", "0")) == 0 and sidecar.is_file():
         print_skipped_images(json.loads(sidecar.read_text(encoding="utf-8")), sidecar)
     print(f"wrote {out / 'results.parquet'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        for path in write_block_figure(table, out):
+            print(f"wrote {path}")
     return 0

@@ -1,5 +1,5 @@
-"""Plotting layer: per-block comparisons (Figs. 3-6, 10-13), per-head heatmaps, per-image maps (Fig. 9). It only
-draws: the maps it draws are computed by :mod:`attnflow.maps`.
+"""Plotting layer: per-block comparisons (Figs. 3-6, 10-13) and probe accuracy per block next to them, per-head
+heatmaps, per-image maps (Fig. 9). It only draws: the maps it draws are computed by :mod:`attnflow.maps`.
 
 Every plot function takes a :class:`attnflow.result.Result`, a tidy DataFrame or result file paths, returns a
 ``matplotlib`` ``Axes`` (single plots, ``ax=`` accepted) or ``Figure`` (multi-panel), and never shows or saves
@@ -11,6 +11,7 @@ from .heads import head_matrix, plot_head_heatmap, plot_heads
 from .info import FAMILY_MARKERS, FAMILY_PALETTES, ModelInfo, as_result, color_for, entropy_bound, model_info
 from .mapfig import draw_map, plot_attention_maps, plot_head_maps
 from .localization import plot_localization_examples
+from .probes import PROBE_HEADS, plot_blocks_with_probes, plot_probe_blocks, probe_block_frame
 from .mapfig import upsample
 from .report import block_figures
 from .style import (DOUBLE_COLUMN, ENTROPY_METRICS, METRIC_LABELS, PAPER_METRICS, SINGLE_COLUMN, PlotError,

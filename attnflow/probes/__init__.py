@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "TrainOptions": "attnflow.probes.protocols",
     "RESULT_COLUMNS": "attnflow.probes.fit",
     "HeadBank": "attnflow.probes.bank",
+    "BlockBank": "attnflow.probes.blockbank",
     "ProbeHead": "attnflow.probes.heads",
     "build_head": "attnflow.probes.heads",
     "HeadSpec": "attnflow.probes.specs",

@@ -3,6 +3,8 @@
 A cache directory holds::
 
     tokens.npy      [views, n, P + N, D]  bf16 (stored as uint16 bits) or fp16, memory-mapped
+    tokens_b{B}.npy instead of tokens.npy, one per block B (0-based) when the encoder reads several blocks
+                    (:class:`~attnflow.encode.BlockTokenEncoder`); the manifest lists them (``blocks``, ``files``)
     labels.npy      [n] int64
     valid.npy       [n] bool (False for images that could not be read; they are skipped)
     manifest.json   model, checkpoint sha256, encoder fingerprint, dataset, transform, dtype, views, seed, block,
@@ -13,6 +15,12 @@ Extraction runs on the one resumable loop (one pass per view, in this process al
 continues at the first unfinished batch when the manifest matches; a different manifest is an error (use another
 directory). Each view's augmentation is seeded per
 ``(seed, view, image)``, so a resumed cache is identical to an uninterrupted one.
+
+Several blocks: one forward pass per batch gives every block's tokens ``[b, L, P + N, D]``; the loop's commit writes
+block ``blocks[i]``'s slice into its own memory-mapped file and flushes it, so memory holds one batch of every
+block, never the dataset's tokens of any block (a whole-dataset array of all blocks, ``views x n x L x T x D``,
+would not fit: ImageNet's 1.28M training images take about 390 GB per block of ViT-B in bf16). Training reads each
+micro-batch's rows from every file and stacks them, ``[m, L, P + N, D]``.
 """
 
 from __future__ import annotations
@@ -41,8 +49,14 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": (torch.bfloat16, np.uint16), "fp16": (torch.float16, np.float16)}
 IDENTITY_KEYS = ("model", "checkpoint_sha256", "encoder", "dataset", "split", "n", "transform", "dtype", "views",
-                 "seed", "block", "layernorm", "img_size", "amp")
+                 "seed", "block", "blocks", "layernorm", "img_size", "amp")
 """Manifest fields that must match for a cache to be reused or resumed."""
+
+
+def token_files(manifest: dict[str, Any]) -> list[str]:
+    """The token files of a cache: ``tokens.npy``, or ``tokens_b{B}.npy`` per block of a several-block cache."""
+    blocks = manifest.get("blocks")
+    return [f"tokens_b{b}.npy" for b in blocks] if blocks else ["tokens.npy"]
 
 
 @dataclass
@@ -52,14 +66,15 @@ class TokenCache:
     Attributes:
         root: the cache directory.
         manifest: its manifest.
-        tokens: ``[views, n, P + N, D]`` tensor backed by the memory-mapped file (bf16 or fp16).
+        arrays: one ``[views, n, P + N, D]`` tensor per block (bf16 or fp16), each backed by its memory-mapped
+            file, in :attr:`blocks` order; one for a one-block cache.
         labels: ``[n]`` int64.
         readable: ``[n]`` bool, False for images that could not be read.
     """
 
     root: Path
     manifest: dict[str, Any]
-    tokens: torch.Tensor
+    arrays: list[torch.Tensor]
     labels: torch.Tensor
     readable: torch.Tensor
 
@@ -71,12 +86,48 @@ class TokenCache:
         if manifest is None or not manifest.get("complete"):
             raise AttnflowError(f"{root} is not a complete token cache; run the extraction (again) to finish it")
         torch_dtype, _ = DTYPES[manifest["dtype"]]
-        array = np.load(root / "tokens.npy", mmap_mode="c")  # copy-on-write: the file is never modified
-        tokens = torch.from_numpy(array)
-        tokens = tokens.view(torch_dtype) if manifest["dtype"] == "bf16" else tokens
+        arrays = []
+        for name in token_files(manifest):
+            tokens = torch.from_numpy(np.load(root / name, mmap_mode="c"))  # copy-on-write: never modified
+            arrays.append(tokens.view(torch_dtype) if manifest["dtype"] == "bf16" else tokens)
         labels = torch.from_numpy(np.load(root / "labels.npy"))
         readable = torch.from_numpy(np.load(root / "valid.npy"))
-        return cls(root, manifest, tokens, labels, readable)
+        return cls(root, manifest, arrays, labels, readable)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """``[views, n, P + N, D]``: the tokens of a one-block cache (a several-block cache: :meth:`block_tokens`).
+
+        Raises:
+            AttnflowError: the cache holds several blocks.
+        """
+        if len(self.arrays) != 1:
+            raise AttnflowError(f"{self.root} holds the tokens of blocks {self.blocks}; read one with block_tokens")
+        return self.arrays[0]
+
+    @property
+    def blocks(self) -> list[int] | None:
+        """The blocks of a several-block cache, ascending (0-based); ``None`` for a one-block cache."""
+        blocks = self.manifest.get("blocks")
+        return [int(b) for b in blocks] if blocks else None
+
+    def block_tokens(self, block: int) -> torch.Tensor:
+        """``[views, n, P + N, D]``: the tokens of ``block`` (0-based) in a several-block cache.
+
+        Raises:
+            AttnflowError: the cache does not hold ``block``.
+        """
+        if not self.blocks or block not in self.blocks:
+            raise AttnflowError(f"{self.root} does not hold the tokens of block {block} (it holds "
+                                f"{self.blocks or self.manifest.get('block')})")
+        return self.arrays[self.blocks.index(block)]
+
+    def _rows(self, views: torch.Tensor | int, rows: torch.Tensor) -> torch.Tensor:
+        """``[m, P + N, D]`` (one block) or ``[m, L, P + N, D]`` (several) float32 tokens of ``rows``, each read
+        in view ``views`` (one per row, or one for all)."""
+        if len(self.arrays) == 1:
+            return self.arrays[0][views, rows].float()
+        return torch.stack([a[views, rows].float() for a in self.arrays], dim=1)
 
     @property
     def has_cls(self) -> bool:
@@ -94,7 +145,8 @@ class TokenCache:
     def train_batches(self, plan: BatchPlan, seed: int, rows: torch.Tensor | None = None
                       ) -> Callable[[int], Iterator[Batch]]:
         """Micro-batches for :func:`attnflow.probes.loop.train_bank`; ``plan`` indexes ``rows`` (default
-        :attr:`valid`: every readable row).
+        :attr:`valid`: every readable row). Tokens ``[m, P + N, D]``, or ``[m, L, P + N, D]`` from a several-block
+        cache (each block's rows read from its own file).
 
         With several views each sample of an epoch reads one view drawn by ``(seed, epoch)``.
         """
@@ -106,12 +158,13 @@ class TokenCache:
             for step in plan.epoch(epoch):
                 for idx in step:
                     sel, views = rows[idx], view_of[idx]
-                    yield self.tokens[views, sel].float(), self.labels[sel]
+                    yield self._rows(views, sel), self.labels[sel]
 
         return epoch_batches
 
     def eval_batches(self, batch_size: int = 512, rows: torch.Tensor | None = None) -> Callable[[], Iterator[Batch]]:
-        """View 0 of ``rows`` (default: every readable image), in order (this process's shard)."""
+        """View 0 of ``rows`` (default: every readable image), in order (this process's shard); tokens as
+        :meth:`train_batches` gives them."""
         from .fit import eval_batches
 
         rows = self.valid if rows is None else rows
@@ -119,7 +172,7 @@ class TokenCache:
 
         def batches() -> Iterator[Batch]:
             for sel, _ in index():
-                yield self.tokens[0, sel].float(), self.labels[sel]
+                yield self._rows(0, sel), self.labels[sel]
 
         return batches
 
@@ -135,37 +188,45 @@ def _write_json(path: Path, data: dict) -> None:
 
 @dataclass
 class _Extraction:
-    """What an extraction has written so far: tokens (a memory map), labels and readable flags, all on disk after
-    each batch (the loop's state file per view says which batches)."""
+    """What an extraction has written so far: tokens (memory maps, one per token file), labels and readable flags,
+    all on disk after each batch (the loop's state file per view says which batches)."""
 
     root: Path
     manifest: dict[str, Any]
     labels: np.ndarray  # [n] int64, -1 where not read yet
     readable: np.ndarray  # [n] bool
-    array: np.memmap | None  # [views, n, T, D], created at the first readable batch
+    arrays: list[np.memmap] | None  # one [views, n, T, D] per token file, created at the first readable batch
 
     @classmethod
     def start(cls, root: Path, manifest: dict[str, Any], n: int) -> "_Extraction":
         labels, readable = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
-        array = None
-        if (root / "tokens.npy").is_file() and (root / "valid.npy").is_file():  # an interrupted extraction
+        arrays = None
+        files = [root / name for name in token_files(manifest)]
+        if all(f.is_file() for f in files) and (root / "valid.npy").is_file():  # an interrupted extraction
             labels, readable = np.load(root / "labels.npy"), np.load(root / "valid.npy")
-            array = np.load(root / "tokens.npy", mmap_mode="r+")
-        return cls(root, manifest, labels, readable, array)
+            arrays = [np.load(f, mmap_mode="r+") for f in files]
+        return cls(root, manifest, labels, readable, arrays)
+
+    @property
+    def shape(self) -> list[int] | None:
+        """``[views, n, T, D]`` of each token file (``None`` before the first readable batch)."""
+        return list(self.arrays[0].shape) if self.arrays else None
 
     def add(self, view: int, indices: np.ndarray, labels: np.ndarray, tokens: torch.Tensor) -> None:
-        """Store one batch's tokens ``[b, T, D]`` (already in the cache dtype) of ``view``, on disk."""
+        """Store one batch's tokens ``[b, T, D]`` (one block) or ``[b, L, T, D]`` (several; ``tokens[:, i]`` goes
+        to the ``i``-th token file), already in the cache dtype, of ``view``, on disk."""
         dtype = self.manifest["dtype"]
-        if self.array is None:
-            shape = (self.manifest["views"], self.manifest["n"], *tokens.shape[1:])
-            self.array = np.lib.format.open_memmap(self.root / "tokens.npy", mode="w+", dtype=DTYPES[dtype][1],
-                                                   shape=shape)
+        parts = list(tokens.unbind(1)) if self.manifest.get("blocks") else [tokens]
+        if self.arrays is None:
+            shape = (self.manifest["views"], self.manifest["n"], *parts[0].shape[1:])
+            self.arrays = [np.lib.format.open_memmap(self.root / name, mode="w+", dtype=DTYPES[dtype][1], shape=shape)
+                           for name in token_files(self.manifest)]
             _write_json(self.root / "manifest.json", {**self.manifest, "complete": False, "shape": list(shape)})
-        bits = tokens.view(torch.uint16) if dtype == "bf16" else tokens
-        self.array[view, indices] = bits.numpy()
+        for array, part in zip(self.arrays, parts):
+            array[view, indices] = (part.view(torch.uint16) if dtype == "bf16" else part).numpy()
+            array.flush()
         self.labels[indices] = labels
         self.readable[indices] = True
-        self.array.flush()
         np.save(self.root / "labels.npy", self.labels)
         np.save(self.root / "valid.npy", self.readable)
 
@@ -184,9 +245,15 @@ class _TokenStep:
 
 def _cache_manifest(encoder: TokenEncoder, info: dict[str, Any], n: int, views: int, seed: int, dtype: str
                     ) -> dict[str, Any]:
-    return {**info, "n": n, "dtype": dtype, "views": views, "seed": seed, "encoder": encoder.fingerprint,
-            "block": encoder.block, "layernorm": encoder.layernorm, "has_cls": encoder.has_cls,
-            "amp": dtype_name(encoder.amp_dtype), "format": "attnflow-token-cache/1"}
+    """The identity and layout of a cache; a several-block encoder adds ``blocks`` and its token ``files``."""
+    manifest = {**info, "n": n, "dtype": dtype, "views": views, "seed": seed, "encoder": encoder.fingerprint,
+                "block": encoder.block, "layernorm": encoder.layernorm, "has_cls": encoder.has_cls,
+                "amp": dtype_name(encoder.amp_dtype), "format": "attnflow-token-cache/1"}
+    blocks = getattr(encoder, "blocks", None)
+    if blocks is not None:
+        manifest["blocks"] = list(blocks)
+        manifest["files"] = token_files(manifest)
+    return manifest
 
 
 def _reusable(root: Path, manifest: dict[str, Any]) -> tuple[TokenCache | None, dict[str, Any]]:
@@ -214,7 +281,8 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
     """Extract tokens of every image (``views`` times, seeded augmentation) into a resumable disk cache.
 
     Args:
-        encoder: the frozen encoder.
+        encoder: the frozen encoder; a :class:`~attnflow.encode.BlockTokenEncoder` writes one token file per block
+            from its one forward pass per batch.
         dataset: items ``(image, label, index)`` or :class:`attnflow.data.BadImage`; its transform is applied
             per view (a random transform gives a new crop per view).
         out_dir: the cache directory.
@@ -256,12 +324,12 @@ def extract_tokens(encoder: TokenEncoder, dataset: Dataset, out_dir: str | Path,
 
 def _finish(state: _Extraction, dataset: Dataset, info: dict[str, Any], skipped: dict[str, str]) -> TokenCache:
     """Check the labels, mark the cache complete (with its unreadable files) and open it."""
-    if state.array is None:
+    if state.arrays is None:
         raise AttnflowError(f"no readable image in {info.get('dataset', 'the dataset')}")
     expected = dataset_labels(dataset).numpy()
     if not np.array_equal(state.labels[state.readable], expected[state.readable]):
         raise AttnflowError(f"labels read during extraction disagree with the dataset's labels in {state.root}")
-    _write_json(state.root / "manifest.json", {**state.manifest, "complete": True, "shape": list(state.array.shape),
+    _write_json(state.root / "manifest.json", {**state.manifest, "complete": True, "shape": state.shape,
                                                "unreadable": int((~state.readable).sum()),
                                                "skipped": [{"path": p, "reason": r} for p, r in skipped.items()]})
     return TokenCache.open(state.root)

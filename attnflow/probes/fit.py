@@ -88,13 +88,16 @@ def eval_batches(tokens: torch.Tensor, labels: torch.Tensor, batch_size: int, ro
 
 def result_tables(rows: list[dict], seed: int, selects: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The run's history (every evaluated epoch) and its last-epoch table, both with :data:`RESULT_COLUMNS`;
-    ``selected`` marks each head's kept lr (see :func:`attnflow.probes.holdout.mark_selected`)."""
+    ``selected`` marks each head's kept lr (see :func:`attnflow.probes.holdout.mark_selected`). Rows of a block
+    bank (with a ``block``) keep it as a first column, and each (block, head) keeps its own lr."""
     history = pd.DataFrame(rows).assign(seed=seed)
+    columns = (["block"] if "block" in history.columns else []) + list(RESULT_COLUMNS)
     table = history[history["epoch"] == history["epoch"].max()].reset_index(drop=True)
     table["selected"] = mark_selected(table, selects)
-    kept = set(zip(table.loc[table["selected"], "head"], table.loc[table["selected"], "lr"]))
-    history["selected"] = [(h, lr) in kept for h, lr in zip(history["head"], history["lr"])]
-    return history.loc[:, list(RESULT_COLUMNS)], table.loc[:, list(RESULT_COLUMNS)]
+    keys = [c for c in ("block", "head", "lr") if c in history.columns]
+    kept = set(table.loc[table["selected"], keys].itertuples(index=False, name=None))
+    history["selected"] = [key in kept for key in history[keys].itertuples(index=False, name=None)]
+    return history.loc[:, columns], table.loc[:, columns]
 
 
 @dataclass

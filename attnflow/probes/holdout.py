@@ -88,14 +88,15 @@ def held_out_total(labels: torch.Tensor, fraction: float) -> int:
 def mark_selected(table: pd.DataFrame, selects: bool) -> pd.Series:
     """Which rows of a last-epoch table (one per head and lr, per seed) hold each head's kept lr.
 
-    With ``selects``: per (seed, head) the lr with the highest ``holdout_top1``, ties broken by the lower
-    ``holdout_loss``, then the smaller lr. Without: ``True`` where a head has a single lr (nothing to choose)
-    and ``False`` for every lr of a grid (none was chosen; the validation set must not choose one).
+    With ``selects``: per (seed, head), or per (seed, block, head) in a table with a ``block`` column, the lr with
+    the highest ``holdout_top1``, ties broken by the lower ``holdout_loss``, then the smaller lr. Without:
+    ``True`` where a head has a single lr (nothing to choose) and ``False`` for every lr of a grid (none was
+    chosen; the validation set must not choose one).
 
     Returns:
         A boolean Series aligned with ``table``.
     """
-    keys = ["seed", "head"] if "seed" in table.columns else ["head"]
+    keys = [c for c in ("seed", "block", "head") if c in table.columns]
     if not selects:
         return table.groupby(keys, sort=False)["lr"].transform("count").eq(1)
     ranked = table.sort_values(["holdout_top1", "holdout_loss", "lr"], ascending=[False, True, True], kind="stable")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AttnflowError
 from .bank import HeadBank
+from .blockbank import BlockBank, BlockEntry
 from ..atomic import write_atomically
 from ..dist import all_reduce_sum, current_world
 from .sampler import BatchPlan
@@ -25,7 +26,11 @@ from .sampler import BatchPlan
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-"""``(tokens [n, P + N, D], labels [n])`` of this process."""
+"""``(tokens [n, P + N, D], labels [n])`` of this process; for a :class:`~attnflow.probes.blockbank.BlockBank`
+the tokens of several blocks, ``[n, L, P + N, D]``."""
+
+Bank = HeadBank | BlockBank
+"""What the loop trains: one block's heads, or several blocks' heads fed from one pass."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ EVAL_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float1
 
 
 @torch.no_grad()
-def evaluate_bank(bank: HeadBank, batches: Iterable[Batch], device: torch.device) -> list[Scores]:
+def evaluate_bank(bank: Bank, batches: Iterable[Batch], device: torch.device) -> list[Scores]:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of every entry over all processes' shards;
     top-5 is NaN with 5 classes or fewer, where it would be 100 whatever the head.
 
@@ -96,7 +101,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
     write_atomically({path: lambda tmp: torch.save(obj, tmp)})
 
 
-def _load_checkpoint(bank: HeadBank, path: Path, fingerprint: dict) -> tuple[int, list[dict]]:
+def _load_checkpoint(bank: Bank, path: Path, fingerprint: dict) -> tuple[int, list[dict]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fingerprint:
         diff = sorted(k for k in set(fingerprint) | set(state.get("fingerprint", {}))
@@ -107,7 +112,7 @@ def _load_checkpoint(bank: HeadBank, path: Path, fingerprint: dict) -> tuple[int
     return int(state["epoch"]), list(state["history"])
 
 
-def train_epoch(bank: HeadBank, batches: Iterator[Batch], plan: BatchPlan, schedule: Schedule, epoch: int,
+def train_epoch(bank: Bank, batches: Iterator[Batch], plan: BatchPlan, schedule: Schedule, epoch: int,
                 device: torch.device, bar: tqdm) -> list[float]:
     """One epoch of accumulated optimizer steps; returns every entry's mean training loss (all processes).
 
@@ -151,10 +156,10 @@ def train_epoch(bank: HeadBank, batches: Iterator[Batch], plan: BatchPlan, sched
     return (loss_sum / seen.clamp_min(1)).cpu().tolist()
 
 
-def evaluation_rows(bank: HeadBank, epoch: int, train_loss: list[float], val_batches: Iterable[Batch],
+def evaluation_rows(bank: Bank, epoch: int, train_loss: list[float], val_batches: Iterable[Batch],
                     holdout_batches: Iterable[Batch] | None, device: torch.device) -> list[dict]:
     """One history row per entry after ``epoch`` epochs: validation top-1/top-5 and, with a held-out split,
-    the held-out top-1 and loss (NaN without)."""
+    the held-out top-1 and loss (NaN without); the entries of a block bank also give their ``block``."""
     val = evaluate_bank(bank, val_batches, device)
     nan = Scores(float("nan"), float("nan"), float("nan"))
     held = evaluate_bank(bank, holdout_batches, device) if holdout_batches is not None else [nan] * len(val)
@@ -162,12 +167,13 @@ def evaluation_rows(bank: HeadBank, epoch: int, train_loss: list[float], val_bat
         scores, where = (held, "held-out") if holdout_batches is not None else (val, "val")
         best = max(range(len(scores)), key=lambda i: scores[i].top1)
         log.info("epoch %d: best %s (%s top-1 %.2f)", epoch, bank.names[best], where, scores[best].top1)
-    return [{"head": e.spec.name, "lr": e.lr, "epoch": epoch, "top1": v.top1, "top5": v.top5, "train_loss": loss,
-             "holdout_top1": h.top1, "holdout_loss": h.loss}
+    return [{**({"block": e.block} if isinstance(e, BlockEntry) else {}), "head": e.spec.name, "lr": e.lr,
+             "epoch": epoch, "top1": v.top1, "top5": v.top5, "train_loss": loss, "holdout_top1": h.top1,
+             "holdout_loss": h.loss}
             for e, v, h, loss in zip(bank.entries, val, held, train_loss)]
 
 
-def train_bank(bank: HeadBank, *, plan: BatchPlan, train_batches: Callable[[int], Iterator[Batch]],
+def train_bank(bank: Bank, *, plan: BatchPlan, train_batches: Callable[[int], Iterator[Batch]],
                val_batches: Callable[[], Iterable[Batch]], schedule: Schedule, device: torch.device,
                holdout_batches: Callable[[], Iterable[Batch]] | None = None, checkpoint: Path | None = None,
                resume: bool = False, fingerprint: dict | None = None,
@@ -175,7 +181,8 @@ def train_bank(bank: HeadBank, *, plan: BatchPlan, train_batches: Callable[[int]
     """Train every entry of ``bank`` and return its per-epoch history.
 
     Args:
-        bank: the heads (already on ``device``).
+        bank: the heads (already on ``device``): a :class:`HeadBank`, or a
+            :class:`~attnflow.probes.blockbank.BlockBank` fed with tokens ``[n, L, P + N, D]``.
         plan: the batch plan (steps per epoch, accumulation); ``train_batches(epoch)`` must yield exactly
             ``plan.steps_per_epoch * plan.accum_steps`` micro-batches of this process, in plan order.
         train_batches: epoch -> iterator of ``(tokens, labels)`` micro-batches.
@@ -190,8 +197,9 @@ def train_bank(bank: HeadBank, *, plan: BatchPlan, train_batches: Callable[[int]
         progress: show a tqdm bar (main process only).
 
     Returns:
-        Rows ``{head, lr, epoch, top1, top5, train_loss, holdout_top1, holdout_loss}``, one per entry and
-        evaluated epoch (``epoch`` = epochs completed, 1-based); accuracies in percent.
+        Rows ``{head, lr, epoch, top1, top5, train_loss, holdout_top1, holdout_loss}`` (and ``block`` for a
+        :class:`~attnflow.probes.blockbank.BlockBank`), one per entry and evaluated epoch (``epoch`` = epochs
+        completed, 1-based); accuracies in percent.
     """
     world = current_world()
     start, history = 0, list[dict]()

@@ -237,7 +237,12 @@ class ProbeConfig:
         train_aug: ``"rrc-flip"`` (RandomResizedCrop + horizontal flip) or ``"none"`` (the eval transform).
         rrc_scale: RandomResizedCrop area range.
         layernorm: apply the encoder's final norm to the tokens (the paper: no).
-        block: encoder block whose tokens are read (-1: last).
+        block: encoder block whose tokens are read (0-based; -1: last).
+        blocks: several encoder blocks, each with its own heads, all read from one forward pass (the paper's
+            Sec. 6 outlook: Selective Aggregation of internal blocks): block indices counted from 0 as ``block``
+            (negative from the end; the paper's 1-based "blocks 6, 9, 12" of ViT-B are ``[5, 8, 11]``) or
+            ``"all"``; ``None`` (default): only ``block``. When set it replaces ``block``, which must then be
+            left at -1. See :func:`parse_blocks`.
         amp: encoder autocast, one of :data:`attnflow.options.PRECISIONS` (``none`` is read as ``fp32``).
         head_init: classifier init, ``"default"`` (torch, the paper's code) or ``"mae"``.
         cache: extract tokens once to disk and train from the cache (small datasets).
@@ -275,6 +280,7 @@ class ProbeConfig:
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     layernorm: bool = False
     block: int = -1
+    blocks: list[int] | str | None = None
     amp: str = "auto"
     head_init: str = "default"
     cache: bool = False
@@ -371,6 +377,32 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def parse_blocks(value: Any) -> list[int] | str | None:
+    """``blocks`` as a run records it: ``"all"``, a list of block indices, or ``None``.
+
+    Accepts ``"all"``, a comma-separated string (``"5,8,11"``), one integer or a list of integers; indices are
+    0-based (negative from the end) and are checked against the model when it is loaded
+    (:func:`attnflow.encode.resolve_blocks`).
+
+    Raises:
+        OptionError: anything else (e.g. ``"6-12"`` or an empty list).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() == "all":
+            return "all"
+        value = [v for v in value.split(",") if v.strip()]
+    values = [value] if isinstance(value, (int, str)) else list(value)
+    try:
+        blocks = [int(v) for v in values if not isinstance(v, (bool, float))]
+    except (TypeError, ValueError):
+        blocks = []
+    if not values or len(blocks) != len(values):
+        raise OptionError(f"blocks must be 'all' or block indices counted from 0 (e.g. 5,8,11), got {value!r}")
+    return blocks
+
+
 def _coerce(name: str, value: Any) -> Any:
     if name in ("lr", "seeds") and value is not None and not isinstance(value, (list, tuple)):
         value = [value]
@@ -388,6 +420,8 @@ def _coerce(name: str, value: Any) -> Any:
         value = parse_precision(value)
     if name == "eval_amp":
         value = _eval_amp(value)
+    if name == "blocks":
+        value = parse_blocks(value)
     if name in _CHOICES and value not in _CHOICES[name]:
         raise unknown(name, str(value), _CHOICES[name])
     return value
@@ -443,6 +477,7 @@ def check_config(config: ProbeConfig) -> None:
                  weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs, min_lr=config.min_lr,
                  head_init=config.head_init, eval_every=config.eval_every, seed=min(config.seeds),
                  eval_amp=config.eval_amp)
+    _check_blocks(config)
     if config.split_file is not None and config.task != "imagenet-1pct":
         raise AttnflowError(f"split_file applies to task imagenet-1pct only, not {config.task!r} "
                             "(its train split is the dataset's own)")
@@ -456,3 +491,21 @@ def check_config(config: ProbeConfig) -> None:
             raise AttnflowError(f"aggregation {config.aggregation} gives one fixed-weight token per image: only the "
                                 f"cls head reads it, not {', '.join(others)}; use heads cls (the default with "
                                 "an aggregation)")
+
+
+def _check_blocks(config: ProbeConfig) -> None:
+    """``blocks`` is well formed, replaces ``block`` (left at -1) and is not combined with a fixed aggregation
+    (which gives one token of one block per image).
+
+    Raises:
+        OptionError: either conflict, or a malformed ``blocks``.
+    """
+    config.blocks = parse_blocks(config.blocks)
+    if config.blocks is None:
+        return
+    if config.block != -1:
+        raise OptionError(f"block {config.block} and blocks {config.blocks} are both set; give one (blocks reads "
+                          "every block it lists)")
+    if config.aggregation is not None:
+        raise OptionError(f"aggregation {config.aggregation} gives one fixed-weight token of one block per image; "
+                          "use block, not blocks")

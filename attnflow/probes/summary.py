@@ -7,6 +7,10 @@ data); a grid trained without a held-out split (``holdout = 0``, or a table writ
 shows the lr with the highest mean, a choice made on the validation set, as this command always did; ``lr="all"``
 shows every lr. Heads follow the order asked for, else :data:`TABLE_ORDER`. A model whose
 runs had random weights is marked with a dagger and a footnote: its numbers mean nothing.
+
+Blocks: run tables say which encoder block (0-based ``block``) each head read. Where a (model, task) has heads of
+several blocks (a several-block run, or runs on different blocks) the table keeps them apart as
+``head@block=B``; ``by_block=True`` keeps ``block`` as a column instead (the per-block probe figure's data).
 """
 
 from __future__ import annotations
@@ -34,25 +38,49 @@ probing (ap1, ap12) last, so that K patterns sit between AbMILP and AP; other he
 appearance."""
 
 
+def _qualifiers(label: str) -> list[tuple[str, float, str]]:
+    """Sort key of a label's ``@key=value`` parts, numbers by value (``@block=9`` before ``@block=10``)."""
+    key = []
+    for part in label.split("@")[1:]:
+        name, _, value = part.partition("=")
+        try:
+            key.append((name, float(value), ""))
+        except ValueError:
+            key.append((name, float("inf"), value))
+    return key
+
+
 def head_order(present: list[str], heads: list[str] | None = None) -> list[str]:
     """``present`` heads in ``heads`` order when given (others left out), else in :data:`TABLE_ORDER`; a grid
-    column ``head@lr=x`` sits with its head."""
+    column ``head@lr=x`` or a block's column ``head@block=B`` sits with its head, by increasing lr or block."""
     base = [h.split("@")[0] for h in present]
     order = list(heads) if heads else [*TABLE_ORDER, *dict.fromkeys(b for b in base if b not in TABLE_ORDER)]
-    return [h for _, h in sorted((order.index(b), h) for b, h in zip(base, present) if b in order)]
+    ranked = sorted((order.index(b), _qualifiers(h), h) for b, h in zip(base, present) if b in order)
+    return [h for _, _, h in ranked]
 
 
-def _keep_lrs(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, task, head, seed) the rows of the kept lr: the run's ``selected`` lr, or for a grid that no
-    held-out split chose, the lr with the best mean over seeds."""
-    seed_keys = ["model", "task", "head", "seed"]
-    open_ = ~per_seed.groupby(seed_keys, sort=False)["selected"].transform("any")
+def _keep_lrs(per_seed: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per ``keys`` (e.g. model, task, head) and seed the rows of the kept lr: the run's ``selected`` lr, or for a
+    grid that no held-out split chose, the lr with the best mean over seeds."""
+    open_ = ~per_seed.groupby([*keys, "seed"], sort=False)["selected"].transform("any")
     if open_.any():
-        means = per_seed[open_].groupby(["model", "task", "head", "lr"], sort=False)["top1"].mean()
-        best = set(means.groupby(level=[0, 1, 2], sort=False).idxmax())
-        chosen = [key in best for key in zip(per_seed["model"], per_seed["task"], per_seed["head"], per_seed["lr"])]
+        means = per_seed[open_].groupby([*keys, "lr"], sort=False)["top1"].mean()
+        best = set(means.groupby(level=list(range(len(keys))), sort=False).idxmax())
+        chosen = [key in best for key in per_seed[[*keys, "lr"]].itertuples(index=False, name=None)]
         per_seed = per_seed.assign(selected=per_seed["selected"] | (open_ & pd.Series(chosen, index=per_seed.index)))
     return per_seed[per_seed["selected"]]
+
+
+def _with_blocks(frame: pd.DataFrame, by_block: bool) -> pd.DataFrame:
+    """``block`` as integers (-1 for tables written before runs recorded it); unless ``by_block``, the heads of a
+    (model, task) that has several blocks renamed ``head@block=B`` (and ``block`` dropped)."""
+    blocks = frame["block"] if "block" in frame.columns else pd.Series(-1, index=frame.index)
+    frame = frame.assign(block=blocks.fillna(-1).astype(int))
+    if by_block:
+        return frame
+    several = frame.groupby(["model", "task"], sort=False)["block"].transform("nunique") > 1
+    heads = [f"{h}@block={b}" if s else h for h, b, s in zip(frame["head"], frame["block"], several)]
+    return frame.assign(head=heads).drop(columns="block")
 
 
 def _check_one_run_per_seed(frame: pd.DataFrame, keys: list[str]) -> None:
@@ -64,8 +92,8 @@ def _check_one_run_per_seed(frame: pd.DataFrame, keys: list[str]) -> None:
         raise AttnflowError(f"{what} appears in several runs ({', '.join(where)}); pass only one of them")
 
 
-def summarize(frame: pd.DataFrame, *, value: str = "final", lr: str = "best", heads: list[str] | None = None
-              ) -> pd.DataFrame:
+def summarize(frame: pd.DataFrame, *, value: str = "final", lr: str = "best", heads: list[str] | None = None,
+              by_block: bool = False) -> pd.DataFrame:
     """Mean and std over seeds of each (model, task, head) at its kept lr, or of each (head, lr).
 
     Args:
@@ -75,18 +103,21 @@ def summarize(frame: pd.DataFrame, *, value: str = "final", lr: str = "best", he
         lr: ``"best"`` (each head at its kept lr, see the module docstring) or ``"all"`` (every lr; a head with
             several becomes ``head@lr=x``).
         heads: the head order (default :data:`TABLE_ORDER`).
+        by_block: one row per (model, task, block, head), with a ``block`` column after ``task`` (blocks
+            ascending); else the heads of several blocks are named ``head@block=B`` (see the module docstring).
 
     Returns:
-        Columns :data:`SUMMARY_COLUMNS`, models and tasks in order of first appearance, heads in ``heads``
-        order; ``lr`` is NaN where the seeds kept different lrs.
+        Columns :data:`SUMMARY_COLUMNS` (with ``block`` when ``by_block``), models and tasks in order of first
+        appearance, heads in ``heads`` order; ``lr`` is NaN where the seeds kept different lrs.
     """
     if value not in ("final", "best") or lr not in ("best", "all"):
         raise AttnflowError("value must be final or best, lr must be best or all")
-    frame = frame.assign(lr=frame["lr"].fillna(-1.0))
+    frame = _with_blocks(frame.assign(lr=frame["lr"].fillna(-1.0)), by_block)
     for column, default in (("run", ""), ("selected", False), ("random_init", False)):
         if column not in frame.columns:
             frame[column] = default
-    keys = ["model", "task", "head", "lr", "seed"]
+    base = ["model", "task", *(["block"] if by_block else []), "head"]
+    keys = [*base, "lr", "seed"]
     _check_one_run_per_seed(frame, keys)
     grouped = frame.groupby(keys, sort=False)
     if value == "final":
@@ -97,13 +128,13 @@ def summarize(frame: pd.DataFrame, *, value: str = "final", lr: str = "best", he
         per_seed = grouped.agg(top1=("top1", "max"), selected=("selected", "any"))
     per_seed = per_seed.reset_index()
     if lr == "best":
-        per_seed = _keep_lrs(per_seed)
-        group = ["model", "task", "head"]
+        per_seed = _keep_lrs(per_seed, base)
+        group = base
     else:
-        several = per_seed.groupby(["model", "task", "head"], sort=False)["lr"].transform("nunique") > 1
+        several = per_seed.groupby(base, sort=False)["lr"].transform("nunique") > 1
         per_seed.loc[several, "head"] = [f"{h}@lr={x:g}" for h, x in zip(per_seed.loc[several, "head"],
                                                                           per_seed.loc[several, "lr"])]
-        group = ["model", "task", "head", "lr"]
+        group = [*base, "lr"]
     stats = per_seed.groupby(group, sort=False).agg(
         mean=("top1", "mean"), std=("top1", "std"), n_seeds=("top1", "count"),
         lr_=("lr", lambda x: x.iloc[0] if x.nunique() == 1 else float("nan"))).reset_index()
@@ -111,16 +142,22 @@ def summarize(frame: pd.DataFrame, *, value: str = "final", lr: str = "best", he
     stats["lr"] = stats["lr"].where(stats["lr"] >= 0)
     random = frame.groupby("model", sort=False)["random_init"].any()
     stats["random_init"] = stats["model"].map(random).astype(bool)
-    return _ordered(stats.loc[:, list(SUMMARY_COLUMNS)], heads)
+    columns = list(SUMMARY_COLUMNS)
+    if by_block:
+        columns.insert(2, "block")
+    return _ordered(stats.loc[:, columns], heads)
 
 
 def _ordered(stats: pd.DataFrame, heads: list[str] | None) -> pd.DataFrame:
-    """Rows grouped by model and task (first appearance), heads in :func:`head_order` within each."""
+    """Rows grouped by model and task (first appearance), then by block (ascending, when a column), heads in
+    :func:`head_order` within each."""
     rank = {h: i for i, h in enumerate(head_order(list(dict.fromkeys(stats["head"])), heads))}
     models = {m: i for i, m in enumerate(dict.fromkeys(stats["model"]))}
     tasks = {t: i for i, t in enumerate(dict.fromkeys(stats["task"]))}
     stats = stats[stats["head"].isin(rank)]
-    key = [(models[m], tasks[t], rank[h]) for m, t, h in zip(stats["model"], stats["task"], stats["head"])]
+    blocks = stats["block"] if "block" in stats.columns else [0] * len(stats)
+    key = [(models[m], tasks[t], int(b), rank[h])
+           for m, t, b, h in zip(stats["model"], stats["task"], blocks, stats["head"])]
     return stats.iloc[sorted(range(len(key)), key=key.__getitem__)].reset_index(drop=True)
 
 

@@ -25,14 +25,15 @@ from torch.utils.data import Dataset, Subset
 from ..dist import World, broadcast_module, current_world, gather_objects, init_from_env, wait_for_main
 from ..options import autocast_dtype, default_workers, dtype_name
 from .bank import HeadBank
+from .blockbank import BlockBank, BlockEntry
 from .cache import TokenCache, extract_tokens
-from ..encode import TokenEncoder
+from ..encode import BlockTokenEncoder, TokenEncoder, resolve_blocks
 from .fit import RESULT_COLUMNS, check_classes, result_tables
 from ..models.record import model_record
 from .backbone import backbone_record
 from .holdout import HoldoutSplit, held_out_total, holdout_split, no_split
 from .imagedata import SeededDataset, dataset_labels, image_loader
-from .loop import Batch, Schedule, train_bank
+from .loop import Bank, Batch, Schedule, train_bank
 from .outputs import safe_name, save_head, write_run_table
 from .protocols import ProbeConfig, TrainOptions
 from .sampler import BatchPlan, shard_range
@@ -82,14 +83,16 @@ class SkippedImages:
 
 
 def _encode(encoder: TokenEncoder, images: torch.Tensor, shape: list) -> torch.Tensor:
-    """Tokens of a batch; an empty batch (every image unreadable) gives ``[0, T, D]``.
+    """Tokens of a batch (``[B, T, D]``, or ``[B, L, T, D]`` from a :class:`BlockTokenEncoder`); an empty batch
+    (every image unreadable) gives ``B = 0``.
 
-    Before the first readable batch ``T`` is unknown, and the empty batch gets one patch token (after [cls]):
-    no head has parameters that depend on ``T``, but pooling needs a patch. (Under torchrun an empty shard of a
-    micro-batch still goes through the heads: their BatchNorm statistics and gradients are summed over processes.)
+    Before the first readable batch ``T`` is unknown, and the empty batch gets one patch token (after [cls],
+    :meth:`TokenEncoder.empty`): no head has parameters that depend on ``T``, but pooling needs a patch. (Under
+    torchrun an empty shard of a micro-batch still goes through the heads: their BatchNorm statistics and
+    gradients are summed over processes.)
     """
     if images.numel() == 0:
-        return torch.zeros(0, *shape[1:]) if shape else torch.zeros(0, int(encoder.has_cls) + 1, encoder.dim)
+        return torch.zeros(0, *shape[1:]) if shape else encoder.empty()
     tokens = encoder(images)
     shape[:] = list(tokens.shape)
     return tokens
@@ -202,9 +205,13 @@ TokenSource = ImageSource | CacheSource
 
 def make_encoder(model: torch.nn.Module, config: ProbeConfig, device: torch.device, model_name: str,
                  reference: torch.nn.Module | None) -> tuple[TokenEncoder, dict[str, Any] | None]:
-    """The frozen encoder (rank 0's weights on every process) and the provenance of a fixed aggregation."""
+    """The frozen encoder (rank 0's weights on every process) and the provenance of a fixed aggregation.
+
+    With ``config.blocks`` naming several blocks the encoder is a :class:`BlockTokenEncoder` (tokens ``[B, L, T,
+    D]`` of every block from one forward); one listed block is the same run as ``block`` set to it."""
     encoder: TokenEncoder
     aggregation: dict[str, Any] | None = None
+    blocks = resolve_blocks(model, config.blocks) if config.blocks is not None else None
     if config.aggregation is not None:  # one fixed-weight token per image (paper Table 5)
         from ..aggregation.capture import FixedAggregationEncoder
 
@@ -214,8 +221,11 @@ def make_encoder(model: torch.nn.Module, config: ProbeConfig, device: torch.devi
         if encoder.reference is not None:
             broadcast_module(encoder.reference)
         aggregation = encoder.describe()
+    elif blocks is not None and len(blocks) > 1:
+        encoder = BlockTokenEncoder(model, blocks=blocks, layernorm=config.layernorm, amp=config.amp, device=device)
     else:
-        encoder = TokenEncoder(model, block=config.block, layernorm=config.layernorm, amp=config.amp, device=device)
+        encoder = TokenEncoder(model, block=blocks[0] if blocks else config.block, layernorm=config.layernorm,
+                               amp=config.amp, device=device)
     broadcast_module(encoder.model)  # every process encodes with rank 0's weights (matters for random_init)
     return encoder, aggregation
 
@@ -259,18 +269,39 @@ class ProbeRun:
     world: World
     device: torch.device
 
+    @property
+    def blocks(self) -> list[int]:
+        """The blocks whose heads the run trains (0-based, ascending): several from a :class:`BlockTokenEncoder`,
+        else the encoder's one block."""
+        return list(getattr(self.encoder, "blocks", [self.encoder.block]))
+
+    @property
+    def several_blocks(self) -> bool:
+        """Whether the run trains the heads of several blocks (a :class:`BlockBank`, tokens ``[n, L, T, D]``)."""
+        return isinstance(self.encoder, BlockTokenEncoder)
+
+    def make_bank(self, options: TrainOptions, lrs: list[float]) -> Bank:
+        """The heads of one seed: a :class:`HeadBank`, or a :class:`BlockBank` (one bank per block)."""
+        kw: dict[str, Any] = dict(dim=self.encoder.dim, num_classes=self.data.num_classes,
+                                  has_cls=self.encoder.has_cls)
+        if self.several_blocks:
+            return BlockBank.from_options(self.blocks, self.specs, lrs, options, **kw)
+        return HeadBank.from_options(self.specs, lrs, options, **kw)
+
     def split(self, seed: int) -> HoldoutSplit:
         """The seed's held-out split of the training samples (none unless the run chooses lrs)."""
         if not self.config.selects_lr:
             return no_split(self.source.size())
         return holdout_split(self.source.train_labels(), self.config.holdout, seed)
 
-    def fingerprint(self, options: TrainOptions, bank: HeadBank, split: HoldoutSplit) -> dict[str, Any]:
+    def fingerprint(self, options: TrainOptions, bank: Bank, split: HoldoutSplit) -> dict[str, Any]:
         """Every setting that changes the training (not: seeds, workers, eval cadence, micro-batch size) or the
         scores (``eval_amp``, recorded when not the default ``fp32``, so runs from before it existed resume); a
-        resume with other ones would mix two runs in one table."""
-        skip = ("seeds", "workers", "eval_every", "micro_batch", *(("eval_amp",) if self.config.eval_amp == "fp32"
-                                                                    else ()))
+        resume with other ones would mix two runs in one table. ``blocks`` is recorded as resolved (``5,8,11`` and
+        ``5,8,-1`` of a 12-block model are the same run), and only when set, so runs from before it existed
+        resume."""
+        skip = ("seeds", "workers", "eval_every", "micro_batch", "blocks",
+                *(("eval_amp",) if self.config.eval_amp == "fp32" else ()))
         fingerprint = {"model": self.model_name, "checkpoint_sha256": self.model_info.get("sha256"),
                        "encoder": self.encoder.fingerprint, "task": self.config.task, "heads": bank.names,
                        "seed": options.seed, "epochs": options.epochs, "batch_size": options.batch_size,
@@ -281,6 +312,8 @@ class ProbeRun:
                        "config": {k: v for k, v in self.config.to_dict().items() if k not in skip}}
         if self.config.aggregation is not None:
             fingerprint["aggregation"] = self.config.aggregation
+        if self.config.blocks is not None:
+            fingerprint["blocks"] = self.blocks
         return fingerprint
 
 
@@ -292,8 +325,7 @@ def train_seed(run: ProbeRun, seed: int, *, resume: bool, progress: bool) -> tup
                                        model_size=run.model_size)
     plan = BatchPlan(len(split.fit), options.resolved_batch(len(split.fit)), options.accum_steps, run.world.size,
                      run.world.rank, seed)
-    bank = HeadBank.from_options(run.specs, options.peak_lrs(plan.batch_size), options, dim=run.encoder.dim,
-                                 num_classes=run.data.num_classes, has_cls=run.encoder.has_cls).to(run.device)
+    bank = run.make_bank(options, options.peak_lrs(plan.batch_size)).to(run.device)
     broadcast_module(bank)
     batches = run.source.batches(plan, seed, split)
     seed_dir = run.out / f"seed{seed}"
@@ -308,28 +340,39 @@ def train_seed(run: ProbeRun, seed: int, *, resume: bool, progress: bool) -> tup
     return history, options
 
 
-def save_heads(run: ProbeRun, folder: Path, bank: HeadBank, table: pd.DataFrame, options: TrainOptions) -> None:
-    """Save every trained head with its provenance, last-epoch accuracy and whether its lr was kept; the kept head
-    of a grid is also saved under its spec's own name (``heads/abmilp.pt``), as the head of a one-lr run is."""
+def save_heads(run: ProbeRun, folder: Path, bank: Bank, table: pd.DataFrame, options: TrainOptions) -> None:
+    """Save every trained head with its provenance, block (0-based), last-epoch accuracy and whether its lr was
+    kept; the kept head of a grid is also saved under its spec's own name (``heads/abmilp.pt``), as the head of a
+    one-lr run is. The heads of a several-block run go to one folder per block, ``heads/block{B}/``."""
     backbone = backbone_record(run.encoder.model)  # see check_head
     for entry in bank.entries:
+        block = entry.block if isinstance(entry, BlockEntry) else run.encoder.block
         row = table[(table["head"] == entry.spec.name) & (table["lr"] == entry.lr)]
+        row = row[row["block"] == block] if "block" in row.columns else row
         meta = {"model": run.model_name, "task": run.config.task, "seed": options.seed, "lr": entry.lr,
                 "epochs": options.epochs, "top1": float(row["top1"].iloc[0]) if len(row) else None,
                 "selected": bool(row["selected"].iloc[0]) if len(row) else None,
-                "block": run.config.block, "layernorm": run.config.layernorm, **backbone}
+                "block": block, "layernorm": run.config.layernorm, **backbone}
         if run.config.aggregation is not None:
             meta["aggregation"] = run.config.aggregation
-        save_head(folder / f"{safe_name(entry.name)}.pt", entry.head, meta=meta)
-        if meta["selected"] and entry.name != entry.spec.name:
-            save_head(folder / f"{safe_name(entry.spec.name)}.pt", entry.head, meta=meta)
+        where = folder / f"block{block}" if isinstance(entry, BlockEntry) else folder
+        name = entry.name.split("/", 1)[1] if isinstance(entry, BlockEntry) else entry.name
+        save_head(where / f"{safe_name(name)}.pt", entry.head, meta=meta)
+        if meta["selected"] and name != entry.spec.name:
+            save_head(where / f"{safe_name(entry.spec.name)}.pt", entry.head, meta=meta)
 
 
 def chosen_lrs(table: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """``{"seed0": {head: lr}}`` of the lrs a run kept (its only lr, or the one chosen on held-out data)."""
+    """``{"seed0": {head: lr}}`` of the lrs a run kept (its only lr, or the one chosen on held-out data); the heads
+    of a several-block run are named ``block{B}/{head}``."""
     last = table[table["epoch"] == table.groupby("seed")["epoch"].transform("max")]
     kept = last[last["selected"]]
-    return {f"seed{s}": dict(zip(rows["head"], rows["lr"])) for s, rows in kept.groupby("seed", sort=False)}
+    several = "block" in table.columns and table["block"].nunique() > 1
+
+    def names(rows: pd.DataFrame) -> list[str]:
+        return [f"block{b}/{h}" for b, h in zip(rows["block"], rows["head"])] if several else list(rows["head"])
+
+    return {f"seed{s}": dict(zip(names(rows), rows["lr"])) for s, rows in kept.groupby("seed", sort=False)}
 
 
 def _run_meta(run: ProbeRun, options: TrainOptions, table: pd.DataFrame, aggregation: dict | None
@@ -340,6 +383,7 @@ def _run_meta(run: ProbeRun, options: TrainOptions, table: pd.DataFrame, aggrega
             "lr_selection": "held-out" if options.selects_lr else None,
             "n_holdout": len(run.split(options.seed).held), "chosen_lrs": chosen_lrs(table),
             "has_cls": run.encoder.has_cls, "dim": run.encoder.dim, "device": str(run.device),
+            "blocks": run.blocks, "n_blocks": len(getattr(run.encoder.model, "blocks")),
             "cache": str(run.out / "cache") if run.config.cache else None}
     if aggregation is not None:
         meta["aggregation"] = aggregation
@@ -365,10 +409,12 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
         reference: the reference model of a ``reference:<name>`` aggregation (``config.aggregation``).
 
     Returns:
-        The run table (columns ``model, task`` + :data:`attnflow.probes.fit.RESULT_COLUMNS`), every evaluated
-        epoch of every seed. ``results.json`` counts the unreadable files met per split (``images_skipped``:
-        ``train`` covers the held-out images, ``val``) and lists each (``skipped``); ``data.n_train`` and
-        ``data.n_val`` count the files, readable or not.
+        The run table (columns ``model, task, block`` + :data:`attnflow.probes.fit.RESULT_COLUMNS`; ``block``
+        0-based), every evaluated epoch of every seed; with ``config.blocks`` naming several blocks, every block's
+        heads, trained from one encoder pass per micro-batch (:class:`~attnflow.probes.blockbank.BlockBank`).
+        ``results.json`` counts the unreadable files met per split (``images_skipped``: ``train`` covers the
+        held-out images, ``val``) and lists each (``skipped``); ``data.n_train`` and ``data.n_val`` count the
+        files, readable or not.
     """
     out = Path(out_dir)
     world, device = init_from_env(device)
@@ -384,7 +430,9 @@ def probe_images(model: torch.nn.Module, data: TaskData, config: ProbeConfig, ou
     seeds = [train_seed(run, seed, resume=resume, progress=progress) for seed in config.seeds]
     skipped = source.skipped.gathered()
     table = pd.concat([h for h, _ in seeds], ignore_index=True).assign(model=model_name, task=config.task)
-    table = table.loc[:, ["model", "task", *RESULT_COLUMNS]]
+    if "block" not in table.columns:
+        table["block"] = encoder.block
+    table = table.loc[:, ["model", "task", "block", *RESULT_COLUMNS]]
     if aggregation is not None:  # the cls head read the fixed-weight token: name the column after the source
         table["head"] = f"fixed:{config.aggregation}"
     if world.is_main:
@@ -402,7 +450,7 @@ def resolved_settings(config: ProbeConfig, data: TaskData, *, device: torch.devi
     held = held_out_total(dataset_labels(data.train), config.holdout) if config.selects_lr else 0
     options = config.train_options(min(config.seeds), n_train=n - held, world_size=world_size,
                                    model_size=model_size)
-    return {"task": config.task, "heads": config.heads, "train images": n, "held out": held,
+    return {"task": config.task, "heads": config.heads, "blocks": config.blocks, "train images": n, "held out": held,
             "base lrs": None if options.lr is not None else list(options.base_lr), "lrs": options.peak_lrs(),
             "lr choice": "per head, on the held-out images" if config.selects_lr else (
                 "none: every lr is reported" if options.grid_size > 1 else "fixed"),
