@@ -121,6 +121,43 @@ def test_blocks_out_of_order_shapes_and_sources_are_refused():
         parse_source("rolout")
 
 
+def test_real_models_match_the_published_code_in_capture_maps_and_feature(photos):
+    images = torch.stack([torch.as_tensor(np.array(photos[k][:64, :64]), dtype=torch.float32).permute(2, 0, 1)
+                          / 255 - 0.5 for k in sorted(photos)[:2]])
+    with_cls = tiny_model(img_size=64, reg_tokens=2, depth=3)           # [cls] + 2 registers + 4x4 patches
+    without = tiny_model(img_size=64, reg_tokens=1, class_token=False, global_pool="avg")
+    for model, prefix, has_cls in ((with_cls, 3, True), (without, 1, False)):
+        with AttentionTap(model) as tap, torch.no_grad():
+            model(images)
+            maps, lay = tap.maps, tap.layout
+        assert (lay.num_prefix, lay.has_cls) == (prefix, has_cls)
+        want = published_vectors(maps, prefix, has_cls)                                   # [2, 16]
+        capture = AggregationCapture(model, rollout=True)
+        captured = capture.capture(images)
+        np.testing.assert_allclose(capture.vectors(captured, "rollout", dtype=torch.float64).numpy(), want,
+                                   rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(captured.attn, maps[-1].float(), rtol=0, atol=0)  # the last block, as before
+        for i, pm in enumerate(capture_maps(model, images, rollout=True)):
+            np.testing.assert_allclose(pm.rollout.reshape(-1), want[i], rtol=1e-12, atol=1e-15)
+        through_block1 = published_vectors(maps[:2], prefix, has_cls)  # --block 1: blocks 0 and 1 only
+        pm = capture_maps(model, images, block=1, rollout=True)[0]
+        np.testing.assert_allclose(pm.rollout.reshape(-1), through_block1[0], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(pm.central.reshape(-1), aggregation_vectors(maps[1], lay, "central")[0],
+                                   rtol=1e-6)  # the other maps stay those of the chosen block
+    with pytest.raises(MapError, match="rollout map was not computed"):
+        capture_maps(with_cls, images)[0].get("rollout")
+    # probe feature (Table 5 accuracy): sum_i w_i x_i with the published rollout vector
+    encoder = FixedAggregationEncoder(with_cls, "rollout")
+    tokens = TokenEncoder(with_cls)(images)[:, 1:]                                          # [2, 16, 32]
+    with AttentionTap(with_cls) as tap, torch.no_grad():
+        with_cls(images)
+        want = published_vectors(tap.maps, 3, True)
+    torch.testing.assert_close(encoder(images)[:, 0], torch.einsum("bp,bpd->bd", torch.tensor(want).float(), tokens),
+                               rtol=1e-5, atol=1e-6)
+    assert encoder.describe()["rollout"]["query"] == "[cls]"
+    assert encoder.describe()["rollout"]["blocks"] == 3
+
+
 def brute_entropy(p: list[float]) -> float:
     s = sum(p)
     return -sum(x / s * math.log(x / s) for x in p if x > 0)
@@ -159,3 +196,12 @@ def test_aggregate_rollout_rows_match_the_published_code(photo_folder, tmp_path,
             want = np.mean([brute_kl(p, q) for p, q in zip(vectors[s], vectors[t])])
             assert kld[(s, t)] == pytest.approx(want, rel=1e-6, abs=1e-9), (s, t)
     assert kld[("rollout", "cls_mean")] > 0  # two different vectors (random weights: nearly uniform both)
+
+
+def test_maps_command_draws_the_rollout_kind(photo_folder, tmp_path, capsys):
+    out = tmp_path / "maps.png"
+    assert main(["maps", *MODEL, "--images", str(photo_folder), "--limit", "1", "--kind", "cls_mean", "--kind",
+                 "rollout", "--dpi", "50", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert main(["maps", *MODEL, "--images", str(photo_folder), "--kind", "rollup", "--out", str(out)]) == 2
+    assert "rollout" in capsys.readouterr().err  # the choices name it
