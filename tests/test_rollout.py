@@ -198,6 +198,53 @@ def test_aggregate_rollout_rows_match_the_published_code(photo_folder, tmp_path,
     assert kld[("rollout", "cls_mean")] > 0  # two different vectors (random weights: nearly uniform both)
 
 
+def test_localize_rollout_map_matches_the_published_code(photo_folder, tmp_path, capsys):
+    photos = sorted(photo_folder.glob("*.JPEG"))[:3]
+    sizes = {p.name: Image.open(p).size for p in photos}
+    boxes = {name: (w // 5, h // 6, 4 * w // 5 - 1, h - 1) for name, (w, h) in sizes.items()}
+    (tmp_path / "boxes.csv").write_text("path,x1,y1,x2,y2\n" + "".join(
+        f"{name},{','.join(map(str, b))}\n" for name, b in boxes.items()))
+    out = tmp_path / "loc"
+    assert main(["localize", *MODEL, "--rollout", "--data", str(photo_folder), "--boxes", str(tmp_path / "boxes.csv"),
+                 "--out", str(out), "--examples", "0", "--no-progress"]) == 0
+    assert "Attention rollout map" in capsys.readouterr().out
+    frame = pd.read_parquet(out / "localization.parquet")
+    meta = json.loads((out / "localization.json").read_text())
+    assert meta["sources"] == ["cls_mean", "rollout"] and meta["rollout"]["query"] == "[cls]"
+
+    model = load_model(ARCH, random_init=True, img_size=64, **KW)
+    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    hits = []
+    for name, (w, h) in sizes.items():  # PIL resize, one image per forward, the published rollout, brute metric
+        img = Image.open(photo_folder / name).convert("RGB").resize((64, 64), Image.BILINEAR)
+        x = ((torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1) - mean) / std)[None]
+        with AttentionTap(model) as tap, torch.no_grad():
+            model(x)
+            grid = torch.tensor(published_vectors(tap.maps, 1, True)).reshape(1, 4, 4)
+        b = boxes[name]
+        gt = [(int(b[0] * 64 / w), int(b[1] * 64 / h), int(b[2] * 64 / w), int(b[3] * 64 / h))]
+        hits.append(brute_hits(quantize_scoremaps(grid, (64, 64)).numpy()[0], gt))
+    v2, per_iou = max_box_acc_v2(hits)
+    rows = frame[frame["source"] == "rollout"]
+    assert rows[rows["metric"] == "MaxBoxAccV2"]["value"].item() == pytest.approx(v2)
+    np.testing.assert_allclose(rows[rows["metric"] == "MaxBoxAcc"]["value"], per_iou)
+
+
+def test_a_model_without_cls_localizes_its_rollout_map_without_a_head(photo_folder, tmp_path):
+    from attnflow.localize import localize, read_boxes
+    from attnflow.localize.protocol import LocalizationError
+
+    (tmp_path / "boxes.csv").write_text("path,x1,y1,x2,y2\n" + "".join(
+        f"{p.name},10,10,200,200\n" for p in sorted(photo_folder.glob("*.JPEG"))))
+    model = tiny_model(img_size=64, class_token=False, global_pool="avg")
+    truth = read_boxes(str(tmp_path / "boxes.csv"))
+    with pytest.raises(LocalizationError, match="rollout"):
+        localize(model, photo_folder, truth, img_size=64, limit=2, progress=False)
+    result = localize(model, photo_folder, truth, img_size=64, limit=2, rollout=True, progress=False)
+    assert result.meta["sources"] == ["rollout"] and result.meta["rollout"]["query"] == "mean of the patch rows"
+    assert result.labels == {"rollout": "Attention rollout map"}
+
+
 def test_maps_command_draws_the_rollout_kind(photo_folder, tmp_path, capsys):
     out = tmp_path / "maps.png"
     assert main(["maps", *MODEL, "--images", str(photo_folder), "--limit", "1", "--kind", "cls_mean", "--kind",
