@@ -5,8 +5,8 @@ One forward of the model per batch gives the last block's attention (the [cls] m
 was trained on (its map) and, when asked, the rollout product of every block (the rollout map,
 :mod:`attnflow.aggregation.rollout`, streamed block by block). The maps are resized and quantised on the device;
 the box search (a CPU task, tens of milliseconds per image and map) runs in a thread pool while the next batch is
-read and encoded, and a batch counts once all its searches are done. Under ``torch.distributed`` each process evaluates every ``world``-th
-image and the hit counts are summed, so N processes give exactly what one gives.
+read and encoded, and a batch counts once all its searches are done. Under ``torch.distributed`` each process
+evaluates every ``world``-th image and the hit counts are summed, so N processes give exactly what one gives.
 """
 
 from __future__ import annotations
