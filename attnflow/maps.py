@@ -9,11 +9,17 @@ maps with the rules of the fixed aggregations (:func:`attnflow.aggregation.vecto
 * ``cls_min_entropy``: the head whose renormalised [cls] row has the lowest entropy;
 * ``central``: the central patch's row, averaged over heads, restricted to patch keys and renormalised; the
   central patch is ``((gh - 1) // 2, (gw - 1) // 2)``, the official code's ``ca1`` patch on even grids (``(6, 6)``
-  of 14x14) and the true centre on odd ones (:func:`attnflow.aggregation.vectors.central_window`).
+  of 14x14) and the true centre on odd ones (:func:`attnflow.aggregation.vectors.central_window`);
+* ``rollout`` (when asked: it taps every block up to the chosen one): the attention rollout of blocks ``0 .. block``
+  (Abnar & Zuidema 2020; heads fused by the mean, ``0.5 * A + 0.5 * I`` rows renormalised, multiplied from the first
+  block on), read at the [cls] row (without [cls]: the mean of the patch rows) over the patches, renormalised, by
+  :func:`attnflow.aggregation.rollout.rollout_vectors`, the vectors of the statistics' and localization's
+  ``rollout`` source.
 
-Models without [cls] get only ``central``. :func:`capture_maps` runs a model on images and returns the maps of one
-block; :func:`model_maps` does it for PIL images, with the crops the model saw; :func:`aggregation_maps` gives a
-trained head's Selective Aggregation map (:func:`attnflow.aggregation.vectors.head_vectors`).
+Models without [cls] get only ``central`` (and ``rollout``). :func:`capture_maps` runs a model on images and
+returns the maps of one block; :func:`model_maps` does it for PIL images, with the crops the model saw;
+:func:`aggregation_maps` gives a trained head's Selective Aggregation map
+(:func:`attnflow.aggregation.vectors.head_vectors`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .aggregation.rollout import RolloutStream, rollout_vectors
 from .aggregation.vectors import aggregation_vectors, central_window, head_vectors
 from .encode import TokenEncoder
 from .errors import AttnflowError
@@ -37,6 +44,12 @@ if TYPE_CHECKING:
 
 MAP_KINDS: tuple[str, ...] = ("cls_mean", "cls_min_entropy", "central")
 """The maps of every image, as in the paper's Fig. 9 (models without [cls]: ``central`` only)."""
+
+ROLLOUT_KIND = "rollout"
+"""The attention-rollout map: computed only when asked (it taps every block up to the chosen one)."""
+
+KINDS: tuple[str, ...] = (*MAP_KINDS, ROLLOUT_KIND)
+"""Every map kind by name (besides ``cls_head:<h>``)."""
 
 
 class MapError(AttnflowError, ValueError):
@@ -59,6 +72,8 @@ class PatchMaps:
             [cls]).
         cls_entropy: ``[H]`` entropy of each head's renormalised [cls] -> patch row (``None`` without [cls]).
         min_entropy_head: 0-based head with the lowest ``cls_entropy`` (``None`` without [cls]).
+        rollout: ``[gh, gw]`` attention rollout of blocks ``0 .. block`` at the [cls] row (without [cls]: the mean
+            of the patch rows), over the patches, sums to 1 (``None`` unless asked for).
     """
 
     grid: tuple[int, int]
@@ -68,6 +83,7 @@ class PatchMaps:
     cls_mean: np.ndarray | None = None
     cls_entropy: np.ndarray | None = None
     min_entropy_head: int | None = None
+    rollout: np.ndarray | None = None
 
     @property
     def has_cls(self) -> bool:
@@ -80,12 +96,14 @@ class PatchMaps:
         return None if self.cls_heads is None else self.cls_heads[self.min_entropy_head]
 
     def get(self, kind: str) -> np.ndarray | None:
-        """The map called ``kind`` (one of :data:`MAP_KINDS` or ``"cls_head:<h>"``), ``None`` if absent.
+        """The map called ``kind`` (one of :data:`KINDS` or ``"cls_head:<h>"``), ``None`` if absent.
 
         Raises:
-            MapError: for an unknown kind.
+            MapError: for an unknown kind, or ``rollout`` when it was not computed.
         """
-        if kind in MAP_KINDS:
+        if kind == ROLLOUT_KIND and self.rollout is None:
+            raise MapError("the rollout map was not computed: ask for it (capture_maps / model_maps with rollout=True)")
+        if kind in KINDS:
             return getattr(self, kind)
         if kind.startswith("cls_head:"):
             if self.cls_heads is None:
@@ -94,21 +112,24 @@ class PatchMaps:
             if not 0 <= h < len(self.cls_heads):
                 raise MapError(f"head {h} out of range (the block has {len(self.cls_heads)} heads)")
             return self.cls_heads[h]
-        raise MapError(f"unknown map kind {kind!r}; choose from {', '.join(MAP_KINDS)} or cls_head:<h>")
+        raise MapError(f"unknown map kind {kind!r}; choose from {', '.join(KINDS)} or cls_head:<h>")
 
 
-def patch_maps(attn: torch.Tensor | np.ndarray, layout: TokenLayout) -> PatchMaps:
+def patch_maps(attn: torch.Tensor | np.ndarray, layout: TokenLayout, *,
+               rollout: torch.Tensor | np.ndarray | None = None) -> PatchMaps:
     """Patch-grid maps from the attention of one image in one block.
 
     Args:
         attn: ``[H, N, N]`` post-softmax attention (rows = queries), ``N = num_prefix + gh * gw``.
         layout: the forward's token layout (tokens ``[cls?, registers..., patches row-major]``).
+        rollout: ``[N, N]`` attention-rollout product of this image through this block
+            (:class:`attnflow.aggregation.rollout.RolloutStream`); gives the ``rollout`` map.
 
     Returns:
         The :class:`PatchMaps` (float64 arrays).
 
     Raises:
-        AggregationError: ``attn`` is not ``[H, N, N]`` with N matching the layout.
+        AggregationError: ``attn`` (or ``rollout``) is not ``[H, N, N]`` (``[N, N]``) with N matching the layout.
     """
     one = torch.as_tensor(np.asarray(attn) if not isinstance(attn, torch.Tensor) else attn.detach().cpu())
     one = one.to(torch.float64)[None]                                              # [1, H, N, N]
@@ -119,24 +140,31 @@ def patch_maps(attn: torch.Tensor | np.ndarray, layout: TokenLayout) -> PatchMap
 
     central = rule("central")
     central_patch = central_window((gh, gw), 1)
+    rolled = None
+    if rollout is not None:
+        product = torch.as_tensor(np.asarray(rollout) if not isinstance(rollout, torch.Tensor) else rollout.cpu())
+        rolled = rollout_vectors(product[None], layout, dtype=torch.float64)[0].numpy().reshape(gh, gw)
     if not layout.has_cls:
-        return PatchMaps(grid=(gh, gw), central_patch=central_patch, central=central)
+        return PatchMaps(grid=(gh, gw), central_patch=central_patch, central=central, rollout=rolled)
     cls_rows = one[0, :, 0, layout.num_prefix:]                                    # [H, P]
     heads = cls_rows / cls_rows.sum(dim=1, keepdim=True)
     entropy = row_entropy(cls_rows)
     return PatchMaps(grid=(gh, gw), central_patch=central_patch, central=central,
                      cls_heads=heads.numpy().reshape(-1, gh, gw), cls_mean=rule("cls_mean"),
-                     cls_entropy=entropy.numpy(), min_entropy_head=int(torch.argmin(entropy)))
+                     cls_entropy=entropy.numpy(), min_entropy_head=int(torch.argmin(entropy)), rollout=rolled)
 
 
 @torch.inference_mode()
-def capture_maps(model: nn.Module, images: torch.Tensor, *, block: int | None = None) -> list[PatchMaps]:
+def capture_maps(model: nn.Module, images: torch.Tensor, *, block: int | None = None,
+                 rollout: bool = False) -> list[PatchMaps]:
     """Run ``model`` on a batch and return the patch maps of one block (default: the last) per image.
 
     Args:
         model: a timm ViT in eval mode.
         images: ``[B, 3, H, W]`` normalised images on the model's device.
         block: 0-based block index (negative counts from the end; default: the last block).
+        rollout: also the ``rollout`` map: the attention rollout of blocks ``0 .. block`` (every block with the
+            default), streamed block by block (:class:`attnflow.aggregation.rollout.RolloutStream`).
 
     Returns:
         ``B`` :class:`PatchMaps`.
@@ -146,18 +174,26 @@ def capture_maps(model: nn.Module, images: torch.Tensor, *, block: int | None = 
         PatchSizeError: the images do not split into whole patches (the maps would not line up with them).
     """
     index = resolve_block(model, -1 if block is None else block)
-    with AttentionTap(model, blocks=[index]) as tap:
-        model(images)
-        attn = tap.maps[0].float().cpu()                                         # [B, H, N, N]
-        layout = tap.layout
-    assert layout is not None  # tap.maps verified that a forward ran, and a forward sets the layout
+    product = None
+    if rollout:
+        stream = RolloutStream(keep=index)
+        with AttentionTap(model, callback=stream, blocks=range(index + 1)) as tap:  # streamed: no map stored
+            model(images)
+        assert stream.kept is not None and stream.product is not None  # the tap verified every block fired
+        attn, product, layout = stream.kept.float().cpu(), stream.product.cpu(), tap.layout  # [B, H, N, N], [B, N, N]
+    else:
+        with AttentionTap(model, blocks=[index]) as tap:
+            model(images)
+            attn = tap.maps[0].float().cpu()                                     # [B, H, N, N]
+            layout = tap.layout
+    assert layout is not None  # the tap verified that a forward ran, and a forward sets the layout
     check_divisible(images.shape[-2:], layout.patch_size)
-    return [patch_maps(attn[i], layout) for i in range(attn.shape[0])]
+    return [patch_maps(attn[i], layout, rollout=None if product is None else product[i]) for i in range(attn.shape[0])]
 
 
 def model_maps(model: torch.nn.Module, images: Sequence[Any], *, img_size: int = 224, crop_pct: float | None = 0.875,
-               block: int | None = None, batch_size: int = 16,
-               device: torch.device | str | None = None) -> tuple[list[np.ndarray], list[PatchMaps]]:
+               block: int | None = None, batch_size: int = 16, device: torch.device | str | None = None,
+               rollout: bool = False) -> tuple[list[np.ndarray], list[PatchMaps]]:
     """Per-image maps of a model on PIL images, with the crops the model saw (for overlays).
 
     Every model gets its own normalisation but, with a fixed ``crop_pct``, the same geometric crop, so maps of
@@ -171,6 +207,7 @@ def model_maps(model: torch.nn.Module, images: Sequence[Any], *, img_size: int =
         block: 0-based block (default: the last).
         batch_size: images per forward pass.
         device: where to run (default: the model's device).
+        rollout: also the attention-rollout map of blocks ``0 .. block`` (see :func:`capture_maps`).
 
     Returns:
         ``(crops, maps)``: uint8 ``[img_size, img_size, 3]`` crops and one :class:`PatchMaps` per image.
@@ -191,7 +228,7 @@ def model_maps(model: torch.nn.Module, images: Sequence[Any], *, img_size: int =
     maps: list[PatchMaps] = []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(img) for img in images[start:start + batch_size]])   # [B, 3, S, S]
-        maps.extend(capture_maps(model, batch.to(device), block=block))
+        maps.extend(capture_maps(model, batch.to(device), block=block, rollout=rollout))
         crops.extend(denormalize(batch, config["mean"], config["std"]))
     return crops, maps
 

@@ -46,3 +46,24 @@ def brute_force_metrics(attn: torch.Tensor, P: int, has_cls: bool, grid, patch) 
             for name, value in brute_force_head(attn[b, h].double().numpy(), P, has_cls, grid, patch).items():
                 out[b, h, METRICS.index(name)] = value
     return out
+
+
+def published_rollout(maps: list[np.ndarray]) -> np.ndarray:
+    """Attention rollout as Abnar & Zuidema's published code computes it (samiraabnar/attention_flow,
+    ``compute_joint_attention(att_mat, add_residual=True)``; the ViT ports average the heads first), in numpy:
+    ``att = mean over heads``, ``aug = att + I`` with each row divided by its sum, ``joint[0] = aug[0]``,
+    ``joint[l] = aug[l] @ joint[l - 1]``; returns ``joint[-1]``.
+
+    Args:
+        maps: one ``[B, H, N, N]`` array per block, first block first.
+
+    Returns:
+        ``[B, N, N]`` float64.
+    """
+    att_mat = np.stack([np.asarray(m, np.float64).mean(axis=1) for m in maps])          # [L, B, N, N]
+    aug = att_mat + np.eye(att_mat.shape[-1])[None, None]
+    aug = aug / aug.sum(axis=-1)[..., None]
+    joint = aug[0]
+    for layer in range(1, aug.shape[0]):
+        joint = np.einsum("bij,bjk->bik", aug[layer], joint)
+    return joint

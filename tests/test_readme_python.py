@@ -63,6 +63,7 @@ def _check_figures(env: dict[str, Any], cwd: Path, photos: Path) -> None:
     assert (cwd / "figs" / "metrics.pdf").stat().st_size > 0
     maps = env["maps"]
     assert len(maps) == 2 and maps[0].cls_mean.shape == (14, 14) and 0 <= maps[0].min_entropy_head < 4
+    assert maps[0].rollout.shape == (14, 14) and abs(maps[0].rollout.sum() - 1) < 1e-12
     assert tuple(env["weights"].shape) == (2, 14, 14)
     torch.testing.assert_close(env["weights"].sum((1, 2)), torch.ones(2))
 

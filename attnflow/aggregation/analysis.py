@@ -80,7 +80,9 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, options
         head: a trained selective-aggregation head (its weights become source ``head:<spec>``); its tokens
             are read as it was trained (``head.meta`` block and layernorm).
         head_path: the head's file, for provenance.
-        sources: the sources to compare (default: :func:`~attnflow.aggregation.sources.default_sources`).
+        sources: the sources to compare (default: :func:`~attnflow.aggregation.sources.default_sources`);
+            ``rollout`` (attention rollout, :mod:`attnflow.aggregation.rollout`) is not a default: it taps every
+            block of the one forward (un-fused attention) and multiplies the blocks' maps in float64.
         img_size, crop_pct: the eval transform for a folder.
         model_name: the ``model`` column and the label stem (a preset name gives ``MAE``); default the preset.
 
@@ -155,6 +157,7 @@ class AggregationStep:
                 raise AggregationError(f"source {src.name} needs a trained head")
             if src.needs_cls and not has_cls:
                 raise AggregationError(f"source {src.name} needs a [cls] token and {self.name} has none")
+        self.capture.rollout = any(s.needs_every_block for s in self.sources)  # every block tapped only then
         self.stats = AggregationStats([s.name for s in self.sources], device=self.capture.device)
         return self.sources
 
@@ -186,4 +189,5 @@ class AggregationStep:
             "token_block": capture.encoder.block, "attention_block": len(model_blocks(capture.model)) - 1,
             "layernorm": capture.encoder.layernorm, "img_size": img_size, "crop_pct": crop_pct,
             "grid": list(layout.grid), "n_patches": layout.n_patches, "q_floor": Q_FLOOR,
-            "amp": dtype_name(capture.encoder.amp_dtype), "device": str(capture.device)}
+            "amp": dtype_name(capture.encoder.amp_dtype), "device": str(capture.device),
+            **({"rollout": capture.describe_rollout()} if capture.rollout else {})}

@@ -25,7 +25,8 @@ from ..encode import TokenEncoder
 from ..models.record import model_record
 from ..provenance import weights_fingerprint
 from ..tap import AttentionTap
-from ..vit import TokenLayout, model_has_cls, patch_embedding, token_grid
+from ..vit import TokenLayout, model_blocks, model_has_cls, patch_embedding, token_grid
+from .rollout import RolloutStream, describe_rollout, rollout_vectors
 from .sources import AggregationError, Source, check_source_fits, parse_source
 from .vectors import aggregate_tokens, aggregation_vectors, feature_weights
 
@@ -48,6 +49,8 @@ class Captured:
         has_cls: whether ``tokens[:, 0]`` is a [cls] token.
         ref_attn: ``[B, H', T', T']`` last-block attention of the reference model (``None`` without one).
         ref_layout: the reference's layout.
+        rollout: ``[B, T, T]`` float64 attention-rollout product of every block of the model
+            (:mod:`attnflow.aggregation.rollout`; ``None`` unless the capture's ``rollout`` is on).
     """
 
     tokens: torch.Tensor
@@ -56,6 +59,7 @@ class Captured:
     has_cls: bool
     ref_attn: torch.Tensor | None = None
     ref_layout: TokenLayout | None = None
+    rollout: torch.Tensor | None = None
 
     @property
     def patches(self) -> torch.Tensor:
@@ -98,16 +102,21 @@ class AggregationCapture:
         amp: ``"bf16"``, ``"fp16"``, ``"none"`` or ``"auto"`` (bf16 on CUDA); the softmax stays fp32.
         device: where both models run.
         model_name, reference_name: names for messages.
+        rollout: also stream the attention rollout of every block (:attr:`Captured.rollout`, the ``rollout``
+            source): every block's attention is tapped (un-fused) and multiplied in as the block runs, so only
+            one block's map is alive at a time.
 
     Attributes:
         encoder: the :class:`TokenEncoder` of ``model`` (it runs every block).
         reference: the reference model on ``device`` (or ``None``).
         renormalized: whether the reference gets the batch re-normalised to its own mean/std.
+        rollout: whether each capture streams the rollout product (may be switched between captures).
     """
 
     def __init__(self, model: nn.Module, *, reference: nn.Module | None = None, block: int = -1,
                  layernorm: bool = False, amp: str = "auto", device: torch.device | str = "cpu",
-                 model_name: str = "the model", reference_name: str = "the reference") -> None:
+                 model_name: str = "the model", reference_name: str = "the reference", rollout: bool = False) -> None:
+        self.rollout = rollout
         self.encoder = TokenEncoder(model, block=block, layernorm=layernorm, amp=amp, device=device)
         self.encoder.last = True  # never stop after the token block: the sources read the last block's attention
         self.model_name, self.reference_name = model_name, reference_name
@@ -133,15 +142,33 @@ class AggregationCapture:
     def device(self) -> torch.device:
         return self.encoder.device
 
+    def describe_rollout(self) -> dict:
+        """Provenance of the ``rollout`` source of this model (fusion, residual, query row, blocks)."""
+        return describe_rollout(self.encoder.has_cls, len(model_blocks(self.model)))
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, TokenLayout, torch.Tensor | None]:
+        """Tokens, last-block attention ``[B, H, T, T]`` (float32), layout and (with :attr:`rollout`) the
+        ``[B, T, T]`` float64 rollout product of one forward of the model."""
+        if not self.rollout:
+            with AttentionTap(self.model, blocks=[-1]) as tap:
+                tokens = self.encoder(images)
+                attn = tap.maps[0].float()                                         # [B, H, T, T]
+            assert tap.layout is not None  # tap.maps checked that the forward ran
+            return tokens, attn, tap.layout, None
+        stream = RolloutStream(keep=-1, blocks=len(model_blocks(self.model)))
+        with AttentionTap(self.model, callback=stream) as tap:  # every block, streamed: no map is stored
+            tokens = self.encoder(images)
+            tap.verify()
+        assert tap.layout is not None and stream.kept is not None and stream.product is not None
+        return tokens, stream.kept.float(), tap.layout, stream.product
+
     @torch.no_grad()
     def capture(self, images: torch.Tensor) -> Captured:
-        """Tokens and last-block attention of ``images`` ``[B, 3, H, W]`` (normalised for the model)."""
+        """Tokens and last-block attention of ``images`` ``[B, 3, H, W]`` (normalised for the model), and the
+        rollout product when :attr:`rollout` is on."""
         images = images.to(self.device, non_blocking=True)
-        with AttentionTap(self.model, blocks=[-1]) as tap:
-            tokens = self.encoder(images)
-            attn = tap.maps[0].float()                                             # [B, H, T, T]
-        assert tap.layout is not None  # tap.maps checked that the forward ran
-        out = Captured(tokens, attn, tap.layout, self.encoder.has_cls)
+        tokens, attn, layout, product = self._forward(images)
+        out = Captured(tokens, attn, layout, self.encoder.has_cls, rollout=product)
         if self.reference is not None:
             x = images if self._renorm is None else renormalize(images.float(), *self._renorm)
             with AttentionTap(self.reference, blocks=[-1]) as ref_tap, self.encoder._autocast():
@@ -149,8 +176,8 @@ class AggregationCapture:
                 out.ref_attn = ref_tap.maps[0].float()                             # [B, H', T', T']
             assert ref_tap.layout is not None
             out.ref_layout = ref_tap.layout
-            if ref_tap.layout.grid != tap.layout.grid:
-                raise AggregationError(_grid_message(self.model_name, self.reference_name, tap.layout.grid,
+            if ref_tap.layout.grid != layout.grid:
+                raise AggregationError(_grid_message(self.model_name, self.reference_name, layout.grid,
                                                      ref_tap.layout.grid))
         return out
 
@@ -162,7 +189,15 @@ class AggregationCapture:
             if captured.ref_attn is None:
                 raise AggregationError(f"aggregation {src.name} needs the reference model {src.target}")
             return aggregation_vectors(captured.ref_attn, captured.ref_layout, "cls_mean", dtype=dtype)
+        if src.needs_every_block:
+            return rollout_vectors(self._rollout(captured), captured.layout, dtype=dtype)
         return aggregation_vectors(captured.attn, captured.layout, src, dtype=dtype)
+
+    @staticmethod
+    def _rollout(captured: Captured) -> torch.Tensor:
+        if captured.rollout is None:
+            raise AggregationError("the rollout source needs a capture with rollout on (every block's attention)")
+        return captured.rollout
 
     def weights(self, captured: Captured, source: str | Source, *, dtype: torch.dtype = torch.float32
                 ) -> torch.Tensor:
@@ -173,6 +208,8 @@ class AggregationCapture:
             if captured.ref_attn is None:
                 raise AggregationError(f"aggregation {src.name} needs the reference model {src.target}")
             return feature_weights(captured.ref_attn, captured.ref_layout, src, dtype=dtype)
+        if src.needs_every_block:  # the feature is the sum with the vector's weights, as cls_mean's
+            return rollout_vectors(self._rollout(captured), captured.layout, dtype=dtype)
         return feature_weights(captured.attn, captured.layout, src, dtype=dtype)
 
 
@@ -207,7 +244,8 @@ class FixedAggregationEncoder(TokenEncoder):
             raise AggregationError(f"a reference model is only used by reference:<name>, not {self.source.name}")
         self.capturer = AggregationCapture(model, reference=reference, block=block, layernorm=layernorm, amp=amp,
                                            device=device, model_name=model_name,
-                                           reference_name=self.source.target or "the reference")
+                                           reference_name=self.source.target or "the reference",
+                                           rollout=self.source.needs_every_block)
         check_source_fits(self.source, self.capturer.encoder.has_cls, model_name)
         super().__init__(model, block=block, layernorm=layernorm, amp=amp, device=device)  # model, device, dim, ...
         self.has_cls = True  # the one output token is read by the `cls` head
@@ -225,6 +263,8 @@ class FixedAggregationEncoder(TokenEncoder):
         """Provenance of the aggregation for result sidecars."""
         info = {"source": self.source.name, "rules": RULES_VERSION, "block": self.block,
                 "layernorm": self.layernorm, "feature": "official scale" if self.source.official_scale else "sum"}
+        if self.source.needs_every_block:
+            info["rollout"] = self.capturer.describe_rollout()
         if self.reference is not None:
             ref = model_record(self.reference)
             info["reference"] = {"name": self.source.target, "checkpoint": ref.checkpoint, "sha256": ref.sha256,

@@ -28,6 +28,12 @@ features are those of the paper's official code (github.com/gmum/beyond_cls, ``m
 ``patch:R,C``          the attention of the one patch at 0-based row R, column C, averaged over heads,
                        renormalised; feature ``sum_i w_i x_i`` (not in the official code; ``patch:7,7`` on a 14x14
                        grid is what attnflow called ``central`` before it took the official central patch)
+``rollout``            attention rollout (Abnar & Zuidema 2020) through *every* block: heads fused by the mean,
+                       ``0.5 * A + 0.5 * I`` rows renormalised, multiplied from the first block to the last; the
+                       [cls] row (without [cls]: the mean of the patch rows) over the patches, renormalised; feature
+                       ``sum_i w_i x_i`` (not in the paper nor the official code; see
+                       :mod:`attnflow.aggregation.rollout`). Not a default source: it un-fuses every block's
+                       attention and costs ``L * N^3`` float64 multiply-adds per image
 =====================  ==============================================================================================
 
 Why the scale matters: the probe normalises the feature with ``BatchNorm1d(affine=False, eps=1e-6)``, so a
@@ -36,8 +42,9 @@ eps 0.038 instead of 1e-6, and the accuracies differ. ``reference:`` features al
 [cls] -> patch mass. See ``docs/official-code.md``.
 
 This module names and parses the sources and labels them as the paper does; the vectors and feature weights are
-computed in :mod:`attnflow.aggregation.vectors`, the forwards in :mod:`attnflow.aggregation.capture`, the
-dataset statistics (entropy, pairwise KL) in :mod:`attnflow.aggregation.statistics`.
+computed in :mod:`attnflow.aggregation.vectors` (``rollout``: :mod:`attnflow.aggregation.rollout`), the forwards
+in :mod:`attnflow.aggregation.capture`, the dataset statistics (entropy, pairwise KL) in
+:mod:`attnflow.aggregation.statistics`.
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ OWN_KINDS: frozenset[str] = frozenset({"cls_mean", "cls_min_entropy", "ca", "cp"
 CLS_SOURCES: frozenset[str] = frozenset({"cls_mean", "cls_min_entropy"})
 """Sources that need a [cls] token."""
 
+ROLLOUT = "rollout"
+"""The attention-rollout source (every block's attention; :mod:`attnflow.aggregation.rollout`)."""
+
 REFERENCE_PREFIX = "reference:"
 REFERENCE_SUM_PREFIX = "reference_sum:"
 PATCH_PREFIX = "patch:"
@@ -74,7 +84,7 @@ _WINDOW = re.compile(r"^(?P<kind>ca|cp)(?P<size>[1-9][0-9]*)(?P<sum>_sum)?$")
 _PATCH = re.compile(r"^\s*(?P<row>[0-9]+)\s*,\s*(?P<col>[0-9]+)\s*$")
 
 NAMES: tuple[str, ...] = (*SOURCES, "central_sum", *(f"ca{k}" for k in WINDOW_SIZES),
-                          *(f"ca{k}_sum" for k in WINDOW_SIZES), *(f"cp{k}" for k in WINDOW_SIZES))
+                          *(f"ca{k}_sum" for k in WINDOW_SIZES), *(f"cp{k}" for k in WINDOW_SIZES), ROLLOUT)
 """Every fixed source name (the patterns ``patch:R,C``, ``reference:NAME`` and ``reference_sum:NAME`` aside)."""
 
 
@@ -89,13 +99,13 @@ class Source:
     Attributes:
         name: the canonical string (``"cls_mean"``, ``"ca2"``, ``"reference:dino-vit-b16"``, ...).
         kind: ``"cls_mean"``, ``"cls_min_entropy"``, ``"ca"`` (``central`` and ``caK``), ``"cp"``, ``"patch"``,
-            ``"reference"`` or ``"head"``.
+            ``"rollout"``, ``"reference"`` or ``"head"``.
         target: the reference model name (``kind == "reference"``) or the head spec (``kind == "head"``).
         size: the window side K of ``ca`` / ``cp`` (``central`` is 1); 0 for other kinds.
         patch: ``(row, col)`` of a ``patch:R,C`` source.
         summed: the feature is ``sum_i w_i x_i`` with ``w`` renormalised (``*_sum`` names) rather than the
             official code's scale; always True for kinds whose official feature is that sum already
-            (``cls_mean``, ``cls_min_entropy``, ``cp``, ``patch``).
+            (``cls_mean``, ``cls_min_entropy``, ``cp``, ``patch``, ``rollout``).
     """
 
     name: str
@@ -111,6 +121,11 @@ class Source:
         return self.kind in CLS_SOURCES
 
     @property
+    def needs_every_block(self) -> bool:
+        """Whether the source reads every block's attention (``rollout``) rather than the last block's."""
+        return self.kind == ROLLOUT
+
+    @property
     def official_scale(self) -> bool:
         """Whether the feature is the official code's ``mean_i(w_i x_i)`` (``ca``, ``reference``) rather than a
         sum with weights summing to 1."""
@@ -123,12 +138,13 @@ def _suggest(name: str) -> str:
     close = [c if c not in ("reference", "reference_sum", "patch") else patterns[("reference", "reference_sum",
                                                                                    "patch").index(c)] for c in close]
     return (f"; did you mean {', '.join(close)}?" if close
-            else f"; choose from {', '.join(NAMES[:3])}, caK, caK_sum, cpK, central_sum, {', '.join(patterns)}")
+            else f"; choose from {', '.join(NAMES[:3])}, caK, caK_sum, cpK, central_sum, {ROLLOUT}, "
+                 f"{', '.join(patterns)}")
 
 
 def parse_source(text: str, *, allow_head: bool = False) -> Source:
     """Parse a source name (see the module docstring): ``cls_mean``, ``cls_min_entropy``, ``central``,
-    ``central_sum``, ``caK``, ``caK_sum``, ``cpK``, ``patch:R,C``, ``reference:<model-name>`` or
+    ``central_sum``, ``caK``, ``caK_sum``, ``cpK``, ``patch:R,C``, ``rollout``, ``reference:<model-name>`` or
     ``reference_sum:<model-name>``.
 
     Args:
@@ -156,7 +172,7 @@ def parse_source(text: str, *, allow_head: bool = False) -> Source:
         row, col = int(match["row"]), int(match["col"])
         return Source(f"{PATCH_PREFIX}{row},{col}", "patch", patch=(row, col))
     name = raw.replace("-", "_")
-    if name in ("cls_mean", "cls_min_entropy"):
+    if name in ("cls_mean", "cls_min_entropy", ROLLOUT):
         return Source(name, name)
     if name in ("central", "central_sum"):
         return Source(name, "ca", size=1, summed=name.endswith(SUM_SUFFIX))
@@ -174,7 +190,7 @@ def check_source_fits(source: Source, has_cls: bool, model_name: str = "the mode
     """Raise one line when ``source`` needs a [cls] token that the model lacks."""
     if source.needs_cls and not has_cls:
         raise AggregationError(f"aggregation {source.name} needs a [cls] token and {model_name} has none; "
-                               f"use central, caK, cpK or reference:<model-name>")
+                               f"use central, caK, cpK, rollout or reference:<model-name>")
 
 
 def model_label(model: nn.Module, name: str | None = None) -> str:
@@ -235,6 +251,8 @@ def source_label(source: str | Source, model: str, reference: str | None = None)
         return f"Mean of {model}'s central {src.size}x{src.size} patch tokens"
     if src.kind == "patch" and src.patch is not None:
         return f"{model} patch ({src.patch[0]}, {src.patch[1]}) token attention"
+    if src.kind == ROLLOUT:
+        return f"{model} attention rollout"
     if src.kind == "reference":
         return f"Average {reference or src.target} [cls] token attention{summed}"
     return head_label(src.target or "")

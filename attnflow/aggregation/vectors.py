@@ -7,6 +7,9 @@
   accuracy), scaled as the paper's official code scales it (``caK`` and ``reference:`` features are
   ``mean_i(w_i x_i)``; see :mod:`attnflow.aggregation.sources`).
 * :func:`central_window`: where the central patch / KxK window lies on a patch grid.
+
+The ``rollout`` source reads every block's attention, not one block's: its vectors are
+:func:`attnflow.aggregation.rollout.rollout_vectors` of the streamed rollout product.
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ def aggregation_vectors(attn: torch.Tensor, layout: Any, source: str | Source, *
             the grid, or ``attn`` that does not match the layout.
     """
     src = parse_source(source) if isinstance(source, str) else source
+    if src.needs_every_block:
+        raise AggregationError(f"{src.name} needs every block's attention, not one block's: use "
+                               "attnflow.aggregation.rollout.rollout_vectors on the rollout product")
     if src.kind not in OWN_KINDS:
         raise AggregationError(f"{src.name} is not computed from the model's own attention; use cls_mean, "
                                "cls_min_entropy, central, caK, cpK or patch:R,C")

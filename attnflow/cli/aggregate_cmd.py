@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--head", metavar="PATH", help="a trained probe head (e.g. runs/probe/seed0/heads/abmilp.pt)")
     parser.add_argument("--sources", help="comma-separated sources (default: Table 5's that fit): cls_mean, "
                                           "cls_min_entropy, central, reference:<name>, head:<spec>; also caK, cpK "
-                                          "(central KxK window), patch:R,C")
+                                          "(central KxK window), patch:R,C, rollout (attention rollout of every "
+                                          "block: not a default, it taps every block)")
     add_model_arguments(parser)
     add_reference_arguments(parser)
     parser.add_argument("--crop-pct", type=crop_fraction, help="override the model's center-crop fraction")

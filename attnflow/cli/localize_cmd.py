@@ -1,5 +1,5 @@
-"""``attnflow localize``: MaxBoxAccV2 of the [cls] attention map and a Selective Aggregation head's map
-(paper Appendix C.3: Table 7 and Fig. 8)."""
+"""``attnflow localize``: MaxBoxAccV2 of the [cls] attention map, a Selective Aggregation head's map and (asked for)
+the attention-rollout map (paper Appendix C.3: Table 7 and Fig. 8)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_name_argument(parser)
     parser.add_argument("--head", metavar="PATH",
                         help="a trained probe head of this model (e.g. runs/probe/seed0/heads/abmilp.pt): also "
-                             "localize with its Selective Aggregation map (required for models without [cls])")
+                             "localize with its Selective Aggregation map (models without [cls] need it or --rollout)")
+    parser.add_argument("--rollout", action="store_true",
+                        help="also localize with the attention-rollout map (Abnar & Zuidema 2020: every block's "
+                             "attention averaged over heads, 0.5 A + 0.5 I, multiplied from the first block; the "
+                             "[cls] row, without [cls] the mean of the patch rows); taps every block (slower)")
     add_model_arguments(parser)
     protocol = parser.add_argument_group("protocol (default: wsolevaluation's)")
     protocol.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
@@ -105,7 +109,7 @@ def _compute(args: argparse.Namespace, protocol: Any, loaded: tuple[Any, Any, An
     model, truth, head = loaded
     return localize(model, args.data, truth, options, head=head, head_path=args.head,
                     model_name=args.name or args.model, img_size=args.img_size, protocol=protocol,
-                    threads=args.threads, examples=args.examples)
+                    threads=args.threads, examples=args.examples, rollout=args.rollout)
 
 
 def _report(args: argparse.Namespace, result: Any, path: Path, out: Path) -> None:

@@ -16,10 +16,12 @@ RANDOM_BANNER = "RANDOM-INIT WEIGHTS: these maps are meaningless"
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
-        "maps", help="per-image [cls] and central-patch attention maps (Fig. 9)",
+        "maps", help="per-image [cls], central-patch and attention-rollout maps (Fig. 9)",
         description="Overlay the last block's attention on a few images for several models: [cls] -> patch "
                     "attention averaged over heads, of the lowest-entropy head, and the central patch's "
-                    "attention (models without [cls] show only the latter).")
+                    "attention (models without [cls] show only the latter); --kind rollout adds the attention "
+                    "rollout of every block up to --block (Abnar & Zuidema 2020: heads averaged, 0.5 A + 0.5 I, "
+                    "multiplied from the first block; the [cls] row, without [cls] the mean of the patch rows).")
     parser.add_argument("--model", action="append", required=True, metavar="NAME",
                         help="preset or timm architecture (repeatable)")
     parser.add_argument("--checkpoint", action="append", metavar="PATH",
@@ -33,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--crop-pct", type=crop_fraction, default=0.875,
                         help="center-crop fraction, the same for every model so that maps align (default 0.875)")
     parser.add_argument("--kind", action="append", metavar="KIND",
-                        help="map kind: cls_mean, cls_min_entropy, central or cls_head:H (repeatable; "
+                        help="map kind: cls_mean, cls_min_entropy, central, rollout or cls_head:H (repeatable; "
                              "default: the first three)")
     parser.add_argument("--block", type=int, default=-1, help="block index, negative from the end (default -1)")
     parser.add_argument("--rows", default="images", choices=["images", "models"], help="what the rows show")
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.registry import find_spec
     from ..data.images import load_images
     from ..data.transforms import eval_resize
-    from ..maps import MAP_KINDS, model_maps
+    from ..maps import KINDS, MAP_KINDS, ROLLOUT_KIND, model_maps
     from ..options import resolve_device
     from ..models.record import model_record
     from ..plot import plot_attention_maps, plot_head_maps
@@ -75,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     kinds = args.kind or list(MAP_KINDS)
     for kind in kinds:
         head = kind.split(":", 1)[1] if kind.startswith("cls_head:") else None
-        if kind not in MAP_KINDS and not (head is not None and head.isdigit()):
-            raise AttnflowError(f"unknown map kind {kind!r}; choose from {', '.join(MAP_KINDS)} or cls_head:H")
+        if kind not in KINDS and not (head is not None and head.isdigit()):
+            raise AttnflowError(f"unknown map kind {kind!r}; choose from {', '.join(KINDS)} or cls_head:H")
     device = resolve_device(args.device)
     model_kw = parse_model_kwargs(args.model_kw)
     paths, images = load_images(args.images, args.limit, check=eval_resize(args.img_size, args.crop_pct).check)
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if model_record(model).random_init:
             random.append(name)
         model_crops, maps[name] = model_maps(model, images, img_size=args.img_size, crop_pct=args.crop_pct,
-                                             block=args.block, device=device)
+                                             block=args.block, device=device, rollout=ROLLOUT_KIND in kinds)
         crops = crops if crops is not None else model_crops
         spec = find_spec(name)
         labels[name] = spec.label if spec else name

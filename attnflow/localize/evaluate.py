@@ -1,11 +1,12 @@
 """``localize``: MaxBoxAccV2 of the [cls] attention map and of a Selective Aggregation head's map over a dataset
-(paper Appendix C.3, Table 7), on the one loop.
+(paper Appendix C.3, Table 7), and optionally of the attention-rollout map, on the one loop.
 
-One forward of the model per batch gives the last block's attention (the [cls] map) and the tokens the head
-was trained on (its map). The maps are resized and quantised on the device; the box search (a CPU task, tens
-of milliseconds per image and map) runs in a thread pool while the next batch is read and encoded, and a batch
-counts once all its searches are done. Under ``torch.distributed`` each process evaluates every ``world``-th
-image and the hit counts are summed, so N processes give exactly what one gives.
+One forward of the model per batch gives the last block's attention (the [cls] map), the tokens the head
+was trained on (its map) and, when asked, the rollout product of every block (the rollout map,
+:mod:`attnflow.aggregation.rollout`, streamed block by block). The maps are resized and quantised on the device;
+the box search (a CPU task, tens of milliseconds per image and map) runs in a thread pool while the next batch is
+read and encoded, and a batch counts once all its searches are done. Under ``torch.distributed`` each process
+evaluates every ``world``-th image and the hit counts are summed, so N processes give exactly what one gives.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .examples import collect_examples
 from .metric import BoxAccuracy
 from .protocol import BoxProtocol, LocalizationError
 from .result import LocalizationResult, curve_frame, summary_frame
-from .scoremaps import CLS_SOURCE, HEAD_SOURCE_PREFIX, quantize_scoremaps, source_label
+from .scoremaps import CLS_SOURCE, HEAD_SOURCE_PREFIX, ROLLOUT_SOURCE, quantize_scoremaps, source_label
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,25 @@ PROTOCOL = ("wsolevaluation BoxEvaluator, multi_contour_eval (MaxBoxAccV2): whol
 
 
 class MapCapture:
-    """One forward per batch -> ``{source: [B, gh, gw] map}`` for the [cls] map and a head's map."""
+    """One forward per batch -> ``{source: [B, gh, gw] map}`` for the [cls] map, the rollout map (``rollout``)
+    and a head's map, in that order."""
 
     def __init__(self, model: nn.Module, head: ProbeHead | None, *, head_path: str | None, amp: str,
-                 device: torch.device, model_name: str) -> None:
+                 device: torch.device, model_name: str, rollout: bool = False) -> None:
         meta = (getattr(head, "meta", {}) or {}) if head is not None else {}
         self.capture = AggregationCapture(model, block=meta.get("block", -1), layernorm=meta.get("layernorm", False),
-                                          amp=amp, device=device, model_name=model_name)
+                                          amp=amp, device=device, model_name=model_name, rollout=rollout)
         self.head, self.head_path = head, head_path
         if head is not None:
             check_head(head, self.capture.encoder, head_path or "the head", model_name)
             self.head = head.to(device).eval()
-        self.sources = ([CLS_SOURCE] if self.capture.encoder.has_cls else []) + \
-            ([f"{HEAD_SOURCE_PREFIX}{head.spec.name}"] if head is not None else [])
+        self.head_source = f"{HEAD_SOURCE_PREFIX}{head.spec.name}" if head is not None else None
+        self.sources = ([CLS_SOURCE] if self.capture.encoder.has_cls else []) + ([ROLLOUT_SOURCE] if rollout else []) \
+            + ([self.head_source] if self.head_source is not None else [])
         if not self.sources:
             raise LocalizationError(f"{model_name} has no [cls] token: localize its Selective Aggregation map with "
-                                    "a trained head (e.g. runs/probe/seed0/heads/abmilp.pt)")
+                                    "a trained head (e.g. runs/probe/seed0/heads/abmilp.pt) or its attention "
+                                    "rollout map (the rollout option)")
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -73,16 +77,19 @@ class MapCapture:
         maps: dict[str, torch.Tensor] = {}
         if CLS_SOURCE in self.sources:
             maps[CLS_SOURCE] = aggregation_vectors(captured.attn, captured.layout, CLS_SOURCE).reshape(-1, *grid)
-        if self.head is not None:
-            maps[self.sources[-1]] = head_vectors(self.head, captured.tokens).reshape(-1, *grid)
+        if ROLLOUT_SOURCE in self.sources:
+            maps[ROLLOUT_SOURCE] = self.capture.vectors(captured, ROLLOUT_SOURCE).reshape(-1, *grid)
+        if self.head is not None and self.head_source is not None:
+            maps[self.head_source] = head_vectors(self.head, captured.tokens).reshape(-1, *grid)
         return maps
 
 
 def localize(model: nn.Module, data: str | Path, truth: GroundTruth, options: LoopOptions | None = None, *,
              head: ProbeHead | None = None, head_path: str | None = None, model_name: str | None = None,
              img_size: int = 224, protocol: BoxProtocol | None = None, threads: int | None = None,
-             examples: int = 0, **loop: Any) -> LocalizationResult:
-    """MaxBoxAccV2 of the [cls] attention map and (with ``head``) the Selective Aggregation map over a folder.
+             examples: int = 0, rollout: bool = False, **loop: Any) -> LocalizationResult:
+    """MaxBoxAccV2 of the [cls] attention map, (with ``head``) the Selective Aggregation map and (with ``rollout``)
+    the attention-rollout map over a folder.
 
     Args:
         model: a timm ViT (frozen).
@@ -98,6 +105,9 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, options: Lo
             (:class:`~attnflow.localize.metric.BoxProtocol`; default: wsolevaluation's).
         threads: box-search threads (default: ``min(8, CPUs)``).
         examples: number of example images to keep for the figure (main process).
+        rollout: also score the attention-rollout map (source ``rollout``: every block's attention, heads
+            averaged, ``0.5 * A + 0.5 * I``, multiplied from the first block; the [cls] row, without [cls] the
+            mean of the patch rows; :mod:`attnflow.aggregation.rollout`). Off by default: it taps every block.
 
     Returns:
         The :class:`LocalizationResult`. A resumed run ends with exactly the counts of an uninterrupted one; it
@@ -105,7 +115,7 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, options: Lo
         processes.
 
     Raises:
-        LocalizationError: a model without [cls] and no head.
+        LocalizationError: a model without [cls], no head and no rollout.
         HeadMismatchError: a head of another model or token width.
         BoxFileError: no image of the folder has a box.
         DataError: no readable image.
@@ -116,13 +126,14 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, options: Lo
     protocol = protocol or BoxProtocol()
     name = run_name(model, model_name)
     capture = MapCapture(model, head, head_path=head_path, amp=options.amp, device=options.torch_device(),
-                         model_name=name)
+                         model_name=name, rollout=rollout)
     matched = match_images(data, truth, options.limit)
     dataset = LocalizationImages(matched.paths, resize_transform(model, img_size, protocol.interpolation))
     step = BoxSearch(capture, matched, truth, protocol, (img_size, img_size), threads)
     fingerprint = model_fingerprint(model, name, capture.capture.encoder.amp_dtype, img_size=img_size,
                                     crop_pct=None, head=weights_fingerprint(head) if head is not None else None,
-                                    boxes=step.digest, metric=protocol.describe())
+                                    boxes=step.digest, metric=protocol.describe(),
+                                    **({"sources": ",".join(capture.sources)} if rollout else {}))
     analysis = Analysis("localize", step, {**step.accuracies, "sizes": step.sizes}, fingerprint, in_flight=2)
     try:
         run = run_loop(analysis, ImageSource(dataset=dataset, paths=matched.paths, root=Path(data)), options)
@@ -210,4 +221,5 @@ def _meta(step: BoxSearch, run: LoopRun, name: str, data: str | Path, dataset: L
         "without_boxes": [str(p) for p in matched.without_boxes[:100]],
         "size_differs_from_box_file": int(step.sizes.differ), "aspect_differs_from_box_file": int(step.sizes.aspect),
         "amp": dtype_name(capture.encoder.amp_dtype),
-        "device": str(capture.device)}
+        "device": str(capture.device),
+        **({"rollout": capture.describe_rollout()} if capture.rollout else {})}

@@ -1,5 +1,5 @@
-"""Score maps for localization: the [cls] attention map and a Selective Aggregation head's map, resized to the
-evaluation size and quantised as wsolevaluation does.
+"""Score maps for localization: the [cls] attention map, the attention-rollout map and a Selective Aggregation
+head's map, resized to the evaluation size and quantised as wsolevaluation does.
 
 wsolevaluation's ``CAMComputer`` resizes each score map to the input size with ``cv2.resize(...,
 INTER_CUBIC)``, min-max normalises it (a constant map or one with a NaN becomes all zeros) and its
@@ -22,15 +22,21 @@ import torch.nn.functional as F
 CLS_SOURCE = "cls_mean"
 """Source name of the [cls] attention map (the last block's [cls] row, mean over heads, over the patches)."""
 
+ROLLOUT_SOURCE = "rollout"
+"""Source name of the attention-rollout map (every block, :mod:`attnflow.aggregation.rollout`); scored only when
+asked."""
+
 HEAD_SOURCE_PREFIX = "head:"
 """Source names of trained heads' maps: ``head:<spec>`` (e.g. ``head:abmilp``)."""
 
-SOURCE_LABELS: dict[str, str] = {CLS_SOURCE: "[cls] attention map"}
-"""The paper's Table 7 column names; every ``head:`` source is a "Selective Aggregation map"."""
+SOURCE_LABELS: dict[str, str] = {CLS_SOURCE: "[cls] attention map", ROLLOUT_SOURCE: "Attention rollout map"}
+"""The paper's Table 7 column names (the rollout map is not in the paper); every ``head:`` source is a "Selective
+Aggregation map"."""
 
 
 def source_label(source: str) -> str:
-    """Table 7's name of a source (``"[cls] attention map"``, ``"Selective Aggregation map"``)."""
+    """Table 7's name of a source (``"[cls] attention map"``, ``"Selective Aggregation map"``,
+    ``"Attention rollout map"``)."""
     if source.startswith(HEAD_SOURCE_PREFIX):
         return "Selective Aggregation map"
     return SOURCE_LABELS.get(source, source)

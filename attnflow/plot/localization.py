@@ -1,5 +1,5 @@
-"""The paper's Fig. 8: ground-truth boxes (blue) and the boxes predicted from the [cls] attention map (red) and
-the Selective Aggregation map (green) on a few images."""
+"""The paper's Fig. 8: ground-truth boxes (blue) and the boxes predicted from the [cls] attention map (red),
+the Selective Aggregation map (green) and, when scored, the attention-rollout map (orange) on a few images."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from ..localize.result import Example
-from ..localize.scoremaps import CLS_SOURCE
+from ..localize.scoremaps import CLS_SOURCE, ROLLOUT_SOURCE
 from .style import DOUBLE_COLUMN, RANDOM_INIT_BANNER, paper_style
 
 GT_COLOR = "tab:blue"
-SOURCE_COLORS: dict[str, str] = {CLS_SOURCE: "tab:red"}
+SOURCE_COLORS: dict[str, str] = {CLS_SOURCE: "tab:red", ROLLOUT_SOURCE: "tab:orange"}
 """Box colour of each source; every head (Selective Aggregation) map is green."""
 
 

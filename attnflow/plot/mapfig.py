@@ -98,6 +98,7 @@ SHORT_KIND_LABELS: dict[str, str] = {
     "cls_mean": "[cls], mean\nover heads",
     "cls_min_entropy": "[cls], lowest-\nentropy head",
     "central": "central\npatch",
+    "rollout": "attention\nrollout",
 }
 
 
@@ -105,6 +106,7 @@ COMPACT_KIND_LABELS: dict[str, str] = {
     "cls_mean": "[cls]\nmean",
     "cls_min_entropy": "[cls]\nmin. H",
     "central": "central\npatch",
+    "rollout": "roll-\nout",
 }
 """Column headers for panels too narrow for :data:`SHORT_KIND_LABELS` (many models at paper width)."""
 
@@ -133,7 +135,8 @@ def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequenc
     Args:
         images: ``[H, W, 3]`` images as the models saw them (the crop), one per row/column.
         maps: model name -> its :class:`PatchMaps`, one per image (same order as ``images``).
-        kinds: map kinds per model (:data:`MAP_KINDS`, or ``"cls_head:<h>"`` with a 0-based head ``h``, headed
+        kinds: map kinds per model (:data:`~attnflow.maps.KINDS`: ``rollout`` only when the maps hold it, or
+            ``"cls_head:<h>"`` with a 0-based head ``h``, headed
             by its :func:`~attnflow.plot.style.figure_label`).
         labels: model name -> display label (default: the name).
         rows: ``"images"`` or ``"models"``.
