@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from typing import TYPE_CHECKING
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from attnflow.cli import main as cli_main
+
+if TYPE_CHECKING:
+    import numpy
 from attnflow.errors import AttnflowError
 from attnflow.models.converters import CheckpointError
 from attnflow.models.load import WeightsUnavailableError, load_model, sha256_file, weights_cached
@@ -534,7 +538,7 @@ def test_models_json_has_the_cache_path(offline, capsys):
     assert row["name"] == "capi-vit-l14" and row["cache_path"].endswith("/hub/checkpoints/capi_vitl14_in1k.pth")
 
 
-def _bicubic_by_hand(table: "np.ndarray", out_side: int, scale: float) -> "np.ndarray":
+def _bicubic_by_hand(table: "numpy.ndarray", out_side: int, scale: float) -> "numpy.ndarray":
     """Reference for ``F.interpolate(bicubic, scale_factor=scale, align_corners=False, antialias=False)``
     on a ``[M, M, D]`` table, one output cell at a time: source ``(i + 0.5) / scale - 0.5``, Keys' cubic
     kernel with ``A = -0.75``, indices clamped at the border."""

@@ -5,7 +5,6 @@ settings first, and scores the held-out images as the saved heads do by hand."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -283,7 +283,8 @@ def _manual_block_attention(model, x: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def test_maps_figure_draws_the_configured_block(env, photo_folder, monkeypatch, capsys):
-    """``block = 0`` in a maps figure: its [cls] maps are those of the first block, not the last."""
+    """``block = 0`` in a maps figure: its [cls] maps are those of the first block, not the last; ``kinds`` may name
+    ``rollout``, the published rollout (Abnar & Zuidema) of blocks 0..0."""
     import importlib
 
     from attnflow.data.images import load_images
@@ -299,7 +300,8 @@ def test_maps_figure_draws_the_configured_block(env, photo_folder, monkeypatch, 
         return real(plan, results, maps)
 
     monkeypatch.setattr(execute_mod, "render_figures", recording)
-    figures = '[[figures]]\nname = "m0"\nkind = "maps"\nmodels = ["tiny-rand"]\nlimit = 1\nblock = 0\n'
+    figures = ('[[figures]]\nname = "m0"\nkind = "maps"\nmodels = ["tiny-rand"]\nlimit = 1\nblock = 0\n'
+               'kinds = ["cls_mean", "rollout"]\n')
     cfg_path = write_config(env, photo_folder, figures=figures)
     code, out = run(capsys, str(cfg_path))
     assert code == 0 and status(out)["tiny-rand"] == "maps"
@@ -314,6 +316,10 @@ def test_maps_figure_draws_the_configured_block(env, photo_folder, monkeypatch, 
         cls_row = _manual_block_attention(model, x, b)[0, :, 0, 1:].double()  # [H, patches]
         want = (cls_row.mean(0) / cls_row.mean(0).sum()).reshape(grid, grid).numpy()
         assert np.allclose(got.cls_mean, want, atol=1e-6) == should_match, b
+    from brute_force import published_rollout
+
+    joint = published_rollout([_manual_block_attention(model, x, 0).double().numpy()])[0, 0, 1:]
+    assert np.allclose(got.rollout, (joint / joint.sum()).reshape(grid, grid), atol=1e-6)
 
 
 def test_titled_heads_figure_names_each_metric(tmp_path, monkeypatch):

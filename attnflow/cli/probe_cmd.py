@@ -57,14 +57,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help=DATA_HELP)
     parser.add_argument("--out", required=True, help="run directory (results.parquet/.csv/.json, heads, checkpoints)")
     parser.add_argument("--heads", help="comma-separated head specs: cls, avg, both, abmilp, abmilp+cls, "
-                                        "abmilp-mlp-tanh, abmilp-mlp-relu, abmilp-mlpN-ACT, abmilp-pe, sa-abmilp, "
+                                        "abmilp-mlp-tanh, abmilp-mlp-relu, abmilp-mlpN-ACT, abmilp-pe, abmilp-kK (K "
+                                        "aggregation patterns, concatenated; -kK-mean: averaged), sa-abmilp, "
                                         "sa-map-abmilp, ap1, ap12 (default cls,avg,abmilp,abmilp+cls)")
     parser.add_argument("--config", metavar="TOML", help="TOML file of probe settings (flags override it)")
     parser.add_argument("--aggregation", metavar="SOURCE",
                         help="fixed (non-trainable) aggregation of the patch tokens, paper Table 5: cls_mean, "
                              "cls_min_entropy, central, caK, cpK, reference:<model-name> (the official code's "
-                             "features), central_sum, caK_sum, reference_sum:<model-name>, patch:R,C; trains the cls "
-                             "head on that one token per image (the only head that applies)")
+                             "features), central_sum, caK_sum, reference_sum:<model-name>, patch:R,C, rollout; trains "
+                             "the cls head on that one token per image (the only head that applies)")
     add_model_arguments(parser)
     add_reference_arguments(parser)
     _add_protocol_arguments(parser)

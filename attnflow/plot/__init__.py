@@ -19,8 +19,9 @@ from .style import (DOUBLE_COLUMN, ENTROPY_METRICS, METRIC_LABELS, PAPER_METRICS
 
 __all__ = [
     "BANDS", "DOUBLE_COLUMN", "ENTROPY_METRICS", "FAMILY_MARKERS", "FAMILY_PALETTES", "METRIC_LABELS", "ModelInfo",
-    "PAPER_METRICS", "PlotError", "SINGLE_COLUMN", "as_result", "block_figures", "block_frame", "block_ticks",
-    "color_for", "draw_map", "entropy_bound", "head_matrix", "metric_label", "model_info", "model_sizes",
-    "paper_style", "plot_attention_maps", "plot_blocks", "plot_head_heatmap", "plot_head_maps", "plot_heads",
-    "plot_localization_examples", "plot_metrics", "plot_size_grid", "save_figure", "upsample",
+    "PAPER_METRICS", "PROBE_HEADS", "PlotError", "SINGLE_COLUMN", "as_result", "block_figures", "block_frame",
+    "block_ticks", "color_for", "draw_map", "entropy_bound", "head_matrix", "metric_label", "model_info",
+    "model_sizes", "paper_style", "plot_attention_maps", "plot_blocks", "plot_blocks_with_probes",
+    "plot_head_heatmap", "plot_head_maps", "plot_heads", "plot_localization_examples", "plot_metrics",
+    "plot_probe_blocks", "plot_size_grid", "probe_block_frame", "save_figure", "upsample",
 ]

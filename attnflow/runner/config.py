@@ -289,7 +289,7 @@ def _parse_model(raw: Any, i: int, defaults: Mapping[str, Any], where: str) -> M
 def _parse_figure(raw: Any, i: int, model_ids: list[str], where: str) -> FigureEntry:
     from ..metrics import METRICS
     from ..plot.blocks import BANDS
-    from ..maps import MAP_KINDS
+    from ..maps import KINDS
     from ..plot.style import SAVE_FORMATS
 
     w = f"{where}: figures[{i}]"
@@ -321,8 +321,8 @@ def _parse_figure(raw: Any, i: int, model_ids: list[str], where: str) -> FigureE
             raise ConfigError(f"{w}: unknown format {f!r}{_suggest(f, list(SAVE_FORMATS))}")
     kinds = _str_list(raw, "kinds", w)
     for k in kinds or ():
-        if k not in MAP_KINDS and not re.fullmatch(r"cls_head:\d+", k):
-            raise ConfigError(f"{w}: unknown map kind {k!r}{_suggest(k, list(MAP_KINDS))} or cls_head:H")
+        if k not in KINDS and not re.fullmatch(r"cls_head:\d+", k):
+            raise ConfigError(f"{w}: unknown map kind {k!r}{_suggest(k, list(KINDS))} or cls_head:H")
     rows = _get(raw, "rows", str, w, "images")
     if rows not in ("images", "models"):
         raise ConfigError(f"{w}: rows must be 'images' or 'models', got {rows!r}")

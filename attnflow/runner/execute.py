@@ -246,7 +246,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
     from ..stats import attention_stats
     from ..options import resolve_device
     from ..models.registry import find_spec
-    from ..maps import model_maps
+    from ..maps import ROLLOUT_KIND, model_maps
     from ..models.record import model_record
 
     cfg = plan.config
@@ -256,6 +256,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
     maps_data = {f.name: _maps_images(f.images or cfg.data_root, f.limit, cfg.img_size, maps_crop)
                  for f in cfg.figures if f.kind == "maps"}
     figure_blocks = {f.name: f.block for f in cfg.figures if f.kind == "maps"}
+    rollout = {f.name: ROLLOUT_KIND in (f.kinds or ()) for f in cfg.figures if f.kind == "maps"}
     for job in plan.jobs:
         if job.entry.random_init:
             outcome.random_init.append(job.entry.id)
@@ -287,7 +288,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
         for name in job.maps:
             data = maps_data[name]
             crops, maps = model_maps(model, data.images, img_size=cfg.img_size, crop_pct=maps_crop,
-                                     block=figure_blocks[name], device=dev)
+                                     block=figure_blocks[name], device=dev, rollout=rollout[name])
             data.maps_data.crops = data.maps_data.crops if data.maps_data.crops is not None else crops
             data.maps_data.maps[job.entry.id] = maps
             spec = find_spec(job.entry.name)
