@@ -208,7 +208,7 @@ def _iterate(analysis: Analysis, source: ImageSource, options: LoopOptions, stat
             bar.close()
             _shut_down(batches)
             keep_progress(state, progress.snapshot() if progress.done else None, int(progress.counts.images), err)
-        loader_error = _loader_error(err)
+        loader_error = _loader_error(err, workers=options.num_workers > 0)
         if loader_error is not None:
             raise loader_error from None
         raise
@@ -219,11 +219,13 @@ def _example(skipped: list[tuple[str, str]]) -> str:
     return f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
 
 
-def _loader_error(err: BaseException) -> LoaderError | None:
+def _loader_error(err: BaseException, workers: bool) -> LoaderError | None:
     """A DataLoader's failure (a worker that died or hung; torch raises it from the next batch or from its SIGCHLD
-    watchdog, wherever the main process is) as one line with what to try; ``None`` for any other error."""
-    text = str(err)
-    if not isinstance(err, RuntimeError) or not text.startswith("DataLoader"):
+    watchdog, wherever the main process is; a worker killed mid-transfer can also break the queue's pipe, seen as
+    a ConnectionError or EOFError) as one line with what to try; ``None`` for any other error."""
+    text = str(err) or type(err).__name__
+    broken_pipe = workers and isinstance(err, (ConnectionError, EOFError))
+    if not broken_pipe and (not isinstance(err, RuntimeError) or not text.startswith("DataLoader")):
         return None
     hint = ("; a worker died (out of shared memory? a container's /dev/shm is 64 MB by default: give it more with "
             "Docker's shm-size option, or use fewer workers, or workers=0)" if "timed out" not in text else
