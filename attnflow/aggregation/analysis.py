@@ -64,7 +64,7 @@ class AggregationResult:
 
 def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, options: LoopOptions | None = None, *,
                            reference: nn.Module | None = None, reference_name: str | None = None,
-                           head: ProbeHead | None = None, head_path: str | None = None,
+                           head: ProbeHead | None = None,
                            sources: Sequence[str] | None = None, img_size: int = 224, crop_pct: float | None = None,
                            model_name: str | None = None, **loop: Any) -> AggregationResult:
     """Mean entropy of every source's aggregation vectors and mean KL divergence of every ordered pair.
@@ -79,7 +79,6 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, options
         reference_name: its name (source ``reference:<name>``).
         head: a trained selective-aggregation head (its weights become source ``head:<spec>``); its tokens
             are read as it was trained (``head.meta`` block and layernorm).
-        head_path: the head's file, for provenance.
         sources: the sources to compare (default: :func:`~attnflow.aggregation.sources.default_sources`);
             ``rollout`` (attention rollout, :mod:`attnflow.aggregation.rollout`) is not a default: it taps every
             block of the one forward (un-fused attention) and multiplies the blocks' maps in float64.
@@ -101,7 +100,7 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, options
     check_img_size(img_size)
     device = options.torch_device()
     name = run_name(model, model_name)
-    step = AggregationStep(model, reference, reference_name, head, head_path, device, options.amp, name)
+    step = AggregationStep(model, reference, reference_name, head, device, options.amp, name)
     parsed = step.resolve(sources)
     folder = isinstance(data, (str, Path))
     source = image_source(data, transform=eval_transform(model, img_size=img_size, crop_pct=crop_pct) if folder
@@ -125,15 +124,16 @@ class AggregationStep:
     to :attr:`stats` when the loop commits the batch."""
 
     def __init__(self, model: nn.Module, reference: nn.Module | None, reference_name: str | None,
-                 head: ProbeHead | None, head_path: str | None, device: torch.device, amp: str, name: str) -> None:
+                 head: ProbeHead | None, device: torch.device, amp: str, name: str) -> None:
         meta_head = (getattr(head, "meta", {}) or {}) if head is not None else {}
         self.capture = AggregationCapture(model, reference=reference, block=meta_head.get("block", -1),
                                           layernorm=meta_head.get("layernorm", False), amp=amp, device=device,
                                           model_name=name, reference_name=reference_name or "the reference")
         if head is not None:
-            check_head(head, self.capture.encoder, head_path or "the head", name)
+            check_head(head, self.capture.encoder, head.path or "the head", name)
             head = head.to(device).eval()
-        self.head, self.head_path, self.name, self.reference_name = head, head_path, name, reference_name
+        self.head, self.head_path = head, head.path if head is not None else None
+        self.name, self.reference_name = name, reference_name
         self.layouts = LayoutRecord()
         self.stats: AggregationStats
         self.sources: list[Source] = []

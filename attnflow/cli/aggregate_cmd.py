@@ -98,7 +98,7 @@ def _compute(args: argparse.Namespace, sources: list[str] | None, loaded: tuple[
 
     model, reference, head = loaded
     return aggregation_statistics(model, args.data, options, reference=reference, reference_name=args.reference,
-                                  head=head, head_path=args.head, sources=sources, img_size=args.img_size,
+                                  head=head, sources=sources, img_size=args.img_size,
                                   crop_pct=args.crop_pct, model_name=args.name or args.model)
 
 

@@ -107,7 +107,7 @@ def _compute(args: argparse.Namespace, protocol: Any, loaded: tuple[Any, Any, An
     from ..localize.evaluate import localize
 
     model, truth, head = loaded
-    return localize(model, args.data, truth, options, head=head, head_path=args.head,
+    return localize(model, args.data, truth, options, head=head,
                     model_name=args.name or args.model, img_size=args.img_size, protocol=protocol,
                     threads=args.threads, examples=args.examples, rollout=args.rollout)
 

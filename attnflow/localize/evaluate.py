@@ -52,14 +52,14 @@ class MapCapture:
     """One forward per batch -> ``{source: [B, gh, gw] map}`` for the [cls] map, the rollout map (``rollout``)
     and a head's map, in that order."""
 
-    def __init__(self, model: nn.Module, head: ProbeHead | None, *, head_path: str | None, amp: str,
+    def __init__(self, model: nn.Module, head: ProbeHead | None, *, amp: str,
                  device: torch.device, model_name: str, rollout: bool = False) -> None:
         meta = (getattr(head, "meta", {}) or {}) if head is not None else {}
         self.capture = AggregationCapture(model, block=meta.get("block", -1), layernorm=meta.get("layernorm", False),
                                           amp=amp, device=device, model_name=model_name, rollout=rollout)
-        self.head, self.head_path = head, head_path
+        self.head, self.head_path = head, head.path if head is not None else None
         if head is not None:
-            check_head(head, self.capture.encoder, head_path or "the head", model_name)
+            check_head(head, self.capture.encoder, self.head_path or "the head", model_name)
             self.head = head.to(device).eval()
         self.head_source = f"{HEAD_SOURCE_PREFIX}{head.spec.name}" if head is not None else None
         self.sources = ([CLS_SOURCE] if self.capture.encoder.has_cls else []) + ([ROLLOUT_SOURCE] if rollout else []) \
@@ -85,7 +85,7 @@ class MapCapture:
 
 
 def localize(model: nn.Module, data: str | Path, truth: GroundTruth, options: LoopOptions | None = None, *,
-             head: ProbeHead | None = None, head_path: str | None = None, model_name: str | None = None,
+             head: ProbeHead | None = None, model_name: str | None = None,
              img_size: int = 224, protocol: BoxProtocol | None = None, threads: int | None = None,
              examples: int = 0, rollout: bool = False, **loop: Any) -> LocalizationResult:
     """MaxBoxAccV2 of the [cls] attention map, (with ``head``) the Selective Aggregation map and (with ``rollout``)
@@ -97,8 +97,8 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, options: Lo
         truth: ground-truth boxes (:func:`attnflow.localize.read_boxes`).
         options: the loop's options (:class:`~attnflow.options.LoopOptions`); ``**loop`` overrides them by name.
             ``limit`` evaluates that many evenly spaced images that have boxes.
-        head: a trained AbMILP / attentive-probing head of this model (:func:`attnflow.probes.load_head`).
-        head_path: the head's file, for provenance and messages.
+        head: a trained AbMILP / attentive-probing head of this model (:func:`attnflow.probes.load_head`; its
+            ``path`` goes into the provenance and messages).
         model_name: the ``model`` column (default: the preset or architecture).
         img_size: side of the square the whole image is resized to (wsolevaluation: 224).
         protocol: IoU thresholds, score-map thresholds, contour mode and image resampling
@@ -125,7 +125,7 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, options: Lo
     check_img_size(img_size)
     protocol = protocol or BoxProtocol()
     name = run_name(model, model_name)
-    capture = MapCapture(model, head, head_path=head_path, amp=options.amp, device=options.torch_device(),
+    capture = MapCapture(model, head, amp=options.amp, device=options.torch_device(),
                          model_name=name, rollout=rollout)
     matched = match_images(data, truth, options.limit)
     dataset = LocalizationImages(matched.paths, resize_transform(model, img_size, protocol.interpolation))

@@ -121,6 +121,21 @@ def _kind_title(kind: str, compact: bool = False) -> str:
     return (COMPACT_KIND_LABELS if compact else SHORT_KIND_LABELS).get(kind, kind)
 
 
+def _draw_cell(ax: Axes, image: np.ndarray, pm: PatchMaps, kind: str, *, overlay: bool, cmap: str,
+               show_entropy: bool) -> None:
+    """One panel of :func:`plot_attention_maps`: the ``kind`` map of one image (or "no [cls]" where it has none)."""
+    grid = pm.get(kind)
+    if grid is None:
+        ax.text(0.5, 0.5, "no [cls]", ha="center", va="center", transform=ax.transAxes, color="0.4")
+        ax.set_axis_off()
+        return
+    draw_map(image, grid, ax=ax, overlay=overlay, cmap=cmap, show_entropy=show_entropy,
+             mark=pm.central_patch if kind == "central" else None)
+    if kind == "cls_min_entropy":
+        assert pm.min_entropy_head is not None  # set with the [cls] maps, which this one is
+        _corner_note(ax, f"head {figure_label(pm.min_entropy_head)}")
+
+
 def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequence[PatchMaps]], *,
                         kinds: Sequence[str] = MAP_KINDS, labels: Mapping[str, str] | None = None,
                         rows: str = "images", overlay: bool = True, cmap: str = "inferno",
@@ -176,17 +191,7 @@ def plot_attention_maps(images: Sequence[np.ndarray], maps: Mapping[str, Sequenc
                 headers.append((_set_header(ax, "input", rows), "input"))
             for j, (model, kind) in enumerate(columns, start=1):
                 ax = axes[i, j] if rows == "images" else axes[j, i]
-                pm = maps[model][i]
-                grid = pm.get(kind)
-                if grid is None:
-                    ax.text(0.5, 0.5, "no [cls]", ha="center", va="center", transform=ax.transAxes, color="0.4")
-                    ax.set_axis_off()
-                else:
-                    draw_map(image, grid, ax=ax, overlay=overlay, cmap=cmap, show_entropy=show_entropy,
-                             mark=pm.central_patch if kind == "central" else None)
-                    if kind == "cls_min_entropy":
-                        assert pm.min_entropy_head is not None  # set with the [cls] maps, which this one is
-                        _corner_note(ax, f"head {figure_label(pm.min_entropy_head)}")
+                _draw_cell(ax, image, maps[model][i], kind, overlay=overlay, cmap=cmap, show_entropy=show_entropy)
                 if i == 0:
                     headers.append((_set_header(ax, _kind_title(kind), rows), kind))
         groups: list[tuple[Text, float]] = []

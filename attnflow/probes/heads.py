@@ -336,6 +336,8 @@ class ProbeHead(nn.Module):
     Attributes:
         width: the pooled representation's width (D; 2D for ``both``; K x D for ``abmilp-kK``, K > 1, which
             concatenates), the BatchNorm's and classifier's input.
+        path: the file the head was loaded from (:func:`attnflow.probes.load_head`), ``None`` for a head built
+            here; recorded in the provenance of the analyses that use the head.
 
     Shape:
         tokens ``[n, P + N, D]`` -> logits ``[n, K]``.
@@ -344,6 +346,7 @@ class ProbeHead(nn.Module):
     def __init__(self, spec: HeadSpec, dim: int, num_classes: int, has_cls: bool, init: str = "default",
                  grid: tuple[int, int] | None = None) -> None:
         super().__init__()
+        self.path: str | None = None
         if init not in HEAD_INITS:
             raise HeadSpecError(f"unknown head init {init!r}; choose from {', '.join(HEAD_INITS)}")
         self.spec = spec

@@ -70,6 +70,7 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Pro
                      grid=state.get("grid"))
     head.load_state_dict(state["state_dict"])
     head.meta = state.get("meta", {})
+    head.path = str(path)
     return head.eval()
 
 
