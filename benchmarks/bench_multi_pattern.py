@@ -7,9 +7,9 @@ the same for every head and is not timed). Timed steps are interleaved across th
 median and the best process CPU time (all threads) are reported, with the load average before and after: on a
 shared machine compare the FLOPs first and the best times second.
 
-Part 2, the planted XOR task of ``tests/planted_patterns.py`` (one Selective Aggregation pattern is provably at
+Part 2, the planted XOR task of ``tests/helpers/planted_patterns.py`` (one Selective Aggregation pattern is provably at
 most 75% right there, chance 50%): validation top-1 of every head trained together in one bank by ``fit_heads``,
-per seed, with the settings of ``tests/test_probes_multi_pattern.py``.
+per seed, with the settings of ``tests/probes/test_probes_multi_pattern.py``.
 
 Usage::
 
@@ -37,13 +37,13 @@ from attnflow.probes.fit import fit_heads
 from attnflow.probes.heads import build_head, num_trainable
 from attnflow.probes.specs import parse_head_spec
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from planted_patterns import xor_tokens  # noqa: E402  (the task is defined, and proved, next to its test)
 
 HEADS = ("abmilp", "abmilp-k2", "abmilp-k4", "abmilp-k12", "abmilp-k2-mean", "abmilp-k4-mean", "abmilp-k12-mean",
          "ap1", "ap12")
 PLANTED = dict(epochs=10, batch_size=128, lr=8.0, optimizer="lars", warmup_epochs=1, device="cpu")
-"""The planted task's training settings (those of tests/test_probes_multi_pattern.py)."""
+"""The planted task's training settings (those of tests/probes/test_probes_multi_pattern.py)."""
 
 
 def _step(head: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> None:

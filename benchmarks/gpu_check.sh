@@ -16,7 +16,7 @@ timeout 130 python3 benchmarks/bench_stats.py --gpu-only --batches 16 --repeats 
 # 52 tests, most of them autotuning the kernel for a new shape (compilation on the CPU): run in 8 processes
 # where pytest-xdist is installed (serially, 180 s covered only 36 of them on an H200).
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 200 python3 -m pytest -q -p no:cacheprovider $xdist tests/test_kernels.py tests/test_gpu.py tests/test_gpu_analyses.py 2>&1 | tail -n 25 \
+timeout 200 python3 -m pytest -q -p no:cacheprovider $xdist tests/kernels/test_kernels.py tests/test_gpu.py tests/test_gpu_analyses.py 2>&1 | tail -n 25 \
     | tee "$out/tests.txt"
 echo "pytest exit status ${PIPESTATUS[0]} (124: timed out)" | tee -a "$out/tests.txt"
 timeout 80 python3 benchmarks/bench_qk_kernel.py --json "$out/bench_qk_kernel.json" 2>&1 | grep -v -i warn \

@@ -70,6 +70,14 @@ def photo_folder(tmp_path: Path, photos: dict[str, np.ndarray]) -> Path:
 
 
 @pytest.fixture()
+def cub(tmp_path: Path, photos: dict[str, np.ndarray]) -> Path:
+    """A CUB-200-2011 release tree with 12 images: 8 train, 4 test, 3 classes."""
+    from cub_data import write_cub_tree
+
+    return write_cub_tree(tmp_path, photos)
+
+
+@pytest.fixture()
 def offline(tmp_path: Path, monkeypatch) -> Path:
     """Empty torch hub and Hugging Face caches under ``tmp_path``, offline mode, and no sockets at all."""
     import socket

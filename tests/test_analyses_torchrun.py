@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from attnflow.cli import main
-from test_localize_cli import MODEL, write_boxes
+from localize_data import MODEL, write_boxes
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:

@@ -54,7 +54,7 @@ LAYOUT = ("resolution", "grid", "n_patches", "num_prefix_tokens", "has_cls", "im
 
 def _torchrun(nproc: int, args: list[str], script: str | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=nproc -m attnflow ARGS`` (or ``script ARGS``) with gloo on the CPU."""
-    target = [str(Path(__file__).with_name(script))] if script else ["-m", "attnflow"]
+    target = [str(Path(__file__).parent / "helpers" / script)] if script else ["-m", "attnflow"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", *target, *args]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,

@@ -14,13 +14,13 @@ from attnflow.cli import main
 from attnflow.localize import localize, read_boxes
 from attnflow.models.load import load_model
 from attnflow.aggregation.analysis import aggregation_statistics
-from test_localize_cli import ARCH, KW, write_boxes
-from test_probes_cli import cub, probe  # noqa: F401  (cub: a fixture)
+from localize_data import ARCH, KW, write_boxes
+from cub_data import probe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_probe_on_cuda_matches_cpu(cub, tmp_path):  # noqa: F811
+def test_probe_on_cuda_matches_cpu(cub, tmp_path):
     assert probe(cub, tmp_path / "cpu", "--device", "cpu", "--amp", "none") == 0
     assert probe(cub, tmp_path / "gpu", "--device", "cuda", "--amp", "none") == 0
     assert probe(cub, tmp_path / "bf16", "--device", "cuda", "--amp", "bf16") == 0

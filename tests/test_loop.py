@@ -8,7 +8,6 @@ kept byte for byte, and two gloo processes (each interrupted and resumed) must g
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import socket
@@ -32,7 +31,8 @@ from attnflow.probes.specs import parse_head_spec
 from attnflow.runstate import StateFileError, StateMismatchError
 from attnflow.stats import attention_stats
 from conftest import tiny_model
-from test_localize_cli import write_boxes
+from localize_data import write_boxes
+from interrupts import fail_at_step
 
 KW = dict(img_size=64, device="cpu", workers=0, progress=False)
 
@@ -88,24 +88,6 @@ def _same(name: str, a: Any, b: Any) -> None:
         assert a.meta[key] == b.meta[key], key
 
 
-def _fail_at_step(monkeypatch: Any, n: int, error: type[BaseException] = KeyboardInterrupt) -> list[int]:
-    """The ``n``-th batch step of the loop (1-based) raises ``error``; returns the batch sizes stepped."""
-    seen: list[int] = []
-    real = loop._batches
-
-    def batches(analysis: loop.Analysis, *args: Any) -> None:
-        step = analysis.step
-
-        def failing(batch: Any) -> Any:
-            seen.append(int(batch.images.shape[0]))
-            if len(seen) == n:
-                raise error("stop") if error is not KeyboardInterrupt else KeyboardInterrupt
-            return step(batch)
-        real(dataclasses.replace(analysis, step=failing), *args)
-    monkeypatch.setattr(loop, "_batches", batches)
-    return seen
-
-
 def _state(path: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=True)
 
@@ -122,7 +104,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(name, folder, tmp_p
     run, state = ANALYSES[name], tmp_path / "run.state.pt"
     whole = run(folder, batch_size=1)
     with monkeypatch.context() as patch:
-        _fail_at_step(patch, 4)
+        fail_at_step(patch, 4)
         with pytest.raises(KeyboardInterrupt):
             run(folder, batch_size=1, state_path=state, checkpoint_every=1)
     saved = _state(state)
@@ -132,7 +114,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(name, folder, tmp_p
     assert int(saved["accumulators"]["loop"]["images"]) == saved["done"] - 1
     assert [path for path, _ in saved["accumulators"]["loop"]["skipped"]] == [str(folder / "ILSVRC2012_val_00000002.JPEG")]
     with monkeypatch.context() as patch:
-        resumed_steps = _fail_at_step(patch, 0)  # counts the steps only
+        resumed_steps = fail_at_step(patch, 0)  # counts the steps only
         resumed = run(folder, batch_size=1, state_path=state, resume=True)
     assert sum(resumed_steps) == whole.meta["images_used"] - int(saved["accumulators"]["loop"]["images"])
     _same(name, resumed, whole)
@@ -144,12 +126,12 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(name, folder, tmp_p
 def test_failure_keeps_the_last_whole_batch_and_nothing_before(name, folder, tmp_path, monkeypatch):
     run, state = ANALYSES[name], tmp_path / "run.state.pt"
     with monkeypatch.context() as patch:
-        _fail_at_step(patch, 1, RuntimeError)
+        fail_at_step(patch, 1, RuntimeError)
         with pytest.raises(RuntimeError, match="stop"):
             run(folder, batch_size=1, state_path=state, checkpoint_every=1)
     assert not state.exists(), "nothing done: nothing to resume"
     with monkeypatch.context() as patch:
-        _fail_at_step(patch, 5, RuntimeError)  # no periodic save (every 100 batches): the failure saves it
+        fail_at_step(patch, 5, RuntimeError)  # no periodic save (every 100 batches): the failure saves it
         with pytest.raises(RuntimeError, match="stop"):
             run(folder, batch_size=1, state_path=state, checkpoint_every=100)
     assert _state(state)["done"] > 0
@@ -160,7 +142,7 @@ def test_failure_keeps_the_last_whole_batch_and_nothing_before(name, folder, tmp
 def test_state_of_another_run_is_refused_and_kept(name, change, named, folder, tmp_path, monkeypatch):
     run, state = ANALYSES[name], tmp_path / "run.state.pt"
     with monkeypatch.context() as patch:
-        _fail_at_step(patch, 4)
+        fail_at_step(patch, 4)
         with pytest.raises(KeyboardInterrupt):
             run(folder, batch_size=1, state_path=state, checkpoint_every=1)
     before = state.read_bytes()
@@ -176,7 +158,7 @@ def test_finished_state_resumes_at_once(name, folder, tmp_path, monkeypatch):
     first = run(folder, batch_size=3, state_path=state, keep_state=True)
     assert state.exists()
     with monkeypatch.context() as patch:
-        stepped = _fail_at_step(patch, 1)  # any step would raise
+        stepped = fail_at_step(patch, 1)  # any step would raise
         again = run(folder, batch_size=3, state_path=state, resume=True)
     assert stepped == []
     _same(name, again, first)

@@ -16,7 +16,7 @@ from attnflow.errors import AttnflowError
 from attnflow.runstate import RunState
 from attnflow.stats import attention_stats
 from conftest import tiny_model
-from test_loop import _fail_at_step
+from interrupts import fail_at_step
 
 KW = dict(img_size=64, device="cpu", workers=0, progress=False)
 
@@ -31,7 +31,7 @@ def interrupted(photo_folder, tmp_path, monkeypatch):
     def make(model=None):
         state = tmp_path / "s.state.pt"
         with monkeypatch.context() as patch:
-            _fail_at_step(patch, 3)
+            fail_at_step(patch, 3)
             with pytest.raises(KeyboardInterrupt):
                 attention_stats(model or tiny_model(), photo_folder, batch_size=2, state_path=state,
                                 checkpoint_every=1, **KW)
@@ -45,7 +45,7 @@ def test_resume_with_another_batch_size_gives_the_same_numbers(photo_folder, tmp
     full = attention_stats(model, photo_folder, batch_size=4, **KW)
     state = tmp_path / "s.state.pt"
     with monkeypatch.context() as patch:
-        _fail_at_step(patch, 3)
+        fail_at_step(patch, 3)
         with pytest.raises(KeyboardInterrupt):
             attention_stats(model, photo_folder, batch_size=2, state_path=state, checkpoint_every=1, **KW)
     resumed = attention_stats(model, photo_folder, batch_size=3, state_path=state, resume=True, **KW)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_loop import ANALYSES, _fail_at_step  # noqa: E402
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from interrupts import fail_at_step  # noqa: E402
+from test_loop import ANALYSES  # noqa: E402
 
 
 def main(folder: Path, out: Path) -> None:
@@ -19,7 +20,7 @@ def main(folder: Path, out: Path) -> None:
     for name, run in ANALYSES.items():
         state = out / f"{name}.state.pt"
         with pytest.MonkeyPatch.context() as patch:
-            _fail_at_step(patch, 2)
+            fail_at_step(patch, 2)
             try:
                 run(folder, batch_size=1, state_path=state, checkpoint_every=1)
                 raise AssertionError("the run was not interrupted")

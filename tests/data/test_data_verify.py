@@ -234,7 +234,7 @@ def test_shipped_1pct_split_file_against_empty_train_root(tmp_path):
     (tmp_path / A).mkdir()
     report = verify_dataset("imagenet-1pct", tmp_path, progress=False)
     assert report.expected == 12811 and report.n_missing == 12811 and report.found == 0
-    lines = (Path(__file__).parents[1] / "data_manifests" / "imagenet_1percent.txt").read_text().split()
+    lines = (Path(__file__).parents[2] / "data_manifests" / "imagenet_1percent.txt").read_text().split()
     assert report.missing == sorted(f"{line.split('_')[0]}/{line}" for line in lines)
     assert report.missing[0] == "n01440764/n01440764_10040.JPEG"
 

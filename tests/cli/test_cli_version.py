@@ -12,7 +12,7 @@ import pytest
 import attnflow
 from attnflow.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def pyproject_version() -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from attnflow.cli import main
-from test_plot_blocks import FAMILIES, make_result
+from plot_results import FAMILIES, make_result
 
 TINY_KW = ["--model-kw", "depth=2", "--model-kw", "embed_dim=32", "--model-kw", "num_heads=4"]
 

@@ -13,7 +13,7 @@ from matplotlib.collections import PolyCollection
 from attnflow.cli import main
 from attnflow.plot import PlotError, plot_blocks, plot_blocks_with_probes, plot_probe_blocks, save_figure
 from attnflow.probes.outputs import write_run_table
-from test_plot_blocks import make_result
+from plot_results import make_result
 
 HEADS = ("cls", "avg", "abmilp", "abmilp+cls")
 

@@ -10,7 +10,7 @@ from attnflow.cli import main
 from attnflow.runner import ConfigError, load_config, parse_config
 from attnflow.runner.figures import output_files
 
-ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+ANALYSES = Path(__file__).resolve().parents[2] / "analyses"
 
 
 def minimal(**top) -> dict:

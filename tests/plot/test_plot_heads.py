@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attnflow.plot import PlotError, head_matrix, plot_head_heatmap, plot_heads
-from test_plot_blocks import FAMILIES, make_result, value
+from plot_results import FAMILIES, make_result, value
 
 
 def test_heatmap_cells_are_the_per_head_means():

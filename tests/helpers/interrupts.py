@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+from attnflow import loop
 
 
 def interrupt_at_call(monkeypatch: Any, owner: type, method: str, n: int) -> list[int]:
@@ -23,4 +26,22 @@ def interrupt_at_call(monkeypatch: Any, owner: type, method: str, n: int) -> lis
         return real(self, images, *args, **kwargs)
 
     monkeypatch.setattr(owner, method, patched)
+    return seen
+
+
+def fail_at_step(monkeypatch: Any, n: int, error: type[BaseException] = KeyboardInterrupt) -> list[int]:
+    """The ``n``-th batch step of the loop (1-based) raises ``error``; returns the batch sizes stepped."""
+    seen: list[int] = []
+    real = loop._batches
+
+    def batches(analysis: loop.Analysis, *args: Any) -> None:
+        step = analysis.step
+
+        def failing(batch: Any) -> Any:
+            seen.append(int(batch.images.shape[0]))
+            if len(seen) == n:
+                raise error("stop") if error is not KeyboardInterrupt else KeyboardInterrupt
+            return step(batch)
+        real(dataclasses.replace(analysis, step=failing), *args)
+    monkeypatch.setattr(loop, "_batches", batches)
     return seen

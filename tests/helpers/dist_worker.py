@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 from conftest import tiny_model  # noqa: E402
 
 from attnflow.stats import attention_stats  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from attnflow.plot import block_figures
-from test_plot_blocks import make_result
+from plot_results import make_result
 
 
 def test_block_figures_write_every_listed_file(tmp_path):

@@ -15,7 +15,7 @@ import timm
 from attnflow.data.images import DataError
 from attnflow.data.manifests import KINDS, UnknownManifestError, list_manifests, load_manifest
 
-MANIFESTS = Path(__file__).parents[1] / "data_manifests"
+MANIFESTS = Path(__file__).parents[2] / "data_manifests"
 TIMM_INFO = Path(timm.__file__).parent / "data" / "_info"
 
 

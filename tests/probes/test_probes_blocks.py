@@ -124,6 +124,6 @@ def test_block_bank_trains_each_blocks_heads_as_a_bank_on_that_blocks_tokens_alo
 def test_shipped_probe_blocks_config_resolves():
     from pathlib import Path
 
-    config = resolve_config("cub", Path(__file__).resolve().parents[1] / "analyses" / "probe_blocks_cub.toml")
+    config = resolve_config("cub", Path(__file__).resolve().parents[2] / "analyses" / "probe_blocks_cub.toml")
     assert (config.task, config.heads, config.blocks, config.seeds) == ("cub", "cls,avg,abmilp", "all", [0, 1, 2])
     assert (config.optimizer, config.batch_size, config.block) == ("sgd", 1024, -1)  # the paper's CUB preset

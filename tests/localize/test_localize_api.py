@@ -18,7 +18,7 @@ from attnflow.probes.heads import ProbeHead
 from attnflow.probes.specs import parse_head_spec
 from localize_brute import contour_boxes, iou_formula
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
-from test_localize_cli import ARCH, KW, write_boxes
+from localize_data import ARCH, KW, write_boxes
 
 
 def test_examples_are_the_credited_boxes_and_the_figure_draws_them(photo_folder, tmp_path):

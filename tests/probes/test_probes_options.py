@@ -17,7 +17,7 @@ from attnflow.probes.fit import fit_bank, fit_heads
 from attnflow.probes.protocols import DEFAULT_BASE_LRS, ProbeConfig, TrainOptions, resolve_config
 from probe_data import one_thread, planted_tokens  # noqa: F401  (autouse fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def probe_dests() -> set[str]:

@@ -22,11 +22,8 @@ from attnflow.probes.outputs import load_head, save_head
 from attnflow.probes.specs import parse_head_spec
 from localize_brute import brute_hits, max_box_acc_v2
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
+from localize_data import ARCH, KW, MODEL, write_boxes
 
-KW = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0)
-ARCH = "vit_small_patch16_224.dino"
-MODEL = ["--model", ARCH, "--random-init", "--img-size", "64",
-         *[x for k, v in KW.items() for x in ("--model-kw", f"{k}={v}")]]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the .dino tag's ImageNet normalisation
 
 
@@ -37,23 +34,6 @@ def head_file(tmp_path: Path) -> Path:
     with torch.no_grad():
         head.pool.scorer.weight.mul_(20)  # peaked weights
     return save_head(tmp_path / "abmilp.pt", head, meta={"block": -1, "layernorm": False})
-
-
-def write_boxes(folder: Path, path: Path) -> dict[str, list[tuple[int, int, int, int]]]:
-    """A path,x1,y1,x2,y2 file: one or two boxes per photo, one for the corrupt file, none for one photo."""
-    boxes: dict[str, list[tuple[int, int, int, int]]] = {}
-    photos = [p for p in sorted(folder.glob("*.JPEG")) if p.name != "ILSVRC2012_val_00000099.JPEG"]
-    for i, image in enumerate(photos):
-        if i == 2:
-            continue  # no box: counted, not evaluated
-        w, h = Image.open(image).size
-        boxes[image.name] = [(w // 5, h // 6, 4 * w // 5 - 1, h - 1)]
-        if i % 3 == 0:
-            boxes[image.name].append((0, 0, w // 3, h // 3))
-    boxes["ILSVRC2012_val_00000099.JPEG"] = [(1, 1, 10, 10)]
-    lines = ["path,x1,y1,x2,y2"] + [f"{name},{','.join(map(str, b))}" for name, bs in boxes.items() for b in bs]
-    path.write_text("\n".join(lines) + "\n")
-    return boxes
 
 
 def reference(folder: Path, boxes: dict, head_path: Path) -> dict[str, list[np.ndarray]]:

@@ -19,7 +19,7 @@ from attnflow.runner.figures import output_files
 
 TINY_KW = "{depth = 2, embed_dim = 32, num_heads = 4, mlp_ratio = 2.0}"
 from conftest import TINY
-from test_loop import _fail_at_step
+from interrupts import fail_at_step
 
 
 @pytest.fixture()
@@ -237,7 +237,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(env, photo_folder, monkeypa
                             'formats = ["png"]\n', data_extra="checkpoint_every = 1")
 
     with monkeypatch.context() as patch:
-        _fail_at_step(patch, 3)  # two whole batches, then Ctrl-C
+        fail_at_step(patch, 3)  # two whole batches, then Ctrl-C
         assert main(["run", str(cfg_path), "--no-progress"]) == 130
     capsys.readouterr()
     states = list((env / "runs/tiny/stats").glob("*.state.pt"))
@@ -327,7 +327,7 @@ def test_titled_heads_figure_names_each_metric(tmp_path, monkeypatch):
     import attnflow.plot.style
     from attnflow.runner.config import FigureEntry
     from attnflow.runner.figures import render_stats_figure
-    from test_plot_blocks import FAMILIES, make_result
+    from plot_results import FAMILIES, make_result
 
     titles = {}
 

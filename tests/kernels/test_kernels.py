@@ -356,7 +356,7 @@ def test_kernel_builds_for_ampere_and_hopper_without_a_gpu(tmp_path):
     the kernel's design says: no conversion instruction (bf16 rounding by Veltkamp's split), one square root
     per distance, shared by the heads of a program, and one exponential per logit."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     report = tmp_path / "builds.json"
     run = subprocess.run([sys.executable, str(repo / "benchmarks" / "kernel_resources.py"), "--arch", "80,90",
                           "--dtype", "bf16", "--configs", "2", "--pipes", "--json", str(report)],

@@ -21,7 +21,7 @@ from planted_patterns import xor_parts, xor_assemble, xor_tokens
 from probe_data import one_thread, planted_tokens  # noqa: F401  (autouse fixture)
 
 D, N, C = 8, 6, 3
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tokens(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -236,7 +236,7 @@ def test_one_pattern_decides_by_a_sum_over_tokens_and_swapped_images_break_it():
 
 
 def test_planted_xor_one_pattern_is_capped_and_k_patterns_reach_ap12():
-    """tests/planted_patterns.py proves that one softmax pattern (abmilp, ap1) is at most 75% right here (chance
+    """tests/helpers/planted_patterns.py proves that one softmax pattern (abmilp, ap1) is at most 75% right here (chance
     50%); K = 2 or 4 patterns and 12 attention heads are not capped."""
     train, val = xor_tokens(2048, seed=0), xor_tokens(1024, seed=1)
     frame = fit_heads(train, val, ["abmilp", "abmilp-k2", "abmilp-k4", "ap1", "ap12"], epochs=10, batch_size=128,

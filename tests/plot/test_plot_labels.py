@@ -12,8 +12,8 @@ import attnflow.plot.mapfig
 from attnflow.maps import patch_maps
 from attnflow.plot import plot_attention_maps, plot_blocks, plot_head_heatmap, plot_head_maps
 from attnflow.plot.style import figure_label
-from test_plot_blocks import FAMILIES, make_result
-from test_plot_maps import layout, planted_attention
+from plot_results import FAMILIES, make_result
+from planted_maps import layout, planted_attention
 
 SHIFT = 100
 """A rule no figure would use by accident: a label that escapes the helper shows up as 1-based, not as 100+."""
