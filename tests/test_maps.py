@@ -17,11 +17,7 @@ from attnflow.plot import PlotError, draw_map, plot_attention_maps, plot_head_ma
 from attnflow.vit import BlockIndexError, PatchSizeError
 from conftest import tiny_model
 from planted_maps import GRID, layout, planted_attention
-
-def brute_entropy(weights) -> float:
-    total = sum(weights)
-    return -sum((w / total) * math.log(w / total) for w in weights if w > 0)
-
+from brute_force import brute_entropy, block_attention_by_hand
 
 def test_planted_cls_peak_and_lowest_entropy_head():
     attn = planted_attention(cls_peak=(3, 1, 4))
@@ -125,23 +121,6 @@ def test_head_maps_frame_the_lowest_entropy_head(photos):
         plot_head_maps(photos["coffee"], patch_maps(planted_attention(num_prefix=0), layout(0, False)))
 
 
-def _manual_last_block_attention(model, x):
-    """The last block's attention recomputed by hand from its input (plain timm ViT: no rel-pos, no rope)."""
-    seen = {}
-    blk = model.blocks[-1]
-    handle = blk.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
-    with torch.inference_mode():
-        model(x)
-    handle.remove()
-    attn = blk.attn
-    with torch.inference_mode():
-        y = blk.norm1(seen["x"])
-        B, N, C = y.shape
-        qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0], qkv[1]
-        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, H, N, N]
-
-
 def test_capture_maps_on_a_tiny_timm_model(photos):
     model = tiny_model("vit_small_patch16_224", img_size=64, reg_tokens=2)  # [cls] + 2 registers
     images = [Image.fromarray(photos[k]) for k in ("chelsea", "astronaut", "coffee")]
@@ -150,7 +129,7 @@ def test_capture_maps_on_a_tiny_timm_model(photos):
     from attnflow.data.transforms import eval_transform
 
     x = torch.stack([eval_transform(model, 64, crop_pct=0.875)(img) for img in images])
-    ref = _manual_last_block_attention(model, x)
+    ref = block_attention_by_hand(model, x)
     for i in range(3):
         expect = patch_maps(ref[i], layout(num_prefix=3, grid=(4, 4)))
         assert maps[i].grid == (4, 4)

@@ -18,6 +18,7 @@ from attnflow.aggregation.statistics import Q_FLOOR, AggregationStats, kld_matri
 from attnflow.tap import AttentionTap
 from conftest import tiny_model
 from probe_data import one_thread  # noqa: F401  (autouse fixture: the workers use one thread too)
+from brute_force import brute_entropy, brute_kl
 
 GRID = (3, 5)  # not square: catches row/column mix-ups
 
@@ -41,11 +42,6 @@ def hand_softmax_attention(b: int, h: int, n: int, seed: int = 0) -> tuple[list,
                 rows.append([v / sum(e) for v in e])
             probs[-1].append(rows)
     return probs, torch.tensor(probs, dtype=torch.float64)
-
-
-def brute_entropy(p: list[float]) -> float:
-    s = sum(p)
-    return -sum((x / s) * math.log(x / s) for x in p if x > 0)
 
 
 def test_sources_match_hand_loops_with_registers():
@@ -142,10 +138,6 @@ def random_vectors(s: int, b: int, n: int, seed: int, zeros: bool = True) -> tor
     return v / v.sum(-1, keepdim=True)
 
 
-def brute_kl(p: list[float], q: list[float]) -> float:
-    return sum(a * (math.log(a) - math.log(max(c, Q_FLOOR))) for a, c in zip(p, q) if a > 0)
-
-
 def test_pairwise_kl_matches_double_loop_with_floored_zeros():
     v = random_vectors(3, 4, 6, seed=1)
     kl, zero = pairwise_kl(v)
@@ -153,7 +145,7 @@ def test_pairwise_kl_matches_double_loop_with_floored_zeros():
         for t in range(3):
             for i in range(4):
                 p, q = v[s, i].tolist(), v[t, i].tolist()
-                assert kl[s, t, i].item() == pytest.approx(brute_kl(p, q), rel=1e-12, abs=1e-13)
+                assert kl[s, t, i].item() == pytest.approx(brute_kl(p, q, Q_FLOOR), rel=1e-12, abs=1e-13)
                 assert bool(zero[s, t, i]) == any(a > 0 and c == 0 for a, c in zip(p, q))
     assert kl.diagonal(dim1=0, dim2=1).eq(0).all()
     assert zero[1, 0, 0] and zero[0, 1, 1] and not zero[0, 0].any()
@@ -175,7 +167,7 @@ def test_stats_table_matches_brute_force_and_streaming_equals_one_pass():
     matrix = kld_matrix(frame, names)
     for s in range(3):
         for t in range(3):
-            want = np.mean([brute_kl(v[s, i].tolist(), v[t, i].tolist()) for i in range(10)])
+            want = np.mean([brute_kl(v[s, i].tolist(), v[t, i].tolist(), Q_FLOOR) for i in range(10)])
             assert matrix.iloc[s, t] == pytest.approx(want, rel=1e-12)
     kld = frame[frame.metric == "kld"].set_index(["source", "target"])
     assert kld.loc[("central", "cls_mean"), "q_zero_images"] == 1

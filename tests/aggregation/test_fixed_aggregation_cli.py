@@ -27,6 +27,7 @@ from attnflow.probes.outputs import save_head
 from attnflow.probes.specs import parse_head_spec
 from attnflow.tap import AttentionTap
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
+from brute_force import brute_entropy, brute_kl
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -45,16 +46,6 @@ def head_file(tmp_path: Path) -> Path:
     with torch.no_grad():
         head.pool.scorer.weight.mul_(20)  # peaked weights
     return save_head(tmp_path / "abmilp.pt", head, meta={"block": -1, "layernorm": False})
-
-
-def brute_entropy(p: list[float]) -> float:
-    s = sum(p)
-    return -sum(x / s * math.log(x / s) for x in p if x > 0)
-
-
-def brute_kl(p: list[float], q: list[float]) -> float:
-    sp, sq = sum(p), sum(q)
-    return sum(a / sp * (math.log(a / sp) - math.log(max(c / sq, Q_FLOOR))) for a, c in zip(p, q) if a > 0)
 
 
 def test_aggregate_end_to_end_matches_brute_force(photo_folder, tmp_path, head_file, capsys):
@@ -105,7 +96,7 @@ def test_aggregate_end_to_end_matches_brute_force(photo_folder, tmp_path, head_f
     for s in sources:
         assert ent[s] == pytest.approx(np.mean([brute_entropy(v) for v in vectors[s]]), abs=2e-6), s
         for t in sources:
-            want = np.mean([brute_kl(p, q) for p, q in zip(vectors[s], vectors[t])])
+            want = np.mean([brute_kl(p, q, Q_FLOOR) for p, q in zip(vectors[s], vectors[t])])
             assert kld[(s, t)] == pytest.approx(want, rel=1e-3, abs=2e-6), (s, t)
     assert ent["head:abmilp"] < math.log(16) - 0.1  # the peaked head is far from uniform
 

@@ -5,7 +5,6 @@ by hand for a planted two-block stack, and against the published code (tests/bru
 from __future__ import annotations
 
 import json
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,6 +31,7 @@ from brute_force import published_rollout
 from conftest import tiny_model
 from localize_brute import brute_hits, max_box_acc_v2
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
+from brute_force import brute_entropy, brute_kl
 
 # A planted stack of two blocks, two heads each, three tokens. Each head is a 0/1 attention pattern.
 IDENTITY = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
@@ -158,16 +158,6 @@ def test_real_models_match_the_published_code_in_capture_maps_and_feature(photos
     assert encoder.describe()["rollout"]["blocks"] == 3
 
 
-def brute_entropy(p: list[float]) -> float:
-    s = sum(p)
-    return -sum(x / s * math.log(x / s) for x in p if x > 0)
-
-
-def brute_kl(p: list[float], q: list[float]) -> float:
-    sp, sq = sum(p), sum(q)
-    return sum(a / sp * (math.log(a / sp) - math.log(max(c / sq, Q_FLOOR))) for a, c in zip(p, q) if a > 0)
-
-
 def test_aggregate_rollout_rows_match_the_published_code(photo_folder, tmp_path, capsys):
     out = tmp_path / "agg"
     assert main(["aggregate", *MODEL, "--sources", "cls_mean,rollout", "--data", str(photo_folder),
@@ -193,7 +183,7 @@ def test_aggregate_rollout_rows_match_the_published_code(photo_folder, tmp_path,
     for s in vectors:
         assert ent[s] == pytest.approx(np.mean([brute_entropy(v) for v in vectors[s]]), abs=1e-9), s
         for t in vectors:
-            want = np.mean([brute_kl(p, q) for p, q in zip(vectors[s], vectors[t])])
+            want = np.mean([brute_kl(p, q, Q_FLOOR) for p, q in zip(vectors[s], vectors[t])])
             assert kld[(s, t)] == pytest.approx(want, rel=1e-6, abs=1e-9), (s, t)
     assert kld[("rollout", "cls_mean")] > 0  # two different vectors (random weights: nearly uniform both)
 

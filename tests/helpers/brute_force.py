@@ -67,3 +67,41 @@ def published_rollout(maps: list[np.ndarray]) -> np.ndarray:
     for layer in range(1, aug.shape[0]):
         joint = np.einsum("bij,bjk->bik", aug[layer], joint)
     return joint
+
+
+def brute_entropy(p) -> float:
+    """Entropy (nats) of non-negative weights ``p`` renormalised to sum 1, ``0 log 0 = 0``, one term at a time."""
+    s = sum(p)
+    return -sum((x / s) * math.log(x / s) for x in p if x > 0)
+
+
+def brute_kl(p, q, floor: float) -> float:
+    """KL(p || q) of weights renormalised to sum 1, q floored at ``floor`` where it is smaller, one term at a time."""
+    sp, sq = sum(p), sum(q)
+    return sum(a / sp * (math.log(a / sp) - math.log(max(c / sq, floor))) for a, c in zip(p, q) if a > 0)
+
+
+def block_attention_by_hand(model: torch.nn.Module, x: torch.Tensor, b: int = -1) -> torch.Tensor:
+    """Block ``b``'s attention ``[B, H, N, N]`` of a plain timm ViT (no rel-pos, no rope), recomputed by hand as
+    ``softmax(q k^T * scale)`` from the block's input."""
+    seen = {}
+    blk = model.blocks[b]
+    handle = blk.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.inference_mode():
+        model(x)
+        handle.remove()
+        y = blk.norm1(seen["x"])
+        B, N, C = y.shape
+        heads = blk.attn.num_heads
+        qkv = blk.attn.qkv(y).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        return ((qkv[0] * blk.attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)
+
+
+def blocks_by_hand(model: torch.nn.Module, images: torch.Tensor, upto: int) -> torch.Tensor:
+    """The tokens after block ``upto`` (inclusive) of a timm ViT, its stages run one by one, without the final
+    norm: ``[B, P + N, D]``."""
+    x = model._pos_embed(model.patch_embed(images))
+    x = model.norm_pre(model.patch_drop(x))
+    for blk in model.blocks[:upto + 1]:
+        x = blk(x)
+    return x

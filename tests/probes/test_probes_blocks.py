@@ -18,15 +18,7 @@ from attnflow.probes.sampler import BatchPlan
 from attnflow.probes.specs import parse_head_list
 from conftest import tiny_model
 from probe_data import one_thread, planted_tokens  # noqa: F401  (autouse fixture)
-
-
-def by_hand(model: torch.nn.Module, images: torch.Tensor, upto: int) -> torch.Tensor:
-    """timm's ViT stages run one by one up to block ``upto`` (inclusive), without the final norm."""
-    x = model._pos_embed(model.patch_embed(images))
-    x = model.norm_pre(model.patch_drop(x))
-    for blk in model.blocks[:upto + 1]:
-        x = blk(x)
-    return x
+from brute_force import blocks_by_hand
 
 
 def count_block_calls(model: torch.nn.Module) -> list[int]:
@@ -50,7 +42,7 @@ def test_block_encoder_gives_each_blocks_tokens_from_one_forward_that_stops_afte
     assert calls == [1, 1, 1, 0]  # one pass; block 3 never ran
     with torch.no_grad():
         for i, b in enumerate([0, 2]):
-            raw = by_hand(model, images, b)
+            raw = blocks_by_hand(model, images, b)
             expected = torch.cat([raw[:, :1], raw[:, prefix:]], 1) if prefix else raw
             torch.testing.assert_close(got[:, i], expected, rtol=0, atol=0)
             normed = BlockTokenEncoder(model, blocks=[0, 2], amp="none", layernorm=True)(images)[:, i]

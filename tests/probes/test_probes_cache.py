@@ -16,18 +16,10 @@ from attnflow.probes.imagedata import train_transform
 from attnflow.probes.sampler import BatchPlan
 from conftest import tiny_model
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
+from brute_force import blocks_by_hand
 
 INFO = {"model": "tiny", "checkpoint_sha256": None, "dataset": "photos", "split": "train", "transform": "eval",
         "img_size": 32}
-
-
-def manual_blocks(model: torch.nn.Module, images: torch.Tensor, upto: int) -> torch.Tensor:
-    """Run timm's ViT stages by hand up to block ``upto`` (inclusive), without the final norm."""
-    x = model._pos_embed(model.patch_embed(images))
-    x = model.norm_pre(model.patch_drop(x))
-    for blk in model.blocks[:upto + 1]:
-        x = blk(x)
-    return x
 
 
 @pytest.mark.parametrize("kw,prefix,has_cls", [({}, 1, True), ({"reg_tokens": 2}, 3, True),
@@ -37,7 +29,7 @@ def test_encoder_reads_block_output_and_drops_registers(kw, prefix, has_cls):
     images = torch.randn(2, 3, 32, 32)
     enc = TokenEncoder(model, amp="none")
     assert (enc.has_cls, enc.num_prefix, enc.dim) == (has_cls, prefix, 32)
-    raw = manual_blocks(model, images, upto=1)
+    raw = blocks_by_hand(model, images, upto=1)
     expected = torch.cat([raw[:, :1], raw[:, prefix:]], 1) if has_cls else raw[:, prefix:]
     got = enc(images)
     assert got.shape == (2, int(has_cls) + 4, 32)
@@ -45,7 +37,7 @@ def test_encoder_reads_block_output_and_drops_registers(kw, prefix, has_cls):
     normed = TokenEncoder(model, amp="none", layernorm=True)(images)
     torch.testing.assert_close(normed, model.norm(expected))
     first = TokenEncoder(model, amp="none", block=0)(images)
-    raw0 = manual_blocks(model, images, upto=0)
+    raw0 = blocks_by_hand(model, images, upto=0)
     torch.testing.assert_close(first, torch.cat([raw0[:, :1], raw0[:, prefix:]], 1) if has_cls else raw0[:, prefix:])
 
 
@@ -149,7 +141,7 @@ def test_aggregation_maps_of_a_saved_head(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     maps = aggregation_maps(model, loaded, images)
     assert maps.shape == (2, 2, 2)
-    tokens = manual_blocks(model, images, upto=1)
+    tokens = blocks_by_hand(model, images, upto=1)
     logits = tokens @ head.pool.scorer.weight[0].detach() + head.pool.scorer.bias.detach()  # [2, 1 + 4]
     weights = torch.softmax(logits, dim=1)[:, 1:]
     # row-major patch grid; the [cls] share left out and the patches' renormalised to a distribution
@@ -216,7 +208,7 @@ def test_cache_of_several_blocks_writes_one_file_per_block_batch_by_batch_and_re
         on_disk = torch.from_numpy(np.load(tmp_path / "c" / f"tokens_b{b}.npy")).view(torch.bfloat16)
         assert on_disk.shape == (1, len(ds), 5, 32)
         with torch.no_grad():
-            torch.testing.assert_close(on_disk[0, readable].float(), manual_blocks(model, images, b).bfloat16().float())
+            torch.testing.assert_close(on_disk[0, readable].float(), blocks_by_hand(model, images, b).bfloat16().float())
     assert not (tmp_path / "c" / "tokens.npy").exists()
     cache = extract_tokens(enc, ds, tmp_path / "c", info=INFO, batch_size=2, progress=False)  # resumed
     assert calls["n"] == 3 + len(range(0, len(ds), 2)) - 2  # only the missing batches were encoded
@@ -228,7 +220,7 @@ def test_cache_of_several_blocks_writes_one_file_per_block_batch_by_batch_and_re
     with torch.no_grad():
         for b in (0, 1):
             torch.testing.assert_close(cache.block_tokens(b)[0, rows].float(),
-                                       manual_blocks(model, every, b).bfloat16().float())
+                                       blocks_by_hand(model, every, b).bfloat16().float())
     with pytest.raises(AttnflowError, match="block_tokens"):
         cache.tokens
     plan = BatchPlan(len(rows), batch_size=4, accum_steps=2, seed=0)

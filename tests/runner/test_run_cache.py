@@ -20,6 +20,7 @@ from attnflow.runner.figures import output_files
 TINY_KW = "{depth = 2, embed_dim = 32, num_heads = 4, mlp_ratio = 2.0}"
 from conftest import TINY
 from interrupts import fail_at_step
+from brute_force import block_attention_by_hand
 
 
 @pytest.fixture()
@@ -267,21 +268,6 @@ def test_only_models_a_statistics_figure_uses_are_computed(env, photo_folder, ca
     assert "RANDOM-INIT" in out
 
 
-def _manual_block_attention(model, x: torch.Tensor, b: int) -> torch.Tensor:
-    """Block ``b``'s attention ``[B, H, N, N]`` recomputed by hand from the block's input (plain timm ViT)."""
-    seen = {}
-    blk = model.blocks[b]
-    handle = blk.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
-    with torch.inference_mode():
-        model(x)
-        handle.remove()
-        y = blk.norm1(seen["x"])
-        B, N, C = y.shape
-        heads = blk.attn.num_heads
-        qkv = blk.attn.qkv(y).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
-        return ((qkv[0] * blk.attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)
-
-
 def test_maps_figure_draws_the_configured_block(env, photo_folder, monkeypatch, capsys):
     """``block = 0`` in a maps figure: its [cls] maps are those of the first block, not the last; ``kinds`` may name
     ``rollout``, the published rollout (Abnar & Zuidema) of blocks 0..0."""
@@ -313,12 +299,12 @@ def test_maps_figure_draws_the_configured_block(env, photo_folder, monkeypatch, 
     x = eval_transform(model, img_size=64, crop_pct=0.875)(images[0])[None]
     grid = 64 // 16
     for b, should_match in ((0, True), (len(model.blocks) - 1, False)):
-        cls_row = _manual_block_attention(model, x, b)[0, :, 0, 1:].double()  # [H, patches]
+        cls_row = block_attention_by_hand(model, x, b)[0, :, 0, 1:].double()  # [H, patches]
         want = (cls_row.mean(0) / cls_row.mean(0).sum()).reshape(grid, grid).numpy()
         assert np.allclose(got.cls_mean, want, atol=1e-6) == should_match, b
     from brute_force import published_rollout
 
-    joint = published_rollout([_manual_block_attention(model, x, 0).double().numpy()])[0, 0, 1:]
+    joint = published_rollout([block_attention_by_hand(model, x, 0).double().numpy()])[0, 0, 1:]
     assert np.allclose(got.rollout, (joint / joint.sum()).reshape(grid, grid), atol=1e-6)
 
 
