@@ -200,9 +200,10 @@ def _iterate(analysis: Analysis, source: ImageSource, options: LoopOptions, stat
     bar = tqdm(total=total, initial=progress.done, unit="img" if source.is_dataset else "batch",
                desc=analysis.title, disable=not options.progress or not world.is_main, dynamic_ncols=True)
     every = options.checkpoint_every if state.path is not None else 0
+    on_device = (source.on_device(batch, device) for batch in batches)  # uint8 batches: normalised there
     try:
         with logging_redirect_tqdm():  # log lines above the bar, never glued to it
-            _batches(analysis, source, batches, progress, bar, lambda: state.try_save(progress.snapshot()), every)
+            _batches(analysis, source, on_device, progress, bar, lambda: state.try_save(progress.snapshot()), every)
     except BaseException as err:
         with signals_deferred(reraise=False):  # neither a second Ctrl-C nor a worker's exit aborts the save
             bar.close()
@@ -288,7 +289,7 @@ def _batches(analysis: Analysis, source: ImageSource, batches: Iterator[ImageBat
             with signals_deferred():  # the whole batch counts, or none of it
                 pending.popleft()
                 commit()
-                counts.images += batch.images.shape[0]
+                counts.images += len(batch.images)
                 counts.skipped.extend(batch.bad)
                 progress.done += source.items_in(batch)
             for path, reason in batch.bad:
@@ -299,7 +300,7 @@ def _batches(analysis: Analysis, source: ImageSource, batches: Iterator[ImageBat
                 save()  # (a state copies the accumulators to the host: a device sync)
 
     for batch in batches:
-        pending.append((analysis.step(batch) if batch.images.numel() else Ready(_nothing), batch))
+        pending.append((analysis.step(batch) if len(batch.images) else Ready(_nothing), batch))
         drain(keep=analysis.in_flight)
     drain(keep=0)
 

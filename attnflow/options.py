@@ -11,6 +11,9 @@ The same words mean the same thing, with the same defaults, in every Python entr
   bf16/fp16 are refused on the CPU, whose autocast would compute the attention softmax in low precision.
 * device: ``None`` means CUDA when available, else the CPU.
 * workers: ``None`` means ``min(8, CPUs)`` DataLoader workers.
+* decode (image folders): ``auto`` (= ``fast``), ``pil`` (PIL decode + timm's transform: the exact path), ``fast``
+  (libjpeg-turbo decode, uint8 resize and crop, normalised on the device) or ``gpu`` (JPEGs decoded on the CUDA
+  device); see :mod:`attnflow.data.decode`.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import torch
 
 from .limits import OptionError, check_crop_pct, check_fraction, check_img_size, check_workers
 
-__all__ = ["LoopOptions", "OptionError", "PRECISIONS", "Precision", "autocast_dtype", "check_crop_pct",
-           "check_fraction", "check_img_size", "default_workers", "dtype_name", "parse_precision", "resolve_device"]
+__all__ = ["DECODES", "LoopOptions", "OptionError", "PRECISIONS", "Precision", "autocast_dtype", "check_crop_pct",
+           "check_fraction", "check_img_size", "decode_mode", "default_workers", "dtype_name", "parse_decode",
+           "parse_precision", "resolve_device"]
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 """Autocast precision of a forward pass (``none`` is accepted as an alias of ``fp32``)."""
@@ -52,6 +56,39 @@ def parse_precision(value: str) -> str:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise OptionError(f"amp must be one of {', '.join(PRECISIONS)} (or none for fp32); got {value!r}{hint}")
     return word
+
+
+DECODES: tuple[str, ...] = ("auto", "pil", "fast", "gpu")
+"""The decode words (the ``decode`` option), in the order help texts list them."""
+
+DEFAULT_DECODE = "fast"
+"""What ``auto`` means: the fast path, whose statistics agree with the exact path's within the tolerances stated in
+docs/performance.md (measured by ``benchmarks/bench_loader.py``)."""
+
+
+def parse_decode(value: str) -> str:
+    """The canonical decode word for ``value`` (one of :data:`DECODES`; ``auto`` stays ``auto``).
+
+    Raises:
+        OptionError: an unknown word.
+    """
+    word = str(value).strip().lower()
+    if word not in DECODES:
+        raise OptionError(f"decode must be one of {', '.join(DECODES)}; got {value!r}")
+    return word
+
+
+def decode_mode(decode: str, device: torch.device) -> str:
+    """The decode path a run on ``device`` takes: ``pil``, ``fast`` or ``gpu`` (``auto`` is :data:`DEFAULT_DECODE`).
+
+    Raises:
+        OptionError: an unknown word, or ``gpu`` on a device that is not CUDA.
+    """
+    word = parse_decode(decode)
+    if word == "gpu" and device.type != "cuda":
+        raise OptionError(f"decode gpu decodes JPEGs on a CUDA device, and this run's device is {device}; use fast "
+                          "(or auto) to decode on the CPU")
+    return DEFAULT_DECODE if word == "auto" else word
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -112,7 +149,8 @@ def _positive(name: str, value: Any, *, allow_none: bool = False, minimum: int =
 
 @dataclass(frozen=True)
 class LoopOptions:
-    """How a dataset loop runs; none of these change the numbers it computes (except ``amp`` and ``limit``).
+    """How a dataset loop runs; none of these change the numbers it computes (except ``amp``, ``limit`` and, within
+    the tolerances of docs/performance.md, ``decode``).
 
     Attributes:
         batch_size: images per forward pass.
@@ -126,6 +164,7 @@ class LoopOptions:
         checkpoint_every: batches between state saves.
         keep_state: leave the finished run's state in ``state_path`` (the caller removes it once the outputs
             are written; a resume from it returns the same result at once).
+        decode: how an image folder's files become tensors, one of :data:`DECODES` (see :func:`decode_mode`).
     """
 
     batch_size: int = 64
@@ -138,6 +177,7 @@ class LoopOptions:
     resume: bool = False
     checkpoint_every: int = 50
     keep_state: bool = False
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)
@@ -145,6 +185,7 @@ class LoopOptions:
         check_workers(self.workers)
         _positive("limit", self.limit, allow_none=True)
         object.__setattr__(self, "amp", parse_precision(self.amp))
+        object.__setattr__(self, "decode", parse_decode(self.decode))
         if isinstance(self.device, torch.device):
             object.__setattr__(self, "device", str(self.device))
 
@@ -171,4 +212,12 @@ class LoopOptions:
     def torch_device(self) -> torch.device:
         """The resolved device (see :func:`resolve_device`)."""
         return resolve_device(self.device)
+
+    def decode_mode(self) -> str:
+        """The decode path of this run: ``pil``, ``fast`` or ``gpu`` (see :func:`decode_mode`).
+
+        Raises:
+            OptionError: ``gpu`` without a CUDA device.
+        """
+        return decode_mode(self.decode, self.torch_device())
 

@@ -3,8 +3,8 @@
 A run saves its state (items done, the accumulators' sums, skipped files) every few batches, when it is
 interrupted, and when it fails after some progress; it removes the file when it ends with nothing worth
 resuming. The state carries a fingerprint of everything that changes the numbers (model, weights, images,
-resolution, crop, autocast dtype, number of processes, and what an analysis adds): a resume with other options is
-refused with a line that names them. The batch size, device, workers and q/k route may change: they give the
+resolution, crop, autocast dtype, decode path, number of processes, and what an analysis adds): a resume with other
+options is refused with a line that names them. The batch size, device, workers and q/k route may change: they give the
 same numbers. States hold only tensors, numbers, strings and lists, and are read with
 ``torch.load(weights_only=True)``: a crafted file cannot run code.
 """
@@ -37,6 +37,7 @@ OPTIONS: dict[str, str] = {
     "img_size": "img_size",
     "crop_pct": "crop_pct",
     "amp": "amp",
+    "decode": "decode (pil, fast, gpu: the pixels differ slightly)",
     "world": "the number of processes (torchrun --nproc_per_node)",
     "rank": "the process rank",
     "head": "the head's weights",
@@ -53,6 +54,10 @@ FORMAT = 2
 
 _HASHED = frozenset({"weights", "images", "head", "boxes", "reference"})
 """Fingerprint keys whose values are digests: a mismatch says they differ rather than printing them."""
+
+_ABSENT: dict[str, str] = {"decode": "pil"}
+"""What a fingerprint without the key means (``decode`` is recorded only when it is not the exact path, so states
+written before it existed, all of the exact path, still resume)."""
 
 
 class StateFileError(AttnflowError):
@@ -96,11 +101,13 @@ def images_fingerprint(paths: list[Path], root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_fingerprint(model: nn.Module, name: str, amp: torch.dtype | None, **extra: Any) -> dict[str, Any]:
+def model_fingerprint(model: nn.Module, name: str, amp: torch.dtype | None, *, decode: str | None = None,
+                      **extra: Any) -> dict[str, Any]:
     """The model's part of a run's fingerprint: its name, weights and autocast dtype, plus ``extra`` keys of the
-    analysis (``img_size``, ``crop_pct``, ``head``, ...; see :data:`OPTIONS`). The loop adds the images and the
-    processes."""
-    return {"model": name, "weights": weights_fingerprint(model), "amp": dtype_name(amp), **extra}
+    analysis (``img_size``, ``crop_pct``, ``head``, ...; see :data:`OPTIONS`) and the decode path of a folder's
+    images (``fast`` or ``gpu``; ``pil`` or ``None`` add nothing). The loop adds the images and the processes."""
+    out = {"model": name, "weights": weights_fingerprint(model), "amp": dtype_name(amp), **extra}
+    return out | ({"decode": decode} if decode not in (None, "pil") else {})
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -108,7 +115,7 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = [k for k in OPTIONS if k in saved or k in current] + sorted((set(saved) | set(current)) - set(OPTIONS))
     out = []
     for key in keys:
-        old, new = saved.get(key), current.get(key)
+        old, new = saved.get(key, _ABSENT.get(key)), current.get(key, _ABSENT.get(key))
         if old == new:
             continue
         label = OPTIONS.get(key, key)

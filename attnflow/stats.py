@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data.decode import decode_of
 from .data.sources import image_source
 from .data.transforms import eval_transform
 from .kernels.route import QKRoute
@@ -70,7 +71,9 @@ def attention_stats(model: nn.Module, data: Dataset | DataLoader | Iterable | st
     The model is measured in eval mode (no dropout) and moved to the device; each module's train/eval mode is
     restored afterwards. A first batch without negative values, for a model trained on mean-subtracted images,
     logs a warning (images not normalised?). A resumed run must have had the same model, weights, images,
-    resolution, crop and autocast dtype (the batch size may differ).
+    resolution, crop, autocast dtype and decode path (the batch size may differ). A folder's images are read by
+    the ``decode`` loop option's path (:mod:`attnflow.data.decode`; ``auto``: ``fast``), recorded as
+    ``meta["decode"]``.
 
     Raises:
         OptionError: an unknown or invalid option.
@@ -88,14 +91,15 @@ def attention_stats(model: nn.Module, data: Dataset | DataLoader | Iterable | st
     model = model.to(device)
     folder = isinstance(data, (str, Path))
     source = image_source(data, transform=eval_transform(model, img_size, crop_pct) if folder else None,
-                          limit=options.limit, batch_size=options.batch_size)
+                          limit=options.limit, batch_size=options.batch_size, decode=options.decode, device=device)
+    decode = decode_of(getattr(source.dataset, "transform", None)) if folder else None
     long_run = source.shard_size() >= 50
     step = StatsStep(model, device, fast_qk=device.type == "cuda" if fast_qk is None else fast_qk,
                      compile=compile if compile is not None else (device.type == "cuda" or long_run),
                      qk_kernel=qk_kernel)
     analysis = Analysis(f"attention stats {name}", step, {"stats": step.reducer, "layout": step.layouts},
                         model_fingerprint(model, name, amp, img_size=img_size if folder else None,
-                                          crop_pct=crop_pct if folder else None))
+                                          crop_pct=crop_pct if folder else None, decode=decode))
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     with measuring(model), step.tap, torch.inference_mode(), autocast:
         run = run_loop(analysis, source, options)
@@ -103,7 +107,7 @@ def attention_stats(model: nn.Module, data: Dataset | DataLoader | Iterable | st
     run_meta = run_provenance(model, name) | run.meta() | _layout_meta(layout) | {
         "dataset_root": str(data) if folder else None, "has_cls": step.has_cls, "dtype": dtype_name(amp),
         "device": str(device), "batch_size": options.batch_size if source.is_dataset else None,
-        "limit": options.limit, "crop_pct": crop_pct, **step.route_meta()} | (meta or {})
+        "limit": options.limit, "crop_pct": crop_pct, "decode": decode, **step.route_meta()} | (meta or {})
     return Result(step.reducer.to_frame(name), run_meta)
 
 

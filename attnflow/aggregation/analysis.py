@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from ..data.decode import decode_of
 from ..data.sources import image_source
 from ..data.transforms import eval_transform
 from ..loop import Analysis, LayoutRecord, LoopRun, Ready, run_loop
@@ -104,9 +105,11 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, options
     parsed = step.resolve(sources)
     folder = isinstance(data, (str, Path))
     source = image_source(data, transform=eval_transform(model, img_size=img_size, crop_pct=crop_pct) if folder
-                          else None, limit=options.limit, batch_size=options.batch_size)
+                          else None, limit=options.limit, batch_size=options.batch_size, decode=options.decode,
+                          device=device)
+    decode = decode_of(getattr(source.dataset, "transform", None)) if folder else None
     fingerprint = model_fingerprint(
-        model, name, step.capture.encoder.amp_dtype, img_size=img_size if folder else None,
+        model, name, step.capture.encoder.amp_dtype, decode=decode, img_size=img_size if folder else None,
         crop_pct=crop_pct if folder else None, sources=",".join(s.name for s in parsed), rules=RULES_VERSION,
         head=weights_fingerprint(head) if head is not None else None,
         reference=weights_fingerprint(reference) if reference is not None else None)
@@ -114,7 +117,7 @@ def aggregation_statistics(model: nn.Module, data: str | Path | Dataset, options
                    source, options)
     meta = run_provenance(model, name) | run.meta() | step.describe(run, img_size, crop_pct) | {
         "data": {"root": str(data), "n_found": getattr(source.dataset, "n_found", None), "limit": options.limit,
-                 "transform": repr(getattr(source.dataset, "transform", None))} if folder
+                 "transform": repr(getattr(source.dataset, "transform", None)), "decode": decode} if folder
         else {"dataset": type(data).__name__}}
     return AggregationResult(step.stats.to_frame(name), meta)
 

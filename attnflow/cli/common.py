@@ -22,6 +22,9 @@ from ..errors import AttnflowError
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32", "none")
 """``--amp`` words (see :mod:`attnflow.options`; ``none`` is ``fp32``)."""
 
+DECODE_CHOICES = ("auto", "pil", "fast", "gpu")
+"""``--decode`` words (:data:`attnflow.options.DECODES`, repeated here so that ``--help`` imports no torch)."""
+
 
 # ------------------------------------------------------------------------------------------ argument types
 
@@ -153,6 +156,14 @@ def add_workers_argument(parser: Any) -> None:
                         help="DataLoader worker processes (default min(8, CPUs))")
 
 
+def add_decode_argument(parser: Any, default: str | None = "auto") -> None:
+    """``--decode`` (``default=None``: not given, so a config file's value stands)."""
+    parser.add_argument("--decode", default=default, choices=DECODE_CHOICES,
+                        help="how image files become tensors: fast (libjpeg-turbo JPEG decode, uint8 resize and "
+                             "crop, normalised on the device), pil (PIL and timm's transform: the exact path), gpu "
+                             "(JPEGs decoded on the CUDA device), auto (= fast; default); see docs/performance.md")
+
+
 def add_limit_argument(parser: Any, what: str = "images") -> None:
     parser.add_argument("--limit", type=positive_int, metavar="N",
                         help=f"use N evenly spaced {what} (a deterministic subset)")
@@ -173,6 +184,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, limit: str = "images"
     add_device_argument(group)
     add_amp_argument(group)
     add_workers_argument(group)
+    add_decode_argument(group)
     add_limit_argument(group, limit)
     add_resume_argument(group)
     group.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="BATCHES",
@@ -224,15 +236,17 @@ def is_random(model: Any) -> bool:
     return model_record(model).random_init
 
 
-def check_data_and_amp(data: str, amp: str, device: str | None) -> None:
-    """Fail fast, before a model is loaded (which can take a minute): a missing ``--data``, an unknown device, and
-    ``--amp bf16/fp16`` on the CPU, whose autocast would round the softmax."""
+def check_data_and_amp(data: str, amp: str, device: str | None, decode: str = "auto") -> None:
+    """Fail fast, before a model is loaded (which can take a minute): a missing ``--data``, an unknown device,
+    ``--amp bf16/fp16`` on the CPU, whose autocast would round the softmax, and ``--decode gpu`` without CUDA."""
     from ..data.images import DataError
-    from ..options import autocast_dtype, resolve_device
+    from ..options import autocast_dtype, decode_mode, resolve_device
 
     if not Path(data).exists():
         raise DataError(f"{data}: no such file or folder")
-    autocast_dtype(amp, resolve_device(device))
+    resolved = resolve_device(device)
+    autocast_dtype(amp, resolved)
+    decode_mode(decode, resolved)
 
 
 def loop_options(args: argparse.Namespace, device: Any, state: Path | None) -> Any:
@@ -241,7 +255,7 @@ def loop_options(args: argparse.Namespace, device: Any, state: Path | None) -> A
 
     return LoopOptions(batch_size=args.batch_size, device=str(device), amp=args.amp, workers=args.workers,
                        limit=args.limit, progress=not args.no_progress, state_path=state, resume=args.resume,
-                       checkpoint_every=args.checkpoint_every, keep_state=state is not None)
+                       checkpoint_every=args.checkpoint_every, keep_state=state is not None, decode=args.decode)
 
 
 # ------------------------------------------------------------------------------------------ outputs

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from ..localize.result import TABLE
 
     check_img_size(args.img_size)  # the shared --img-size type checks only that it is positive
-    check_data_and_amp(args.data, args.amp, args.device)
+    check_data_and_amp(args.data, args.amp, args.device, args.decode)
     protocol = BoxProtocol(tuple(args.iou_thresholds), args.cam_curve_interval, args.holes, args.interpolation)
     out = output_dir(args.out, "localize")
     spec = Resumable("localize", out / f"{TABLE}.parquet", out / STATE, out)

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..limits import check_img_size
 
     check_img_size(args.img_size)  # the shared --img-size type checks only that it is positive
-    check_data_and_amp(args.data, args.amp, args.device)  # before loading a model, which can take a minute
+    check_data_and_amp(args.data, args.amp, args.device, args.decode)  # before loading a model, which can take a minute
     out = output_table(args.out)
     spec = Resumable("stats", out, state_path_for(out), out)
     return run_resumable(args, spec, lambda: _load(args), lambda model, options: _compute(args, model, options),

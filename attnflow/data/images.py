@@ -12,11 +12,12 @@ is skipped and counted; a sub-folder that cannot be listed is an error (its imag
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, overload
+from typing import Any, Callable, Sequence, cast, overload
 
 import numpy as np
 import torch
@@ -56,7 +57,10 @@ class ImageBatch:
     """One collated batch.
 
     Attributes:
-        images: ``[B, 3, H, W]`` float tensor, already normalised.
+        images: ``[B, 3, H, W]`` float tensor, already normalised; from a transform that hands the device uint8
+            images (:class:`attnflow.data.decode.TensorTransform`) a uint8 batch, or an :class:`Encoded` list
+            with ``decode="gpu"``, which the loop turns into the normalised floats on the device before any
+            analysis sees the batch.
         labels: ``[B]`` int64 class indices (-1 when the folder has no classes).
         indices: ``[B]`` int64 dataset indices of the images.
         bad: ``(path, reason)`` for each file of this batch that was skipped.
@@ -69,6 +73,19 @@ class ImageBatch:
     indices: torch.Tensor
     bad: list[tuple[str, str]]
     sizes: torch.Tensor | None = None
+
+    def pin_memory(self) -> "ImageBatch":
+        """The batch with its images in pinned memory (the DataLoader calls this with ``pin_memory=True``), so
+        that the copy to a CUDA device can be non-blocking. Still-encoded JPEGs are left as they are."""
+        if isinstance(self.images, Encoded) or not self.images.numel():
+            return self
+        return dataclasses.replace(self, images=self.images.pin_memory())
+
+
+class Encoded(list):
+    """A batch whose JPEGs are still encoded (``decode="gpu"``, decoded on the device): per image, an
+    :class:`attnflow.data.decode.EncodedJpeg` or, for a file the device does not decode, the resized and cropped
+    uint8 ``[3, H, W]`` image."""
 
 
 def is_image_file(path: Path) -> bool:
@@ -237,33 +254,55 @@ def read_sample(path: Path, label: int, index: int, transform: None) -> tuple[Im
 
 
 @overload
-def read_sample(path: Path, label: int, index: int,
-                transform: Callable | None) -> tuple[Any, int, int] | BadImage: ...
+def read_sample(path: Path, label: int, index: int, transform: Callable | None,
+                size: bool = False) -> tuple[Any, ...] | BadImage: ...
 
 
-def read_sample(path: Path, label: int, index: int,
-                transform: Callable | None) -> tuple[Any, int, int] | BadImage:
+def read_sample(path: Path, label: int, index: int, transform: Callable | None,
+                size: bool = False) -> tuple[Any, ...] | BadImage:
     """``(transform(image), label, index)``, or a :class:`BadImage` for an empty or undecodable file, or one the
     transform refuses to resize (:class:`ImageSizeError`: an extreme aspect ratio).
 
-    Without a transform the first item is the RGB PIL image itself.
+    Without a transform the first item is the RGB PIL image itself. A transform that reads files itself (its
+    ``reads_files`` is true, :class:`attnflow.data.decode.TensorTransform`) is given the path; its errors are
+    PIL's for the same file, so a file is skipped for the same reason on either path. With ``size``, the item
+    ends with the image's ``(width, height)`` before the transform.
     """
+    reads_files = bool(getattr(transform, "reads_files", False))
     try:
-        if path.is_symlink() and not path.exists():
-            return BadImage(str(path), f"broken link: {os.readlink(path)} does not exist")
-        if path.stat().st_size == 0:
-            return BadImage(str(path), "empty file")
-        img = load_rgb(path)
+        problem = _unusable(path)
+        if problem is not None:
+            return BadImage(str(path), problem)
+        if reads_files:  # decodes and transforms in one call
+            image, (width, height) = transform.read(path)  # type: ignore[union-attr]
+        else:
+            img = load_rgb(path)
+            image, (width, height) = img, img.size
+    except ImageSizeError as err:  # before IMAGE_READ_ERRORS, which holds its base class ValueError
+        return BadImage(str(path), str(err))
     except Image.DecompressionBombError as err:
         return BadImage(str(path), f"too large: {err} (raise PIL.Image.MAX_IMAGE_PIXELS to read it)")
     except IMAGE_READ_ERRORS as err:
         return BadImage(str(path), f"unreadable image: {err}")
-    if transform is None:
-        return img, label, index
-    try:
-        return transform(img), label, index
-    except ImageSizeError as err:
-        return BadImage(str(path), str(err))
+    if transform is not None and not reads_files:
+        try:
+            image = transform(image)
+        except ImageSizeError as err:
+            return BadImage(str(path), str(err))
+    return (image, label, index, (int(width), int(height))) if size else (image, label, index)
+
+
+def _unusable(path: Path) -> str | None:
+    """Why ``path`` cannot be read before decoding it (a broken link, an empty file), else ``None``.
+
+    Raises:
+        OSError: the file cannot be stat'ed.
+    """
+    if path.is_symlink() and not path.exists():
+        return f"broken link: {os.readlink(path)} does not exist"
+    if path.stat().st_size == 0:
+        return "empty file"
+    return None
 
 
 def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
@@ -271,7 +310,8 @@ def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
 
     Items may be ``(image, label, index[, (width, height)])``, ``(image, label)`` or a bare image tensor (missing
     labels and indices become -1), so any map-style dataset works. A batch may end up with zero images (every
-    file bad): ``images`` is then an empty ``[0]`` tensor.
+    file bad): ``images`` is then an empty ``[0]`` tensor. Items that are still-encoded JPEGs
+    (:class:`attnflow.data.decode.EncodedJpeg`, ``decode="gpu"``) make the batch an :class:`Encoded` list.
     """
     good: list[tuple[torch.Tensor, int, int]] = []
     sizes: list[tuple[int, int]] = []
@@ -288,7 +328,9 @@ def collate_skip_bad(samples: Sequence[Any]) -> ImageBatch:
     if not good:
         empty = torch.empty(0, dtype=torch.int64)
         return ImageBatch(torch.empty(0), empty, empty.clone(), bad)
-    return ImageBatch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.int64),
+    encoded = any(not isinstance(g[0], torch.Tensor) for g in good)  # JPEG bytes (decode="gpu"), for the device
+    images = cast(torch.Tensor, Encoded(g[0] for g in good)) if encoded else torch.stack([g[0] for g in good])
+    return ImageBatch(images, torch.tensor([g[1] for g in good], dtype=torch.int64),
                       torch.tensor([g[2] for g in good], dtype=torch.int64), bad,
                       torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2) if sizes else None)
 

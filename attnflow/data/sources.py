@@ -99,7 +99,18 @@ class ImageSource:
 
     def items_in(self, batch: ImageBatch) -> int:
         """How far one batch moves the run: its positions (images and skipped files), or one batch."""
-        return batch.images.shape[0] + len(batch.bad) if self.dataset is not None else 1
+        return len(batch.images) + len(batch.bad) if self.dataset is not None else 1
+
+    def on_device(self, batch: ImageBatch, device: torch.device) -> ImageBatch:
+        """``batch`` as the analyses take it: a dataset whose transform hands over uint8 images
+        (:class:`~attnflow.data.decode.TensorTransform`, ``decode="fast"`` or ``"gpu"``) has them converted and
+        normalised on ``device`` (copied there without blocking; JPEGs still encoded are decoded there); any other
+        batch is returned as it is."""
+        dataset = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
+        convert = getattr(getattr(dataset, "transform", None), "on_device", None)
+        if convert is None or not len(batch.images):
+            return batch
+        return convert(batch, device)
 
     def in_order(self, skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Skipped files in dataset order (as one process lists them), not grouped by process."""
@@ -110,7 +121,7 @@ class ImageSource:
 
 
 def image_source(data: Any, *, transform: Callable | None = None, limit: int | None = None,
-                 batch_size: int = 64) -> ImageSource:
+                 batch_size: int = 64, decode: str = "pil", device: torch.device | str = "cpu") -> ImageSource:
     """The :class:`ImageSource` of ``data``.
 
     Args:
@@ -121,14 +132,22 @@ def image_source(data: Any, *, transform: Callable | None = None, limit: int | N
         limit: ``limit`` evenly spaced images of a folder or dataset, or the first ``limit`` images of an
             iterable.
         batch_size: the batches of one tensor.
+        decode: how a folder's files are decoded (:data:`attnflow.options.DECODES`): the one place where a
+            folder's transform becomes the fast path's (:func:`attnflow.data.decode.fast_transform`).
+        device: the run's device (``decode="gpu"`` needs CUDA).
 
     Raises:
         DataError: an empty folder, a non-image path, a ``limit`` below 1.
         AttnflowError: a ``limit`` with a DataLoader whose DistributedSampler shards the data.
+        OptionError: an unknown ``decode``, or ``gpu`` without CUDA.
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit must be positive, got {limit}")
     if isinstance(data, (str, Path)):
+        if transform is not None:
+            from .decode import fast_transform
+
+            transform = fast_transform(transform, decode, device)
         folder = ImageFolderDataset(data, transform=transform, limit=limit)
         return ImageSource(dataset=folder, paths=folder.paths, root=folder.root)
     if isinstance(data, torch.Tensor):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data.images import BadImage, ImageFolderDataset, ImageSizeError, evenly_spaced, read_sample
+from ..data.images import BadImage, ImageFolderDataset, evenly_spaced, read_sample
 from ..reducers import Accumulator
 from .boxes import BoxFileError, GroundTruth
 from .metric import resize_boxes
@@ -90,7 +90,8 @@ class LocalizationImages(torch.utils.data.Dataset):
 
     Args:
         paths: image files.
-        transform: PIL image -> tensor (:func:`resize_transform`).
+        transform: PIL image -> tensor (:func:`resize_transform`), or its fast form
+            (:class:`attnflow.data.decode.TensorTransform`, which reads the file itself and gives uint8 images).
     """
 
     def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
@@ -101,15 +102,7 @@ class LocalizationImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, tuple[int, int]] | BadImage:
-        sample = read_sample(self.paths[i], -1, i, None)
-        if isinstance(sample, BadImage):
-            return sample
-        image = sample[0]
-        width, height = image.size
-        try:
-            return self.transform(image), -1, i, (int(width), int(height))
-        except ImageSizeError as err:
-            return BadImage(str(self.paths[i]), str(err))
+        return read_sample(self.paths[i], -1, i, self.transform, size=True)
 
 
 class SizeCheck(Accumulator):

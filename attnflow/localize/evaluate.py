@@ -26,6 +26,7 @@ from ..aggregation.vectors import aggregation_vectors, head_vectors
 from ..data.images import ImageBatch
 from ..data.sources import ImageSource
 from ..limits import check_img_size
+from ..data.decode import decode_of, fast_transform
 from ..loop import Analysis, Commit, LoopRun, run_loop
 from ..options import LoopOptions, dtype_name
 from ..probes.backbone import check_head
@@ -128,9 +129,11 @@ def localize(model: nn.Module, data: str | Path, truth: GroundTruth, options: Lo
     capture = MapCapture(model, head, amp=options.amp, device=options.torch_device(),
                          model_name=name, rollout=rollout)
     matched = match_images(data, truth, options.limit)
-    dataset = LocalizationImages(matched.paths, resize_transform(model, img_size, protocol.interpolation))
+    dataset = LocalizationImages(matched.paths, fast_transform(resize_transform(model, img_size, protocol.interpolation),
+                                                               options.decode, options.torch_device()))
     step = BoxSearch(capture, matched, truth, protocol, (img_size, img_size), threads)
     fingerprint = model_fingerprint(model, name, capture.capture.encoder.amp_dtype, img_size=img_size,
+                                    decode=decode_of(dataset.transform),
                                     crop_pct=None, head=weights_fingerprint(head) if head is not None else None,
                                     boxes=step.digest, metric=protocol.describe(),
                                     **({"sources": ",".join(capture.sources)} if rollout else {}))
@@ -215,7 +218,7 @@ def _meta(step: BoxSearch, run: LoopRun, name: str, data: str | Path, dataset: L
         "boxes": {"path": truth.path, "format": truth.format, "images_with_boxes": len(truth),
                   "boxes": truth.n_boxes, "digest": step.digest},
         "data": {"root": str(data), "n_found": matched.n_found, "limit": options.limit,
-                 "transform": repr(dataset.transform)},
+                 "transform": repr(dataset.transform), "decode": decode_of(dataset.transform)},
         "img_size": step.size[0], **step.protocol.to_meta(),
         "images_without_boxes": len(matched.without_boxes),
         "without_boxes": [str(p) for p in matched.without_boxes[:100]],

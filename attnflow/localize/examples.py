@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..data.images import BadImage, evenly_spaced
+from ..data.images import BadImage, collate_skip_bad, evenly_spaced
 from .boxes import GroundTruth
 from .contours import threshold_boxes
 from .metric import BoxAccuracy, box_iou
@@ -59,7 +59,7 @@ def collect_examples(capture: Callable[[torch.Tensor], dict[str, torch.Tensor]],
 
     chosen = evenly_spaced(len(dataset), count)
     spare = [i for i in range(len(dataset)) if i not in set(chosen)]
-    items: list[tuple[int, torch.Tensor, tuple[int, int]]] = []
+    items: list[tuple[int, Any, tuple[int, int]]] = []
     for i in chosen + spare:
         if len(items) == min(count, len(dataset)):
             break
@@ -68,9 +68,16 @@ def collect_examples(capture: Callable[[torch.Tensor], dict[str, torch.Tensor]],
             items.append((i, sample[0], sample[3]))
     if not items:
         return []
-    images = torch.stack([t for _, t, _ in items])
+    batch = collate_skip_bad([(t, -1, i) for i, t, _ in items])
+    convert = getattr(dataset.transform, "on_device", None)  # the fast path's uint8 images: normalised here
+    if convert is not None:
+        batch = convert(batch, torch.device("cpu"))
+        kept = set(batch.indices.tolist())  # (a JPEG that no decoder reads is dropped there)
+        items = [item for item in items if item[0] in kept]
+    images = batch.images
     maps = {s: quantize_scoremaps(m, size).cpu().numpy() for s, m in capture(images).items()}
-    normalize = next(t for t in dataset.transform.transforms if type(t).__name__ == "Normalize")
+    exact = getattr(dataset.transform, "pil", dataset.transform)
+    normalize = next(t for t in exact.transforms if type(t).__name__ == "Normalize")
     pixels = denormalize(images, normalize.mean, normalize.std)
     out = []
     for j, (i, _, wh) in enumerate(items):

@@ -36,7 +36,8 @@ FIGURE_KINDS: dict[str, str] = {
 
 _TOP_KEYS = {"name", "title", "run_dir", "figures_dir", "data", "defaults", "models", "figures", "notes"}
 _DATA_KEYS = {"root", "img_size", "crop_pct", "limit", "batch_size", "amp", "workers", "checkpoint_every",
-              "expected_images"}
+              "expected_images", "decode"}
+_DECODES = ("auto", "pil", "fast", "gpu")  # attnflow.options.DECODES, without importing torch here
 _DEFAULT_KEYS = {"model_kw", "checkpoint_key", "random_init"}
 _MODEL_KEYS = {"name", "id", "checkpoint", "checkpoint_key", "random_init", "model_kw", "notes", "label", "method",
                "family", "size"}
@@ -111,7 +112,7 @@ class AnalysisConfig:
         data_root: image folder (recursive), ``None`` when no statistics are needed.
         img_size, crop_pct: model input (``crop_pct=None``: each model's own; the presets use 0.875).
         limit: evenly spaced subset of the folder (``None``: every image).
-        batch_size, amp, workers, checkpoint_every: passed to :func:`attnflow.attention_stats`.
+        batch_size, amp, workers, checkpoint_every, decode: passed to :func:`attnflow.attention_stats`.
         expected_images: number of images the paper used; a warning is printed when the folder differs.
         run_dir: where results (``run_dir/stats``) are cached.
         figures_dir: where figures go (default ``run_dir/figures``).
@@ -136,6 +137,7 @@ class AnalysisConfig:
     models: tuple[ModelEntry, ...]
     figures: tuple[FigureEntry, ...]
     notes: str | None = None
+    decode: str = "auto"
 
     def model(self, model_id: str) -> ModelEntry:
         """The entry with id ``model_id``."""
@@ -154,7 +156,8 @@ class AnalysisConfig:
 
     def with_overrides(self, *, data: str | Path | None = None, run_dir: str | Path | None = None,
                        limit: int | None = None, random_init: bool = False,
-                       batch_size: int | None = None, workers: int | None = None) -> "AnalysisConfig":
+                       batch_size: int | None = None, workers: int | None = None,
+                       decode: str | None = None) -> "AnalysisConfig":
         """A copy with a run's overrides applied (``data``, ``run_dir``, ``limit``, ...), as ``attnflow run`` gives."""
         out = self
         if data is not None:
@@ -176,6 +179,10 @@ class AnalysisConfig:
         if workers is not None:
             check_workers(workers)
             out = replace(out, workers=workers)
+        if decode is not None:
+            if decode not in _DECODES:
+                raise ConfigError(f"decode must be {', '.join(_DECODES[:-1])} or {_DECODES[-1]}, got {decode!r}")
+            out = replace(out, decode=decode)
         return out
 
 
@@ -361,6 +368,9 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None, name: st
     img_size = _checked(check_img_size, _get(data, "img_size", int, w, 224), "img_size", w)
     workers = _checked(check_workers, _get(data, "workers", int, w), "workers", w)
     amp = _get(data, "amp", str, w, "auto")
+    decode = _get(data, "decode", str, w, "auto")
+    if decode not in _DECODES:
+        raise ConfigError(f"{w}: decode must be {', '.join(_DECODES[:-1])} or {_DECODES[-1]}, got {decode!r}")
     if amp not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"{w}: amp must be auto, bf16, fp16 or fp32, got {amp!r}")
     raw_models = raw.get("models", [])
@@ -389,7 +399,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None, name: st
         checkpoint_every=_get(data, "checkpoint_every", int, w, 50),
         expected_images=_get(data, "expected_images", int, w), run_dir=run_dir,
         figures_dir=_path(figures_dir, f"{where}: figures_dir") if figures_dir else run_dir / "figures",
-        models=models, figures=figures, notes=_get(raw, "notes", str, where))
+        models=models, figures=figures, notes=_get(raw, "notes", str, where), decode=decode)
 
 
 def load_config(path: str | Path) -> AnalysisConfig:

@@ -277,7 +277,7 @@ def execute(plan: Plan, *, device: str | None = None, progress: bool = True, com
                 model, cfg.data_root, batch_size=cfg.batch_size, device=dev, amp=cfg.amp, workers=cfg.workers,
                 img_size=cfg.img_size, crop_pct=cfg.crop_pct, limit=cfg.limit, model_name=job.entry.id,
                 state_path=plan.state_path(job), checkpoint_every=cfg.checkpoint_every, resume=True,
-                progress=progress, compile=compile,
+                progress=progress, compile=compile, decode=cfg.decode,
                 meta={"analysis_key": key, "analysis": cfg.name, "img_size": cfg.img_size,
                       **dict(job.entry.display)},
                 keep_state=True, **(stats_kwargs or {}))

@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 
 from attnflow.cli import build_parser
-from attnflow.options import PRECISION_ALIASES, PRECISIONS, LoopOptions
+from attnflow.options import DECODES, PRECISION_ALIASES, PRECISIONS, LoopOptions
 
 SHARED = ("--device", "--amp", "--workers", "--no-progress", "--resume", "--checkpoint-every", "--name",
-          "--img-size", "--checkpoint-key")
+          "--img-size", "--checkpoint-key", "--decode")
 """Options that mean the same in every command that has them."""
 
 RESUMABLE = ("stats", "aggregate", "localize")
@@ -46,6 +46,8 @@ def test_resumable_commands_default_to_the_loop_options():
     for command in RESUMABLE:
         assert tuple(options["--amp"][command].choices) == (*PRECISIONS, *PRECISION_ALIASES), command
         assert options["--workers"][command].default is None  # min(8, CPUs), as LoopOptions
+        assert tuple(options["--decode"][command].choices) == DECODES, command
+    assert set(options["--decode"]) == {*RESUMABLE, "run"}  # every command that runs the loop over a folder
 
 
 # --- SIGTERM to the whole process group (Slurm, timeout, systemd) while DataLoader workers run -------------------
