@@ -10,7 +10,8 @@ the wall time per batch of
   * ``stats_compiled`` (``--compiled``) - the same with ``compile=True``, compiled in a warm-up outside the timing;
 for each run length (``--runs``, batches per run), repeated ``--repeats`` times with the three (four) measurements
 interleaved in a rotating order, and reports the median of each and the ratios of the medians (stats/plain,
-unfused/plain, stats/unfused). On a shared machine the spread (min, max) is reported too.
+unfused/plain, stats/unfused), from wall time and from the process's CPU time (all threads), which a machine
+loaded by other jobs disturbs less; every repeat's time is kept in the JSON.
 
 Usage::
 
@@ -69,10 +70,11 @@ def _forward(model: nn.Module, batches: list[torch.Tensor], fused: bool) -> None
             blk.attn.fused_attn = value
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def bench_run(model: nn.Module, batches: list[torch.Tensor], repeats: int, compiled: bool) -> dict:
@@ -88,23 +90,26 @@ def bench_run(model: nn.Module, batches: list[torch.Tensor], repeats: int, compi
     for job in jobs.values():  # warm-up: allocator, caches, the compiled function
         job()
     names = list(jobs)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order: drift hits all alike
-            times[name].append(_timed(jobs[name]) / n)
-    med = {name: statistics.median(values) for name, values in times.items()}
+            seconds, cpu_seconds = _timed(jobs[name])
+            wall[name].append(seconds / n)
+            cpu[name].append(cpu_seconds / n)
     row: dict = {"n_batches": n, "images": n * len(batches[0]), "repeats": repeats}
-    for name, values in times.items():
-        row[f"{name}_s_per_batch"] = med[name]
-        row[f"{name}_s_per_batch_min_max"] = [min(values), max(values)]
-        row[f"{name}_s_per_batch_all"] = values
-    row["unfused_over_plain"] = med["unfused"] / med["plain"]
-    for name in names[2:]:
-        row[f"{name}_over_plain"] = med[name] / med["plain"]
-        row[f"{name}_over_unfused"] = med[name] / med["unfused"]
-        # per-repeat ratios (each against the plain forward of the same repeat): their median is robust to drift
-        row[f"{name}_over_plain_per_repeat_median"] = statistics.median(
-            s / p for s, p in zip(times[name], times["plain"]))
+    for prefix, times in (("", wall), ("cpu_", cpu)):
+        med = {name: statistics.median(values) for name, values in times.items()}
+        for name, values in times.items():
+            row[f"{prefix}{name}_s_per_batch"] = med[name]
+            row[f"{prefix}{name}_s_per_batch_all"] = values
+        row[f"{prefix}unfused_over_plain"] = med["unfused"] / med["plain"]
+        for name in names[2:]:
+            row[f"{prefix}{name}_over_plain"] = med[name] / med["plain"]
+            row[f"{prefix}{name}_over_unfused"] = med[name] / med["unfused"]
+            # each repeat's ratio to the plain forward of the same repeat: their median is robust to drift
+            row[f"{prefix}{name}_over_plain_per_repeat_median"] = statistics.median(
+                s / p for s, p in zip(times[name], times["plain"]))
     return row
 
 
@@ -150,6 +155,8 @@ def main() -> None:
               f"(per-repeat median {row['stats_over_plain_per_repeat_median']:.3f}x), unfused/plain "
               f"{row['unfused_over_plain']:.3f}x, stats/unfused {row['stats_over_unfused']:.3f}x"
               + (f"; compiled {row['stats_compiled_over_plain']:.3f}x" if "stats_compiled_over_plain" in row else "")
+              + f"; CPU time: stats/plain {row['cpu_stats_over_plain']:.3f}x, unfused/plain "
+                f"{row['cpu_unfused_over_plain']:.3f}x"
               + f"; load {load_before} -> {row['load_after']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
