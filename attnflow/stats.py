@@ -55,8 +55,8 @@ def attention_stats(model: nn.Module, data: Dataset | DataLoader | Iterable | st
         img_size: crop size for folder input (the model must be built at this resolution).
         crop_pct: center-crop fraction for folder input (default: the model's own).
         model_name: value of the ``model`` column; default the preset or timm architecture name.
-        compile: ``torch.compile`` the statistics function; default: on for CUDA, off on the CPU, where the eager
-            statistics cost about as much per batch and compiling would cost every run (every process) seconds.
+        compile: ``torch.compile`` the statistics function; default: on for CUDA, off on the CPU, where it saves a
+            few percent per batch but costs every process seconds of compiling (docs/performance.md).
         fast_qk: let plain timm ``Attention`` blocks keep fused attention and rebuild the identical map from
             their queries and keys inside the (compiled) statistics; other blocks are unaffected. Default: on
             for CUDA, where flash attention is far cheaper than a materialised map; off on CPU.
