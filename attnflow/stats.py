@@ -56,7 +56,8 @@ def attention_stats(model: nn.Module, data: Dataset | DataLoader | Iterable | st
         img_size: crop size for folder input (the model must be built at this resolution).
         crop_pct: center-crop fraction for folder input (default: the model's own).
         model_name: value of the ``model`` column; default the preset or timm architecture name.
-        compile: ``torch.compile`` the statistics function; default: on for CUDA or runs of 50+ items.
+        compile: ``torch.compile`` the statistics function; default: on for CUDA, off on the CPU, where it saves a
+            few percent per batch but costs every process seconds of compiling (docs/performance.md).
         fast_qk: let plain timm ``Attention`` blocks keep fused attention and rebuild the identical map from
             their queries and keys inside the (compiled) statistics; other blocks are unaffected. Default: on
             for CUDA, where flash attention is far cheaper than a materialised map; off on CPU.
@@ -93,9 +94,8 @@ def attention_stats(model: nn.Module, data: Dataset | DataLoader | Iterable | st
     source = image_source(data, transform=eval_transform(model, img_size, crop_pct) if folder else None,
                           limit=options.limit, batch_size=options.batch_size, decode=options.decode, device=device)
     decode = decode_of(getattr(source.dataset, "transform", None)) if folder else None
-    long_run = source.shard_size() >= 50
     step = StatsStep(model, device, fast_qk=device.type == "cuda" if fast_qk is None else fast_qk,
-                     compile=compile if compile is not None else (device.type == "cuda" or long_run),
+                     compile=compile if compile is not None else device.type == "cuda",
                      qk_kernel=qk_kernel)
     analysis = Analysis(f"attention stats {name}", step, {"stats": step.reducer, "layout": step.layouts},
                         model_fingerprint(model, name, amp, img_size=img_size if folder else None,

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_loop_arguments(parser)
     engine = parser.add_argument_group("engine (the numbers are the same either way)")
     engine.add_argument("--compile", dest="compile", action="store_true", default=None,
-                        help="torch.compile the statistics (default: on for GPU or long runs)")
+                        help="torch.compile the statistics (default: on for a GPU, off on the CPU)")
     engine.add_argument("--no-compile", dest="compile", action="store_false")
     engine.add_argument("--fast-qk", dest="fast_qk", action="store_true", default=None,
                         help="keep fused attention in plain ViT blocks and rebuild the map from queries and keys "
