@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from ..dist import current_world
 from .images import DataError, ImageBatch, ImageFolderDataset, collate_skip_bad, evenly_spaced
 
 log = logging.getLogger(__name__)
@@ -55,13 +54,6 @@ class ImageSource:
         if self.dataset is not None:
             return len(self.dataset)  # type: ignore[arg-type]
         return len(self.batches) if hasattr(self.batches, "__len__") else 0  # type: ignore[arg-type]
-
-    def shard_size(self) -> int:
-        """Items of this process's shard (positions of a dataset, batches of a sized iterable; 0 when unknown)."""
-        world = current_world()
-        if self.dataset is None and (world.size == 1 or _distributed_sampler(self.batches) is not None):
-            return len(self)
-        return len(range(world.rank, len(self), world.size))
 
     def shard(self, rank: int, world: int, done: int, batch_size: int, workers: int, pin_memory: bool,
               timeout: float = 0.0) -> tuple[Iterator[ImageBatch], int | None]:
