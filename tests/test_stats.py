@@ -95,12 +95,12 @@ def test_compiled_statistics_equal_eager():
 def test_folder_with_corrupt_and_empty_files(photo_folder, tmp_path):
     model = tiny_model()
     clean = attention_stats(model, photo_folder, img_size=64, batch_size=3, device="cpu",
-                            workers=0, progress=False)
+                            workers=0, progress=False, decode="pil")  # the brute force below reads with PIL
     (photo_folder / "ILSVRC2012_val_00000098.JPEG").write_bytes(b"")
     (photo_folder / "ILSVRC2012_val_00000099.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (photo_folder / "notes.txt").write_text("not an image")  # ignored: not an image extension
     dirty = attention_stats(model, photo_folder, img_size=64, batch_size=3, device="cpu",
-                            workers=2, progress=False)
+                            workers=2, progress=False, decode="pil")
     assert dirty.meta["images_used"] == clean.meta["images_used"]
     assert dirty.meta["images_skipped"] == 2
     reasons = {item["path"].rsplit("/", 1)[-1]: item["reason"] for item in dirty.meta["skipped"]}
