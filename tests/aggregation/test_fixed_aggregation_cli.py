@@ -26,7 +26,7 @@ from attnflow.probes.heads import ProbeHead
 from attnflow.probes.outputs import save_head
 from attnflow.probes.specs import parse_head_spec
 from attnflow.tap import AttentionTap
-from probe_data import one_thread  # noqa: F401  (autouse fixture)
+from probe_data import one_thread, peaked_abmilp_file  # noqa: F401  (one_thread: autouse fixture)
 from brute_force import brute_entropy, brute_kl
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -41,11 +41,7 @@ REF = ["--reference", "vit_base_patch16_224.augreg_in21k", "--reference-random-i
 
 @pytest.fixture()
 def head_file(tmp_path: Path) -> Path:
-    torch.manual_seed(5)
-    head = ProbeHead(parse_head_spec("abmilp"), dim=32, num_classes=3, has_cls=True)
-    with torch.no_grad():
-        head.pool.scorer.weight.mul_(20)  # peaked weights
-    return save_head(tmp_path / "abmilp.pt", head, meta={"block": -1, "layernorm": False})
+    return peaked_abmilp_file(tmp_path / "abmilp.pt", seed=5)
 
 
 def test_aggregate_end_to_end_matches_brute_force(photo_folder, tmp_path, head_file, capsys):

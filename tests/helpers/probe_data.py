@@ -57,3 +57,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def peaked_abmilp_file(path: Path, seed: int, dim: int = 32) -> Path:
+    """A saved AbMILP head of a ``dim``-wide model with [cls] (3 classes), its scorer scaled 20x so that its
+    aggregation weights are peaked (a map with a clear maximum), seeded by ``seed``."""
+    from attnflow.probes.heads import ProbeHead
+    from attnflow.probes.outputs import save_head
+    from attnflow.probes.specs import parse_head_spec
+
+    torch.manual_seed(seed)
+    head = ProbeHead(parse_head_spec("abmilp"), dim=dim, num_classes=3, has_cls=True)
+    with torch.no_grad():
+        head.pool.scorer.weight.mul_(20)
+    return save_head(path, head, meta={"block": -1, "layernorm": False})

@@ -21,7 +21,7 @@ from attnflow.maps import aggregation_maps
 from attnflow.probes.outputs import load_head, save_head
 from attnflow.probes.specs import parse_head_spec
 from localize_brute import brute_hits, max_box_acc_v2
-from probe_data import one_thread  # noqa: F401  (autouse fixture)
+from probe_data import one_thread, peaked_abmilp_file  # noqa: F401  (one_thread: autouse fixture)
 from localize_data import ARCH, KW, MODEL, write_boxes
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the .dino tag's ImageNet normalisation
@@ -29,11 +29,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the .dino tag's Imag
 
 @pytest.fixture()
 def head_file(tmp_path: Path) -> Path:
-    torch.manual_seed(3)
-    head = ProbeHead(parse_head_spec("abmilp"), dim=32, num_classes=3, has_cls=True)
-    with torch.no_grad():
-        head.pool.scorer.weight.mul_(20)  # peaked weights
-    return save_head(tmp_path / "abmilp.pt", head, meta={"block": -1, "layernorm": False})
+    return peaked_abmilp_file(tmp_path / "abmilp.pt", seed=3)
 
 
 def reference(folder: Path, boxes: dict, head_path: Path) -> dict[str, list[np.ndarray]]:
