@@ -50,6 +50,10 @@ _DECODED_MODES = frozenset({"RGB", "L"})
 """PIL modes of the JPEGs libjpeg-turbo decodes here (CMYK and others: PIL, as the exact path)."""
 
 
+_TENSOR_INTERPOLATIONS = frozenset({T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC})
+"""Resizes the uint8 tensor path reproduces within 2 grey levels of PIL's (others use the exact path)."""
+
+
 @dataclass(frozen=True)
 class EncodedJpeg:
     """A JPEG file's bytes (uint8 ``[n]``), kept encoded for the device (``decode="gpu"``), and its path."""
@@ -115,15 +119,17 @@ class TensorTransform:
 
     @classmethod
     def of(cls, transform: Any, *, encoded: bool = False) -> "TensorTransform | None":
-        """The tensor form of ``transform`` (a ``Compose`` of ``Resize``, optional ``CenterCrop``, to-tensor and
-        ``Normalize``), or ``None`` for any other transform (then the exact path is used)."""
+        """The tensor form of ``transform`` (a ``Compose`` of a bilinear or bicubic ``Resize``, optional
+        ``CenterCrop``, to-tensor and ``Normalize``), or ``None`` for any other transform (then the exact path is
+        used). Nearest-neighbour resizes stay on PIL: torch samples source pixel ``floor(i * s)`` where PIL takes
+        ``floor((i + 0.5) * s)``, a grid up to a pixel apart (every timm pretrained config is bilinear or bicubic)."""
         steps = list(getattr(transform, "transforms", []))
         names = [type(s).__name__ for s in steps]
         if len(steps) not in (3, 4) or names[0] not in ("Resize", "BoundedResize") or names[-1] != "Normalize" \
                 or names[-2] not in ("ToTensor", "MaybeToTensor") or (len(steps) == 4 and names[1] != "CenterCrop"):
             return None
         resize, normalize = steps[0], steps[-1]
-        if getattr(resize, "max_size", None) is not None:
+        if getattr(resize, "max_size", None) is not None or resize.interpolation not in _TENSOR_INTERPOLATIONS:
             return None
         size = resize.size if isinstance(resize.size, int) else tuple(resize.size)
         if isinstance(size, tuple) and len(size) == 1:

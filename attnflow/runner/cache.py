@@ -7,7 +7,9 @@ reused when its sidecar's key equals the key of the requested run:
 * ``model`` (preset or timm name), ``id``, ``model_kw``, ``checkpoint_key``;
 * ``weights``: ``"sha256:<hex>"`` of the weights file, or ``"random-init"`` (never equal to real weights);
 * ``data_root`` (resolved path), ``n_files`` (image files under it), ``limit`` (``None`` when it covers the
-  whole folder), ``img_size``, ``crop_pct``.
+  whole folder), ``img_size``, ``crop_pct``;
+* ``decode``: the image decoding path (``pil``, ``fast`` or ``gpu``; ``auto`` is ``fast``). A sidecar written
+  before the option existed has none and answers ``pil``, the path it was computed with.
 
 Two relaxations let figures be re-rendered on a machine that lacks the weights or the data: when the
 official weights of a preset are not on this machine, any stored run of those official weights matches
@@ -47,6 +49,7 @@ class RunKey:
     limit: int | None = None
     img_size: int = 224
     crop_pct: float | None = None
+    decode: str = "pil"
 
     def to_json(self) -> dict[str, Any]:
         """The key as a JSON-ready dict (what the sidecar stores)."""
@@ -57,6 +60,8 @@ class RunKey:
         """Short hash of the key, for file names (the unknown-weights case hashes like the official file)."""
         data = self.to_json()
         data.pop("n_files")
+        if data.get("decode") == "pil":  # the exact path keeps the names its results had before the option
+            data.pop("decode")
         if self.official_weights:
             data["weights"] = "official"
         return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
@@ -70,7 +75,7 @@ class RunKey:
 def key_matches(stored: Mapping[str, Any], key: RunKey) -> bool:
     """Whether a sidecar's ``analysis_key`` answers ``key`` (see the module docstring for the relaxations)."""
     want = key.to_json()
-    have = dict(stored)
+    have = {"decode": "pil", **stored}  # a sidecar from before the decode option: the PIL path
     if want["weights"] == UNKNOWN_WEIGHTS:
         if not have.get("official_weights") or have.get("weights") in (None, "random-init"):
             return False

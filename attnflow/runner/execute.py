@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..models.load import cached_weights_path
+from ..options import DEFAULT_DECODE
 from ..result import Result
 from .cache import UNKNOWN_WEIGHTS, RunKey, ShaCache, Stored, find_stored
 from .config import AnalysisConfig, ConfigError, ModelEntry
@@ -163,7 +164,8 @@ def _key_for(entry: ModelEntry, cfg: AnalysisConfig, n_files: int | None, shas: 
     root = str(cfg.data_root.resolve()) if cfg.data_root is not None else None
     key = RunKey(model=entry.name, id=entry.id, weights=weights, official_weights=official,
                  model_kw=dict(entry.model_kw), checkpoint_key=entry.checkpoint_key, data_root=root,
-                 n_files=n_files, limit=limit, img_size=cfg.img_size, crop_pct=cfg.crop_pct)
+                 n_files=n_files, limit=limit, img_size=cfg.img_size, crop_pct=cfg.crop_pct,
+                 decode=DEFAULT_DECODE if cfg.decode == "auto" else cfg.decode)
     return key, note
 
 

@@ -161,6 +161,15 @@ def test_localization_transform_has_a_fast_form(model):
     assert fast_transform(resize_transform(model, 64), "pil") is not square
 
 
+def test_nearest_resizes_stay_on_the_exact_path(model, photo_folder):
+    """torch's nearest resize samples another grid than PIL's (up to a source pixel apart): such a transform has no
+    tensor form, so a nearest-neighbour localization reads every file exactly as the pil path does."""
+    nearest = resize_transform(model, 64, "nearest")
+    assert TensorTransform.of(nearest) is None and fast_transform(nearest, "fast") is nearest
+    path = sorted(photo_folder.glob("*.JPEG"))[0]
+    torch.testing.assert_close(fast_transform(nearest, "fast")(load_rgb(path)), nearest(load_rgb(path)))
+
+
 def test_decode_option_is_validated_with_one_clear_line(photo_folder, tmp_path, capsys):
     assert LoopOptions(decode=" FAST ").decode == "fast" and DECODES == ("auto", "pil", "fast", "gpu")
     with pytest.raises(OptionError, match="decode must be one of auto, pil, fast, gpu; got 'jpeg'"):

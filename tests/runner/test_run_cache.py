@@ -191,6 +191,32 @@ def test_limit_and_checkpoint_changes_invalidate_only_what_they_touch(env, photo
     assert len(calls) == 6
 
 
+def test_decode_path_is_part_of_the_question(env, photo_folder, calls, capsys):
+    """A result of one decode path never answers another; a sidecar from before the option (no ``decode`` in its
+    key) answers the PIL path it was computed with, under its old file name."""
+    from attnflow.runner.cache import RunKey
+
+    cfg_path = write_config(env, photo_folder, figures="")
+    both = ("tiny-rand", "mae-vit-b16")
+    assert status(run(capsys, str(cfg_path), "--decode", "pil")[1]) == dict.fromkeys(both, "compute")
+    assert status(run(capsys, str(cfg_path))[1]) == dict.fromkeys(both, "compute")  # auto: fast
+    assert status(run(capsys, str(cfg_path), "--decode", "fast")[1]) == dict.fromkeys(both, "reuse")
+    assert len(calls) == 4
+    sides = sorted((env / "runs/tiny/stats").glob("tiny-rand-*.json"))
+    keys = {json.loads(p.read_text())["analysis_key"]["decode"]: p for p in sides}
+    assert sorted(keys) == ["fast", "pil"]
+    # the PIL result keeps the name a key without decode had; dropping decode from its sidecar (an old run
+    # directory) still answers --decode pil, and not the default
+    old_key = {k: v for k, v in json.loads(keys["pil"].read_text())["analysis_key"].items() if k != "decode"}
+    assert keys["pil"].stem.endswith(RunKey(**old_key).digest)
+    meta = json.loads(keys["pil"].read_text())
+    meta["analysis_key"] = old_key
+    keys["pil"].write_text(json.dumps(meta))
+    keys["fast"].unlink()
+    assert status(run(capsys, str(cfg_path), "--decode", "pil")[1])["tiny-rand"] == "reuse"
+    assert status(run(capsys, str(cfg_path))[1])["tiny-rand"] == "compute"
+
+
 def test_dry_run_computes_and_writes_nothing(env, photo_folder, calls, capsys):
     cfg_path = write_config(env, photo_folder)
     code, out = run(capsys, str(cfg_path), "--dry-run")
