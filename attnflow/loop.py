@@ -211,7 +211,7 @@ def _iterate(analysis: Analysis, source: ImageSource, options: LoopOptions, stat
             keep_progress(state, progress.snapshot() if progress.done else None, int(progress.counts.images), err)
         loader_error = _loader_error(err, workers=options.num_workers > 0)
         if loader_error is not None:
-            raise loader_error from err  # one line on the command line; the cause kept for --verbose
+            raise loader_error from err  # one line to the user; the cause kept for debugging
         raise
     bar.close()
 
