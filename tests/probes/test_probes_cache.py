@@ -17,6 +17,7 @@ from attnflow.probes.sampler import BatchPlan
 from conftest import tiny_model
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
 from brute_force import blocks_by_hand
+from interrupts import interrupt_at_call
 
 INFO = {"model": "tiny", "checkpoint_sha256": None, "dataset": "photos", "split": "train", "transform": "eval",
         "img_size": 32}
@@ -89,16 +90,7 @@ def test_interrupted_extraction_resumes_to_identical_cache(dataset, tmp_path, mo
     whole = extract_tokens(enc, ds, tmp_path / "whole", info=INFO, views=2, batch_size=2, progress=False)
     assert not torch.equal(whole.tokens[0], whole.tokens[1])  # two different augmented views
 
-    calls = {"n": 0}
-    real_call = TokenEncoder.__call__
-
-    def flaky(self, images):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_call(self, images)
-
-    monkeypatch.setattr(TokenEncoder, "__call__", flaky)
+    calls = interrupt_at_call(monkeypatch, TokenEncoder, "__call__", 4)
     with pytest.raises(KeyboardInterrupt):
         extract_tokens(enc, ds, tmp_path / "part", info=INFO, views=2, batch_size=2, progress=False)
     with pytest.raises(AttnflowError, match="not a complete"):
@@ -107,7 +99,7 @@ def test_interrupted_extraction_resumes_to_identical_cache(dataset, tmp_path, mo
     assert torch.load(tmp_path / "part" / "view0.state.pt", weights_only=True)["done"] == 6
     assert not (tmp_path / "part" / "view1.state.pt").exists()
     resumed = extract_tokens(enc, ds, tmp_path / "part", info=INFO, views=2, batch_size=2, progress=False)
-    assert calls["n"] == 4 + (2 * len(range(0, len(ds), 2)) - 3)  # only the missing batches were encoded
+    assert len(calls) == 4 + (2 * len(range(0, len(ds), 2)) - 3)  # only the missing batches were encoded
     assert torch.equal(resumed.tokens.view(torch.int16), whole.tokens.view(torch.int16))
     assert torch.equal(resumed.labels, whole.labels)
     assert not list((tmp_path / "part").glob("*.state.pt")), "a complete cache keeps no state"
@@ -190,16 +182,7 @@ def test_cache_of_several_blocks_writes_one_file_per_block_batch_by_batch_and_re
 
     model, ds = dataset
     enc = BlockTokenEncoder(model, blocks="all", amp="none")
-    calls = {"n": 0}
-    real_call = BlockTokenEncoder.__call__
-
-    def flaky(self, images):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_call(self, images)
-
-    monkeypatch.setattr(BlockTokenEncoder, "__call__", flaky)
+    calls = interrupt_at_call(monkeypatch, BlockTokenEncoder, "__call__", 3)
     with pytest.raises(KeyboardInterrupt):
         extract_tokens(enc, ds, tmp_path / "c", info=INFO, batch_size=2, progress=False)
     readable = [i for i in range(4) if ds.paths[i].name != "broken.jpg"]
@@ -211,7 +194,7 @@ def test_cache_of_several_blocks_writes_one_file_per_block_batch_by_batch_and_re
             torch.testing.assert_close(on_disk[0, readable].float(), blocks_by_hand(model, images, b).bfloat16().float())
     assert not (tmp_path / "c" / "tokens.npy").exists()
     cache = extract_tokens(enc, ds, tmp_path / "c", info=INFO, batch_size=2, progress=False)  # resumed
-    assert calls["n"] == 3 + len(range(0, len(ds), 2)) - 2  # only the missing batches were encoded
+    assert len(calls) == 3 + len(range(0, len(ds), 2)) - 2  # only the missing batches were encoded
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["blocks"] == [0, 1] and manifest["files"] == ["tokens_b0.npy", "tokens_b1.npy"]
     assert cache.blocks == [0, 1] and manifest["shape"] == [1, len(ds), 5, 32]
