@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from attnflow import loop
+from attnflow.probes import train
 
 
 def interrupt_at_call(monkeypatch: Any, owner: type, method: str, n: int) -> list[int]:
@@ -45,3 +50,19 @@ def fail_at_step(monkeypatch: Any, n: int, error: type[BaseException] = Keyboard
         real(dataclasses.replace(analysis, step=failing), *args)
     monkeypatch.setattr(loop, "_batches", batches)
     return seen
+
+
+@contextlib.contextmanager
+def training_stopped_after(epochs: int) -> Iterator[None]:
+    """Inside the block, probe training raises KeyboardInterrupt once ``epochs`` epochs are complete (and saved)."""
+    real = train.train_bank
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        def stop(done: int) -> None:
+            if done == epochs:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs, on_epoch_end=stop)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "train_bank", interrupted)
+        yield

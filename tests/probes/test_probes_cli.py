@@ -11,12 +11,12 @@ import torch
 
 from attnflow.cli import main
 from attnflow.errors import AttnflowError
-from attnflow.probes import train as train_module
 from attnflow.encode import TokenEncoder
 from attnflow.probes.outputs import load_head
 from attnflow.probes.protocols import resolve_config
 from probe_data import folder_task, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from cub_data import TINY, probe
+from interrupts import interrupt_at_call, training_stopped_after
 
 def test_probe_cub_end_to_end_and_saved_abmilp_scores(cub, tmp_path, capsys):
     out = tmp_path / "run"
@@ -48,31 +48,15 @@ def test_probe_cub_end_to_end_and_saved_abmilp_scores(cub, tmp_path, capsys):
 
 
 def test_image_path_resume_equals_uninterrupted_and_one_encoder_pass(cub, tmp_path, monkeypatch, capsys):
-    calls = {"n": 0}
-    real_call = TokenEncoder.__call__
-
-    def counting(self, images):
-        calls["n"] += 1
-        return real_call(self, images)
-
-    monkeypatch.setattr(TokenEncoder, "__call__", counting)
+    calls = interrupt_at_call(monkeypatch, TokenEncoder, "__call__", 0)  # counts the encoder's calls only
     assert probe(cub, tmp_path / "whole", "--seeds", "1", "--epochs", "3", "--heads", "cls") == 0
-    one_head = calls["n"]
-    calls["n"] = 0
+    one_head = len(calls)
+    calls.clear()
     assert probe(cub, tmp_path / "whole4", "--seeds", "1", "--epochs", "3") == 0
-    assert calls["n"] == one_head == 3 * (2 * 2 + 2)  # epochs x (steps x micro-batches + val batches)
+    assert len(calls) == one_head == 3 * (2 * 2 + 2)  # epochs x (steps x micro-batches + val batches)
 
-    real_train = train_module.train_bank
-
-    def interrupted(*args, **kwargs):
-        def stop(done):
-            if done == 2:
-                raise KeyboardInterrupt
-        return real_train(*args, **kwargs, on_epoch_end=stop)
-
-    monkeypatch.setattr(train_module, "train_bank", interrupted)
-    assert probe(cub, tmp_path / "part", "--seeds", "1", "--epochs", "3") == 130
-    monkeypatch.setattr(train_module, "train_bank", real_train)
+    with training_stopped_after(2):
+        assert probe(cub, tmp_path / "part", "--seeds", "1", "--epochs", "3") == 130
     capsys.readouterr()
     for changed in (["--lr", "3.0"], ["--momentum", "0.9"], ["--train-aug", "none"]):  # would mix two runs
         assert probe(cub, tmp_path / "part", "--seeds", "1", "--epochs", "3", "--resume", *changed) == 2
@@ -101,17 +85,10 @@ def test_probe_of_several_blocks_equals_one_run_per_block_from_one_encoder_pass(
                                                                                    capsys):
     from attnflow.encode import BlockTokenEncoder
 
-    calls = {"n": 0}
-    real_call = BlockTokenEncoder.__call__
-
-    def counting(self, images):
-        calls["n"] += 1
-        return real_call(self, images)
-
-    monkeypatch.setattr(BlockTokenEncoder, "__call__", counting)
+    calls = interrupt_at_call(monkeypatch, BlockTokenEncoder, "__call__", 0)  # counts the encoder's calls only
     args = ("--seeds", "1", "--epochs", "2", "--heads", "cls,avg,abmilp")
     assert probe(cub, tmp_path / "both", *args, "--blocks", "all") == 0
-    assert calls["n"] == 2 * (2 * 2 + 2)  # epochs x (steps x micro-batches + val batches): both blocks, one pass
+    assert len(calls) == 2 * (2 * 2 + 2)  # epochs x (steps x micro-batches + val batches): both blocks, one pass
     out = capsys.readouterr().out
     assert "blocks:       all" in out and "block 1 abmilp" in out and "blocks.png" in out
     both = pd.read_parquet(tmp_path / "both" / "results.parquet")
@@ -130,17 +107,8 @@ def test_probe_of_several_blocks_equals_one_run_per_block_from_one_encoder_pass(
     assert meta["blocks"] == [0, 1] and meta["n_blocks"] == 2 and set(meta["chosen_lrs"]["seed0"]) == {
         f"block{b}/{h}" for b in (0, 1) for h in ("cls", "avg", "abmilp")}
 
-    real_train = train_module.train_bank
-
-    def interrupted(*a, **kw):
-        def stop(done):
-            if done == 1:
-                raise KeyboardInterrupt
-        return real_train(*a, **kw, on_epoch_end=stop)
-
-    monkeypatch.setattr(train_module, "train_bank", interrupted)
-    assert probe(cub, tmp_path / "part", *args, "--blocks", "0,1") == 130
-    monkeypatch.setattr(train_module, "train_bank", real_train)
+    with training_stopped_after(1):
+        assert probe(cub, tmp_path / "part", *args, "--blocks", "0,1") == 130
     assert probe(cub, tmp_path / "part", *args, "--blocks", "0,-1", "--resume") == 0  # the same blocks
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "part" / "results.parquet"), both)
 
