@@ -27,7 +27,7 @@ from attnflow.probes.outputs import save_head
 from attnflow.probes.specs import parse_head_spec
 from attnflow.tap import AttentionTap
 from probe_data import one_thread, peaked_abmilp_file  # noqa: F401  (one_thread: autouse fixture)
-from brute_force import brute_entropy, brute_kl
+from brute_force import assert_matches_brute_statistics
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -87,13 +87,7 @@ def test_aggregate_end_to_end_matches_brute_force(photo_folder, tmp_path, head_f
         tokens = TokenEncoder(model)(x)
         vectors["head:abmilp"].append(head.scores(tokens)[0, 1:].tolist())
     assert len(vectors["cls_mean"]) == 7 == meta["images_used"]
-    ent = frame[frame.metric == "entropy"].set_index("source")["mean"]
-    kld = frame[frame.metric == "kld"].set_index(["source", "target"])["mean"]
-    for s in sources:
-        assert ent[s] == pytest.approx(np.mean([brute_entropy(v) for v in vectors[s]]), abs=2e-6), s
-        for t in sources:
-            want = np.mean([brute_kl(p, q, Q_FLOOR) for p, q in zip(vectors[s], vectors[t])])
-            assert kld[(s, t)] == pytest.approx(want, rel=1e-3, abs=2e-6), (s, t)
+    ent, _ = assert_matches_brute_statistics(frame, vectors, Q_FLOOR, abs_entropy=2e-6, rel_kld=1e-3, abs_kld=2e-6)
     assert ent["head:abmilp"] < math.log(16) - 0.1  # the peaked head is far from uniform
 
 

@@ -31,7 +31,7 @@ from brute_force import published_rollout
 from conftest import tiny_model
 from localize_brute import brute_hits, max_box_acc_v2
 from probe_data import one_thread  # noqa: F401  (autouse fixture)
-from brute_force import brute_entropy, brute_kl
+from brute_force import assert_matches_brute_statistics
 
 # A planted stack of two blocks, two heads each, three tokens. Each head is a 0/1 attention pattern.
 IDENTITY = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
@@ -178,13 +178,7 @@ def test_aggregate_rollout_rows_match_the_published_code(photo_folder, tmp_path,
             a = tap.maps[-1][0].double().numpy()                                          # [H, N, N]
             vectors["rollout"].append(published_vectors(tap.maps, 1, True)[0].tolist())
         vectors["cls_mean"].append(list(a[:, 0, 1:].mean(axis=0)))
-    ent = frame[frame.metric == "entropy"].set_index("source")["mean"]
-    kld = frame[frame.metric == "kld"].set_index(["source", "target"])["mean"]
-    for s in vectors:
-        assert ent[s] == pytest.approx(np.mean([brute_entropy(v) for v in vectors[s]]), abs=1e-9), s
-        for t in vectors:
-            want = np.mean([brute_kl(p, q, Q_FLOOR) for p, q in zip(vectors[s], vectors[t])])
-            assert kld[(s, t)] == pytest.approx(want, rel=1e-6, abs=1e-9), (s, t)
+    _, kld = assert_matches_brute_statistics(frame, vectors, Q_FLOOR, abs_entropy=1e-9, rel_kld=1e-6, abs_kld=1e-9)
     assert kld[("rollout", "cls_mean")] > 0  # two different vectors (random weights: nearly uniform both)
 
 

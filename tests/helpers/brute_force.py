@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from attnflow.metrics import METRICS
@@ -79,6 +80,24 @@ def brute_kl(p, q, floor: float) -> float:
     """KL(p || q) of weights renormalised to sum 1, q floored at ``floor`` where it is smaller, one term at a time."""
     sp, sq = sum(p), sum(q)
     return sum(a / sp * (math.log(a / sp) - math.log(max(c / sq, floor))) for a, c in zip(p, q) if a > 0)
+
+
+def assert_matches_brute_statistics(frame, vectors: dict[str, list], floor: float, *, abs_entropy: float,
+                                     rel_kld: float, abs_kld: float) -> tuple:
+    """Assert that ``frame``'s mean entropy of each source and mean KL of each (source, target) pair equal the
+    means of :func:`brute_entropy` / :func:`brute_kl` over the per-image ``vectors`` of every source.
+
+    Returns:
+        The frame's entropy means by source and KL means by (source, target).
+    """
+    ent = frame[frame.metric == "entropy"].set_index("source")["mean"]
+    kld = frame[frame.metric == "kld"].set_index(["source", "target"])["mean"]
+    for s in vectors:
+        assert ent[s] == pytest.approx(np.mean([brute_entropy(v) for v in vectors[s]]), abs=abs_entropy), s
+        for t in vectors:
+            want = np.mean([brute_kl(p, q, floor) for p, q in zip(vectors[s], vectors[t])])
+            assert kld[(s, t)] == pytest.approx(want, rel=rel_kld, abs=abs_kld), (s, t)
+    return ent, kld
 
 
 def block_attention_by_hand(model: torch.nn.Module, x: torch.Tensor, b: int = -1) -> torch.Tensor:
