@@ -33,6 +33,11 @@ _LOW = (torch.float16, torch.bfloat16)
 """Autocast's reduced precisions: a softmax of such logits runs in float32, as CUDA autocast runs it."""
 
 
+def _softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax over ``dim``; logits in a reduced precision (``_LOW``) are computed in float32."""
+    return torch.softmax(logits.float() if logits.dtype in _LOW else logits, dim=dim)
+
+
 def _pad_weights(weights: torch.Tensor, start: int) -> torch.Tensor:
     """Left-pad ``[..., T]`` weights with ``start`` zeros so they align with the input tokens."""
     return F.pad(weights, (start, 0)) if start else weights
@@ -102,7 +107,7 @@ class SelfAttentionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each [n, T, D]
         logits = (q * q.shape[-1] ** -0.5) @ k.transpose(1, 2)  # [n, T, T]
-        attn = torch.softmax(logits.float() if logits.dtype in _LOW else logits, dim=-1)
+        attn = _softmax(logits, dim=-1)
         return self.proj(attn @ v)
 
 
@@ -238,12 +243,12 @@ class AbMILPPool(nn.Module):
         values = mixed if self.sa_apply == "both" else x
         if self.num_patterns == 1:  # AbMILP's own operations, bit for bit
             logits = logits.squeeze(-1)  # [n, T]
-            weights = torch.softmax(logits.float() if logits.dtype in _LOW else logits, dim=1)  # [n, T]
+            weights = _softmax(logits, dim=1)  # [n, T]
             pooled = _weighted_sum(weights, values)  # [n, D]
             weights = weights.unsqueeze(1)  # [n, 1, T]
         else:
             logits = logits.transpose(1, 2)  # [n, K, T]
-            weights = torch.softmax(logits.float() if logits.dtype in _LOW else logits, dim=2)  # [n, K, T]
+            weights = _softmax(logits, dim=2)  # [n, K, T]
             per_pattern = _weighted_sum(weights, values)  # [n, K, D]
             pooled = per_pattern.flatten(1) if self.combine == "concat" else per_pattern.mean(dim=1)
         return pooled, _pad_weights(weights.to(tokens.dtype), self.start)
