@@ -115,6 +115,12 @@ class PatchMaps:
         raise MapError(f"unknown map kind {kind!r}; choose from {', '.join(KINDS)} or cls_head:<h>")
 
 
+def _cpu_float64(values: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """An array or a (possibly GPU, possibly grad-tracking) tensor as a float64 CPU tensor."""
+    tensor = values.detach().cpu() if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    return tensor.to(torch.float64)
+
+
 def patch_maps(attn: torch.Tensor | np.ndarray, layout: TokenLayout, *,
                rollout: torch.Tensor | np.ndarray | None = None) -> PatchMaps:
     """Patch-grid maps from the attention of one image in one block.
@@ -131,8 +137,7 @@ def patch_maps(attn: torch.Tensor | np.ndarray, layout: TokenLayout, *,
     Raises:
         AggregationError: ``attn`` (or ``rollout``) is not ``[H, N, N]`` (``[N, N]``) with N matching the layout.
     """
-    one = torch.as_tensor(np.asarray(attn) if not isinstance(attn, torch.Tensor) else attn.detach().cpu())
-    one = one.to(torch.float64)[None]                                              # [1, H, N, N]
+    one = _cpu_float64(attn)[None]                                                 # [1, H, N, N]
     gh, gw = layout.grid
 
     def rule(kind: str) -> np.ndarray:
@@ -142,8 +147,7 @@ def patch_maps(attn: torch.Tensor | np.ndarray, layout: TokenLayout, *,
     central_patch = central_window((gh, gw), 1)
     rolled = None
     if rollout is not None:
-        product = torch.as_tensor(np.asarray(rollout) if not isinstance(rollout, torch.Tensor) else rollout.cpu())
-        rolled = rollout_vectors(product[None], layout, dtype=torch.float64)[0].numpy().reshape(gh, gw)
+        rolled = rollout_vectors(_cpu_float64(rollout)[None], layout, dtype=torch.float64)[0].numpy().reshape(gh, gw)
     if not layout.has_cls:
         return PatchMaps(grid=(gh, gw), central_patch=central_patch, central=central, rollout=rolled)
     cls_rows = one[0, :, 0, layout.num_prefix:]                                    # [H, P]
