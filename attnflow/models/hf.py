@@ -336,21 +336,11 @@ def repo_id(name: str) -> str:
     return repo
 
 
-def _cache_file(repo: str, filename: str) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, filename, cache_dir=str(files.hf_cache_dir()))
-    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
-
-
 def cached_path(name: str) -> Path | None:
     """The cached weights file of ``hf:<repo>`` (safetensors, a ``.bin``, or the index of sharded weights), or
     ``None``; no network."""
     repo = repo_id(name)
-    for filename in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"):
-        if (path := _cache_file(repo, filename)) is not None:
-            return path
-    return None
+    return files.find_hf_cached(repo) or files.find_hf_cached(repo, "model.safetensors.index.json")
 
 
 def _may_download() -> bool:
@@ -435,7 +425,7 @@ def _build(name: str, repo: str, checkpoint: Path | None, random_init: bool, see
 
 def _processor_config(repo: str, checkpoint: Path | None) -> dict[str, Any] | None:
     path = (checkpoint / "preprocessor_config.json" if checkpoint is not None
-            else _cache_file(repo, "preprocessor_config.json"))
+            else files.find_hf_cached(repo, "preprocessor_config.json"))
     if path is None or not path.is_file():
         return None
     with open(path, encoding="utf-8") as f:
