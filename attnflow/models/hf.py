@@ -433,16 +433,6 @@ def _processor_config(repo: str, checkpoint: Path | None) -> dict[str, Any] | No
     return data
 
 
-def _check_img_size(adapter: HFVisionAdapter, img_size: int, name: str) -> None:
-    from ..vit import token_stride
-
-    for side, patch in zip(pair(img_size), token_stride(adapter.patch_embed)):
-        if side % patch:
-            lower, upper = side // patch * patch, (side // patch + 1) * patch
-            raise AttnflowError(f"img_size {img_size} is not a multiple of the patch size {patch} of {name}: "
-                                f"use a multiple of {patch}, e.g. {lower or upper} or {upper}")
-
-
 def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_size: int,
          checkpoint_key: str | None, seed_name: str | None, model_kw: dict[str, Any]) -> nn.Module:
     """:func:`attnflow.load_model` of ``hf:<repo id>``: the vision model in an :class:`HFVisionAdapter`, eval mode,
@@ -457,7 +447,8 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
             downloaded.
         CheckpointError: ``checkpoint`` is not a transformers model folder.
     """
-    from .load import random_init_seed
+    from ..vit import token_stride
+    from .load import check_patch_multiple, random_init_seed
 
     repo = repo_id(name)
     if checkpoint_key is not None:
@@ -471,7 +462,7 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
     processor = None if random_init else _processor_config(repo, folder)
     adapter = HFVisionAdapter(model, preprocessing(vision_tower(model).config, processor))
     adapter.pretrained_cfg["input_size"] = (adapter.pretrained_cfg["input_size"][0], img_size, img_size)
-    _check_img_size(adapter, img_size, name)
+    check_patch_multiple(img_size, token_stride(adapter.patch_embed), name)
     weights = None if random_init else (folder if folder is not None else cached_path(name))
     weights_file = weights if weights is None or weights.is_file() else next(
         (p for p in sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin"))), None)

@@ -171,12 +171,18 @@ def _check_img_size(model: nn.Module, img_size: int | tuple[int, int], arch: str
     patch = getattr(embed, "patch_size", None)
     if patch is None or getattr(embed, "dynamic_img_pad", False):
         return model
-    for side, p in zip(_pair(img_size), _pair(patch)):
+    check_patch_multiple(img_size, _pair(patch), arch)
+    return model
+
+
+def check_patch_multiple(img_size: int | tuple[int, int], patch: tuple[int, int], arch: str) -> None:
+    """Raise :class:`AttnflowError` when a side of ``img_size`` is not a multiple of ``patch`` ``(ph, pw)``,
+    naming the sizes that would fit."""
+    for side, p in zip(_pair(img_size), patch):
         if side % p:
             lower, upper = side // p * p, (side // p + 1) * p
             raise AttnflowError(f"img_size {img_size} is not a multiple of the patch size {p} of {arch}: "
                                 f"use a multiple of {p}, e.g. {lower or upper} or {upper}")
-    return model
 
 
 # ------------------------------------------------------------------------------------------------ weights
