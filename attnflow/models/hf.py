@@ -52,7 +52,7 @@ import torch.nn as nn
 from ..errors import AttnflowError
 from . import files
 from .adapter import MapCallback, ModelAdapter, pair, restoring
-from .record import ATTRIBUTE, ModelRecord
+from .record import ATTRIBUTE, ModelRecord, plain_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -471,7 +471,6 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
         sha256=files.sha256_file(weights_file) if weights_file else None, source=source, random_init=random_init,
         seed_name=(seed_name or name) if random_init else None, img_size=img_size,
         has_cls=adapter.has_class_token, converter="transformers", label=repo,
-        model_kw={k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in
-                  model_kw.items()})
+        model_kw=plain_kwargs(model_kw))
     setattr(adapter, ATTRIBUTE, record)
     return adapter.eval()

@@ -35,7 +35,7 @@ from . import files
 from ..vit import model_has_cls
 from .adapter import external_cached_path, external_prefix, load_external
 from .converters import CheckpointError, get_converter, load_converted, official_formats
-from .record import ATTRIBUTE, ModelRecord
+from .record import ATTRIBUTE, ModelRecord, plain_kwargs
 from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list_specs
 
 logger = logging.getLogger(__name__)
@@ -357,8 +357,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         has_cls=model_has_cls(model),
         converter=weights.converter if weights else None, family=spec.family if spec else "other",
         label=spec.label if spec else arch, checkpoint_key=checkpoint_key,
-        model_kw={k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
-                  for k, v in timm_kwargs.items()})
+        model_kw=plain_kwargs(timm_kwargs))
     setattr(model, ATTRIBUTE, record)  # a plain attribute, not a parameter or sub-module
     return model
 
