@@ -39,7 +39,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import AttnflowError
-from .models.adapter import adapt_model, as_adapter
+from .models.adapter import ModelAdapter, adapt_model
 from .vit import (BlockIndexError, TokenLayout, UnsupportedModelError, model_blocks, model_has_cls, model_num_prefix,
                   patch_embedding, token_grid, token_stride)
 
@@ -111,9 +111,10 @@ class AttentionTap:
     def __init__(self, model: nn.Module, callback: AttentionCallback | None = None,
                  blocks: Iterable[int] | None = None, fast_qk: bool = False) -> None:
         self.model = model
-        self.adapter = as_adapter(model)  # None for timm models
-        self._root = self.adapter.tower if self.adapter is not None else adapt_model(model)  # what a forward runs
-        all_blocks = model_blocks(model)
+        adapted = adapt_model(model)  # once: the introspection below is handed the adapted model
+        self.adapter = adapted if isinstance(adapted, ModelAdapter) else None  # None for timm models
+        self._root = self.adapter.tower if self.adapter is not None else adapted  # what a forward runs
+        all_blocks = model_blocks(adapted)
         n = len(all_blocks)
         idx = list(range(n)) if blocks is None else [b + n if b < 0 else b for b in blocks]
         bad = [b for b in idx if not 0 <= b < n]
@@ -126,9 +127,9 @@ class AttentionTap:
         self.fast_blocks: set[int] = {b for b in self.block_indices if fast_qk and callback is not None
                                       and self.adapter is None and supports_fast_qk(_attention(all_blocks[b]))}
         self._pending_q: dict[int, torch.Tensor] = {}
-        self.num_prefix = model_num_prefix(model)
-        self.has_cls = model_has_cls(model)
-        self._embed = patch_embedding(model)
+        self.num_prefix = model_num_prefix(adapted)
+        self.has_cls = model_has_cls(adapted)
+        self._embed = patch_embedding(adapted)
         self.patch_size = token_stride(self._embed)  # input pixels per token (hybrid: times the CNN's stride)
         self.layout: TokenLayout | None = None
         self._tokens: dict[int, int] = {}  # tokens entering each hooked block's attention, this forward

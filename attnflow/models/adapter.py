@@ -147,12 +147,6 @@ def adapt_model(model: nn.Module) -> nn.Module:
     return adapter
 
 
-def as_adapter(model: nn.Module) -> ModelAdapter | None:
-    """The :class:`ModelAdapter` of ``model`` (see :func:`adapt_model`), or ``None`` for a timm model."""
-    adapted = adapt_model(model)
-    return adapted if isinstance(adapted, ModelAdapter) else None
-
-
 # ------------------------------------------------------------------------------------------------ names
 
 def external_prefix(name: str) -> str | None:

@@ -52,7 +52,7 @@ import torch.nn as nn
 from ..errors import AttnflowError
 from . import files
 from .adapter import MapCallback, ModelAdapter, pair, restoring
-from .record import ATTRIBUTE, ModelRecord
+from .record import ATTRIBUTE, ModelRecord, plain_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -336,21 +336,11 @@ def repo_id(name: str) -> str:
     return repo
 
 
-def _cache_file(repo: str, filename: str) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, filename, cache_dir=str(files.hf_cache_dir()))
-    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
-
-
 def cached_path(name: str) -> Path | None:
     """The cached weights file of ``hf:<repo>`` (safetensors, a ``.bin``, or the index of sharded weights), or
     ``None``; no network."""
     repo = repo_id(name)
-    for filename in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"):
-        if (path := _cache_file(repo, filename)) is not None:
-            return path
-    return None
+    return files.find_hf_cached(repo) or files.find_hf_cached(repo, "model.safetensors.index.json")
 
 
 def _may_download() -> bool:
@@ -435,22 +425,12 @@ def _build(name: str, repo: str, checkpoint: Path | None, random_init: bool, see
 
 def _processor_config(repo: str, checkpoint: Path | None) -> dict[str, Any] | None:
     path = (checkpoint / "preprocessor_config.json" if checkpoint is not None
-            else _cache_file(repo, "preprocessor_config.json"))
+            else files.find_hf_cached(repo, "preprocessor_config.json"))
     if path is None or not path.is_file():
         return None
     with open(path, encoding="utf-8") as f:
         data: dict[str, Any] = json.load(f)
     return data
-
-
-def _check_img_size(adapter: HFVisionAdapter, img_size: int, name: str) -> None:
-    from ..vit import token_stride
-
-    for side, patch in zip(pair(img_size), token_stride(adapter.patch_embed)):
-        if side % patch:
-            lower, upper = side // patch * patch, (side // patch + 1) * patch
-            raise AttnflowError(f"img_size {img_size} is not a multiple of the patch size {patch} of {name}: "
-                                f"use a multiple of {patch}, e.g. {lower or upper} or {upper}")
 
 
 def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_size: int,
@@ -467,7 +447,8 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
             downloaded.
         CheckpointError: ``checkpoint`` is not a transformers model folder.
     """
-    from .load import random_init_seed
+    from ..vit import token_stride
+    from .load import check_patch_multiple, random_init_seed
 
     repo = repo_id(name)
     if checkpoint_key is not None:
@@ -481,7 +462,7 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
     processor = None if random_init else _processor_config(repo, folder)
     adapter = HFVisionAdapter(model, preprocessing(vision_tower(model).config, processor))
     adapter.pretrained_cfg["input_size"] = (adapter.pretrained_cfg["input_size"][0], img_size, img_size)
-    _check_img_size(adapter, img_size, name)
+    check_patch_multiple(img_size, token_stride(adapter.patch_embed), name)
     weights = None if random_init else (folder if folder is not None else cached_path(name))
     weights_file = weights if weights is None or weights.is_file() else next(
         (p for p in sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin"))), None)
@@ -490,7 +471,6 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
         sha256=files.sha256_file(weights_file) if weights_file else None, source=source, random_init=random_init,
         seed_name=(seed_name or name) if random_init else None, img_size=img_size,
         has_cls=adapter.has_class_token, converter="transformers", label=repo,
-        model_kw={k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in
-                  model_kw.items()})
+        model_kw=plain_kwargs(model_kw))
     setattr(adapter, ATTRIBUTE, record)
     return adapter.eval()

@@ -35,7 +35,7 @@ from . import files
 from ..vit import model_has_cls
 from .adapter import external_cached_path, external_prefix, load_external
 from .converters import CheckpointError, get_converter, load_converted, official_formats
-from .record import ATTRIBUTE, ModelRecord
+from .record import ATTRIBUTE, ModelRecord, plain_kwargs
 from .registry import ModelSpec, UnknownModelError, close_names, find_spec, list_specs
 
 logger = logging.getLogger(__name__)
@@ -171,12 +171,18 @@ def _check_img_size(model: nn.Module, img_size: int | tuple[int, int], arch: str
     patch = getattr(embed, "patch_size", None)
     if patch is None or getattr(embed, "dynamic_img_pad", False):
         return model
-    for side, p in zip(_pair(img_size), _pair(patch)):
+    check_patch_multiple(img_size, _pair(patch), arch)
+    return model
+
+
+def check_patch_multiple(img_size: int | tuple[int, int], patch: tuple[int, int], arch: str) -> None:
+    """Raise :class:`AttnflowError` when a side of ``img_size`` is not a multiple of ``patch`` ``(ph, pw)``,
+    naming the sizes that would fit."""
+    for side, p in zip(_pair(img_size), patch):
         if side % p:
             lower, upper = side // p * p, (side // p + 1) * p
             raise AttnflowError(f"img_size {img_size} is not a multiple of the patch size {p} of {arch}: "
                                 f"use a multiple of {p}, e.g. {lower or upper} or {upper}")
-    return model
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -351,8 +357,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, random_init: 
         has_cls=model_has_cls(model),
         converter=weights.converter if weights else None, family=spec.family if spec else "other",
         label=spec.label if spec else arch, checkpoint_key=checkpoint_key,
-        model_kw={k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
-                  for k, v in timm_kwargs.items()})
+        model_kw=plain_kwargs(timm_kwargs))
     setattr(model, ATTRIBUTE, record)  # a plain attribute, not a parameter or sub-module
     return model
 

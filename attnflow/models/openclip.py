@@ -40,7 +40,7 @@ import torch.nn as nn
 from ..errors import AttnflowError
 from . import files
 from .adapter import MapCallback, ModelAdapter, pair
-from .record import ATTRIBUTE, ModelRecord
+from .record import ATTRIBUTE, ModelRecord, plain_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,6 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
         source=source, random_init=random_init, seed_name=(seed_name or name) if random_init else None,
         img_size=img_size, has_cls=bool(getattr(adapted, "has_class_token", True)), converter="open_clip",
         label=name[len(PREFIX):],
-        model_kw={k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in
-                  model_kw.items()})
+        model_kw=plain_kwargs(model_kw))
     setattr(adapted, ATTRIBUTE, record)
     return adapted.eval()

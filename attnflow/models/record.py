@@ -56,6 +56,12 @@ class ModelRecord:
         return dataclasses.asdict(self)
 
 
+def plain_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for :attr:`ModelRecord.model_kw`: scalars and ``None`` as they are, any other value as its
+    ``repr`` (so the record stays JSON-serialisable)."""
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in kwargs.items()}
+
+
 def model_record(model: nn.Module) -> ModelRecord:
     """The :class:`ModelRecord` of ``model``; for a model attnflow did not build, one with only its architecture
     (timm's ``pretrained_cfg``, else the class name) and ``known=False``."""
