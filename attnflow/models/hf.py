@@ -445,10 +445,11 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
     Raises:
         WeightsUnavailableError: the repo (or, with ``random_init``, its config) is not cached and cannot be
             downloaded.
-        CheckpointError: ``checkpoint`` is not a transformers model folder.
+        CheckpointError: ``checkpoint`` is not a transformers model folder, or its weights hold NaN or infinite
+            values.
     """
     from ..vit import token_stride
-    from .load import check_patch_multiple, random_init_seed
+    from .load import check_finite, check_patch_multiple, random_init_seed
 
     repo = repo_id(name)
     if checkpoint_key is not None:
@@ -466,6 +467,8 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
     weights = None if random_init else (folder if folder is not None else cached_path(name))
     weights_file = weights if weights is None or weights.is_file() else next(
         (p for p in sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin"))), None)
+    if weights is not None:
+        check_finite(model, weights)
     record = ModelRecord(
         arch=name, checkpoint=str(weights) if weights else None,
         sha256=files.sha256_file(weights_file) if weights_file else None, source=source, random_init=random_init,

@@ -320,7 +320,7 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
     import open_clip
 
     from .converters import CheckpointError
-    from .load import random_init_seed
+    from .load import check_finite, random_init_seed
 
     arch, tag = parse_name(name)
     if checkpoint_key is not None:
@@ -335,6 +335,7 @@ def load(name: str, *, checkpoint: str | Path | None, random_init: bool, img_siz
         except (RuntimeError, KeyError, ValueError, OSError) as err:
             raise CheckpointError(f"open_clip could not load {path.name} into {arch}: "
                                   f"{str(err).splitlines()[0]}") from None
+        check_finite(model, path)
     visual = visual_tower(model).eval()
     cfg = preprocessing(visual, _tag_preprocessing(arch, tag))
     adapted: Any = adapt(visual)

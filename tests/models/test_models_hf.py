@@ -236,3 +236,15 @@ def test_stats_command_with_an_hf_name(offline, photo_folder, capsys):
 
     frame = pd.read_csv(out)
     assert set(frame.model) == {"hf:facebook/dinov2-small"} and frame["count"].max() == 2
+
+
+def test_weights_with_nan_are_refused_naming_the_tensor(tmp_path):
+    """As for timm checkpoints: a saved model with a NaN weight would give all-NaN statistics with exit code 0."""
+    from attnflow.models.converters import CheckpointError
+
+    source = _build("clip")
+    with torch.no_grad():
+        next(p for n, p in source.named_parameters() if n.endswith("fc1.weight")).view(-1)[:3] = float("nan")
+    source.save_pretrained(tmp_path / "saved")
+    with pytest.raises(CheckpointError, match=r"saved: tensor .*fc1\.weight .* holds 3 NaN or infinite value"):
+        load_model("hf:any/name", checkpoint=tmp_path / "saved", img_size=32)

@@ -162,3 +162,17 @@ def test_maps_command_with_an_open_clip_name(offline, photo_folder, capsys):
                  "--limit", "1", "--img-size", "32", "--out", str(out), "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     assert out.is_file()
+
+
+def test_weights_with_nan_are_refused_naming_the_tensor(tmp_path):
+    """As for timm checkpoints: a checkpoint with an infinite weight would give NaN statistics with exit code 0."""
+    from attnflow.models.converters import CheckpointError
+
+    whole = open_clip.create_model("ViT-B-16", pretrained=None, force_image_size=32, vision_cfg=VISION | {
+        "image_size": 32}, text_cfg=TEXT, embed_dim=16)
+    state = whole.state_dict()
+    state["visual.transformer.resblocks.0.mlp.c_fc.weight"].view(-1)[:2] = float("inf")
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt: tensor .*resblocks\.0\.mlp\.c_fc\.weight .* holds 2 NaN or "):
+        load_model("open_clip:ViT-B-16", checkpoint=tmp_path / "bad.pt", img_size=32, vision_cfg=VISION,
+                   text_cfg=TEXT, embed_dim=16)
