@@ -169,6 +169,7 @@ class BlockTokenEncoder(TokenEncoder):
 
     def __init__(self, model: nn.Module, *, blocks: Sequence[int] | str, layernorm: bool = False,
                  amp: str = "auto", device: torch.device | str = "cpu") -> None:
+        model = adapt_model(model)  # once: a transformers / open_clip model's adapter walks every module
         resolved = resolve_blocks(model, blocks)
         super().__init__(model, block=resolved[-1], layernorm=layernorm, amp=amp, device=device)
         self.blocks = resolved
