@@ -58,6 +58,10 @@ MAX_DPI: int = 1200
 MAX_FIGURE_WIDTH: float = 40.0
 """The widest figure, in inches (a poster); at :data:`MAX_DPI` that is 48,000 px, under Agg's limit."""
 
+DECODES: tuple[str, ...] = ("auto", "pil", "fast", "gpu")
+"""The decode words (the ``decode`` option; see :mod:`attnflow.options`), in the order help texts list them: here,
+without torch, so that the command line and the analysis configs check them from the same tuple."""
+
 MAX_DIGITS: int = 10
 """The most decimals a table prints (accuracies in percent have no meaningful digit beyond a few)."""
 
