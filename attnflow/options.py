@@ -210,11 +210,3 @@ class LoopOptions:
         """The resolved device (see :func:`resolve_device`)."""
         return resolve_device(self.device)
 
-    def decode_mode(self) -> str:
-        """The decode path of this run: ``pil``, ``fast`` or ``gpu`` (see :func:`decode_mode`).
-
-        Raises:
-            OptionError: ``gpu`` without a CUDA device.
-        """
-        return decode_mode(self.decode, self.torch_device())
-
