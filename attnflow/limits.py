@@ -58,6 +58,10 @@ MAX_DPI: int = 1200
 MAX_FIGURE_WIDTH: float = 40.0
 """The widest figure, in inches (a poster); at :data:`MAX_DPI` that is 48,000 px, under Agg's limit."""
 
+DECODES: tuple[str, ...] = ("auto", "pil", "fast", "gpu")
+"""The decode words (the ``decode`` option; see :mod:`attnflow.options`), in the order help texts list them: here,
+without torch, so that the command line and the analysis configs check them from the same tuple."""
+
 MAX_DIGITS: int = 10
 """The most decimals a table prints (accuracies in percent have no meaningful digit beyond a few)."""
 
@@ -76,6 +80,12 @@ def _is_number(value: Any) -> TypeGuard[float]:
 
 def _is_integer(value: Any) -> TypeGuard[int]:
     return not isinstance(value, bool) and isinstance(value, int)
+
+
+def _check_integer_in(name: str, value: Any, low: int, high: int, unit: str = "") -> None:
+    """Refuse ``value`` unless it is an integer in ``low .. high`` (``unit``: a note after the range)."""
+    if not _is_integer(value) or not low <= value <= high:
+        raise _refuse(name, f"an integer in {low}..{high}{unit}", value)
 
 
 def check_fraction(name: str, value: float | None, *, allow_none: bool = True) -> None:
@@ -131,8 +141,7 @@ def check_dpi(value: Any, *, name: str = "dpi") -> None:
     Raises:
         OptionError: naming the option and the range.
     """
-    if not _is_integer(value) or not 1 <= value <= MAX_DPI:
-        raise _refuse(name, f"an integer in 1..{MAX_DPI} (dots per inch)", value)
+    _check_integer_in(name, value, 1, MAX_DPI, " (dots per inch)")
 
 
 def check_figure_width(value: Any, *, name: str = "width", allow_none: bool = True) -> None:
@@ -153,8 +162,7 @@ def check_digits(value: Any, *, name: str = "digits") -> None:
     Raises:
         OptionError: naming the option and the range.
     """
-    if not _is_integer(value) or not 0 <= value <= MAX_DIGITS:
-        raise _refuse(name, f"an integer in 0..{MAX_DIGITS}", value)
+    _check_integer_in(name, value, 0, MAX_DIGITS)
 
 
 def check_workers(value: Any, *, name: str = "workers", allow_none: bool = True) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from .limits import OptionError, check_crop_pct, check_fraction, check_img_size, check_workers
+from .limits import DECODES, OptionError, check_crop_pct, check_fraction, check_img_size, check_workers
 
 __all__ = ["DECODES", "LoopOptions", "OptionError", "PRECISIONS", "Precision", "autocast_dtype", "check_crop_pct",
            "check_fraction", "check_img_size", "decode_mode", "default_workers", "dtype_name", "parse_decode",
@@ -57,9 +57,6 @@ def parse_precision(value: str) -> str:
         raise OptionError(f"amp must be one of {', '.join(PRECISIONS)} (or none for fp32); got {value!r}{hint}")
     return word
 
-
-DECODES: tuple[str, ...] = ("auto", "pil", "fast", "gpu")
-"""The decode words (the ``decode`` option), in the order help texts list them."""
 
 DEFAULT_DECODE = "fast"
 """What ``auto`` means: the fast path, whose statistics agree with the exact path's within the tolerances stated in
@@ -212,12 +209,4 @@ class LoopOptions:
     def torch_device(self) -> torch.device:
         """The resolved device (see :func:`resolve_device`)."""
         return resolve_device(self.device)
-
-    def decode_mode(self) -> str:
-        """The decode path of this run: ``pil``, ``fast`` or ``gpu`` (see :func:`decode_mode`).
-
-        Raises:
-            OptionError: ``gpu`` without a CUDA device.
-        """
-        return decode_mode(self.decode, self.torch_device())
 

@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import AttnflowError
+from ..limits import DECODES
 
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32", "none")
 """``--amp`` words (see :mod:`attnflow.options`; ``none`` is ``fp32``)."""
-
-DECODE_CHOICES = ("auto", "pil", "fast", "gpu")
-"""``--decode`` words (:data:`attnflow.options.DECODES`, repeated here so that ``--help`` imports no torch)."""
 
 
 # ------------------------------------------------------------------------------------------ argument types
@@ -158,7 +156,7 @@ def add_workers_argument(parser: Any) -> None:
 
 def add_decode_argument(parser: Any, default: str | None = "auto") -> None:
     """``--decode`` (``default=None``: not given, so a config file's value stands)."""
-    parser.add_argument("--decode", default=default, choices=DECODE_CHOICES,
+    parser.add_argument("--decode", default=default, choices=DECODES,
                         help="how image files become tensors: fast (libjpeg-turbo JPEG decode, uint8 resize and "
                              "crop, normalised on the device), pil (PIL and timm's transform: the exact path), gpu "
                              "(JPEGs decoded on the CUDA device), auto (= fast; default); see docs/performance.md")

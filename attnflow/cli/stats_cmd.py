@@ -47,9 +47,6 @@ def state_path_for(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..limits import check_img_size
-
-    check_img_size(args.img_size)  # the shared --img-size type checks only that it is positive
     check_data_and_amp(args.data, args.amp, args.device, args.decode)  # before loading a model, which can take a minute
     out = output_table(args.out)
     spec = Resumable("stats", out, state_path_for(out), out)

@@ -25,6 +25,7 @@ Decode modes (the ``decode`` loop option, :data:`attnflow.options.DECODES`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -199,8 +200,7 @@ class TensorTransform:
             images, keep, failed = self._decode(images, device)
             bad += failed
         x = images.to(device, non_blocking=True).float().div_(255.0)
-        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        mean, std = _normalizer(self.mean, self.std, device)
         out = dataclasses.replace(batch, images=x.sub_(mean).div_(std), bad=bad)
         if keep is not None and len(keep) < len(batch.labels):
             index = torch.tensor(keep, dtype=torch.int64)
@@ -247,6 +247,14 @@ class TensorTransform:
         except IMAGE_READ_ERRORS as err:
             return f"unreadable image: {err}"
         return "unreadable image: neither the device's JPEG decoder nor PIL could read it"
+
+
+@functools.lru_cache(maxsize=8)
+def _normalizer(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as ``[1, C, 1, 1]`` float32 tensors on ``device``, made once per run rather than copied
+    to the device (a blocking copy on CUDA) with every batch."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 def fast_transform(transform: Callable, decode: str, device: torch.device | str = "cpu") -> Callable:

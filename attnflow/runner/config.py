@@ -21,7 +21,7 @@ else:  # pragma: no cover  (Python 3.10)
     import tomli as tomllib
 
 from ..errors import AttnflowError
-from ..limits import OptionError, check_crop_pct, check_dpi, check_figure_width, check_img_size, check_workers
+from ..limits import DECODES, OptionError, check_crop_pct, check_dpi, check_figure_width, check_img_size, check_workers
 
 FIGURE_KINDS: dict[str, str] = {
     "set": "the standard per-block set: NAME-metrics (one panel per metric) and NAME-<metric> per metric "
@@ -37,7 +37,6 @@ FIGURE_KINDS: dict[str, str] = {
 _TOP_KEYS = {"name", "title", "run_dir", "figures_dir", "data", "defaults", "models", "figures", "notes"}
 _DATA_KEYS = {"root", "img_size", "crop_pct", "limit", "batch_size", "amp", "workers", "checkpoint_every",
               "expected_images", "decode"}
-_DECODES = ("auto", "pil", "fast", "gpu")  # attnflow.options.DECODES, without importing torch here
 _DEFAULT_KEYS = {"model_kw", "checkpoint_key", "random_init"}
 _MODEL_KEYS = {"name", "id", "checkpoint", "checkpoint_key", "random_init", "model_kw", "notes", "label", "method",
                "family", "size"}
@@ -180,9 +179,7 @@ class AnalysisConfig:
             check_workers(workers)
             out = replace(out, workers=workers)
         if decode is not None:
-            if decode not in _DECODES:
-                raise ConfigError(f"decode must be {', '.join(_DECODES[:-1])} or {_DECODES[-1]}, got {decode!r}")
-            out = replace(out, decode=decode)
+            out = replace(out, decode=_decode(decode))
         return out
 
 
@@ -237,6 +234,13 @@ def _checked(check: Any, value: Any, key: str, where: str) -> Any:
         check(value, name=key)
     except OptionError as err:
         raise ConfigError(f"{where}: {err}") from None
+    return value
+
+
+def _decode(value: str, where: str = "") -> str:
+    """``value`` when it is a decode word (:data:`attnflow.limits.DECODES`)."""
+    if value not in DECODES:
+        raise ConfigError(f"{where}decode must be {', '.join(DECODES[:-1])} or {DECODES[-1]}, got {value!r}")
     return value
 
 
@@ -369,8 +373,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None, name: st
     workers = _checked(check_workers, _get(data, "workers", int, w), "workers", w)
     amp = _get(data, "amp", str, w, "auto")
     decode = _get(data, "decode", str, w, "auto")
-    if decode not in _DECODES:
-        raise ConfigError(f"{w}: decode must be {', '.join(_DECODES[:-1])} or {_DECODES[-1]}, got {decode!r}")
+    _decode(decode, f"{w}: ")
     if amp not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"{w}: amp must be auto, bf16, fp16 or fp32, got {amp!r}")
     raw_models = raw.get("models", [])
