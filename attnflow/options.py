@@ -137,11 +137,11 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def _positive(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> None:
+def _positive(name: str, value: Any, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)

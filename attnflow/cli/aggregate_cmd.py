@@ -46,9 +46,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..limits import check_img_size
-
-    check_img_size(args.img_size)  # the shared --img-size type checks only that it is positive
     check_data_and_amp(args.data, args.amp, args.device, args.decode)
     sources = _check_sources(args)
     out = output_dir(args.out, "aggregate")

@@ -76,11 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..limits import check_img_size
     from ..localize.protocol import BoxProtocol
     from ..localize.result import TABLE
 
-    check_img_size(args.img_size)  # the shared --img-size type checks only that it is positive
     check_data_and_amp(args.data, args.amp, args.device, args.decode)
     protocol = BoxProtocol(tuple(args.iou_thresholds), args.cam_curve_interval, args.holes, args.interpolation)
     out = output_dir(args.out, "localize")

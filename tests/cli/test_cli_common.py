@@ -46,7 +46,7 @@ def test_resumable_commands_default_to_the_loop_options():
     for command in RESUMABLE:
         assert tuple(options["--amp"][command].choices) == (*PRECISIONS, *PRECISION_ALIASES), command
         assert options["--workers"][command].default is None  # min(8, CPUs), as LoopOptions
-        assert tuple(options["--decode"][command].choices) == DECODES, command
+        assert tuple(options["--decode"][command].choices) == ("auto", "pil", "fast", "gpu") == DECODES, command
     assert set(options["--decode"]) == {*RESUMABLE, "run"}  # every command that runs the loop over a folder
 
 
